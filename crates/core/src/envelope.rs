@@ -1,0 +1,532 @@
+//! The envelope: payload bytes, user headers and redrive's metadata (id, attempt,
+//! failure history), with its versioned wire format as string headers.
+//!
+//! The wire format is what crosses a broker (Kafka headers, NATS headers, SQS message
+//! attributes, Redis stream fields) and what the embedded store keeps, so a message
+//! means the same thing on every backend.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::fingerprint::Fingerprint;
+use crate::queue::{QueueError, QueueName};
+
+/// Version of the wire format written by this release.
+pub const WIRE_VERSION: u32 = 1;
+/// Every redrive header starts with this; other headers belong to the user.
+pub const HEADER_PREFIX: &str = "redrive-";
+/// Longest error message kept with a failure, in bytes (the tail of a longer one).
+pub const MAX_ERROR_BYTES: usize = 4096;
+/// Longest error message kept per history entry, in bytes.
+const MAX_HISTORY_MESSAGE_BYTES: usize = 512;
+/// Most failures kept in the history; the first one and the latest ones are kept.
+pub const MAX_HISTORY: usize = 32;
+
+/// Why headers could not be read as an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// A redrive header held a value that does not parse.
+    #[error("header {header}: invalid value {value:?}: {expected}")]
+    Header {
+        /// The header name.
+        header: &'static str,
+        /// The value found.
+        value: String,
+        /// What was expected instead.
+        expected: &'static str,
+    },
+    /// Written by a newer redrive.
+    #[error("wire format version {0} is newer than this redrive understands ({WIRE_VERSION}); upgrade redrive")]
+    Version(u32),
+    /// The origin queue named in the headers is not a valid queue name.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// A message's identity: a UUIDv7, kept across retries and replays, the idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(Uuid);
+
+impl MessageId {
+    /// A new, time-ordered id.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Parses an id from its text form.
+    ///
+    /// # Errors
+    ///
+    /// Returns the parser's error when `text` is not a UUID.
+    pub fn parse(text: &str) -> Result<Self, uuid::Error> {
+        Uuid::parse_str(text.trim()).map(Self)
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hyphenated(), f)
+    }
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The handler reported a transient failure.
+    Retry,
+    /// The handler reported the message as permanently invalid.
+    Poison,
+    /// The handler ran past its timeout.
+    Timeout,
+    /// The handler panicked (or its process was killed).
+    Panic,
+    /// The delivery's lease expired without an outcome: the consumer crashed or hung.
+    LeaseExpired,
+}
+
+impl FailureKind {
+    /// The stable name stored with a failure.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::Poison => "poison",
+            Self::Timeout => "timeout",
+            Self::Panic => "panic",
+            Self::LeaseExpired => "lease_expired",
+        }
+    }
+
+    /// Parses [`FailureKind::as_str`]; unknown names read as `Retry`.
+    #[must_use]
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "poison" => Self::Poison,
+            "timeout" => Self::Timeout,
+            "panic" => Self::Panic,
+            "lease_expired" => Self::LeaseExpired,
+            _ => Self::Retry,
+        }
+    }
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// When it failed (unix ms).
+    pub at_ms: i64,
+    /// Which attempt this was, 1-based.
+    pub attempt: u32,
+    /// The lane the message was delivered from (`main`, `retry.5s`).
+    pub lane: String,
+    /// How it failed.
+    pub kind: FailureKind,
+    /// The error class, e.g. `RateLimited`, `exit_75`, `http_503`, `timeout`.
+    pub class: String,
+    /// The error message (truncated to its last [`MAX_ERROR_BYTES`] bytes).
+    pub message: String,
+    /// Fingerprint of class and message.
+    pub fingerprint: Fingerprint,
+}
+
+impl Failure {
+    /// A failure at `at_ms`, fingerprinted from its class and message.
+    #[must_use]
+    pub fn new(kind: FailureKind, class: impl Into<String>, message: impl Into<String>, at_ms: i64) -> Self {
+        let class = class.into();
+        let message = tail_utf8(&message.into(), MAX_ERROR_BYTES).to_owned();
+        let fingerprint = Fingerprint::of(&class, &message);
+        Self { at_ms, attempt: 0, lane: String::new(), kind, class, message, fingerprint }
+    }
+}
+
+/// A message with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Identity, kept across retries and replays.
+    pub id: MessageId,
+    /// The queue the message belongs to (its origin).
+    pub queue: QueueName,
+    /// Partitioning / ordering key, if any.
+    pub key: Option<String>,
+    /// The payload, byte-exact.
+    pub payload: Vec<u8>,
+    /// User headers, passed through untouched (W3C `traceparent` included).
+    pub headers: Vec<(String, String)>,
+    /// Failed attempts so far: 0 on the first delivery.
+    pub attempt: u32,
+    /// How many times the message was replayed from the DLQ.
+    pub replays: u32,
+    /// Not to be handed out before this time (unix ms).
+    pub not_before_ms: Option<i64>,
+    /// When the first failure happened, kept even if the history is trimmed.
+    pub first_failed_ms: Option<i64>,
+    /// Failed attempts, oldest first (at most [`MAX_HISTORY`]).
+    pub history: Vec<Failure>,
+}
+
+/// One history entry as written in the `redrive-history` header.
+#[derive(Serialize, Deserialize)]
+struct WireFailure {
+    at: i64,
+    n: u32,
+    lane: String,
+    kind: String,
+    class: String,
+    msg: String,
+    fp: String,
+}
+
+impl Envelope {
+    /// A new message for `queue` with a fresh id.
+    #[must_use]
+    pub fn new(queue: QueueName, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            id: MessageId::new(),
+            queue,
+            key: None,
+            payload: payload.into(),
+            headers: Vec::new(),
+            attempt: 0,
+            replays: 0,
+            not_before_ms: None,
+            first_failed_ms: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Sets the key.
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a user header.
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The most recent failure.
+    #[must_use]
+    pub fn last_failure(&self) -> Option<&Failure> {
+        self.history.last()
+    }
+
+    /// Records a failed attempt: counts it, stamps it and appends it to the history,
+    /// trimming the history to its first entry and the latest ones.
+    pub fn record_failure(&mut self, mut failure: Failure, lane: &str) {
+        self.attempt = self.attempt.saturating_add(1);
+        failure.attempt = self.attempt;
+        failure.lane = lane.to_owned();
+        self.first_failed_ms.get_or_insert(failure.at_ms);
+        self.history.push(failure);
+        if self.history.len() > MAX_HISTORY {
+            self.history.remove(1);
+        }
+    }
+
+    /// The envelope as wire headers: redrive's own, then the user's.
+    #[must_use]
+    pub fn to_wire(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::with_capacity(12 + self.headers.len());
+        let mut put = |name: &str, value: String| out.push((name.to_owned(), value));
+        put("redrive-version", WIRE_VERSION.to_string());
+        put("redrive-id", self.id.to_string());
+        put("redrive-attempt", self.attempt.to_string());
+        put("redrive-origin", self.queue.to_string());
+        if self.replays > 0 {
+            put("redrive-replays", self.replays.to_string());
+        }
+        if let Some(at) = self.not_before_ms {
+            put("redrive-not-before", at.to_string());
+        }
+        if let Some(at) = self.first_failed_ms {
+            put("redrive-first-failed-at", at.to_string());
+        }
+        if let Some(last) = self.last_failure() {
+            put("redrive-last-failed-at", last.at_ms.to_string());
+            put("redrive-error-class", last.class.clone());
+            put("redrive-error", last.message.clone());
+            put("redrive-fingerprint", last.fingerprint.to_string());
+            let history: Vec<WireFailure> = self
+                .history
+                .iter()
+                .map(|f| WireFailure {
+                    at: f.at_ms,
+                    n: f.attempt,
+                    lane: f.lane.clone(),
+                    kind: f.kind.as_str().to_owned(),
+                    class: f.class.clone(),
+                    msg: tail_utf8(&f.message, MAX_HISTORY_MESSAGE_BYTES).to_owned(),
+                    fp: f.fingerprint.to_string(),
+                })
+                .collect();
+            put("redrive-history", serde_json::to_string(&history).unwrap_or_default());
+        }
+        out.extend(self.headers.iter().cloned());
+        out
+    }
+
+    /// Reads an envelope from wire headers.
+    ///
+    /// A message without redrive headers (written by any producer) becomes a new
+    /// envelope for `queue`. The plain `attempt`, `error` and `trace` headers of the
+    /// common hand-written Kafka retry pattern are understood, so existing retry topics
+    /// migrate: `attempt` becomes the attempt count and `error` the last failure.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`WireError`] naming the header whose value does not parse, or when the
+    /// wire version is newer than this release.
+    pub fn from_wire(
+        queue: &QueueName,
+        key: Option<String>,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Result<Self, WireError> {
+        let mut env = Self::new(queue.clone(), payload);
+        env.key = key;
+        let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let versioned = find("redrive-version").is_some();
+        if !versioned {
+            return Ok(Self::from_foreign(env, headers));
+        }
+        let version: u32 = parse_header(find("redrive-version"), "redrive-version", "a whole number")?.unwrap_or(1);
+        if version > WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        if let Some(id) = find("redrive-id") {
+            env.id = MessageId::parse(id).map_err(|_| WireError::Header {
+                header: "redrive-id",
+                value: id.to_owned(),
+                expected: "a UUID",
+            })?;
+        }
+        if let Some(origin) = find("redrive-origin") {
+            env.queue = QueueName::new(origin)?;
+        }
+        env.attempt = parse_header(find("redrive-attempt"), "redrive-attempt", "a whole number")?.unwrap_or(0);
+        env.replays = parse_header(find("redrive-replays"), "redrive-replays", "a whole number")?.unwrap_or(0);
+        env.not_before_ms = parse_header(find("redrive-not-before"), "redrive-not-before", "unix milliseconds")?;
+        env.first_failed_ms =
+            parse_header(find("redrive-first-failed-at"), "redrive-first-failed-at", "unix milliseconds")?;
+        if let Some(history) = find("redrive-history") {
+            let wire: Vec<WireFailure> = serde_json::from_str(history).map_err(|_| WireError::Header {
+                header: "redrive-history",
+                value: tail_utf8(history, 80).to_owned(),
+                expected: "a JSON array of failures",
+            })?;
+            env.history = wire
+                .into_iter()
+                .map(|w| Failure {
+                    at_ms: w.at,
+                    attempt: w.n,
+                    lane: w.lane,
+                    kind: FailureKind::parse(&w.kind),
+                    class: w.class,
+                    message: w.msg,
+                    fingerprint: Fingerprint::from_stored(w.fp),
+                })
+                .collect();
+            // The history keeps short messages; the last failure's full message travels
+            // in its own header.
+            if let (Some(last), Some(full)) = (env.history.last_mut(), find("redrive-error")) {
+                full.clone_into(&mut last.message);
+            }
+        }
+        env.headers = headers.into_iter().filter(|(k, _)| !is_redrive_header(k)).collect();
+        Ok(env)
+    }
+
+    /// Adopts a message written without redrive headers, reading the legacy pattern's
+    /// `attempt` / `error` / `trace` headers if they are there.
+    fn from_foreign(mut env: Self, headers: Vec<(String, String)>) -> Self {
+        let legacy = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let attempt = legacy("attempt").and_then(|a| a.trim().parse::<u32>().ok());
+        if let Some(attempt) = attempt {
+            let error = legacy("error").unwrap_or_default();
+            let message = match legacy("trace") {
+                Some(trace) if !trace.is_empty() => format!("{error}\n{trace}"),
+                _ => error.clone(),
+            };
+            let class = error.split(':').next().filter(|c| !c.is_empty() && !c.contains(' ')).unwrap_or("legacy");
+            if attempt > 0 {
+                let mut failure = Failure::new(FailureKind::Retry, class, message, crate::now_ms());
+                failure.attempt = attempt;
+                failure.lane = "legacy".to_owned();
+                env.first_failed_ms = Some(failure.at_ms);
+                env.history.push(failure);
+            }
+            env.attempt = attempt;
+            env.headers = headers
+                .into_iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "attempt" | "error" | "trace"))
+                .collect();
+        } else {
+            env.headers = headers;
+        }
+        env
+    }
+}
+
+fn is_redrive_header(name: &str) -> bool {
+    name.len() >= HEADER_PREFIX.len() && name[..HEADER_PREFIX.len()].eq_ignore_ascii_case(HEADER_PREFIX)
+}
+
+fn parse_header<T: std::str::FromStr>(
+    value: Option<&str>,
+    header: &'static str,
+    expected: &'static str,
+) -> Result<Option<T>, WireError> {
+    value
+        .map(|v| v.trim().parse::<T>().map_err(|_| WireError::Header { header, value: v.to_owned(), expected }))
+        .transpose()
+}
+
+/// The last `max` bytes of `text`, cut on a character boundary.
+fn tail_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// The first `max` bytes of `text`, cut on a character boundary.
+#[must_use]
+pub fn truncate_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> QueueName {
+        QueueName::new("agent.tasks").unwrap()
+    }
+
+    fn failed_twice() -> Envelope {
+        let mut env = Envelope::new(queue(), b"{\"task\":1}\xff".to_vec())
+            .with_key("user-7")
+            .with_header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        env.record_failure(Failure::new(FailureKind::Retry, "RateLimited", "429 too many requests", 1_000), "main");
+        env.record_failure(Failure::new(FailureKind::Timeout, "timeout", "handler ran past 30s\nline two", 2_000), "retry.5s");
+        env.replays = 1;
+        env.not_before_ms = Some(9_000);
+        env
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_everything() {
+        let env = failed_twice();
+        let wire = env.to_wire();
+        let back = Envelope::from_wire(&queue(), env.key.clone(), env.payload.clone(), wire).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(back.attempt, 2);
+        assert_eq!(back.history[1].lane, "retry.5s");
+        assert_eq!(back.first_failed_ms, Some(1_000));
+    }
+
+    #[test]
+    fn wire_headers_are_the_documented_ones() {
+        let wire = failed_twice().to_wire();
+        let names: Vec<&str> = wire.iter().map(|(k, _)| k.as_str()).collect();
+        for name in [
+            "redrive-version", "redrive-id", "redrive-attempt", "redrive-origin", "redrive-not-before",
+            "redrive-first-failed-at", "redrive-last-failed-at", "redrive-error-class", "redrive-error",
+            "redrive-fingerprint", "redrive-replays", "redrive-history", "traceparent",
+        ] {
+            assert!(names.contains(&name), "missing {name} in {names:?}");
+        }
+        let get = |n: &str| wire.iter().find(|(k, _)| k == n).unwrap().1.clone();
+        assert_eq!(get("redrive-attempt"), "2");
+        assert_eq!(get("redrive-error-class"), "timeout");
+        assert_eq!(get("redrive-last-failed-at"), "2000");
+    }
+
+    #[test]
+    fn foreign_messages_get_a_fresh_identity() {
+        let env = Envelope::from_wire(&queue(), None, b"hi".to_vec(), vec![("x-user".into(), "1".into())]).unwrap();
+        assert_eq!((env.attempt, env.history.len()), (0, 0));
+        assert_eq!(env.headers, vec![("x-user".to_owned(), "1".to_owned())]);
+    }
+
+    #[test]
+    fn legacy_attempt_error_trace_headers_migrate() {
+        let headers = vec![
+            ("attempt".to_owned(), "2".to_owned()),
+            ("error".to_owned(), "ValueError: bad task 17".to_owned()),
+            ("trace".to_owned(), "Traceback (most recent call last): ...".to_owned()),
+            ("tenant".to_owned(), "acme".to_owned()),
+        ];
+        let env = Envelope::from_wire(&queue(), None, b"{}".to_vec(), headers).unwrap();
+        assert_eq!(env.attempt, 2);
+        let last = env.last_failure().unwrap();
+        assert_eq!(last.class, "ValueError");
+        assert!(last.message.starts_with("ValueError: bad task 17\nTraceback"));
+        assert_eq!(env.headers, vec![("tenant".to_owned(), "acme".to_owned())]);
+    }
+
+    #[test]
+    fn bad_header_values_are_named() {
+        let table = [
+            ("redrive-attempt", "two", "redrive-attempt"),
+            ("redrive-id", "not-a-uuid", "redrive-id"),
+            ("redrive-history", "[{", "redrive-history"),
+            ("redrive-not-before", "soon", "redrive-not-before"),
+        ];
+        for (name, value, named) in table {
+            let headers = vec![("redrive-version".to_owned(), "1".to_owned()), (name.to_owned(), value.to_owned())];
+            let err = Envelope::from_wire(&queue(), None, vec![], headers).unwrap_err();
+            assert!(err.to_string().contains(named), "{err}");
+        }
+        let newer = vec![("redrive-version".to_owned(), "9".to_owned())];
+        assert_eq!(Envelope::from_wire(&queue(), None, vec![], newer), Err(WireError::Version(9)));
+    }
+
+    #[test]
+    fn history_is_bounded_and_keeps_the_first_failure() {
+        let mut env = Envelope::new(queue(), "x");
+        for i in 0..100 {
+            env.record_failure(Failure::new(FailureKind::Retry, "E", format!("fail {i}"), i), "main");
+        }
+        assert_eq!(env.attempt, 100);
+        assert_eq!(env.history.len(), MAX_HISTORY);
+        assert_eq!(env.history[0].message, "fail 0");
+        assert_eq!(env.history.last().unwrap().message, "fail 99");
+        assert_eq!(env.first_failed_ms, Some(0));
+    }
+
+    #[test]
+    fn long_errors_keep_their_tail_on_a_char_boundary() {
+        let long = format!("{}é end", "x".repeat(MAX_ERROR_BYTES));
+        let f = Failure::new(FailureKind::Retry, "E", long, 0);
+        assert!(f.message.len() <= MAX_ERROR_BYTES);
+        assert!(f.message.ends_with("é end"));
+        assert_eq!(truncate_utf8("héllo", 2), "h");
+    }
+}

@@ -1,0 +1,34 @@
+//! The core of redrive: what a message is, what a handler can answer, how failures are
+//! grouped and retried, and the two seams every backend implements.
+//!
+//! This crate knows nothing about SQL, HTTP, Kafka or any other broker. It holds the
+//! envelope and its versioned wire format, the retry policy (tiers, jitter, max
+//! attempts), handler outcomes and their classification, error fingerprints, and the
+//! [`Transport`] and [`DeadLetterStore`] traits.
+
+mod duration;
+mod envelope;
+mod fingerprint;
+mod outcome;
+mod policy;
+mod queue;
+mod replay;
+mod store;
+mod time;
+mod transport;
+
+pub use duration::{DurationError, format_duration, parse_duration};
+pub use envelope::{
+    Envelope, Failure, FailureKind, HEADER_PREFIX, MAX_ERROR_BYTES, MAX_HISTORY, MessageId,
+    WIRE_VERSION, WireError, truncate_utf8,
+};
+pub use fingerprint::{Fingerprint, normalize_message};
+pub use outcome::{HandlerError, HandlerResult, Outcome};
+pub use policy::{PolicyError, RetryPolicy, Step, Tier};
+pub use queue::{Lane, LaneSet, QueueError, QueueName};
+pub use replay::{ReplayError, ReplayReport, replay};
+pub use store::{
+    Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, StoreError,
+};
+pub use time::now_ms;
+pub use transport::{Delivery, Fetched, LaneStats, QueueDepths, Transport, TransportError};

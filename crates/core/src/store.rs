@@ -1,0 +1,161 @@
+//! The `DeadLetterStore` seam: the DLQ of record, where triage, replay and retention
+//! happen.
+
+use std::future::Future;
+
+use crate::envelope::{Envelope, MessageId};
+use crate::queue::QueueName;
+
+/// A dead-letter store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be opened or reached.
+    #[error("dead-letter store at {address} is unavailable: {source}")]
+    Unavailable {
+        /// Where it was expected (never includes credentials).
+        address: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Any other store error, with what was being done.
+    #[error("{context}: {source}")]
+    Backend {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A dead message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The message, its last failure at the end of its history.
+    pub envelope: Envelope,
+    /// When it reached the DLQ (unix ms).
+    pub dead_at_ms: i64,
+}
+
+/// Which dead messages a listing, replay or purge is about. Empty fields match all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadFilter {
+    /// Only this queue.
+    pub queue: Option<QueueName>,
+    /// Only this fingerprint.
+    pub fingerprint: Option<String>,
+    /// Only this error class.
+    pub error_class: Option<String>,
+    /// Dead at or after (unix ms).
+    pub since_ms: Option<i64>,
+    /// Dead before (unix ms).
+    pub until_ms: Option<i64>,
+    /// Text contained in the error or the payload.
+    pub text: Option<String>,
+}
+
+/// A selection of dead messages: explicit ids, or a filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadSelection {
+    /// These messages.
+    Ids(Vec<MessageId>),
+    /// Every message matching the filter.
+    Filter(DeadFilter),
+}
+
+/// Dead messages that share a fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadGroup {
+    /// The shared fingerprint.
+    pub fingerprint: String,
+    /// The error class of the group.
+    pub error_class: String,
+    /// How many dead messages it holds.
+    pub count: u64,
+    /// The earliest and latest failure time (unix ms).
+    pub first_seen_ms: i64,
+    /// The latest failure time (unix ms).
+    pub last_seen_ms: i64,
+    /// One error message of the group.
+    pub sample_error: String,
+    /// Queues the group spans.
+    pub queues: Vec<String>,
+}
+
+/// Position after which a listing continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// `dead_at_ms` of the last row seen.
+    pub dead_at_ms: i64,
+    /// Id of the last row seen.
+    pub id: MessageId,
+}
+
+/// The DLQ of record.
+pub trait DeadLetterStore: Send + Sync + 'static {
+    /// Stores a dead message; a second insert of the same id while it is dead does
+    /// nothing (returns `false`), so drains may repeat after a crash.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn insert(&self, dead: &DeadLetter) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Dead messages matching `filter`, oldest first, after `cursor`, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn list(
+        &self,
+        filter: &DeadFilter,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
+
+    /// Dead messages matching `filter`, grouped by fingerprint, largest group first.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn groups(&self, filter: &DeadFilter) -> impl Future<Output = Result<Vec<DeadGroup>, StoreError>> + Send;
+
+    /// One dead message.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn get(&self, id: &MessageId) -> impl Future<Output = Result<Option<DeadLetter>, StoreError>> + Send;
+
+    /// Marks messages as replayed (they leave the DLQ) and writes an audit entry.
+    /// Returns how many were still dead and are now marked.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn mark_replayed(
+        &self,
+        ids: &[MessageId],
+        actor: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Deletes the selected dead messages and writes an audit entry. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn purge(
+        &self,
+        selection: &DeadSelection,
+        actor: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// How many messages are dead, in one queue or all.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn depth(&self, queue: Option<&QueueName>) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}

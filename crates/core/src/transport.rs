@@ -1,0 +1,205 @@
+//! The `Transport` seam: moving envelopes between the lanes of one backend.
+//!
+//! A transport publishes, hands out due deliveries under a lease, and settles each
+//! delivery exactly one way: ack, move to a retry tier, move to the DLQ, or release.
+//! Each settling call returns only once the next place of the message is durable, so
+//! the caller may treat success as "safe to forget".
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::envelope::Envelope;
+use crate::policy::Tier;
+use crate::queue::{Lane, LaneSet, QueueName};
+
+/// A transport failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The backend could not be reached.
+    #[error("{backend} at {address} is unreachable: {source}")]
+    Unavailable {
+        /// Backend kind, e.g. `sqlite`, `kafka`.
+        backend: &'static str,
+        /// Where it was expected (never includes credentials).
+        address: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The delivery's lease was lost (it expired and the message went to another
+    /// consumer), so this consumer must not settle it.
+    #[error("lease lost for message {id}: it expired and the message will be delivered again")]
+    LeaseLost {
+        /// The message id.
+        id: String,
+    },
+    /// A message over the backend's size limit.
+    #[error("message is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Any other backend error, with what was being done.
+    #[error("{context}: {source}")]
+    Backend {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// One hand-over of an envelope under a lease.
+#[derive(Debug)]
+pub struct Delivery<T> {
+    /// The message.
+    pub envelope: Envelope,
+    /// The lane it came from.
+    pub lane: Lane,
+    /// When it became due (unix ms): its retry due time, or when it was published.
+    pub due_ms: i64,
+    /// The previous delivery of this message ended without an outcome (the consumer
+    /// crashed or its lease expired). The runner counts that as a failed attempt.
+    pub unfinished_before: bool,
+    /// The backend's handle on this delivery.
+    pub token: T,
+}
+
+/// The result of a fetch.
+#[derive(Debug)]
+pub struct Fetched<T> {
+    /// Deliveries now leased to the caller.
+    pub deliveries: Vec<Delivery<T>>,
+    /// When the next message of these lanes becomes due, if the backend knows, so an
+    /// idle runner can sleep exactly until then.
+    pub next_due_ms: Option<i64>,
+}
+
+/// Moves envelopes between the lanes of one backend.
+///
+/// Implementations document which capability traits ([`LaneStats`], …) they add.
+pub trait Transport: Send + Sync + 'static {
+    /// The backend's handle on one delivery (a row and lease id, a receipt handle, an
+    /// offset, an ack subject).
+    type Token: Send + Sync + 'static;
+
+    /// Publishes envelopes to `queue`'s main lane; returns once they are durable.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable or refuses the batch; then none or only
+    /// some of the envelopes may be published, and the caller should publish again
+    /// (ids make that idempotent downstream).
+    fn publish(
+        &self,
+        queue: &QueueName,
+        batch: Vec<Envelope>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Leases up to `max` due deliveries from the lanes for `lease`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable.
+    fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fetched<Self::Token>, TransportError>> + Send;
+
+    /// The delivery succeeded: forget the message.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::LeaseLost`] when the lease expired meanwhile.
+    fn ack(&self, delivery: &Delivery<Self::Token>) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Moves the message to a retry tier, due at `due_ms`, with `envelope` (its failure
+    /// recorded) replacing the delivered one. The copy is durable before the source
+    /// is released.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::LeaseLost`] when the lease expired meanwhile.
+    fn retry(
+        &self,
+        delivery: &Delivery<Self::Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Moves the message to the DLQ as `envelope` (its last failure recorded).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::LeaseLost`] when the lease expired meanwhile.
+    fn dead_letter(
+        &self,
+        delivery: &Delivery<Self::Token>,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Gives the delivery back unsettled and uncounted (graceful shutdown).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable; the lease then expires on its own.
+    fn release(&self, delivery: &Delivery<Self::Token>) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Keeps a long handler's lease alive for another `lease`.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::LeaseLost`] when it had already expired.
+    fn extend_lease(
+        &self,
+        delivery: &Delivery<Self::Token>,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
+
+/// Depth of each lane of one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueDepths {
+    /// The queue.
+    pub queue: String,
+    /// Messages waiting in main (due or not).
+    pub main: u64,
+    /// Messages waiting per retry tier, by tier name.
+    pub retry: Vec<(String, u64)>,
+    /// Dead messages.
+    pub dlq: u64,
+    /// Deliveries leased to a consumer right now.
+    pub inflight: u64,
+    /// Age of the oldest message waiting in main, in ms.
+    pub oldest_main_age_ms: Option<i64>,
+}
+
+impl QueueDepths {
+    /// Nothing waiting in main or any retry tier, and nothing in flight.
+    #[must_use]
+    pub fn is_drained(&self) -> bool {
+        self.main == 0 && self.inflight == 0 && self.retry.iter().all(|(_, n)| *n == 0)
+    }
+}
+
+/// Capability: report lane depths. Needed by `queues` and `consume --until-idle`.
+pub trait LaneStats: Send + Sync {
+    /// Depths of every queue the backend knows.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable.
+    fn depths(&self) -> impl Future<Output = Result<Vec<QueueDepths>, TransportError>> + Send;
+
+    /// Depths of one queue's lanes.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable.
+    fn queue_depths(&self, lanes: &LaneSet) -> impl Future<Output = Result<QueueDepths, TransportError>> + Send;
+}

@@ -1,0 +1,33 @@
+//! The redrive consume loop, shared by the `redrive consume` sidecar and by Rust agents
+//! that use redrive as a library.
+//!
+//! A [`Runner`] pulls due deliveries from a [`Transport`], hands each to a [`Handler`]
+//! under a concurrency limit, a timeout and panic isolation, keeps long handlers'
+//! leases alive, and settles every delivery by the [`RetryPolicy`]: ack, next retry
+//! tier, or the DLQ. Settling returns only once the next place is durable.
+//!
+//! ```no_run
+//! # async fn demo(transport: redrive_sqlite::Sqlite) {
+//! use redrive_core::{HandlerError, LaneSet, QueueName, RetryPolicy};
+//! use redrive_runner::{Runner, RunnerConfig, handler_fn};
+//!
+//! let queue = QueueName::new("agent.tasks").unwrap();
+//! let policy = RetryPolicy::parse("5s,30s,5m").unwrap();
+//! let runner = Runner::new(transport, queue, policy, RunnerConfig::default());
+//! let handler = handler_fn(|msg: redrive_core::Envelope| async move {
+//!     if msg.payload.is_empty() {
+//!         return Err(HandlerError::poison("EmptyTask", "the task payload is empty"));
+//!     }
+//!     Ok(())
+//! });
+//! runner.run(handler, std::future::pending()).await.unwrap();
+//! # }
+//! ```
+
+mod handler;
+mod runner;
+mod stats;
+
+pub use handler::{Handler, handler_fn, json_handler};
+pub use runner::{RunError, Runner, RunnerConfig, Summary};
+pub use stats::{Stats, StatsSnapshot};

@@ -1,0 +1,381 @@
+//! The consume loop.
+//!
+//! One fetch loop leases as many deliveries as there are free handler slots, and one
+//! task per delivery runs the handler and settles the outcome. Shutdown stops the
+//! fetch loop, lets in-flight handlers finish within a grace period, then releases
+//! what is left so it is delivered again without counting an attempt.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redrive_core::{
+    Delivery, Envelope, FailureKind, LaneSet, LaneStats, Outcome, QueueName, RetryPolicy, Step, Transport,
+    TransportError, now_ms,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use crate::handler::Handler;
+use crate::stats::Stats;
+
+/// How a runner behaves.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// Longest a handler may run before the attempt counts as failed.
+    pub timeout: Duration,
+    /// How long a delivery is leased; kept alive by a heartbeat every third of it
+    /// while the handler runs. After a crash, the message returns once it expires.
+    pub lease: Duration,
+    /// How long shutdown waits for in-flight handlers before releasing them.
+    pub grace: Duration,
+    /// Stop after this many deliveries.
+    pub max_messages: Option<u64>,
+    /// How often an idle runner looks for new messages published by other processes.
+    pub idle_poll: Duration,
+    /// Most deliveries leased in one fetch.
+    pub fetch_batch: usize,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            timeout: Duration::from_secs(60),
+            lease: Duration::from_secs(30),
+            grace: Duration::from_secs(10),
+            max_messages: None,
+            idle_poll: Duration::from_millis(100),
+            fetch_batch: 256,
+        }
+    }
+}
+
+/// Why a runner stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The configuration cannot work.
+    #[error("invalid runner configuration: {0}")]
+    Config(String),
+    /// The idle check (`--until-idle`) could not read lane depths.
+    #[error("cannot read lane depths: {0}")]
+    Depths(TransportError),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Deliveries started.
+    pub delivered: u64,
+    /// Deliveries released unfinished at shutdown.
+    pub released: u64,
+    /// Why the run ended: `shutdown`, `max-messages` or `idle`.
+    pub reason: &'static str,
+}
+
+type IdleProbe = Arc<dyn Fn(LaneSet) -> Pin<Box<dyn Future<Output = Result<bool, TransportError>> + Send>> + Send + Sync>;
+
+/// Consumes one queue's lanes with a handler.
+pub struct Runner<T: Transport> {
+    transport: Arc<T>,
+    lanes: LaneSet,
+    policy: RetryPolicy,
+    config: RunnerConfig,
+    stats: Arc<Stats>,
+    idle_probe: Option<IdleProbe>,
+}
+
+impl<T: Transport> Runner<T> {
+    /// A runner for `queue`'s main lane and the policy's retry tiers.
+    pub fn new(transport: impl Into<Arc<T>>, queue: QueueName, policy: RetryPolicy, config: RunnerConfig) -> Self {
+        let lanes = LaneSet { queue, tiers: policy.tiers().to_vec() };
+        Self { transport: transport.into(), lanes, policy, config, stats: Arc::default(), idle_probe: None }
+    }
+
+    /// The live counters of this runner.
+    #[must_use]
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The lanes this runner reads.
+    #[must_use]
+    pub fn lanes(&self) -> &LaneSet {
+        &self.lanes
+    }
+
+    /// Runs until `shutdown` resolves (or a limit is reached), then drains gracefully.
+    ///
+    /// # Errors
+    ///
+    /// Fails on an unusable configuration, or when the idle check cannot read depths.
+    /// Transport errors while fetching are logged and retried, not returned: a broker
+    /// that is down for a while must not stop the consumer.
+    pub async fn run<H: Handler>(self, handler: H, shutdown: impl Future<Output = ()> + Send) -> Result<Summary, RunError> {
+        if self.config.concurrency == 0 {
+            return Err(RunError::Config("concurrency must be at least 1".to_owned()));
+        }
+        if self.config.lease < Duration::from_millis(30) {
+            return Err(RunError::Config("the lease must be at least 30ms".to_owned()));
+        }
+        let handler = Arc::new(handler);
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let wake = Arc::new(Notify::new());
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let released = Arc::new(AtomicU64::new(0));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut delivered: u64 = 0;
+        let mut fetch_errors: u32 = 0;
+        tokio::pin!(shutdown);
+
+        let reason = loop {
+            if self.config.max_messages.is_some_and(|max| delivered >= max) {
+                break "max-messages";
+            }
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break "shutdown",
+                p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break "shutdown" },
+            };
+            let free = 1 + permits.available_permits();
+            let remaining = self.config.max_messages.map_or(usize::MAX, |m| usize::try_from(m - delivered).unwrap_or(usize::MAX));
+            let want = free.min(self.config.fetch_batch).min(remaining);
+            // The fetch is not raced against shutdown: a fetch abandoned half-way could
+            // lease messages nobody handles, and their expiry would count an attempt.
+            let fetched = match self.transport.fetch(&self.lanes, want, self.config.lease).await {
+                Ok(f) => {
+                    fetch_errors = 0;
+                    f
+                }
+                Err(e) => {
+                    drop(permit);
+                    fetch_errors = fetch_errors.saturating_add(1);
+                    let backoff = Duration::from_millis(100 * 2u64.pow(fetch_errors.min(6)));
+                    tracing::warn!(queue = %self.lanes.queue, error = %e, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break "shutdown",
+                        () = sleep(backoff) => continue,
+                    }
+                }
+            };
+            if fetched.deliveries.is_empty() {
+                drop(permit);
+                let idle = permits.available_permits() == self.config.concurrency;
+                if idle && let Some(probe) = &self.idle_probe {
+                    match probe(self.lanes.clone()).await {
+                        Ok(true) => break "idle",
+                        Ok(false) => {}
+                        Err(e) => return Err(RunError::Depths(e)),
+                    }
+                }
+                let poll = Instant::now() + self.config.idle_poll;
+                let until = fetched.next_due_ms.map_or(poll, |due| {
+                    let wait = u64::try_from(due - now_ms()).unwrap_or(0);
+                    poll.min(Instant::now() + Duration::from_millis(wait))
+                });
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break "shutdown",
+                    () = wake.notified() => {}
+                    () = sleep_until(until) => {}
+                }
+                continue;
+            }
+            let mut permit = Some(permit);
+            for delivery in fetched.deliveries {
+                let slot = match permit.take() {
+                    Some(p) => p,
+                    None => match Arc::clone(&permits).acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                delivered += 1;
+                let job = Job {
+                    transport: Arc::clone(&self.transport),
+                    handler: Arc::clone(&handler),
+                    policy: self.policy.clone(),
+                    config: self.config.clone(),
+                    stats: Arc::clone(&self.stats),
+                    wake: Arc::clone(&wake),
+                    abort: abort_rx.clone(),
+                    released: Arc::clone(&released),
+                };
+                tasks.spawn(job.run(delivery, slot));
+            }
+        };
+
+        // Graceful drain: in-flight handlers get the grace period, then are released.
+        let drained = timeout(self.config.grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(queue = %self.lanes.queue, in_flight = tasks.len(), "grace period over: releasing in-flight deliveries");
+            let _ = abort_tx.send(true);
+            while tasks.join_next().await.is_some() {}
+        }
+        Ok(Summary { delivered, released: released.load(Ordering::Relaxed), reason })
+    }
+}
+
+impl<T: Transport + LaneStats> Runner<T> {
+    /// Stops once main and every retry lane of the queue are empty and nothing is in
+    /// flight (`--until-idle`).
+    #[must_use]
+    pub fn until_idle(mut self) -> Self {
+        let transport = Arc::clone(&self.transport);
+        self.idle_probe = Some(Arc::new(move |lanes: LaneSet| {
+            let transport = Arc::clone(&transport);
+            Box::pin(async move { transport.queue_depths(&lanes).await.map(|d| d.is_drained()) })
+        }));
+        self
+    }
+}
+
+/// Everything one delivery's task needs.
+struct Job<T: Transport, H> {
+    transport: Arc<T>,
+    handler: Arc<H>,
+    policy: RetryPolicy,
+    config: RunnerConfig,
+    stats: Arc<Stats>,
+    wake: Arc<Notify>,
+    abort: watch::Receiver<bool>,
+    released: Arc<AtomicU64>,
+}
+
+impl<T: Transport, H: Handler> Job<T, H> {
+    async fn run(mut self, delivery: Delivery<T::Token>, _slot: OwnedSemaphorePermit) {
+        self.stats.delivered();
+        if matches!(delivery.lane, redrive_core::Lane::Retry(_)) {
+            self.stats.lateness(now_ms() - delivery.due_ms);
+        }
+        let outcome = if delivery.unfinished_before {
+            Outcome::lease_expired(now_ms())
+        } else {
+            match self.handle(&delivery).await {
+                Some(outcome) => outcome,
+                None => {
+                    // Shutdown's grace period ran out: give the message back unsettled.
+                    if let Err(e) = self.transport.release(&delivery).await {
+                        tracing::warn!(id = %delivery.envelope.id, error = %e, "release failed; the lease will expire instead");
+                    }
+                    self.released.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        };
+        self.settle(delivery, outcome).await;
+        self.wake.notify_one();
+    }
+
+    /// Runs the handler with a timeout, panic isolation and a lease heartbeat.
+    /// `None` means shutdown aborted it.
+    async fn handle(&mut self, delivery: &Delivery<T::Token>) -> Option<Outcome> {
+        let handler = Arc::clone(&self.handler);
+        let message: Envelope = delivery.envelope.clone();
+        let mut task = tokio::spawn(async move { handler.handle(message).await });
+        let deadline = sleep(self.config.timeout);
+        tokio::pin!(deadline);
+        let beat = (self.config.lease / 3).max(Duration::from_millis(10));
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
+        loop {
+            tokio::select! {
+                joined = &mut task => {
+                    let at = now_ms();
+                    return Some(match joined {
+                        Ok(result) => Outcome::from_result(result, at),
+                        Err(e) if e.is_panic() => Outcome::panic(&panic_message(e.into_panic()), at),
+                        Err(_) => Outcome::panic("the handler task was cancelled", at),
+                    });
+                }
+                () = &mut deadline => {
+                    task.abort();
+                    return Some(Outcome::timeout(self.config.timeout, now_ms()));
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(e) = self.transport.extend_lease(delivery, self.config.lease).await {
+                        tracing::warn!(id = %delivery.envelope.id, error = %e, "lease heartbeat failed");
+                    }
+                }
+                changed = self.abort.changed() => {
+                    if changed.is_ok() && *self.abort.borrow() {
+                        task.abort();
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery<T::Token>, outcome: Outcome) {
+        let id = delivery.envelope.id;
+        let lane = delivery.lane.label();
+        let mut attempt = 0u32;
+        loop {
+            let result = match &outcome {
+                Outcome::Ok => self.transport.ack(&delivery).await.map(|()| None),
+                Outcome::Failed { failure, retry_after } => {
+                    let mut env = delivery.envelope.clone();
+                    env.record_failure(failure.clone(), &lane);
+                    let poison = failure.kind == FailureKind::Poison;
+                    match self.policy.decide(env.attempt, poison, *retry_after) {
+                        Step::Retry { tier, delay } => {
+                            let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+                            env.not_before_ms = Some(due);
+                            self.transport.retry(&delivery, &tier, due, &env).await.map(|()| Some((failure, false, env)))
+                        }
+                        Step::Dead => self.transport.dead_letter(&delivery, &env).await.map(|()| Some((failure, true, env))),
+                    }
+                }
+            };
+            match result {
+                Ok(None) => {
+                    self.stats.succeeded();
+                    tracing::debug!(%id, lane, "ok");
+                    return;
+                }
+                Ok(Some((failure, dead, env))) => {
+                    self.stats.failed(&failure.class, dead, failure.kind);
+                    if dead {
+                        tracing::info!(%id, queue = %env.queue, attempts = env.attempt, class = %failure.class, fingerprint = %failure.fingerprint, "dead-lettered");
+                    } else {
+                        tracing::debug!(%id, attempt = env.attempt, class = %failure.class, "retry scheduled");
+                    }
+                    return;
+                }
+                Err(TransportError::LeaseLost { .. }) => {
+                    tracing::warn!(%id, "lease lost before settling: another delivery of this message owns it now");
+                    self.stats.settle_error();
+                    return;
+                }
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::warn!(%id, error = %e, attempt, "settle failed; trying again");
+                    sleep(Duration::from_millis(100 * u64::from(attempt * attempt))).await;
+                }
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "settle failed; the lease will expire and the message will be delivered again");
+                    self.stats.settle_error();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => (*s).to_owned(),
+            Err(_) => "the handler panicked with a non-text payload".to_owned(),
+        },
+    }
+}

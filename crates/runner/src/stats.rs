@@ -1,0 +1,103 @@
+//! Counters a runner keeps about its own work, read by `bench`, `demo` and metrics.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of one runner. Cheap to update from many tasks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    delivered: AtomicU64,
+    succeeded: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    timeouts: AtomicU64,
+    panics: AtomicU64,
+    lease_expired: AtomicU64,
+    settle_errors: AtomicU64,
+    by_class: Mutex<Vec<(String, u64, u64)>>,
+    lateness_ms: Mutex<Vec<u32>>,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Deliveries handed to the handler (or settled for an expired lease).
+    pub delivered: u64,
+    /// Acknowledged.
+    pub succeeded: u64,
+    /// Moved to a retry tier.
+    pub retried: u64,
+    /// Moved to the DLQ.
+    pub dead: u64,
+    /// Handler timeouts.
+    pub timeouts: u64,
+    /// Handler panics.
+    pub panics: u64,
+    /// Deliveries found unfinished (crash or expired lease).
+    pub lease_expired: u64,
+    /// Settle calls that failed (the lease then expires and the message returns).
+    pub settle_errors: u64,
+    /// Per error class: (class, retried, dead).
+    pub by_class: Vec<(String, u64, u64)>,
+}
+
+impl Stats {
+    pub(crate) fn delivered(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn succeeded(&self) {
+        self.succeeded.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn failed(&self, class: &str, dead: bool, kind: redrive_core::FailureKind) {
+        use redrive_core::FailureKind as K;
+        match kind {
+            K::Timeout => self.timeouts.fetch_add(1, Ordering::Relaxed),
+            K::Panic => self.panics.fetch_add(1, Ordering::Relaxed),
+            K::LeaseExpired => self.lease_expired.fetch_add(1, Ordering::Relaxed),
+            K::Retry | K::Poison => 0,
+        };
+        let counter = if dead { &self.dead } else { &self.retried };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut classes) = self.by_class.lock() {
+            let entry = match classes.iter().position(|(c, _, _)| c == class) {
+                Some(i) => &mut classes[i],
+                None => {
+                    classes.push((class.to_owned(), 0, 0));
+                    let last = classes.len() - 1;
+                    &mut classes[last]
+                }
+            };
+            if dead { entry.2 += 1 } else { entry.1 += 1 }
+        }
+    }
+    pub(crate) fn settle_error(&self) {
+        self.settle_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn lateness(&self, ms: i64) {
+        if let Ok(mut l) = self.lateness_ms.lock() {
+            l.push(u32::try_from(ms.max(0)).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// The counters now.
+    #[must_use]
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead: self.dead.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+            panics: self.panics.load(Ordering::Relaxed),
+            lease_expired: self.lease_expired.load(Ordering::Relaxed),
+            settle_errors: self.settle_errors.load(Ordering::Relaxed),
+            by_class: self.by_class.lock().map(|c| c.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Every retry delivery's lateness (ms past its due time), in arrival order.
+    #[must_use]
+    pub fn lateness_samples(&self) -> Vec<u32> {
+        self.lateness_ms.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}

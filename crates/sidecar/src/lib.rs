@@ -1,0 +1,35 @@
+//! Handlers for agents written in any language: run a command per message (`--exec`)
+//! or POST it to an HTTP endpoint (`--webhook`). Both map their results onto redrive's
+//! outcomes as DESIGN.md tabulates.
+
+mod exec;
+mod webhook;
+
+pub use exec::{EX_DATAERR, EX_TEMPFAIL, ExecHandler};
+pub use webhook::{WebhookError, WebhookHandler};
+
+/// Keeps the last `max` bytes written to it.
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Tail {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { buf: Vec::new(), max }
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > self.max * 2 {
+            let cut = self.buf.len() - self.max;
+            self.buf.drain(..cut);
+        }
+    }
+
+    pub(crate) fn text(&self) -> String {
+        let start = self.buf.len().saturating_sub(self.max);
+        String::from_utf8_lossy(&self.buf[start..]).trim().to_owned()
+    }
+}

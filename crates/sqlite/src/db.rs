@@ -1,0 +1,236 @@
+//! The database: schema, the group-commit writer thread, and a reader connection.
+//!
+//! Every write goes through one writer thread. It takes the first waiting operation,
+//! then every other operation queued by then (up to a bound), runs them in one
+//! transaction, each inside its own savepoint so one failing operation does not undo
+//! the others, commits once, and only then answers each caller. With
+//! `synchronous=FULL` that commit is fsynced, so an operation is durable before its
+//! caller hears of it, while a burst of operations pays for one fsync.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use crate::config::{Durability, SqliteConfig};
+use crate::error::SqliteError;
+
+/// Most operations folded into one commit, bounding a commit's latency.
+const MAX_GROUP: usize = 2048;
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS messages (
+    seq          INTEGER PRIMARY KEY,
+    queue        TEXT    NOT NULL,
+    lane         TEXT    NOT NULL,
+    due_ms       INTEGER NOT NULL,  -- due time; while leased, the lease expiry
+    leased       INTEGER NOT NULL DEFAULT 0,
+    lease_id     INTEGER NOT NULL DEFAULT 0,
+    published_ms INTEGER NOT NULL,
+    key          TEXT,
+    payload      BLOB    NOT NULL,
+    headers      TEXT    NOT NULL   -- the envelope's wire headers, JSON
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, due_ms);
+
+CREATE TABLE IF NOT EXISTS queues (
+    name       TEXT PRIMARY KEY,
+    tiers      TEXT,
+    created_ms INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id              TEXT    PRIMARY KEY,
+    queue           TEXT    NOT NULL,
+    replayed        INTEGER NOT NULL DEFAULT 0,
+    dead_at_ms      INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    error_class     TEXT    NOT NULL,
+    error           TEXT    NOT NULL,
+    fingerprint     TEXT    NOT NULL,
+    first_failed_ms INTEGER,
+    last_failed_ms  INTEGER,
+    key             TEXT,
+    payload         BLOB    NOT NULL,
+    headers         TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_by_time  ON dead_letters (replayed, dead_at_ms, id);
+CREATE INDEX IF NOT EXISTS dead_by_queue ON dead_letters (replayed, queue, dead_at_ms, id);
+CREATE INDEX IF NOT EXISTS dead_by_fp    ON dead_letters (replayed, fingerprint, last_failed_ms);
+
+CREATE TABLE IF NOT EXISTS audit (
+    seq    INTEGER PRIMARY KEY,
+    at_ms  INTEGER NOT NULL,
+    actor  TEXT    NOT NULL,
+    action TEXT    NOT NULL,
+    detail TEXT    NOT NULL,
+    count  INTEGER NOT NULL,
+    reason TEXT    NOT NULL
+);
+";
+
+/// A job for the writer: runs its statements, and returns what to do once the
+/// commit's fate is known.
+type Completion = Box<dyn FnOnce(Result<(), SqliteError>) + Send>;
+/// Called with `None` when the group could not start: the job then only reports.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    reader: Mutex<Connection>,
+}
+
+/// The embedded store: a cheap handle, clone it freely.
+#[derive(Clone)]
+pub struct Sqlite {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Sqlite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sqlite").field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}
+
+fn connect(path: &Path, durability: Durability) -> Result<Connection, SqliteError> {
+    let open_err = |source| SqliteError::Open { path: path.to_owned(), source };
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(open_err(rusqlite::Error::InvalidParameterName(format!(
+            "the file system refused WAL mode (journal_mode={mode})"
+        ))));
+    }
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Relaxed => "NORMAL",
+    };
+    conn.execute_batch(&format!("PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF;")).map_err(open_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl Sqlite {
+    pub(crate) fn open(config: &SqliteConfig) -> Result<Self, SqliteError> {
+        let path = config.path.clone();
+        let conn = connect(&path, config.durability)?;
+        conn.execute_batch(SCHEMA).map_err(|source| SqliteError::Open { path: path.clone(), source })?;
+        let reader = connect(&path, config.durability)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("redrive-sqlite-writer".to_owned())
+            .spawn(move || write_loop(&conn, &rx))
+            .map_err(|e| SqliteError::Commit(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { inner: Arc::new(Inner { path, writer: Mutex::new(Some(tx)), reader: Mutex::new(reader) }) })
+    }
+
+    /// The database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` in the writer's next group commit and returns its result once the
+    /// commit is durable.
+    pub(crate) async fn write<R, F>(&self, f: F) -> Result<R, SqliteError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, SqliteError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => f(conn),
+                None => Err(SqliteError::Commit("the transaction could not begin".to_owned())),
+            };
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, done)
+        });
+        {
+            let writer = self.inner.writer.lock().map_err(|_| SqliteError::WriterGone)?;
+            writer.as_ref().ok_or(SqliteError::WriterGone)?.send(job).map_err(|_| SqliteError::WriterGone)?;
+        }
+        rx.await.map_err(|_| SqliteError::WriterGone)?
+    }
+
+    /// Runs a read on the reader connection, off the async threads.
+    pub(crate) async fn read<R, F>(&self, f: F) -> Result<R, SqliteError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, SqliteError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.reader.lock().map_err(|_| SqliteError::WriterGone)?;
+            f(&conn)
+        })
+        .await
+        .map_err(|_| SqliteError::WriterGone)?
+    }
+
+    /// Stops the writer after the operations already queued; later writes fail.
+    pub fn close(&self) {
+        if let Ok(mut writer) = self.inner.writer.lock() {
+            writer.take();
+        }
+    }
+}
+
+fn write_loop(conn: &Connection, rx: &mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        run_group(conn, jobs);
+    }
+}
+
+fn run_group(conn: &Connection, jobs: Vec<Job>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        tracing::error!(error = %e, "sqlite group commit could not begin");
+        for job in jobs {
+            let (_, done) = job(None);
+            done(Err(SqliteError::Commit(format!("cannot begin a transaction: {e}"))));
+        }
+        return;
+    }
+    let mut completions = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let savepoint = conn.execute_batch("SAVEPOINT job");
+        let (ok, done) = job(Some(conn));
+        let closed = if savepoint.is_ok() {
+            if ok {
+                conn.execute_batch("RELEASE job")
+            } else {
+                conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            }
+        } else {
+            savepoint
+        };
+        completions.push((done, closed.err().map(|e| e.to_string())));
+    }
+    let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for (done, savepoint_error) in completions {
+        let result = match (&commit, savepoint_error) {
+            (Err(e), _) => Err(SqliteError::Commit(e.clone())),
+            (Ok(()), Some(e)) => Err(SqliteError::Commit(e)),
+            (Ok(()), None) => Ok(()),
+        };
+        done(result);
+    }
+}

@@ -1,0 +1,19 @@
+//! The embedded redrive backend: every lane, every lease and the dead-letter store in one
+//! SQLite file (WAL mode), with group commit so durability does not cost one fsync per
+//! message.
+//!
+//! [`Sqlite`] implements [`Transport`](redrive_core::Transport),
+//! [`LaneStats`](redrive_core::LaneStats) and
+//! [`DeadLetterStore`](redrive_core::DeadLetterStore).
+
+mod config;
+mod db;
+mod error;
+mod store;
+mod transport;
+
+pub use config::{Durability, SqliteConfig};
+pub use db::Sqlite;
+pub use error::SqliteError;
+pub use store::AuditEntry;
+pub use transport::Token;

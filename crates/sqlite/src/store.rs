@@ -1,0 +1,260 @@
+//! The embedded [`DeadLetterStore`]: the `dead_letters` table, written by the transport
+//! when a message dies and by ingesters, read by the CLI and the triage UI.
+
+use redrive_core::{
+    Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, MessageId, QueueName, StoreError,
+    now_ms,
+};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+
+use crate::db::Sqlite;
+use crate::error::SqliteError;
+use crate::transport::{envelope_from_row, insert_dead};
+
+/// Appends the filter's conditions to `sql` (which already has a WHERE clause).
+fn push_filter(filter: &DeadFilter, sql: &mut String, args: &mut Vec<Value>) {
+    if let Some(q) = &filter.queue {
+        sql.push_str(" AND queue = ?");
+        args.push(Value::Text(q.to_string()));
+    }
+    if let Some(fp) = &filter.fingerprint {
+        sql.push_str(" AND fingerprint = ?");
+        args.push(Value::Text(fp.clone()));
+    }
+    if let Some(class) = &filter.error_class {
+        sql.push_str(" AND error_class = ?");
+        args.push(Value::Text(class.clone()));
+    }
+    if let Some(since) = filter.since_ms {
+        sql.push_str(" AND dead_at_ms >= ?");
+        args.push(Value::Integer(since));
+    }
+    if let Some(until) = filter.until_ms {
+        sql.push_str(" AND dead_at_ms < ?");
+        args.push(Value::Integer(until));
+    }
+    if let Some(text) = &filter.text {
+        sql.push_str(" AND (instr(error, ?) > 0 OR instr(payload, CAST(? AS BLOB)) > 0)");
+        args.push(Value::Text(text.clone()));
+        args.push(Value::Text(text.clone()));
+    }
+}
+
+fn dead_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, Option<String>, Vec<u8>, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn to_dead(row: (String, i64, Option<String>, Vec<u8>, String)) -> Result<DeadLetter, SqliteError> {
+    let (queue, dead_at_ms, key, payload, headers) = row;
+    Ok(DeadLetter { envelope: envelope_from_row(&queue, key, payload, &headers)?, dead_at_ms })
+}
+
+fn audit(conn: &Connection, actor: &str, action: &str, detail: &str, count: u64, reason: &str) -> Result<(), SqliteError> {
+    conn.prepare_cached(
+        "INSERT INTO audit (at_ms, actor, action, detail, count, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| s.execute(params![now_ms(), actor, action, detail, count, reason]))
+    .map_err(SqliteError::query("write audit log"))?;
+    Ok(())
+}
+
+fn describe(selection: &DeadSelection) -> String {
+    match selection {
+        DeadSelection::Ids(ids) => format!("{} id(s)", ids.len()),
+        DeadSelection::Filter(f) => format!("{f:?}"),
+    }
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// When (unix ms).
+    pub at_ms: i64,
+    /// Who.
+    pub actor: String,
+    /// What: `replay`, `purge`.
+    pub action: String,
+    /// On what.
+    pub detail: String,
+    /// How many messages.
+    pub count: u64,
+    /// Why.
+    pub reason: String,
+}
+
+impl Sqlite {
+    /// The audit log, newest first.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store cannot be read.
+    pub async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, SqliteError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            conn.prepare("SELECT at_ms, actor, action, detail, count, reason FROM audit ORDER BY seq DESC LIMIT ?1")
+                .and_then(|mut s| {
+                    s.query_map([limit], |r| {
+                        Ok(AuditEntry {
+                            at_ms: r.get(0)?,
+                            actor: r.get(1)?,
+                            action: r.get(2)?,
+                            detail: r.get(3)?,
+                            count: r.get(4)?,
+                            reason: r.get(5)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(SqliteError::query("read audit log"))
+        })
+        .await
+    }
+}
+
+impl DeadLetterStore for Sqlite {
+    async fn insert(&self, dead: &DeadLetter) -> Result<bool, StoreError> {
+        let dead = dead.clone();
+        self.write(move |conn| insert_dead(conn, &dead.envelope, dead.dead_at_ms)).await.map_err(Into::into)
+    }
+
+    async fn list(&self, filter: &DeadFilter, cursor: Option<&Cursor>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let filter = filter.clone();
+        let cursor = cursor.cloned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let mut sql = "SELECT queue, dead_at_ms, key, payload, headers FROM dead_letters WHERE replayed = 0".to_owned();
+            let mut args = Vec::new();
+            push_filter(&filter, &mut sql, &mut args);
+            if let Some(c) = cursor {
+                sql.push_str(" AND (dead_at_ms, id) > (?, ?)");
+                args.push(Value::Integer(c.dead_at_ms));
+                args.push(Value::Text(c.id.to_string()));
+            }
+            sql.push_str(" ORDER BY dead_at_ms, id LIMIT ?");
+            args.push(Value::Integer(limit));
+            let rows: Vec<_> = conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| s.query_map(params_from_iter(args), dead_from_row)?.collect())
+                .map_err(SqliteError::query("list dead letters"))?;
+            rows.into_iter().map(to_dead).collect()
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn groups(&self, filter: &DeadFilter) -> Result<Vec<DeadGroup>, StoreError> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let mut sql = "SELECT fingerprint, error_class, count(*), min(coalesce(first_failed_ms, dead_at_ms)),
+                                  max(coalesce(last_failed_ms, dead_at_ms)), error, group_concat(DISTINCT queue)
+                           FROM dead_letters WHERE replayed = 0"
+                .to_owned();
+            let mut args = Vec::new();
+            push_filter(&filter, &mut sql, &mut args);
+            sql.push_str(" GROUP BY fingerprint ORDER BY count(*) DESC, 5 DESC");
+            conn.prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_map(params_from_iter(args), |r| {
+                        let queues: String = r.get(6)?;
+                        Ok(DeadGroup {
+                            fingerprint: r.get(0)?,
+                            error_class: r.get(1)?,
+                            count: r.get(2)?,
+                            first_seen_ms: r.get(3)?,
+                            last_seen_ms: r.get(4)?,
+                            sample_error: r.get(5)?,
+                            queues: queues.split(',').map(str::to_owned).collect(),
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(SqliteError::query("group dead letters"))
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn get(&self, id: &MessageId) -> Result<Option<DeadLetter>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT queue, dead_at_ms, key, payload, headers FROM dead_letters WHERE id = ?1 AND replayed = 0",
+                )
+                .and_then(|mut s| s.query_row([id], dead_from_row).optional())
+                .map_err(SqliteError::query("get dead letter"))?;
+            row.map(to_dead).transpose()
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn mark_replayed(&self, ids: &[MessageId], actor: &str, reason: &str) -> Result<u64, StoreError> {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let (actor, reason) = (actor.to_owned(), reason.to_owned());
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("UPDATE dead_letters SET replayed = 1 WHERE id = ?1 AND replayed = 0")
+                .map_err(SqliteError::query("prepare replay mark"))?;
+            let mut n = 0u64;
+            for id in &ids {
+                n += stmt.execute([id]).map_err(SqliteError::query("mark replayed"))? as u64;
+            }
+            let detail = match ids.as_slice() {
+                [one] => one.clone(),
+                many => format!("{} messages", many.len()),
+            };
+            audit(conn, &actor, "replay", &detail, n, &reason)?;
+            Ok(n)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn purge(&self, selection: &DeadSelection, actor: &str, reason: &str) -> Result<u64, StoreError> {
+        let selection = selection.clone();
+        let (actor, reason) = (actor.to_owned(), reason.to_owned());
+        self.write(move |conn| {
+            let n = match &selection {
+                DeadSelection::Ids(ids) => {
+                    let mut stmt = conn
+                        .prepare_cached("DELETE FROM dead_letters WHERE id = ?1 AND replayed = 0")
+                        .map_err(SqliteError::query("prepare purge"))?;
+                    let mut n = 0u64;
+                    for id in ids {
+                        n += stmt.execute([id.to_string()]).map_err(SqliteError::query("purge"))? as u64;
+                    }
+                    n
+                }
+                DeadSelection::Filter(filter) => {
+                    let mut sql = "DELETE FROM dead_letters WHERE replayed = 0".to_owned();
+                    let mut args = Vec::new();
+                    push_filter(filter, &mut sql, &mut args);
+                    conn.execute(&sql, params_from_iter(args)).map_err(SqliteError::query("purge"))? as u64
+                }
+            };
+            audit(conn, &actor, "purge", &describe(&selection), n, &reason)?;
+            Ok(n)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn depth(&self, queue: Option<&QueueName>) -> Result<u64, StoreError> {
+        let queue = queue.map(ToString::to_string);
+        self.read(move |conn| {
+            let mut sql = "SELECT count(*) FROM dead_letters WHERE replayed = 0".to_owned();
+            let mut args = Vec::new();
+            if let Some(q) = queue {
+                sql.push_str(" AND queue = ?");
+                args.push(Value::Text(q));
+            }
+            conn.prepare_cached(&sql)
+                .and_then(|mut s| s.query_row(params_from_iter(args), |r| r.get(0)))
+                .map_err(SqliteError::query("dlq depth"))
+        })
+        .await
+        .map_err(Into::into)
+    }
+}

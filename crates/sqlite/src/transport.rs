@@ -1,0 +1,349 @@
+//! The embedded [`Transport`]: lanes are rows with a due time, leases are due times
+//! pushed into the future with a fencing id, retries and dead-lettering are updates in
+//! the same transaction as the settle, so a move is atomic.
+//!
+//! A leased row's `due_ms` is its lease expiry, so one index on `(queue, due_ms)` finds
+//! both due messages and expired leases. A row fetched while still marked `leased`
+//! was never settled: its consumer crashed or hung, and the delivery says so.
+
+use std::time::Duration;
+
+use redrive_core::{
+    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport,
+    TransportError, now_ms,
+};
+use rusqlite::{Connection, params};
+
+use crate::db::Sqlite;
+use crate::error::SqliteError;
+
+/// The embedded backend's handle on a delivery: the row and the lease's fencing id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    seq: i64,
+    lease_id: i64,
+}
+
+pub(crate) fn headers_json(env: &Envelope) -> String {
+    serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned())
+}
+
+pub(crate) fn envelope_from_row(
+    queue: &str,
+    key: Option<String>,
+    payload: Vec<u8>,
+    headers: &str,
+) -> Result<Envelope, SqliteError> {
+    let corrupt = |reason: String| SqliteError::Corrupt { id: format!("in queue {queue}"), reason };
+    let queue = QueueName::new(queue).map_err(|e| corrupt(e.to_string()))?;
+    let wire: Vec<(String, String)> = serde_json::from_str(headers).map_err(|e| corrupt(e.to_string()))?;
+    Envelope::from_wire(&queue, key, payload, wire).map_err(|e| corrupt(e.to_string()))
+}
+
+/// Inserts a dead message; a replayed row of the same id comes back to life, a dead one
+/// is left alone. Returns whether a row was written.
+pub(crate) fn insert_dead(conn: &Connection, env: &Envelope, dead_at_ms: i64) -> Result<bool, SqliteError> {
+    let last = env.last_failure();
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO dead_letters (id, queue, replayed, dead_at_ms, attempts, error_class, error, fingerprint,
+                                       first_failed_ms, last_failed_ms, key, payload, headers)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (id) DO UPDATE SET
+                 queue = excluded.queue, replayed = 0, dead_at_ms = excluded.dead_at_ms,
+                 attempts = excluded.attempts, error_class = excluded.error_class, error = excluded.error,
+                 fingerprint = excluded.fingerprint, first_failed_ms = excluded.first_failed_ms,
+                 last_failed_ms = excluded.last_failed_ms, key = excluded.key, payload = excluded.payload,
+                 headers = excluded.headers
+             WHERE dead_letters.replayed = 1",
+        )
+        .map_err(SqliteError::query("prepare dead-letter insert"))?;
+    let changed = stmt
+        .execute(params![
+            env.id.to_string(),
+            env.queue.as_str(),
+            dead_at_ms,
+            env.attempt,
+            last.map_or("unknown", |f| f.class.as_str()),
+            last.map_or("", |f| f.message.as_str()),
+            last.map_or("", |f| f.fingerprint.as_str()),
+            env.first_failed_ms,
+            last.map(|f| f.at_ms),
+            env.key,
+            env.payload,
+            headers_json(env),
+        ])
+        .map_err(SqliteError::query("insert dead letter"))?;
+    Ok(changed == 1)
+}
+
+fn settle_check(changed: usize, id: &str) -> Result<(), SqliteError> {
+    if changed == 1 { Ok(()) } else { Err(SqliteError::LeaseLost(id.to_owned())) }
+}
+
+impl Sqlite {
+    /// Records the tiers a consumer uses for `lanes.queue`, so `queues` can show every
+    /// tier, empty ones included.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store cannot be written.
+    pub async fn register_queue(&self, lanes: &LaneSet) -> Result<(), SqliteError> {
+        let name = lanes.queue.to_string();
+        let tiers = lanes.tiers.iter().map(Tier::name).collect::<Vec<_>>().join(",");
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO queues (name, tiers, created_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET tiers = excluded.tiers",
+                params![name, tiers, now_ms()],
+            )
+            .map_err(SqliteError::query("register queue"))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Transport for Sqlite {
+    type Token = Token;
+
+    async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
+        let queue = queue.clone();
+        self.write(move |conn| {
+            let now = now_ms();
+            conn.prepare_cached("INSERT INTO queues (name, created_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+                .and_then(|mut s| s.execute(params![queue.as_str(), now]))
+                .map_err(SqliteError::query("register queue"))?;
+            let mut insert = conn
+                .prepare_cached(
+                    "INSERT INTO messages (queue, lane, due_ms, published_ms, key, payload, headers)
+                     VALUES (?1, 'main', ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(SqliteError::query("prepare publish"))?;
+            for mut env in batch {
+                env.queue = queue.clone();
+                let due = env.not_before_ms.map_or(now, |nb| nb.max(now));
+                insert
+                    .execute(params![queue.as_str(), due, now, env.key, env.payload, headers_json(&env)])
+                    .map_err(SqliteError::query("publish"))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
+        let queue = lanes.queue.to_string();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut select = conn
+                .prepare_cached(
+                    "SELECT seq, lane, due_ms, leased, key, payload, headers FROM messages
+                     WHERE queue = ?1 AND due_ms <= ?2 ORDER BY due_ms, seq LIMIT ?3",
+                )
+                .map_err(SqliteError::query("prepare fetch"))?;
+            type Row = (i64, String, i64, bool, Option<String>, Vec<u8>, String);
+            let rows: Vec<Row> = select
+                .query_map(params![queue, now, max], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                })
+                .and_then(Iterator::collect)
+                .map_err(SqliteError::query("fetch"))?;
+            let mut lease_stmt = conn
+                .prepare_cached(
+                    "UPDATE messages SET due_ms = ?2, leased = 1, lease_id = lease_id + 1 WHERE seq = ?1
+                     RETURNING lease_id",
+                )
+                .map_err(SqliteError::query("prepare lease"))?;
+            let mut deliveries = Vec::with_capacity(rows.len());
+            for (seq, lane, due_ms, leased, key, payload, headers) in rows {
+                let lease_id: i64 = lease_stmt
+                    .query_row(params![seq, now.saturating_add(lease_ms)], |r| r.get(0))
+                    .map_err(SqliteError::query("lease"))?;
+                let envelope = envelope_from_row(&queue, key, payload, &headers)?;
+                deliveries.push(Delivery {
+                    envelope,
+                    lane: Lane::from_label(&lane).unwrap_or(Lane::Main),
+                    due_ms,
+                    unfinished_before: leased,
+                    token: Token { seq, lease_id },
+                });
+            }
+            let next_due_ms: Option<i64> = conn
+                .prepare_cached("SELECT min(due_ms) FROM messages WHERE queue = ?1")
+                .and_then(|mut s| s.query_row(params![queue], |r| r.get(0)))
+                .map_err(SqliteError::query("next due"))?;
+            Ok(Fetched { deliveries, next_due_ms })
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn ack(&self, delivery: &Delivery<Token>) -> Result<(), TransportError> {
+        let Token { seq, lease_id } = delivery.token;
+        let id = delivery.envelope.id.to_string();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached("DELETE FROM messages WHERE seq = ?1 AND lease_id = ?2")
+                .and_then(|mut s| s.execute(params![seq, lease_id]))
+                .map_err(SqliteError::query("ack"))?;
+            settle_check(changed, &id)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn retry(
+        &self,
+        delivery: &Delivery<Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let Token { seq, lease_id } = delivery.token;
+        let id = envelope.id.to_string();
+        let lane = Lane::Retry(tier.name().to_owned()).label();
+        let headers = headers_json(envelope);
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE messages SET lane = ?3, due_ms = ?4, leased = 0, headers = ?5
+                     WHERE seq = ?1 AND lease_id = ?2",
+                )
+                .and_then(|mut s| s.execute(params![seq, lease_id, lane, due_ms, headers]))
+                .map_err(SqliteError::query("move to retry tier"))?;
+            settle_check(changed, &id)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery<Token>, envelope: &Envelope) -> Result<(), TransportError> {
+        let Token { seq, lease_id } = delivery.token;
+        let envelope = envelope.clone();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached("DELETE FROM messages WHERE seq = ?1 AND lease_id = ?2")
+                .and_then(|mut s| s.execute(params![seq, lease_id]))
+                .map_err(SqliteError::query("move to DLQ"))?;
+            settle_check(changed, &envelope.id.to_string())?;
+            insert_dead(conn, &envelope, now_ms())?;
+            Ok(())
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn release(&self, delivery: &Delivery<Token>) -> Result<(), TransportError> {
+        let Token { seq, lease_id } = delivery.token;
+        let id = delivery.envelope.id.to_string();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached("UPDATE messages SET leased = 0, due_ms = ?3 WHERE seq = ?1 AND lease_id = ?2")
+                .and_then(|mut s| s.execute(params![seq, lease_id, now_ms()]))
+                .map_err(SqliteError::query("release"))?;
+            settle_check(changed, &id)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn extend_lease(&self, delivery: &Delivery<Token>, lease: Duration) -> Result<(), TransportError> {
+        let Token { seq, lease_id } = delivery.token;
+        let id = delivery.envelope.id.to_string();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached("UPDATE messages SET due_ms = ?3 WHERE seq = ?1 AND lease_id = ?2 AND leased = 1")
+                .and_then(|mut s| s.execute(params![seq, lease_id, now_ms().saturating_add(lease_ms)]))
+                .map_err(SqliteError::query("extend lease"))?;
+            settle_check(changed, &id)
+        })
+        .await
+        .map_err(Into::into)
+    }
+}
+
+fn queue_depths_on(conn: &Connection, queue: &str, tiers: &[String]) -> Result<QueueDepths, SqliteError> {
+    let now = now_ms();
+    let mut depths = QueueDepths {
+        queue: queue.to_owned(),
+        retry: tiers.iter().map(|t| (t.clone(), 0)).collect(),
+        ..QueueDepths::default()
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT lane, leased = 1 AND due_ms > ?2 AS inflight, count(*), min(published_ms)
+             FROM messages WHERE queue = ?1 GROUP BY lane, inflight",
+        )
+        .map_err(SqliteError::query("prepare depths"))?;
+    let rows = stmt
+        .query_map(params![queue, now], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(SqliteError::query("depths"))?;
+    for (lane, inflight, count, oldest) in rows {
+        if inflight {
+            depths.inflight += count;
+            continue;
+        }
+        match Lane::from_label(&lane) {
+            Some(Lane::Retry(tier)) => match depths.retry.iter_mut().find(|(t, _)| *t == tier) {
+                Some((_, n)) => *n += count,
+                None => depths.retry.push((tier, count)),
+            },
+            _ => {
+                depths.main += count;
+                depths.oldest_main_age_ms = oldest.map(|o| (now - o).max(0));
+            }
+        }
+    }
+    depths.dlq = conn
+        .prepare_cached("SELECT count(*) FROM dead_letters WHERE replayed = 0 AND queue = ?1")
+        .and_then(|mut s| s.query_row(params![queue], |r| r.get(0)))
+        .map_err(SqliteError::query("dlq depth"))?;
+    Ok(depths)
+}
+
+impl LaneStats for Sqlite {
+    async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
+        self.read(|conn| {
+            let mut names = conn
+                .prepare(
+                    "SELECT name, tiers FROM queues
+                     UNION SELECT DISTINCT queue, NULL FROM messages
+                     UNION SELECT DISTINCT queue, NULL FROM dead_letters WHERE replayed = 0
+                     ORDER BY 1, 2 DESC",
+                )
+                .map_err(SqliteError::query("prepare queue list"))?;
+            let rows: Vec<(String, Option<String>)> = names
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(Iterator::collect)
+                .map_err(SqliteError::query("queue list"))?;
+            let mut out: Vec<QueueDepths> = Vec::new();
+            for (name, tiers) in rows {
+                if out.last().is_some_and(|d| d.queue == name) {
+                    continue;
+                }
+                let tiers: Vec<String> = tiers
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default();
+                out.push(queue_depths_on(conn, &name, &tiers)?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
+        let queue = lanes.queue.to_string();
+        let tiers: Vec<String> = lanes.tiers.iter().map(|t| t.name().to_owned()).collect();
+        self.read(move |conn| queue_depths_on(conn, &queue, &tiers)).await.map_err(Into::into)
+    }
+}
