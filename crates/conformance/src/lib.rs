@@ -1,1 +1,85 @@
-//! placeholder
+//! The conformance suite: the scenarios every redrive backend must pass, written once and
+//! generic over the backend.
+//!
+//! A backend joins by implementing [`Harness`] in a test file and invoking
+//! [`conformance!`], which expands to one `#[tokio::test]` per scenario:
+//!
+//! ```ignore
+//! redrive_conformance::conformance!(MyHarness::new());
+//! ```
+//!
+//! Delays are milliseconds, so the whole suite runs in seconds on any backend.
+
+pub mod scenarios;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use redrive_core::{DeadLetterStore, LaneStats, Transport};
+
+/// The upper bound on retry lateness the suite asserts: a retry is handed out no
+/// earlier than its due time and no later than this after it.
+pub const LATENESS_BOUND_MS: i64 = 100;
+
+/// How to run the `redrive` binary against this backend, for scenarios that need a
+/// real process to kill.
+#[derive(Debug, Clone)]
+pub struct Cli {
+    /// Path to the `redrive` binary.
+    pub bin: PathBuf,
+    /// Arguments selecting this backend, e.g. `["--store", "sqlite:///tmp/x.db"]`.
+    pub backend_args: Vec<String>,
+}
+
+/// One fresh backend for one scenario.
+pub struct Backend<T, S> {
+    /// Its transport.
+    pub transport: T,
+    /// Its dead-letter store.
+    pub store: S,
+    /// How the CLI reaches it.
+    pub cli: Cli,
+    /// Anything that must live as long as the backend (a temporary directory).
+    pub guard: Box<dyn std::any::Any + Send>,
+}
+
+/// A backend under test.
+pub trait Harness: Send + Sync {
+    /// The transport type.
+    type T: Transport + LaneStats + Clone;
+    /// The store type.
+    type S: DeadLetterStore + Clone;
+
+    /// A fresh backend with no messages, isolated from every other scenario.
+    fn open(&self) -> impl Future<Output = Backend<Self::T, Self::S>> + Send;
+}
+
+/// Expands to one test per scenario for a harness expression.
+#[macro_export]
+macro_rules! conformance {
+    ($harness:expr) => {
+        $crate::conformance!(@each $harness;
+            tiers_are_honoured,
+            poison_goes_straight_to_the_dlq,
+            transient_failures_succeed_after_retries,
+            exhausted_messages_reach_the_dlq_with_full_history,
+            handler_timeout_is_a_failed_attempt,
+            handler_panic_is_a_failed_attempt,
+            long_handlers_keep_their_lease,
+            graceful_shutdown_releases_without_counting,
+            sigkill_mid_handler_loses_nothing,
+            crash_looping_message_reaches_the_dlq,
+            replay_keeps_the_id_and_history,
+            payloads_are_carried_byte_exact
+        );
+    };
+    (@each $harness:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::scenarios::$name(&harness).await;
+            }
+        )*
+    };
+}

@@ -1,1 +1,64 @@
-fn main(){}
+//! `redrive`: parses the command line and hands over to the command modules.
+
+mod backend;
+mod cli;
+mod cmd;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, DlqCommand};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Publish(args) => cmd::publish::run(&cli, args).await,
+            Command::Consume(args) => cmd::consume::run(&cli, args).await,
+            Command::Queues(args) => cmd::queues::run(&cli, args).await,
+            Command::Dlq(DlqCommand::List(args)) => cmd::dlq::list(&cli, args).await,
+            Command::Dlq(DlqCommand::Show(args)) => cmd::dlq::show(&cli, args).await,
+            Command::Dlq(DlqCommand::Replay(args)) => cmd::dlq::replay(&cli, args).await,
+            Command::Dlq(DlqCommand::Purge(args)) => cmd::dlq::purge(&cli, args).await,
+            Command::Dlq(DlqCommand::Export(args)) => cmd::dlq::export(&cli, args).await,
+            Command::Demo(args) => cmd::demo::run(&cli, args).await,
+            Command::Bench(args) => cmd::bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Consume(_) => "info",
+        _ => "warn",
+    };
+    let filter = cli.log.clone().unwrap_or_else(|| default.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
+        eprintln!("warning: invalid --log filter {filter:?}; using {default:?}");
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}

@@ -32,6 +32,9 @@ pub enum WebhookError {
 pub struct WebhookHandler {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// The URL without path and query, for error messages: webhook URLs often carry a
+    /// secret (Slack-style tokens in the path), and error messages are stored.
+    shown: String,
 }
 
 impl WebhookHandler {
@@ -46,7 +49,12 @@ impl WebhookHandler {
             return Err(WebhookError::Url(url.to_owned()));
         }
         let client = reqwest::Client::builder().timeout(timeout).user_agent(concat!("redrive/", env!("CARGO_PKG_VERSION"))).build()?;
-        Ok(Self { client, url: parsed })
+        let shown = format!("{}://{}/…", parsed.scheme(), parsed.host_str().unwrap_or("?"));
+        let shown = match parsed.port() {
+            Some(port) => shown.replacen("/…", &format!(":{port}/…"), 1),
+            None => shown,
+        };
+        Ok(Self { client, url: parsed, shown })
     }
 
     fn headers(msg: &Envelope) -> HeaderMap {
@@ -71,6 +79,17 @@ impl WebhookHandler {
     }
 }
 
+/// The error and its causes, without the URL reqwest puts in its own message.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    if parts.is_empty() { "request failed".to_owned() } else { parts.join(": ") }
+}
+
 fn serde_json_like(payload: &[u8]) -> bool {
     matches!(payload.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
 }
@@ -87,8 +106,8 @@ impl Handler for WebhookHandler {
         let response = self.client.post(self.url.clone()).headers(headers).body(msg.payload).send().await;
         let response = match response {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Err(HandlerError::retry("http_timeout", format!("POST {} timed out", self.url))),
-            Err(e) => return Err(HandlerError::retry("http_connect", format!("POST {} failed: {e}", self.url))),
+            Err(e) if e.is_timeout() => return Err(HandlerError::retry("http_timeout", format!("POST {} timed out", self.shown))),
+            Err(e) => return Err(HandlerError::retry("http_connect", format!("POST {} failed: {}", self.shown, error_chain(&e)))),
         };
         let status = response.status();
         if status.is_success() {
@@ -174,6 +193,19 @@ mod tests {
         let handler = WebhookHandler::new(&url, Duration::from_secs(2)).unwrap();
         let err = handler.handle(Envelope::new(QueueName::new("q").unwrap(), "x")).await.unwrap_err();
         assert_eq!((err.class(), err.is_poison()), ("http_connect", false));
+    }
+
+    #[tokio::test]
+    async fn error_messages_do_not_carry_the_url_path() {
+        // Webhook URLs often embed a secret token in the path; errors are stored.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/services/T000/SECRET-TOKEN?key=hunter2", listener.local_addr().unwrap());
+        drop(listener);
+        let handler = WebhookHandler::new(&url, Duration::from_secs(2)).unwrap();
+        let msg = Envelope::new(QueueName::new("q").unwrap(), "x");
+        let text = format!("{:?}", Outcome::from_result(handler.handle(msg).await, 0));
+        assert!(!text.contains("SECRET") && !text.contains("hunter2"), "{text}");
+        assert!(text.contains("127.0.0.1"), "{text}");
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! The command line, as clap types. Parsing only: behaviour lives in `cmd/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The store used when neither `--store` nor `REDRIVE_STORE` says otherwise.
+pub const DEFAULT_STORE: &str = "sqlite://redrive.db";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "redrive",
+    version,
+    about = "Three-lane reliability for message consumers: main → retry tiers → dead-letter queue",
+    long_about = "Three-lane reliability for message consumers and AI agents.\n\n\
+        Messages flow main → retry tiers with growing delays (5s, 30s, 5m by default) → a \
+        dead-letter queue. Transient failures are retried, poison messages are quarantined at \
+        once, and dead messages can be listed, grouped by error, and replayed.\n\n\
+        Try `redrive demo` to see it all in under a minute.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Where lanes and dead letters live: sqlite://PATH[?durability=full|relaxed]
+    /// [default: sqlite://redrive.db]
+    #[arg(long, global = true, env = "REDRIVE_STORE", value_name = "URL")]
+    pub store: Option<String>,
+
+    /// Log filter (error, warn, info, debug, or a tracing filter such as redrive=debug);
+    /// logs go to stderr.
+    #[arg(long, global = true, env = "REDRIVE_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn store_url(&self) -> &str {
+        self.store.as_deref().unwrap_or(DEFAULT_STORE)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish messages to a queue's main lane, one per line of input.
+    Publish(PublishArgs),
+    /// Consume a queue, handing each message to a command or a webhook.
+    Consume(ConsumeArgs),
+    /// Show the depth of every lane of every queue.
+    Queues(QueuesArgs),
+    /// Inspect, replay, purge and export dead messages.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Run the whole thing on a scratch store with a simulated, flaky AI agent.
+    Demo(DemoArgs),
+    /// Measure end-to-end throughput, retry lateness and memory on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The queue, e.g. agent.tasks.
+    pub queue: String,
+    /// Read messages from this file instead of standard input.
+    #[arg(long, short, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Key for every message (partitioning and ordering on brokers that use one).
+    #[arg(long, short, value_name = "KEY")]
+    pub key: Option<String>,
+    /// A header for every message, as NAME=VALUE; repeat for more.
+    #[arg(long = "header", short = 'H', value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Largest payload accepted (bytes, or with KiB / MiB).
+    #[arg(long, default_value = "1MiB", value_name = "SIZE")]
+    pub max_payload: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("handler").required(true).args(["exec", "webhook"]))]
+pub struct ConsumeArgs {
+    /// The queue, e.g. agent.tasks.
+    pub queue: String,
+    /// Run this shell command per message: payload on stdin; exit 0 ok, 65 poison,
+    /// 75 or any other non-zero retry. Sets REDRIVE_ID, REDRIVE_QUEUE, REDRIVE_ATTEMPT,
+    /// REDRIVE_KEY and REDRIVE_HEADER_<NAME>.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// POST each payload to this URL: 2xx ok, 5xx/408/429 retry (Retry-After honoured),
+    /// other 4xx poison.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// Messages handled at once.
+    #[arg(long, short, default_value_t = 8, value_name = "N")]
+    pub concurrency: usize,
+    /// Retry tiers: delays with ms, s, m or h; max attempts = tiers + 1.
+    #[arg(long, default_value = "5s,30s,5m", value_name = "LIST")]
+    pub tiers: String,
+    /// Random extra delay per retry, as a fraction of the tier (0 turns it off).
+    #[arg(long, default_value_t = 0.1, value_name = "FRACTION")]
+    pub jitter: f64,
+    /// Longest a handler may run; past it the attempt counts as failed.
+    #[arg(long, default_value = "60s", value_name = "DUR")]
+    pub timeout: String,
+    /// Lease per delivery, renewed while the handler runs. After a crash, messages
+    /// return when it expires.
+    #[arg(long, default_value = "30s", value_name = "DUR")]
+    pub lease: String,
+    /// On SIGINT/SIGTERM, how long in-flight messages may finish before they are
+    /// released for redelivery.
+    #[arg(long, default_value = "10s", value_name = "DUR")]
+    pub grace: String,
+    /// Stop after this many deliveries.
+    #[arg(long, value_name = "N")]
+    pub max_messages: Option<u64>,
+    /// Exit once main and every retry lane are empty and nothing is in flight.
+    #[arg(long)]
+    pub until_idle: bool,
+    /// How often an idle consumer looks for new messages.
+    #[arg(long, default_value = "100ms", value_name = "DUR")]
+    pub poll: String,
+    /// Print the final summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QueuesArgs {
+    /// One JSON object per queue and line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead messages, or their groups by error fingerprint.
+    List(ListArgs),
+    /// Show one dead message: payload, headers and attempt history.
+    Show(ShowArgs),
+    /// Move dead messages back to their queue's main lane (or another queue).
+    Replay(ReplayArgs),
+    /// Delete dead messages for good.
+    Purge(PurgeArgs),
+    /// Write dead messages as JSON lines to standard output.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only this error fingerprint.
+    #[arg(long, value_name = "FP")]
+    pub fingerprint: Option<String>,
+    /// Only this error class.
+    #[arg(long, value_name = "CLASS")]
+    pub class: Option<String>,
+    /// Only messages whose error or payload contains this text.
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+    /// Only messages dead for at most this long (e.g. 1h).
+    #[arg(long, value_name = "DUR")]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Group by error fingerprint.
+    #[arg(long)]
+    pub group: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Most messages to list.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub limit: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The message id (redrive-id).
+    pub id: String,
+    /// As one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SelectArgs {
+    /// Message ids.
+    #[arg(conflicts_with_all = ["queue", "all"])]
+    pub ids: Vec<String>,
+    /// Every dead message of this queue (narrow with --fingerprint, --class, --grep).
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// Every dead message of every queue.
+    #[arg(long, conflicts_with = "queue")]
+    pub all: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Replay into this queue instead of each message's own.
+    #[arg(long, value_name = "QUEUE")]
+    pub to: Option<String>,
+    /// Report what would move, move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Messages already replayed this many times stay dead (stops replay loops).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub max_replays: u32,
+    /// Why (written to the audit log).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    pub reason: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Do not ask for confirmation.
+    #[arg(long, short)]
+    pub yes: bool,
+    /// Why (written to the audit log).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    pub reason: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only this queue.
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Exit when the scenario ends.
+    #[arg(long)]
+    pub once: bool,
+    /// How many agent tasks to publish.
+    #[arg(long, default_value_t = 300, value_name = "N")]
+    pub tasks: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Messages to publish and consume.
+    #[arg(long, short = 'n', default_value_t = 50_000, value_name = "N")]
+    pub messages: usize,
+    /// Handlers running at once.
+    #[arg(long, short, default_value_t = 50, value_name = "N")]
+    pub concurrency: usize,
+    /// Retry tiers for the 10% that fail once.
+    #[arg(long, default_value = "50ms,100ms,200ms", value_name = "LIST")]
+    pub tiers: String,
+    /// full (fsync every commit, the default) or relaxed.
+    #[arg(long, default_value = "full", value_name = "MODE")]
+    pub durability: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

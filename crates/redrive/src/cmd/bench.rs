@@ -1,0 +1,182 @@
+//! `redrive bench`: end-to-end throughput, retry lateness and peak memory on the embedded
+//! backend, beside the raw durable commit rate of the same disk measured in the same run.
+//!
+//! Scenario: publish N messages, then consume them with a no-op handler where 10% fail
+//! once (one trip through the first retry tier) and 0.1% are poison.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use redrive_core::{Envelope, HandlerError, QueueName, RetryPolicy, Transport};
+use redrive_runner::{Runner, RunnerConfig, handler_fn};
+use redrive_sqlite::{Durability, SqliteConfig};
+use serde::Serialize;
+
+use crate::output::outln;
+use crate::cli::BenchArgs;
+use crate::output::json_line;
+
+#[derive(Serialize)]
+struct BenchJson {
+    backend: &'static str,
+    durability: String,
+    messages: usize,
+    concurrency: usize,
+    raw_commits_per_sec: f64,
+    publish_msgs_per_sec: f64,
+    consume_msgs_per_sec: f64,
+    end_to_end_msgs_per_sec: f64,
+    retried: u64,
+    dead_lettered: u64,
+    succeeded: u64,
+    retry_lateness_p50_ms: u32,
+    retry_lateness_p99_ms: u32,
+    retry_lateness_max_ms: u32,
+    peak_rss_mib: f64,
+}
+
+/// Single-row transactions against a scratch file, as many as fit in `for_how_long`.
+fn raw_commit_rate(path: &std::path::Path, durability: Durability, for_how_long: Duration) -> Result<f64> {
+    let conn = rusqlite::Connection::open(path)?;
+    let sync = if durability == Durability::Full { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; CREATE TABLE t (x INTEGER, y BLOB);"
+    ))?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < for_how_long {
+        conn.execute("INSERT INTO t VALUES (?1, zeroblob(64))", [n])?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The message number in `{"n":123}`.
+fn number(payload: &[u8]) -> u64 {
+    payload.iter().filter(|b| b.is_ascii_digit()).fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
+}
+
+pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
+    let durability = match args.durability.as_str() {
+        "full" => Durability::Full,
+        "relaxed" => Durability::Relaxed,
+        other => bail!("invalid --durability {other:?}: use full or relaxed"),
+    };
+    anyhow::ensure!(args.messages > 0, "invalid --messages 0");
+    let policy = RetryPolicy::parse(&args.tiers).context("invalid --tiers")?;
+    let dir = tempfile::Builder::new().prefix("redrive-bench-").tempdir().context("creating a scratch directory")?;
+    if !args.json {
+        eprintln!("measuring the raw durable commit rate of {} …", dir.path().display());
+    }
+    let raw = raw_commit_rate(&dir.path().join("raw.db"), durability, Duration::from_secs(2))?;
+
+    let store = SqliteConfig { path: dir.path().join("bench.db"), durability }.open()?;
+    let queue = QueueName::new("bench")?;
+    if !args.json {
+        eprintln!("publishing {} messages …", args.messages);
+    }
+    let started = Instant::now();
+    for chunk in (0..args.messages).collect::<Vec<_>>().chunks(1000) {
+        let batch = chunk.iter().map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}"))).collect();
+        store.publish(&queue, batch).await?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+
+    if !args.json {
+        eprintln!("consuming with concurrency {} …", args.concurrency);
+    }
+    let config = RunnerConfig {
+        concurrency: args.concurrency,
+        timeout: Duration::from_secs(30),
+        lease: Duration::from_secs(30),
+        idle_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(store.clone(), queue.clone(), policy, config).until_idle();
+    let stats = runner.stats();
+    let handler = handler_fn(|msg: Envelope| async move {
+        let n = number(&msg.payload);
+        if n % 1000 == 5 {
+            return Err(HandlerError::poison("BenchPoison", "poison by design"));
+        }
+        if n % 10 == 0 && msg.attempt == 0 {
+            return Err(HandlerError::retry("BenchTransient", "fails once by design"));
+        }
+        Ok(())
+    });
+    let started = Instant::now();
+    runner.run(handler, std::future::pending()).await?;
+    let consume_secs = started.elapsed().as_secs_f64();
+    let s = stats.snapshot();
+    let mut lateness = stats.lateness_samples();
+    lateness.sort_unstable();
+
+    let result = BenchJson {
+        backend: "sqlite",
+        durability: args.durability.clone(),
+        messages: args.messages,
+        concurrency: args.concurrency,
+        raw_commits_per_sec: raw,
+        publish_msgs_per_sec: args.messages as f64 / publish_secs,
+        consume_msgs_per_sec: args.messages as f64 / consume_secs,
+        end_to_end_msgs_per_sec: args.messages as f64 / (publish_secs + consume_secs),
+        retried: s.retried,
+        dead_lettered: s.dead,
+        succeeded: s.succeeded,
+        retry_lateness_p50_ms: percentile(&lateness, 50.0),
+        retry_lateness_p99_ms: percentile(&lateness, 99.0),
+        retry_lateness_max_ms: lateness.last().copied().unwrap_or(0),
+        peak_rss_mib: peak_rss_mib(),
+    };
+    store.close();
+    if args.json {
+        json_line(&result);
+    } else {
+        outln!("redrive bench: sqlite, durability {}, {} messages, concurrency {}", result.durability, result.messages, result.concurrency);
+        outln!("  raw SQLite commits/s (1 row per txn)  {:>10.0}", result.raw_commits_per_sec);
+        outln!("  publish msgs/s                        {:>10.0}", result.publish_msgs_per_sec);
+        outln!("  consume msgs/s                        {:>10.0}", result.consume_msgs_per_sec);
+        outln!("  end to end msgs/s (publish+consume)   {:>10.0}", result.end_to_end_msgs_per_sec);
+        outln!("  outcomes: {} ok, {} retried, {} dead", result.succeeded, result.retried, result.dead_lettered);
+        outln!(
+            "  retry lateness ms: p50 {} p99 {} max {} ({} samples)",
+            result.retry_lateness_p50_ms,
+            result.retry_lateness_p99_ms,
+            result.retry_lateness_max_ms,
+            lateness.len()
+        );
+        outln!("  peak RSS {:.1} MiB", result.peak_rss_mib);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (50, 99, 100));
+        assert_eq!(percentile(&[], 99.0), 0);
+        assert_eq!(number(b"{\"n\":1205}"), 1205);
+    }
+}

@@ -1,0 +1,95 @@
+//! `redrive consume`: the sidecar worker.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use redrive_core::{LaneSet, QueueName, RetryPolicy};
+use redrive_runner::{Runner, RunnerConfig, Summary};
+use redrive_sidecar::{ExecHandler, WebhookHandler};
+use serde::Serialize;
+
+use super::{duration_flag, shutdown_signal};
+use crate::backend;
+use crate::cli::{Cli, ConsumeArgs};
+use crate::output::json_line;
+
+#[derive(Serialize)]
+struct SummaryJson<'a> {
+    queue: &'a str,
+    stopped_by: &'a str,
+    delivered: u64,
+    succeeded: u64,
+    retried: u64,
+    dead_lettered: u64,
+    released: u64,
+    timeouts: u64,
+    panics: u64,
+    lease_expired: u64,
+}
+
+pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
+    let queue = QueueName::new(&args.queue)?;
+    let policy = RetryPolicy::parse(&args.tiers)
+        .context("invalid --tiers")?
+        .with_jitter(args.jitter)
+        .context("invalid --jitter")?;
+    let config = RunnerConfig {
+        concurrency: args.concurrency,
+        timeout: duration_flag("--timeout", &args.timeout)?,
+        lease: duration_flag("--lease", &args.lease)?,
+        grace: duration_flag("--grace", &args.grace)?,
+        max_messages: args.max_messages,
+        idle_poll: duration_flag("--poll", &args.poll)?,
+        ..RunnerConfig::default()
+    };
+    anyhow::ensure!(config.concurrency > 0, "invalid --concurrency 0: at least one handler must run");
+    let timeout = config.timeout;
+    let store = backend::open(cli.store_url(), true)?;
+    store
+        .register_queue(&LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() })
+        .await
+        .context("registering the queue")?;
+    let tiers: Vec<&str> = policy.tiers().iter().map(redrive_core::Tier::name).collect();
+    tracing::info!(
+        queue = %queue,
+        tiers = %tiers.join(","),
+        max_attempts = policy.max_attempts(),
+        concurrency = config.concurrency,
+        "consuming"
+    );
+    let mut runner = Runner::new(store.clone(), queue.clone(), policy, config);
+    if args.until_idle {
+        runner = runner.until_idle();
+    }
+    let stats = runner.stats();
+    let summary: Summary = match (&args.exec, &args.webhook) {
+        (Some(cmd), _) => runner.run(ExecHandler::new(cmd.clone()), shutdown_signal()).await?,
+        (None, Some(url)) => {
+            let handler = WebhookHandler::new(url, timeout).context("invalid --webhook")?;
+            runner.run(handler, shutdown_signal()).await?
+        }
+        (None, None) => anyhow::bail!("give --exec CMD or --webhook URL"),
+    };
+    let s = stats.snapshot();
+    if args.json {
+        json_line(&SummaryJson {
+            queue: queue.as_str(),
+            stopped_by: summary.reason,
+            delivered: summary.delivered,
+            succeeded: s.succeeded,
+            retried: s.retried,
+            dead_lettered: s.dead,
+            released: summary.released,
+            timeouts: s.timeouts,
+            panics: s.panics,
+            lease_expired: s.lease_expired,
+        });
+    } else {
+        eprintln!(
+            "{queue}: stopped ({}) after {} deliveries: {} ok, {} retried, {} dead-lettered, {} released",
+            summary.reason, summary.delivered, s.succeeded, s.retried, s.dead, summary.released
+        );
+    }
+    store.close();
+    Ok(ExitCode::SUCCESS)
+}

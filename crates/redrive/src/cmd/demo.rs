@@ -1,0 +1,190 @@
+//! `redrive demo`: a simulated, flaky AI agent on a scratch store, so a new user sees
+//! lanes, a DLQ grouped by error, and the commands to inspect and replay it.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use redrive_core::{DeadFilter, DeadLetterStore, Envelope, HandlerError, LaneSet, LaneStats, QueueName, RetryPolicy, Transport};
+use redrive_runner::{Runner, RunnerConfig, json_handler};
+use serde::Deserialize;
+
+use crate::output::outln;
+use crate::backend;
+use crate::cli::{Cli, DemoArgs};
+use crate::output::{one_line, table};
+
+const QUEUE: &str = "agent.tasks";
+const TIERS: &str = "1s,2s,4s";
+
+/// A task as the simulated agent expects it. `simulate` makes it misbehave.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct Task {
+    task_id: u64,
+    agent: String,
+    action: String,
+    #[serde(default)]
+    simulate: Option<String>,
+    #[serde(default)]
+    fail_times: u32,
+}
+
+/// Builds the scenario: mostly healthy tasks, some transient trouble, some poison.
+fn tasks(n: usize) -> Vec<Vec<u8>> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let agents = ["research-bot", "support-triage", "code-review"];
+    (0..n)
+        .map(|i| {
+            let agent = agents[i % agents.len()];
+            let roll = rng.u32(0..100);
+            let body = match roll {
+                0..=1 => format!("{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"summ"),
+                2..=3 => format!("{{task_id: {i}, agent: '{agent}'}}"),
+                4 => format!("{{\"task_id\":{i},\"action\":\"summarize\"}}"),
+                5..=16 => format!(
+                    "{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"summarize\",\"simulate\":\"rate_limit\",\"fail_times\":{}}}",
+                    rng.u32(1..=2)
+                ),
+                17..=22 => format!(
+                    "{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"web_search\",\"simulate\":\"tool_timeout\",\"fail_times\":1}}"
+                ),
+                23..=25 => format!("{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"fetch_url\",\"simulate\":\"schema\"}}"),
+                26..=28 => format!("{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"retrieve\",\"simulate\":\"upstream_down\"}}"),
+                29 => format!("{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"plan\",\"simulate\":\"panic\"}}"),
+                _ => format!("{{\"task_id\":{i},\"agent\":\"{agent}\",\"action\":\"summarize\"}}"),
+            };
+            body.into_bytes()
+        })
+        .collect()
+}
+
+/// The simulated agent: does a little "work", then fails the way real agents fail.
+async fn agent(task: Task, msg: Envelope) -> Result<(), HandlerError> {
+    tokio::time::sleep(Duration::from_millis(20 + task.task_id % 80)).await;
+    let attempt = msg.attempt;
+    match task.simulate.as_deref() {
+        Some("rate_limit") if attempt < task.fail_times => Err(HandlerError::retry(
+            "RateLimited",
+            format!(
+                "429 from model provider: rate limit exceeded for {}, retry in {}s (request req_{:x})",
+                task.agent,
+                1 + task.task_id % 20,
+                task.task_id * 7919 + 0x5eed_0000
+            ),
+        )),
+        Some("tool_timeout") if attempt < task.fail_times => Err(HandlerError::retry(
+            "ToolTimeout",
+            format!("tool web_search timed out after {} ms", 30_000 + task.task_id % 7),
+        )),
+        Some("schema") => Err(HandlerError::poison(
+            "SchemaViolation",
+            format!("tool call arguments failed validation: field `url` must be a string, got number {}", task.task_id),
+        )),
+        Some("upstream_down") => Err(HandlerError::retry(
+            "UpstreamUnavailable",
+            format!("vector-db shard {} answered 503 Service Unavailable", task.task_id % 8),
+        )),
+        Some("panic") => panic!("agent state corrupted: plan step {} out of range", task.task_id),
+        _ => Ok(()),
+    }
+}
+
+pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
+    let url = match &cli.store {
+        Some(url) => url.clone(),
+        None => {
+            let dir = tempfile::Builder::new().prefix("redrive-demo-").tempdir().context("creating a scratch directory")?.keep();
+            format!("sqlite://{}", dir.join("demo.db").display())
+        }
+    };
+    outln!("redrive demo: a simulated AI agent on queue {QUEUE}, tiers {TIERS}, store {url}\n");
+    let store = backend::open(&url, true)?;
+    let queue = QueueName::new(QUEUE)?;
+    let policy = RetryPolicy::parse(TIERS)?.with_jitter(0.1)?;
+    let lanes = LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() };
+    store.register_queue(&lanes).await?;
+
+    let batch: Vec<Envelope> = tasks(args.tasks).into_iter().map(|p| Envelope::new(queue.clone(), p)).collect();
+    store.publish(&queue, batch).await.context("publishing the demo tasks")?;
+    outln!("published {} agent tasks; consuming with 8 workers…", args.tasks);
+
+    // The simulated agent panics on purpose; keep the terminal readable.
+    std::panic::set_hook(Box::new(|info| tracing::debug!(%info, "handler panicked")));
+    let config = RunnerConfig {
+        concurrency: 8,
+        timeout: Duration::from_secs(5),
+        lease: Duration::from_secs(10),
+        idle_poll: Duration::from_millis(50),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(store.clone(), queue.clone(), policy.clone(), config).until_idle();
+    let stats = runner.stats();
+    let started = Instant::now();
+    let progress = {
+        let store = store.clone();
+        let lanes = lanes.clone();
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let tty = std::io::stdout().is_terminal();
+            let mut tick = tokio::time::interval(Duration::from_millis(if tty { 250 } else { 1000 }));
+            loop {
+                tick.tick().await;
+                let Ok(d) = store.queue_depths(&lanes).await else { continue };
+                let s = stats.snapshot();
+                let retry = d.retry.iter().map(|(t, n)| format!("{t} {n:>3}")).collect::<Vec<_>>().join(" · ");
+                let line = format!(
+                    "  main {:>4} │ retry {retry} │ dlq {:>3} │ in flight {:>2} │ ok {:>4}",
+                    d.main, d.dlq, d.inflight, s.succeeded
+                );
+                if tty {
+                    print!("\r{line}");
+                } else {
+                    outln!("{line}");
+                }
+                let _ = std::io::stdout().flush();
+            }
+        })
+    };
+    let summary = runner.run(json_handler(agent), super::shutdown_signal()).await?;
+    progress.abort();
+    let s = stats.snapshot();
+    let _ = std::panic::take_hook();
+    outln!(
+        "\n\ndone in {:.1}s: {} deliveries, {} ok, {} retried, {} dead-lettered ({})",
+        started.elapsed().as_secs_f64(),
+        summary.delivered,
+        s.succeeded,
+        s.retried,
+        s.dead,
+        summary.reason
+    );
+
+    let groups = store.groups(&DeadFilter::default()).await?;
+    outln!("\nthe DLQ, grouped by error fingerprint:\n");
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| vec![g.fingerprint.clone(), g.count.to_string(), g.error_class.clone(), one_line(&g.sample_error, 72)])
+        .collect();
+    table(&["FINGERPRINT", "COUNT", "CLASS", "SAMPLE ERROR"], &rows);
+
+    let sample = store.list(&DeadFilter::default(), None, 1).await?;
+    let id = sample.first().map_or_else(|| "ID".to_owned(), |d| d.envelope.id.to_string());
+    let fp = groups.first().map_or("FP", |g| g.fingerprint.as_str());
+    outln!(
+        "\nthe store is kept; look around:\n\
+         \n  redrive --store {url} queues\
+         \n  redrive --store {url} dlq list --group\
+         \n  redrive --store {url} dlq show {id}\
+         \n  redrive --store {url} dlq replay --queue {QUEUE} --fingerprint {fp} --dry-run\
+         \n  redrive --store {url} dlq replay --all\
+         \n  redrive --store {url} consume {QUEUE} --exec 'cat >/dev/null' --until-idle"
+    );
+    if !args.once {
+        outln!("\n(the triage UI arrives with `redrive serve`; for now the demo ends here)");
+    }
+    store.close();
+    Ok(ExitCode::SUCCESS)
+}
