@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS messages (
     payload      BLOB    NOT NULL,
     headers      TEXT    NOT NULL   -- the envelope's wire headers, JSON
 );
-CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, due_ms);
+-- Per lane, so due retries can be served ahead of a main backlog without a sort.
+CREATE INDEX IF NOT EXISTS messages_lane_due ON messages (queue, lane, due_ms);
 
 CREATE TABLE IF NOT EXISTS queues (
     name       TEXT PRIMARY KEY,
@@ -75,10 +76,19 @@ CREATE TABLE IF NOT EXISTS audit (
 /// commit's fate is known.
 type Completion = Box<dyn FnOnce(Result<(), SqliteError>) + Send>;
 /// Called with `None` when the group could not start: the job then only reports.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+type Run = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+
+struct Job {
+    run: Run,
+    /// The job is one statement, atomic by itself: it needs no savepoint.
+    single: bool,
+}
 
 struct Inner {
     path: PathBuf,
+    /// Retry lanes seen per queue, with when they were last looked up (see
+    /// `Sqlite::retry_lanes`).
+    pub(crate) lanes: Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<String>)>>,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     reader: Mutex<Connection>,
 }
@@ -126,7 +136,14 @@ impl Sqlite {
             .name("redrive-sqlite-writer".to_owned())
             .spawn(move || write_loop(&conn, &rx))
             .map_err(|e| SqliteError::Commit(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { inner: Arc::new(Inner { path, writer: Mutex::new(Some(tx)), reader: Mutex::new(reader) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                lanes: Mutex::default(),
+                writer: Mutex::new(Some(tx)),
+                reader: Mutex::new(reader),
+            }),
+        })
     }
 
     /// The database file.
@@ -142,8 +159,26 @@ impl Sqlite {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, SqliteError> + Send + 'static,
     {
+        self.submit(f, false).await
+    }
+
+    /// Like [`Sqlite::write`] for a job that runs exactly one statement, which is atomic
+    /// on its own and so skips the savepoint (the common ack / retry path).
+    pub(crate) async fn write_one<R, F>(&self, f: F) -> Result<R, SqliteError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, SqliteError> + Send + 'static,
+    {
+        self.submit(f, true).await
+    }
+
+    async fn submit<R, F>(&self, f: F, single: bool) -> Result<R, SqliteError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, SqliteError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let run: Run = Box::new(move |conn| {
             let result = match conn {
                 Some(conn) => f(conn),
                 None => Err(SqliteError::Commit("the transaction could not begin".to_owned())),
@@ -154,6 +189,7 @@ impl Sqlite {
             });
             (ok, done)
         });
+        let job = Job { run, single };
         {
             let writer = self.inner.writer.lock().map_err(|_| SqliteError::WriterGone)?;
             writer.as_ref().ok_or(SqliteError::WriterGone)?.send(job).map_err(|_| SqliteError::WriterGone)?;
@@ -174,6 +210,42 @@ impl Sqlite {
         })
         .await
         .map_err(|_| SqliteError::WriterGone)?
+    }
+
+    /// The retry lanes to fetch from: the consumer's tiers, plus any other retry lane
+    /// that holds messages of the queue (left by a consumer with other tiers), looked
+    /// up at most every 30 s so no message is stranded when tiers change.
+    pub(crate) async fn retry_lanes(&self, queue: &str, configured: Vec<String>) -> Result<Vec<String>, SqliteError> {
+        const REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+        let cached = self.inner.lanes.lock().ok().and_then(|c| {
+            c.get(queue).filter(|(at, _)| at.elapsed() < REFRESH).map(|(_, lanes)| lanes.clone())
+        });
+        let found = match cached {
+            Some(found) => found,
+            None => {
+                let q = queue.to_owned();
+                let found: Vec<String> = self
+                    .read(move |conn| {
+                        conn.prepare_cached(
+                            "SELECT DISTINCT lane FROM messages WHERE queue = ?1 AND lane >= 'retry.' AND lane < 'retry/'",
+                        )
+                        .and_then(|mut s| s.query_map([q], |r| r.get(0))?.collect())
+                        .map_err(SqliteError::query("list retry lanes"))
+                    })
+                    .await?;
+                if let Ok(mut cache) = self.inner.lanes.lock() {
+                    cache.insert(queue.to_owned(), (std::time::Instant::now(), found.clone()));
+                }
+                found
+            }
+        };
+        let mut lanes = configured;
+        for lane in found {
+            if !lanes.contains(&lane) {
+                lanes.push(lane);
+            }
+        }
+        Ok(lanes)
     }
 
     /// Stops the writer after the operations already queued; later writes fail.
@@ -201,15 +273,20 @@ fn run_group(conn: &Connection, jobs: Vec<Job>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         tracing::error!(error = %e, "sqlite group commit could not begin");
         for job in jobs {
-            let (_, done) = job(None);
+            let (_, done) = (job.run)(None);
             done(Err(SqliteError::Commit(format!("cannot begin a transaction: {e}"))));
         }
         return;
     }
     let mut completions = Vec::with_capacity(jobs.len());
     for job in jobs {
+        if job.single {
+            let (_, done) = (job.run)(Some(conn));
+            completions.push((done, None));
+            continue;
+        }
         let savepoint = conn.execute_batch("SAVEPOINT job");
-        let (ok, done) = job(Some(conn));
+        let (ok, done) = (job.run)(Some(conn));
         let closed = if savepoint.is_ok() {
             if ok {
                 conn.execute_batch("RELEASE job")

@@ -77,6 +77,39 @@ pub(crate) fn insert_dead(conn: &Connection, env: &Envelope, dead_at_ms: i64) ->
     Ok(changed == 1)
 }
 
+type DueRow = (i64, String, i64, bool, Option<String>, Vec<u8>, String);
+
+fn due_rows(conn: &Connection, queue: &str, lane: &str, now: i64, max: i64) -> Result<Vec<DueRow>, SqliteError> {
+    conn.prepare_cached(
+        "SELECT seq, lane, due_ms, leased, key, payload, headers FROM messages
+         WHERE queue = ?1 AND lane = ?2 AND due_ms <= ?3 ORDER BY due_ms, seq LIMIT ?4",
+    )
+    .and_then(|mut s| {
+        s.query_map(params![queue, lane, now, max], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+        })?
+        .collect()
+    })
+    .map_err(SqliteError::query("fetch"))
+}
+
+/// When the next message of the queue (any lane, leases included) becomes due: one
+/// index seek per lane.
+fn next_due(conn: &Connection, queue: &str, retry_lanes: &[String]) -> Result<Option<i64>, SqliteError> {
+    let mut next: Option<i64> = None;
+    for lane in std::iter::once("main").chain(retry_lanes.iter().map(String::as_str)) {
+        let due: Option<i64> = conn
+            .prepare_cached("SELECT min(due_ms) FROM messages WHERE queue = ?1 AND lane = ?2")
+            .and_then(|mut s| s.query_row(params![queue, lane], |r| r.get(0)))
+            .map_err(SqliteError::query("next due"))?;
+        next = match (next, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(next)
+}
+
 fn settle_check(changed: usize, id: &str) -> Result<(), SqliteError> {
     if changed == 1 { Ok(()) } else { Err(SqliteError::LeaseLost(id.to_owned())) }
 }
@@ -135,23 +168,23 @@ impl Transport for Sqlite {
 
     async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
         let queue = lanes.queue.to_string();
+        let configured = lanes.tiers.iter().map(|t| Lane::Retry(t.name().to_owned()).label()).collect();
+        let retry_lanes = self.retry_lanes(&queue, configured).await?;
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.write(move |conn| {
             let now = now_ms();
-            let mut select = conn
-                .prepare_cached(
-                    "SELECT seq, lane, due_ms, leased, key, payload, headers FROM messages
-                     WHERE queue = ?1 AND due_ms <= ?2 ORDER BY due_ms, seq LIMIT ?3",
-                )
-                .map_err(SqliteError::query("prepare fetch"))?;
-            type Row = (i64, String, i64, bool, Option<String>, Vec<u8>, String);
-            let rows: Vec<Row> = select
-                .query_map(params![queue, now, max], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
-                })
-                .and_then(Iterator::collect)
-                .map_err(SqliteError::query("fetch"))?;
+            // Due retries first: they have already waited their tier, and serving them
+            // behind a main backlog would make every tier late. Main lane next.
+            let mut rows = Vec::new();
+            for lane in &retry_lanes {
+                rows.extend(due_rows(conn, &queue, lane, now, max)?);
+            }
+            rows.sort_by_key(|r| (r.2, r.0));
+            rows.truncate(usize::try_from(max).unwrap_or(usize::MAX));
+            if (rows.len() as i64) < max {
+                rows.extend(due_rows(conn, &queue, "main", now, max - rows.len() as i64)?);
+            }
             let mut lease_stmt = conn
                 .prepare_cached(
                     "UPDATE messages SET due_ms = ?2, leased = 1, lease_id = lease_id + 1 WHERE seq = ?1
@@ -172,10 +205,7 @@ impl Transport for Sqlite {
                     token: Token { seq, lease_id },
                 });
             }
-            let next_due_ms: Option<i64> = conn
-                .prepare_cached("SELECT min(due_ms) FROM messages WHERE queue = ?1")
-                .and_then(|mut s| s.query_row(params![queue], |r| r.get(0)))
-                .map_err(SqliteError::query("next due"))?;
+            let next_due_ms = if (deliveries.len() as i64) < max { next_due(conn, &queue, &retry_lanes)? } else { None };
             Ok(Fetched { deliveries, next_due_ms })
         })
         .await
@@ -185,7 +215,7 @@ impl Transport for Sqlite {
     async fn ack(&self, delivery: &Delivery<Token>) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
         let id = delivery.envelope.id.to_string();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             let changed = conn
                 .prepare_cached("DELETE FROM messages WHERE seq = ?1 AND lease_id = ?2")
                 .and_then(|mut s| s.execute(params![seq, lease_id]))
@@ -207,7 +237,7 @@ impl Transport for Sqlite {
         let id = envelope.id.to_string();
         let lane = Lane::Retry(tier.name().to_owned()).label();
         let headers = headers_json(envelope);
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             let changed = conn
                 .prepare_cached(
                     "UPDATE messages SET lane = ?3, due_ms = ?4, leased = 0, headers = ?5
@@ -240,7 +270,7 @@ impl Transport for Sqlite {
     async fn release(&self, delivery: &Delivery<Token>) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
         let id = delivery.envelope.id.to_string();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             let changed = conn
                 .prepare_cached("UPDATE messages SET leased = 0, due_ms = ?3 WHERE seq = ?1 AND lease_id = ?2")
                 .and_then(|mut s| s.execute(params![seq, lease_id, now_ms()]))
@@ -255,7 +285,7 @@ impl Transport for Sqlite {
         let Token { seq, lease_id } = delivery.token;
         let id = delivery.envelope.id.to_string();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             let changed = conn
                 .prepare_cached("UPDATE messages SET due_ms = ?3 WHERE seq = ?1 AND lease_id = ?2 AND leased = 1")
                 .and_then(|mut s| s.execute(params![seq, lease_id, now_ms().saturating_add(lease_ms)]))

@@ -117,7 +117,7 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
         if n % 1000 == 5 {
             return Err(HandlerError::poison("BenchPoison", "poison by design"));
         }
-        if n % 10 == 0 && msg.attempt == 0 {
+        if n.is_multiple_of(10) && msg.attempt == 0 {
             return Err(HandlerError::retry("BenchTransient", "fails once by design"));
         }
         Ok(())

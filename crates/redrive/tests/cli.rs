@@ -1,0 +1,189 @@
+//! The `redrive` binary end to end, as a user drives it from a shell.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine as _;
+use serde_json::Value;
+
+fn redrive(store: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .arg("--store")
+        .arg(format!("sqlite://{}", store.display()))
+        .args(args)
+        .env("REDRIVE_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run redrive");
+    child.stdin.take().expect("stdin").write_all(stdin).expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn failed(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+}
+
+/// The handler of the issue's scripted session, in plain sh: exit 65 on malformed
+/// input, 75 on the first delivery of every 10th task, always fail every 50th.
+const HANDLER: &str = r#"p=$(cat)
+case "$p" in
+  '{"task":'*'}') n=${p#*:}; n=${n%\}} ;;
+  *) echo "malformed payload: $p" >&2; exit 65 ;;
+esac
+if [ $((n % 50)) -eq 0 ]; then echo "task $n always fails" >&2; exit 1; fi
+if [ $((n % 10)) -eq 0 ] && [ "$REDRIVE_ATTEMPT" = 0 ]; then echo "task $n is busy" >&2; exit 75; fi
+exit 0"#;
+
+#[test]
+fn the_scripted_session_of_the_foundation_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    let mut input = String::new();
+    for n in 1..=200 {
+        input.push_str(&format!("{{\"task\":{n}}}\n"));
+    }
+    for n in 1..=5 {
+        input.push_str(&format!("{{malformed {n}\n"));
+    }
+    assert_eq!(ok(&redrive(&store, &["publish", "agent.tasks"], input.as_bytes())).trim(), "published 205 messages to agent.tasks");
+
+    let consume = ["consume", "agent.tasks", "--exec", HANDLER, "--tiers", "50ms,100ms,150ms", "--until-idle", "--concurrency", "8", "--json"];
+    let summary = &json_lines(&ok(&redrive(&store, &consume, b"")))[0];
+    assert_eq!(summary["stopped_by"], "idle");
+    assert_eq!(summary["dead_lettered"], 9);
+
+    let queues = json_lines(&ok(&redrive(&store, &["queues", "--json"], b"")));
+    assert_eq!(queues.len(), 1);
+    let q = &queues[0];
+    assert_eq!((q["queue"].as_str(), q["main"].as_u64(), q["dlq"].as_u64(), q["inflight"].as_u64()), (Some("agent.tasks"), Some(0), Some(9), Some(0)));
+    assert_eq!(q["retry"], serde_json::json!({"50ms": 0, "100ms": 0, "150ms": 0}));
+
+    let dead = json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b"")));
+    assert_eq!(dead.len(), 9);
+    let malformed: Vec<&Value> = dead.iter().filter(|d| d["payload"].as_str().unwrap().starts_with("{malformed")).collect();
+    assert_eq!(malformed.len(), 5);
+    assert!(malformed.iter().all(|d| d["attempts"] == 1 && d["error_class"] == "exit_65"));
+    let mut exhausted: Vec<&Value> = dead.iter().filter(|d| d["attempts"] == 4).collect();
+    exhausted.sort_by_key(|d| d["payload"].as_str().unwrap().len() * 1000 + d["payload"].as_str().unwrap().chars().filter(char::is_ascii_digit).collect::<String>().parse::<usize>().unwrap());
+    let payloads: Vec<&str> = exhausted.iter().map(|d| d["payload"].as_str().unwrap()).collect();
+    assert_eq!(payloads, [r#"{"task":50}"#, r#"{"task":100}"#, r#"{"task":150}"#, r#"{"task":200}"#]);
+    let fingerprint = &exhausted[0]["fingerprint"];
+    assert!(exhausted.iter().all(|d| &d["fingerprint"] == fingerprint), "one fingerprint for the always-failing tasks");
+    for d in &exhausted {
+        assert_eq!(d["history"].as_array().unwrap().len(), 4);
+        for field in ["id", "queue", "error", "first_failed_at", "last_failed_at", "payload_encoding"] {
+            assert!(!d[field].is_null(), "{field} missing");
+        }
+    }
+
+    let groups = json_lines(&ok(&redrive(&store, &["dlq", "list", "--group", "--json"], b"")));
+    let mut counts: Vec<u64> = groups.iter().map(|g| g["count"].as_u64().unwrap()).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [4, 5]);
+    for field in ["fingerprint", "count", "first_seen", "last_seen", "sample_error"] {
+        assert!(!groups[0][field].is_null(), "{field} missing");
+    }
+
+    let replayed = &json_lines(&ok(&redrive(&store, &["dlq", "replay", "--all", "--json"], b"")))[0];
+    assert_eq!(replayed["replayed"], 9);
+    let ids_before: Vec<&str> = dead.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    let seen_ids = dir.path().join("ids");
+    let record = format!("cat >/dev/null; echo $REDRIVE_ID >> {}", seen_ids.display());
+    ok(&redrive(&store, &["consume", "agent.tasks", "--exec", &record, "--until-idle"], b""));
+    let seen = std::fs::read_to_string(&seen_ids).unwrap();
+    let mut seen: Vec<&str> = seen.lines().collect();
+    let mut before = ids_before.clone();
+    seen.sort_unstable();
+    before.sort_unstable();
+    assert_eq!(seen, before, "replayed messages keep their ids");
+    let q = &json_lines(&ok(&redrive(&store, &["queues", "--json"], b"")))[0];
+    assert_eq!((q["main"].as_u64(), q["dlq"].as_u64()), (Some(0), Some(0)));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+
+    let err = failed(&redrive(&store, &["publish", "agent tasks"], b"x\n"));
+    assert!(err.contains("invalid queue name \"agent tasks\""), "{err}");
+
+    let err = failed(&redrive(&store, &["consume", "q", "--exec", "true", "--tiers", "5s,fast"], b""));
+    assert!(err.contains("invalid --tiers") && err.contains("tier 2") && err.contains("fast"), "{err}");
+
+    let err = failed(&redrive(&store, &["publish", "q", "--max-payload", "16B"], b"short\nthis line is far too long\n"));
+    assert!(err.contains("line 2") && err.contains("nothing was published"), "{err}");
+    assert!(!store.exists() || ok(&redrive(&store, &["queues", "--json"], b"")).trim().is_empty(), "nothing was published");
+
+    let err = failed(&redrive(&dir.path().join("missing/dir/s.db"), &["publish", "q"], b"x\n"));
+    assert!(err.contains("directory") && err.contains("does not exist"), "{err}");
+
+    let err = failed(&redrive(Path::new("/proc/redrive-test.db"), &["publish", "q"], b"x\n"));
+    assert!(err.contains("/proc/redrive-test.db"), "{err}");
+
+    let err = failed(&redrive(&dir.path().join("typo.db"), &["dlq", "list"], b""));
+    assert!(err.contains("no store at"), "{err}");
+
+    let out = redrive(&store, &["consume", "q", "--exec", "true", "--no-such-flag"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+
+    let out = redrive(&store, &["consume", "q"], b"");
+    assert_eq!(out.status.code(), Some(2), "a handler is required");
+
+    ok(&redrive(&store, &["publish", "q"], b"seed\n"));
+    let err = failed(&redrive(&store, &["dlq", "show", "not-a-uuid"], b""));
+    assert!(err.contains("invalid message id"), "{err}");
+    let err = failed(&redrive(&store, &["dlq", "show", "01a21ed2-7110-754d-80d2-085619addb45"], b""));
+    assert!(err.contains("no dead message with id"), "{err}");
+    let err = failed(&redrive(&store, &["dlq", "replay"], b""));
+    assert!(err.contains("say which dead messages"), "{err}");
+    let err = failed(&redrive(&store, &["publish", "q", "--header", "redrive-attempt=9"], b"x\n"));
+    assert!(err.contains("reserved"), "{err}");
+}
+
+#[test]
+fn non_utf8_payloads_are_carried_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    let payload: &[u8] = b"\xff\xfe binary \x00 \x80";
+    let mut input = payload.to_vec();
+    input.push(b'\n');
+    ok(&redrive(&store, &["publish", "bin", "--key", "k1", "--header", "tenant=acme"], &input));
+    let check = "cat > /dev/null; [ \"$REDRIVE_KEY\" = k1 ] && [ \"$REDRIVE_HEADER_TENANT\" = acme ] && exit 65; exit 3";
+    ok(&redrive(&store, &["consume", "bin", "--exec", check, "--until-idle"], b""));
+    let exported = json_lines(&ok(&redrive(&store, &["dlq", "export"], b"")));
+    assert_eq!(exported.len(), 1);
+    let d = &exported[0];
+    assert_eq!((d["payload_encoding"].as_str(), d["error_class"].as_str(), d["key"].as_str()), (Some("base64"), Some("exit_65"), Some("k1")));
+    let bytes = base64::engine::general_purpose::STANDARD.decode(d["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(bytes, payload);
+    assert_eq!(d["headers"]["tenant"], "acme");
+}
+
+#[test]
+fn purge_asks_first_and_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    ok(&redrive(&store, &["publish", "q"], b"a\nb\n"));
+    ok(&redrive(&store, &["consume", "q", "--exec", "exit 65", "--until-idle"], b""));
+    let err = failed(&redrive(&store, &["dlq", "purge", "--queue", "q"], b""));
+    assert!(err.contains("refusing to purge 2 dead messages") && err.contains("--yes"), "{err}");
+    assert_eq!(json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b""))).len(), 2);
+    let out = json_lines(&ok(&redrive(&store, &["dlq", "purge", "--queue", "q", "--yes", "--json"], b"")));
+    assert_eq!(out[0]["purged"], 2);
+    assert!(ok(&redrive(&store, &["dlq", "list", "--json"], b"")).trim().is_empty());
+}
