@@ -90,6 +90,8 @@ struct Inner {
     /// `Sqlite::retry_lanes`).
     pub(crate) lanes: Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<String>)>>,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Group commits made so far (for `bench`: commits per message).
+    commits: Arc<std::sync::atomic::AtomicU64>,
     reader: Mutex<Connection>,
 }
 
@@ -132,14 +134,17 @@ impl Sqlite {
         conn.execute_batch(SCHEMA).map_err(|source| SqliteError::Open { path: path.clone(), source })?;
         let reader = connect(&path, config.durability)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&commits);
         thread::Builder::new()
             .name("redrive-sqlite-writer".to_owned())
-            .spawn(move || write_loop(&conn, &rx))
+            .spawn(move || write_loop(&conn, &rx, &counter))
             .map_err(|e| SqliteError::Commit(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
                 lanes: Mutex::default(),
+                commits,
                 writer: Mutex::new(Some(tx)),
                 reader: Mutex::new(reader),
             }),
@@ -248,6 +253,12 @@ impl Sqlite {
         Ok(lanes)
     }
 
+    /// How many group commits this handle's writer has made.
+    #[must_use]
+    pub fn commit_count(&self) -> u64 {
+        self.inner.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stops the writer after the operations already queued; later writes fail.
     pub fn close(&self) {
         if let Ok(mut writer) = self.inner.writer.lock() {
@@ -256,7 +267,7 @@ impl Sqlite {
     }
 }
 
-fn write_loop(conn: &Connection, rx: &mpsc::Receiver<Job>) {
+fn write_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, commits: &std::sync::atomic::AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -266,6 +277,7 @@ fn write_loop(conn: &Connection, rx: &mpsc::Receiver<Job>) {
             }
         }
         run_group(conn, jobs);
+        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -27,6 +27,7 @@ struct BenchJson {
     publish_msgs_per_sec: f64,
     consume_msgs_per_sec: f64,
     end_to_end_msgs_per_sec: f64,
+    consume_commits_per_msg: f64,
     retried: u64,
     dead_lettered: u64,
     succeeded: u64,
@@ -122,8 +123,10 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
         }
         Ok(())
     });
+    let commits_before = store.commit_count();
     let started = Instant::now();
     runner.run(handler, std::future::pending()).await?;
+    let consume_commits = store.commit_count() - commits_before;
     let consume_secs = started.elapsed().as_secs_f64();
     let s = stats.snapshot();
     let mut lateness = stats.lateness_samples();
@@ -138,6 +141,7 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
         publish_msgs_per_sec: args.messages as f64 / publish_secs,
         consume_msgs_per_sec: args.messages as f64 / consume_secs,
         end_to_end_msgs_per_sec: args.messages as f64 / (publish_secs + consume_secs),
+        consume_commits_per_msg: consume_commits as f64 / args.messages as f64,
         retried: s.retried,
         dead_lettered: s.dead,
         succeeded: s.succeeded,
@@ -155,6 +159,7 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
         outln!("  publish msgs/s                        {:>10.0}", result.publish_msgs_per_sec);
         outln!("  consume msgs/s                        {:>10.0}", result.consume_msgs_per_sec);
         outln!("  end to end msgs/s (publish+consume)   {:>10.0}", result.end_to_end_msgs_per_sec);
+        outln!("  fsynced commits per message (consume) {:>10.3}", result.consume_commits_per_msg);
         outln!("  outcomes: {} ok, {} retried, {} dead", result.succeeded, result.retried, result.dead_lettered);
         outln!(
             "  retry lateness ms: p50 {} p99 {} max {} ({} samples)",
