@@ -4,7 +4,7 @@
 //! A backend joins by implementing [`Harness`] in a test file and invoking
 //! [`conformance!`], which expands to one `#[tokio::test]` per scenario:
 //!
-//! ```ignore
+//! ```text
 //! redrive_conformance::conformance!(MyHarness::new());
 //! ```
 //!

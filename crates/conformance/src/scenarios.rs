@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use redrive_core::{
     DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, FailureKind, HandlerError, LaneSet, LaneStats,
-    QueueName, RetryPolicy, Transport, now_ms, replay,
+    QueueName, ReplayOptions, RetryPolicy, Transport, Unpaced, now_ms, replay,
 };
 use redrive_runner::{Handler, Runner, RunnerConfig, handler_fn};
 
@@ -17,6 +17,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(60);
 
 fn queue() -> QueueName {
     QueueName::new("conformance.tasks").expect("valid queue name")
+}
+
+fn opts(max_replays: u32) -> ReplayOptions<'static> {
+    ReplayOptions { max_replays, actor: "conformance", ..ReplayOptions::default() }
 }
 
 fn config() -> RunnerConfig {
@@ -344,7 +348,7 @@ pub async fn replay_keeps_the_id_and_history<H: Harness>(h: &H) {
     }))
     .await;
     assert_eq!(dead(&b.store).await.len(), 1);
-    let report = replay(&b.transport, &b.store, &DeadSelection::Filter(DeadFilter::default()), None, 5, false, "test")
+    let report = replay(&b.transport, &b.store, &DeadSelection::Filter(DeadFilter::default()), &opts(5), &Unpaced)
         .await
         .expect("replay");
     assert_eq!((report.matched, report.replayed), (1, 1));
@@ -364,18 +368,18 @@ pub async fn replay_keeps_the_id_and_history<H: Harness>(h: &H) {
 
     // Failing again after a replay returns it to the DLQ with its whole history; the
     // replay limit then keeps it there instead of looping.
-    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![env.id]), None, 5, false, "test").await.expect("replay");
+    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![env.id]), &opts(5), &Unpaced).await.expect("replay");
     assert_eq!(report.matched, 0, "a handled message is no longer dead");
     let again = publish(&b.transport, &[b"still broken"]).await;
     let poison = || handler_fn(|_env: Envelope| async { Err(HandlerError::poison("Invalid", "bad input")) });
     drain(&b.transport, &policy, config(), poison()).await;
-    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![again[0].id]), None, 1, false, "test").await.expect("replay");
+    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![again[0].id]), &opts(1), &Unpaced).await.expect("replay");
     assert_eq!(report.replayed, 1);
     drain(&b.transport, &policy, config(), poison()).await;
     let back = dead(&b.store).await;
     assert_eq!(back.len(), 1);
     assert_eq!((back[0].envelope.id, back[0].envelope.replays, back[0].envelope.history.len()), (again[0].id, 1, 2));
-    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![again[0].id]), None, 1, false, "test").await.expect("replay");
+    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![again[0].id]), &opts(1), &Unpaced).await.expect("replay");
     assert_eq!((report.replayed, report.over_limit.as_slice()), (0, [again[0].id].as_slice()));
     assert_eq!(dead(&b.store).await.len(), 1, "over the replay limit it stays dead");
 }
@@ -397,7 +401,7 @@ pub async fn payloads_are_carried_byte_exact<H: Harness>(h: &H) {
         let d = dead.iter().find(|d| d.envelope.id == s.id).expect("dead copy");
         assert_eq!(d.envelope.payload, s.payload, "payload of {} bytes changed", s.payload.len());
     }
-    replay(&b.transport, &b.store, &DeadSelection::Filter(DeadFilter::default()), None, 5, false, "test").await.expect("replay");
+    replay(&b.transport, &b.store, &DeadSelection::Filter(DeadFilter::default()), &opts(5), &Unpaced).await.expect("replay");
     let seen = Seen::default();
     let rec = seen.clone();
     drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {

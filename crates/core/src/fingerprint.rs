@@ -8,38 +8,50 @@ use std::sync::LazyLock;
 use regex::{Captures, Regex};
 use sha2::{Digest, Sha256};
 
-/// Tokens that vary between occurrences of the same error. Order matters: UUIDs before
-/// hex runs before plain numbers, so a UUID is not read as five hex runs.
-static VARIABLE: LazyLock<Regex> = LazyLock::new(|| {
+/// UUIDs and `0x` literals first, then every alphanumeric token. Underscores and other
+/// punctuation separate tokens, so prefixed ids (`req_9f8e7d6c`, `task-42`) normalize too.
+static TOKENS: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?x)
-        (?P<uuid>\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b)
-        | (?P<hex>\b0[xX][0-9a-fA-F]+\b | \b[0-9a-fA-F]{8,}\b)
-        | (?P<num>\d+(?:\.\d+)?)
+        (?P<uuid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})
+        | (?P<hex0x>0[xX][0-9a-fA-F]+)
+        | (?P<token>[0-9A-Za-z]+)
         ",
     )
     .unwrap_or_else(|e| unreachable!("the fingerprint pattern is a valid regex: {e}"))
 });
 
+static DIGITS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[0-9]+").unwrap_or_else(|e| unreachable!("valid regex: {e}")));
+
 static SPACES: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\s+").unwrap_or_else(|e| unreachable!("valid regex: {e}")));
 
 /// Replaces the variable parts of an error message with placeholders and folds
-/// whitespace: `task 42 timed out after 3.5s (req 9f8e7d6c5b4a)` becomes
-/// `task <n> timed out after <n>s (req <hex>)`.
+/// whitespace: `task 42 timed out after 3.5s (req_9f8e7d6c5b4a)` becomes
+/// `task <n> timed out after <n>.<n>s (req_<hex>)`.
+///
+/// A token of 8 or more hex digits with at least one digit is an id (`<hex>`); a run of
+/// letters a-f alone is usually a word ("accepted", "deadbeef") and is kept. Other
+/// digit runs become `<n>`, also inside words (`v2`, `task42`).
 #[must_use]
 pub fn normalize_message(message: &str) -> String {
-    let replaced = VARIABLE.replace_all(message, |caps: &Captures<'_>| {
+    let replaced = TOKENS.replace_all(message, |caps: &Captures<'_>| {
         if caps.name("uuid").is_some() {
-            "<uuid>"
-        } else if let Some(hex) = caps.name("hex") {
-            // A run of letters a-f alone ("deadbeefcafe" aside) is usually a word, such
-            // as "accepted"; only runs with a digit in them are ids.
-            if hex.as_str().bytes().any(|b| b.is_ascii_digit()) { "<hex>" } else { hex.as_str() }
-        } else {
-            "<n>"
+            return "<uuid>".to_owned();
         }
-        .to_owned()
+        if caps.name("hex0x").is_some() {
+            return "<hex>".to_owned();
+        }
+        let token = caps.name("token").map_or("", |m| m.as_str());
+        let has_digit = token.bytes().any(|b| b.is_ascii_digit());
+        if token.len() >= 8 && has_digit && token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            "<hex>".to_owned()
+        } else if has_digit {
+            DIGITS.replace_all(token, "<n>").into_owned()
+        } else {
+            token.to_owned()
+        }
     });
     SPACES.replace_all(replaced.trim(), " ").into_owned()
 }
@@ -87,7 +99,10 @@ mod tests {
     fn normalizes_variable_tokens() {
         let table = [
             ("task 42 failed", "task <n> failed"),
-            ("timed out after 3.5s", "timed out after <n>s"),
+            ("timed out after 3.5s", "timed out after <n>.<n>s"),
+            ("request req_9f8e7d6c5b4a failed", "request req_<hex> failed"),
+            ("KeyError: 'task_123'", "KeyError: 'task_<n>'"),
+            ("model gpt4o-v2 down", "model gpt<n>o-v<n> down"),
             ("id 0194f7a2-7c1e-7b3a-9d2e-3f4a5b6c7d8e gone", "id <uuid> gone"),
             ("at 0x7ffd5e8c1a2b", "at <hex>"),
             ("req 9f8e7d6c5b4a missing", "req <hex> missing"),

@@ -82,6 +82,38 @@ pub struct DeadGroup {
     pub queues: Vec<String>,
 }
 
+/// Dead-letter counts of one queue and error class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadStats {
+    /// The queue.
+    pub queue: String,
+    /// The error class.
+    pub error_class: String,
+    /// Dead now.
+    pub dead: u64,
+    /// Dead-lettered since the store began (replayed ones included; purged ones not).
+    pub total: u64,
+    /// When the oldest message still dead reached the DLQ (unix ms).
+    pub oldest_dead_at_ms: Option<i64>,
+}
+
+/// One entry of the audit log: every replay, edit and purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// When (unix ms).
+    pub at_ms: i64,
+    /// Who.
+    pub actor: String,
+    /// What: `replay`, `purge`.
+    pub action: String,
+    /// On what.
+    pub detail: String,
+    /// How many messages.
+    pub count: u64,
+    /// Why.
+    pub reason: String,
+}
+
 /// Position after which a listing continues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
@@ -113,12 +145,20 @@ pub trait DeadLetterStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
 
-    /// Dead messages matching `filter`, grouped by fingerprint, largest group first.
+    /// Dead messages matching `filter`, grouped by fingerprint, largest group first, at
+    /// most `limit` groups.
     ///
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn groups(&self, filter: &DeadFilter) -> impl Future<Output = Result<Vec<DeadGroup>, StoreError>> + Send;
+    fn groups(&self, filter: &DeadFilter, limit: usize) -> impl Future<Output = Result<Vec<DeadGroup>, StoreError>> + Send;
+
+    /// How many dead messages match `filter`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn count(&self, filter: &DeadFilter) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// One dead message.
     ///
@@ -151,6 +191,20 @@ pub trait DeadLetterStore: Send + Sync + 'static {
         actor: &str,
         reason: &str,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Counts per queue and error class, for metrics and alerts.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn stats(&self) -> impl Future<Output = Result<Vec<DeadStats>, StoreError>> + Send;
+
+    /// The audit log, newest first, at most `limit` entries.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn audit_log(&self, limit: usize) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 
     /// How many messages are dead, in one queue or all.
     ///

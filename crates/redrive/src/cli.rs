@@ -51,6 +51,8 @@ pub enum Command {
     /// Inspect, replay, purge and export dead messages.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Serve the triage web UI, the JSON API (/api/v1) and Prometheus /metrics.
+    Serve(ServeArgs),
     /// Run the whole thing on a scratch store with a simulated, flaky AI agent.
     Demo(DemoArgs),
     /// Measure end-to-end throughput, retry lateness and memory on this machine.
@@ -121,9 +123,30 @@ pub struct ConsumeArgs {
     /// How often an idle consumer looks for new messages.
     #[arg(long, default_value = "100ms", value_name = "DUR")]
     pub poll: String,
+    /// Expose this worker's Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_bind: Option<std::net::SocketAddr>,
     /// Print the final summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Anything but loopback needs an access token.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub bind: std::net::SocketAddr,
+    /// File of access tokens, one per line: `operator TOKEN [NAME]` or
+    /// `viewer TOKEN [NAME]`. Tokens also come from REDRIVE_TOKEN (operator) and
+    /// REDRIVE_VIEWER_TOKEN (read-only).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// How often to sample DLQ depth for the overview chart.
+    #[arg(long, default_value = "10s", value_name = "DUR")]
+    pub sample_every: String,
+    /// Messages already replayed this many times stay dead.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub max_replays: u32,
 }
 
 #[derive(Debug, Args)]
@@ -172,7 +195,7 @@ pub struct ListArgs {
     pub group: bool,
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Most messages to list.
+    /// Most messages (or groups) to list.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub limit: usize,
     /// One JSON object per line.
@@ -251,9 +274,12 @@ pub struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Exit when the scenario ends.
+    /// Exit when the scenario ends instead of serving the UI until interrupted.
     #[arg(long)]
     pub once: bool,
+    /// Where the demo's UI listens (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub bind: std::net::SocketAddr,
     /// How many agent tasks to publish.
     #[arg(long, default_value_t = 300, value_name = "N")]
     pub tasks: usize,
@@ -261,6 +287,13 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// What to measure: `consume` (end-to-end throughput, retry lateness, memory) or
+    /// `triage` (response times of the UI and API over a large DLQ).
+    #[arg(long, default_value = "consume", value_name = "SCENARIO")]
+    pub scenario: String,
+    /// For `triage`: how many dead messages to load.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub dead: usize,
     /// Messages to publish and consume.
     #[arg(long, short = 'n', default_value_t = 50_000, value_name = "N")]
     pub messages: usize,

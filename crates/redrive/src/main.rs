@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Replay(args)) => cmd::dlq::replay(&cli, args).await,
             Command::Dlq(DlqCommand::Purge(args)) => cmd::dlq::purge(&cli, args).await,
             Command::Dlq(DlqCommand::Export(args)) => cmd::dlq::export(&cli, args).await,
+            Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
             Command::Bench(args) => cmd::bench::run(args).await,
         }
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Consume(_) => "info",
+        Command::Consume(_) | Command::Serve(_) => "info",
         _ => "warn",
     };
     let filter = cli.log.clone().unwrap_or_else(|| default.to_owned());

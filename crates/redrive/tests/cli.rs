@@ -1,5 +1,7 @@
 //! The `redrive` binary end to end, as a user drives it from a shell.
 
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

@@ -1,5 +1,7 @@
 //! The conformance suite on the embedded SQLite backend.
 
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
+
 use redrive_conformance::{Backend, Cli, Harness};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 

@@ -25,9 +25,11 @@
 //! ```
 
 mod handler;
+mod observer;
 mod runner;
 mod stats;
 
 pub use handler::{Handler, handler_fn, json_handler};
+pub use observer::{Observer, Settled};
 pub use runner::{RunError, Runner, RunnerConfig, Summary};
 pub use stats::{Stats, StatsSnapshot};

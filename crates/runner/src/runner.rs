@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::handler::Handler;
+use crate::observer::{Observer, Settled};
 use crate::stats::Stats;
 
 /// How a runner behaves.
@@ -88,6 +89,7 @@ pub struct Runner<T: Transport> {
     policy: RetryPolicy,
     config: RunnerConfig,
     stats: Arc<Stats>,
+    observers: Vec<Arc<dyn Observer>>,
     idle_probe: Option<IdleProbe>,
 }
 
@@ -95,7 +97,16 @@ impl<T: Transport> Runner<T> {
     /// A runner for `queue`'s main lane and the policy's retry tiers.
     pub fn new(transport: impl Into<Arc<T>>, queue: QueueName, policy: RetryPolicy, config: RunnerConfig) -> Self {
         let lanes = LaneSet { queue, tiers: policy.tiers().to_vec() };
-        Self { transport: transport.into(), lanes, policy, config, stats: Arc::default(), idle_probe: None }
+        let stats: Arc<Stats> = Arc::default();
+        let observers: Vec<Arc<dyn Observer>> = vec![Arc::clone(&stats) as Arc<dyn Observer>];
+        Self { transport: transport.into(), lanes, policy, config, stats, observers, idle_probe: None }
+    }
+
+    /// Adds an observer (a metrics exporter, a progress display).
+    #[must_use]
+    pub fn observe(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observers.push(observer);
+        self
     }
 
     /// The live counters of this runner.
@@ -129,6 +140,7 @@ impl<T: Transport> Runner<T> {
         let wake = Arc::new(Notify::new());
         let (abort_tx, abort_rx) = watch::channel(false);
         let released = Arc::new(AtomicU64::new(0));
+        let observers: Arc<[Arc<dyn Observer>]> = self.observers.clone().into();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut delivered: u64 = 0;
         let mut fetch_errors: u32 = 0;
@@ -204,7 +216,8 @@ impl<T: Transport> Runner<T> {
                     handler: Arc::clone(&handler),
                     policy: self.policy.clone(),
                     config: self.config.clone(),
-                    stats: Arc::clone(&self.stats),
+                    observers: Arc::clone(&observers),
+                    queue: self.lanes.queue.clone(),
                     wake: Arc::clone(&wake),
                     abort: abort_rx.clone(),
                     released: Arc::clone(&released),
@@ -244,7 +257,8 @@ struct Job<T: Transport, H> {
     handler: Arc<H>,
     policy: RetryPolicy,
     config: RunnerConfig,
-    stats: Arc<Stats>,
+    observers: Arc<[Arc<dyn Observer>]>,
+    queue: QueueName,
     wake: Arc<Notify>,
     abort: watch::Receiver<bool>,
     released: Arc<AtomicU64>,
@@ -252,14 +266,18 @@ struct Job<T: Transport, H> {
 
 impl<T: Transport, H: Handler> Job<T, H> {
     async fn run(mut self, delivery: Delivery<T::Token>, _slot: OwnedSemaphorePermit) {
-        self.stats.delivered();
-        if matches!(delivery.lane, redrive_core::Lane::Retry(_)) {
-            self.stats.lateness(now_ms() - delivery.due_ms);
+        let lateness = matches!(delivery.lane, redrive_core::Lane::Retry(_)).then(|| now_ms() - delivery.due_ms);
+        for o in self.observers.iter() {
+            o.delivered(&self.queue, &delivery.lane, lateness);
         }
+        let mut handler_secs = None;
         let outcome = if delivery.unfinished_before {
             Outcome::lease_expired(now_ms())
         } else {
-            match self.handle(&delivery).await {
+            let started = Instant::now();
+            let outcome = self.handle(&delivery).await;
+            handler_secs = Some(started.elapsed().as_secs_f64());
+            match outcome {
                 Some(outcome) => outcome,
                 None => {
                     // Shutdown's grace period ran out: give the message back unsettled.
@@ -271,7 +289,7 @@ impl<T: Transport, H: Handler> Job<T, H> {
                 }
             }
         };
-        self.settle(delivery, outcome).await;
+        self.settle(delivery, outcome, handler_secs).await;
         self.wake.notify_one();
     }
 
@@ -314,7 +332,13 @@ impl<T: Transport, H: Handler> Job<T, H> {
         }
     }
 
-    async fn settle(&self, delivery: Delivery<T::Token>, outcome: Outcome) {
+    fn report(&self, lane: &redrive_core::Lane, settled: Settled<'_>, handler_secs: Option<f64>) {
+        for o in self.observers.iter() {
+            o.settled(&self.queue, lane, settled, handler_secs);
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery<T::Token>, outcome: Outcome, handler_secs: Option<f64>) {
         let id = delivery.envelope.id;
         let lane = delivery.lane.label();
         let mut attempt = 0u32;
@@ -337,12 +361,14 @@ impl<T: Transport, H: Handler> Job<T, H> {
             };
             match result {
                 Ok(None) => {
-                    self.stats.succeeded();
+                    self.report(&delivery.lane, Settled::Ok, handler_secs);
                     tracing::debug!(%id, lane, "ok");
                     return;
                 }
                 Ok(Some((failure, dead, env))) => {
-                    self.stats.failed(&failure.class, dead, failure.kind);
+                    let (class, kind) = (failure.class.as_str(), failure.kind);
+                    let settled = if dead { Settled::Dead { class, kind } } else { Settled::Retried { class, kind } };
+                    self.report(&delivery.lane, settled, handler_secs);
                     if dead {
                         tracing::info!(%id, queue = %env.queue, attempts = env.attempt, class = %failure.class, fingerprint = %failure.fingerprint, "dead-lettered");
                     } else {
@@ -352,7 +378,7 @@ impl<T: Transport, H: Handler> Job<T, H> {
                 }
                 Err(TransportError::LeaseLost { .. }) => {
                     tracing::warn!(%id, "lease lost before settling: another delivery of this message owns it now");
-                    self.stats.settle_error();
+                    self.report(&delivery.lane, Settled::Unsettled, handler_secs);
                     return;
                 }
                 Err(e) if attempt < 3 => {
@@ -362,7 +388,7 @@ impl<T: Transport, H: Handler> Job<T, H> {
                 }
                 Err(e) => {
                     tracing::error!(%id, error = %e, "settle failed; the lease will expire and the message will be delivered again");
-                    self.stats.settle_error();
+                    self.report(&delivery.lane, Settled::Unsettled, handler_secs);
                     return;
                 }
             }

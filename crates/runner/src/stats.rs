@@ -41,14 +41,38 @@ pub struct StatsSnapshot {
     pub by_class: Vec<(String, u64, u64)>,
 }
 
+impl crate::Observer for Stats {
+    fn delivered(&self, _queue: &redrive_core::QueueName, _lane: &redrive_core::Lane, lateness_ms: Option<i64>) {
+        self.delivered();
+        if let Some(ms) = lateness_ms {
+            self.lateness(ms);
+        }
+    }
+
+    fn settled(
+        &self,
+        _queue: &redrive_core::QueueName,
+        _lane: &redrive_core::Lane,
+        settled: crate::Settled<'_>,
+        _handler_secs: Option<f64>,
+    ) {
+        match settled {
+            crate::Settled::Ok => self.succeeded(),
+            crate::Settled::Retried { class, kind } => self.failed(class, false, kind),
+            crate::Settled::Dead { class, kind } => self.failed(class, true, kind),
+            crate::Settled::Unsettled => self.settle_error(),
+        }
+    }
+}
+
 impl Stats {
-    pub(crate) fn delivered(&self) {
+    fn delivered(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn succeeded(&self) {
+    fn succeeded(&self) {
         self.succeeded.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn failed(&self, class: &str, dead: bool, kind: redrive_core::FailureKind) {
+    fn failed(&self, class: &str, dead: bool, kind: redrive_core::FailureKind) {
         use redrive_core::FailureKind as K;
         match kind {
             K::Timeout => self.timeouts.fetch_add(1, Ordering::Relaxed),
@@ -70,10 +94,10 @@ impl Stats {
             if dead { entry.2 += 1 } else { entry.1 += 1 }
         }
     }
-    pub(crate) fn settle_error(&self) {
+    fn settle_error(&self) {
         self.settle_errors.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn lateness(&self, ms: i64) {
+    fn lateness(&self, ms: i64) {
         if let Ok(mut l) = self.lateness_ms.lock() {
             l.push(u32::try_from(ms.max(0)).unwrap_or(u32::MAX));
         }

@@ -61,6 +61,48 @@ CREATE INDEX IF NOT EXISTS dead_by_time  ON dead_letters (replayed, dead_at_ms, 
 CREATE INDEX IF NOT EXISTS dead_by_queue ON dead_letters (replayed, queue, dead_at_ms, id);
 CREATE INDEX IF NOT EXISTS dead_by_fp    ON dead_letters (replayed, fingerprint, last_failed_ms);
 
+-- Error groups kept current by triggers, so grouping a large DLQ reads a few hundred
+-- rows instead of every dead message. Counts are exact; first/last seen only grow, as
+-- in an error tracker.
+CREATE TABLE IF NOT EXISTS dead_groups (
+    fingerprint   TEXT    NOT NULL,
+    queue         TEXT    NOT NULL,
+    error_class   TEXT    NOT NULL,
+    dead          INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    sample_error  TEXT    NOT NULL,
+    PRIMARY KEY (fingerprint, queue)
+) WITHOUT ROWID;
+
+CREATE TRIGGER IF NOT EXISTS dead_groups_on_insert AFTER INSERT ON dead_letters WHEN NEW.replayed = 0
+BEGIN
+    INSERT INTO dead_groups VALUES (NEW.fingerprint, NEW.queue, NEW.error_class, 1,
+        coalesce(NEW.first_failed_ms, NEW.dead_at_ms), coalesce(NEW.last_failed_ms, NEW.dead_at_ms), NEW.error)
+    ON CONFLICT (fingerprint, queue) DO UPDATE SET
+        dead = dead + 1, error_class = excluded.error_class, sample_error = excluded.sample_error,
+        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), last_seen_ms = max(last_seen_ms, excluded.last_seen_ms);
+END;
+
+CREATE TRIGGER IF NOT EXISTS dead_groups_on_delete AFTER DELETE ON dead_letters WHEN OLD.replayed = 0
+BEGIN
+    UPDATE dead_groups SET dead = dead - 1 WHERE fingerprint = OLD.fingerprint AND queue = OLD.queue;
+END;
+
+CREATE TRIGGER IF NOT EXISTS dead_groups_on_update AFTER UPDATE ON dead_letters
+BEGIN
+    UPDATE dead_groups SET dead = dead - 1
+        WHERE OLD.replayed = 0 AND fingerprint = OLD.fingerprint AND queue = OLD.queue;
+    INSERT INTO dead_groups SELECT NEW.fingerprint, NEW.queue, NEW.error_class, 1,
+        coalesce(NEW.first_failed_ms, NEW.dead_at_ms), coalesce(NEW.last_failed_ms, NEW.dead_at_ms), NEW.error
+        WHERE NEW.replayed = 0
+    ON CONFLICT (fingerprint, queue) DO UPDATE SET
+        dead = dead + 1, error_class = excluded.error_class, sample_error = excluded.sample_error,
+        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), last_seen_ms = max(last_seen_ms, excluded.last_seen_ms);
+END;
+
+CREATE INDEX IF NOT EXISTS dead_groups_by_count ON dead_groups (dead);
+
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY,
     at_ms  INTEGER NOT NULL,

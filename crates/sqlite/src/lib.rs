@@ -15,5 +15,4 @@ mod transport;
 pub use config::{Durability, SqliteConfig};
 pub use db::Sqlite;
 pub use error::SqliteError;
-pub use store::AuditEntry;
 pub use transport::Token;

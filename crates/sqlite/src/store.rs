@@ -2,7 +2,7 @@
 //! when a message dies and by ingesters, read by the CLI and the triage UI.
 
 use redrive_core::{
-    Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, MessageId, QueueName, StoreError,
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, MessageId, QueueName, StoreError,
     now_ms,
 };
 use rusqlite::types::Value;
@@ -66,52 +66,6 @@ fn describe(selection: &DeadSelection) -> String {
     }
 }
 
-/// One entry of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEntry {
-    /// When (unix ms).
-    pub at_ms: i64,
-    /// Who.
-    pub actor: String,
-    /// What: `replay`, `purge`.
-    pub action: String,
-    /// On what.
-    pub detail: String,
-    /// How many messages.
-    pub count: u64,
-    /// Why.
-    pub reason: String,
-}
-
-impl Sqlite {
-    /// The audit log, newest first.
-    ///
-    /// # Errors
-    ///
-    /// Fails when the store cannot be read.
-    pub async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, SqliteError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |conn| {
-            conn.prepare("SELECT at_ms, actor, action, detail, count, reason FROM audit ORDER BY seq DESC LIMIT ?1")
-                .and_then(|mut s| {
-                    s.query_map([limit], |r| {
-                        Ok(AuditEntry {
-                            at_ms: r.get(0)?,
-                            actor: r.get(1)?,
-                            action: r.get(2)?,
-                            detail: r.get(3)?,
-                            count: r.get(4)?,
-                            reason: r.get(5)?,
-                        })
-                    })?
-                    .collect()
-                })
-                .map_err(SqliteError::query("read audit log"))
-        })
-        .await
-    }
-}
-
 impl DeadLetterStore for Sqlite {
     async fn insert(&self, dead: &DeadLetter) -> Result<bool, StoreError> {
         let dead = dead.clone();
@@ -143,16 +97,31 @@ impl DeadLetterStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn groups(&self, filter: &DeadFilter) -> Result<Vec<DeadGroup>, StoreError> {
+    async fn groups(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<DeadGroup>, StoreError> {
         let filter = filter.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            let mut sql = "SELECT fingerprint, error_class, count(*), min(coalesce(first_failed_ms, dead_at_ms)),
-                                  max(coalesce(last_failed_ms, dead_at_ms)), error, group_concat(DISTINCT queue)
-                           FROM dead_letters WHERE replayed = 0"
-                .to_owned();
+            // Filters the summary table can answer go there; time and text filters need
+            // the messages themselves.
+            let summary = filter.since_ms.is_none() && filter.until_ms.is_none() && filter.text.is_none();
             let mut args = Vec::new();
-            push_filter(&filter, &mut sql, &mut args);
-            sql.push_str(" GROUP BY fingerprint ORDER BY count(*) DESC, 5 DESC");
+            let mut sql = if summary {
+                let mut sql = "SELECT fingerprint, max(error_class), sum(dead), min(first_seen_ms), max(last_seen_ms),
+                                      max(sample_error), group_concat(queue)
+                               FROM dead_groups WHERE dead > 0"
+                    .to_owned();
+                push_filter(&DeadFilter { since_ms: None, until_ms: None, text: None, ..filter.clone() }, &mut sql, &mut args);
+                sql
+            } else {
+                let mut sql = "SELECT fingerprint, error_class, count(*), min(coalesce(first_failed_ms, dead_at_ms)),
+                                      max(coalesce(last_failed_ms, dead_at_ms)), error, group_concat(DISTINCT queue)
+                               FROM dead_letters WHERE replayed = 0"
+                    .to_owned();
+                push_filter(&filter, &mut sql, &mut args);
+                sql
+            };
+            sql.push_str(" GROUP BY fingerprint ORDER BY 3 DESC, 5 DESC LIMIT ?");
+            args.push(Value::Integer(limit));
             conn.prepare_cached(&sql)
                 .and_then(|mut s| {
                     s.query_map(params_from_iter(args), |r| {
@@ -170,6 +139,20 @@ impl DeadLetterStore for Sqlite {
                     .collect()
                 })
                 .map_err(SqliteError::query("group dead letters"))
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn count(&self, filter: &DeadFilter) -> Result<u64, StoreError> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let mut sql = "SELECT count(*) FROM dead_letters WHERE replayed = 0".to_owned();
+            let mut args = Vec::new();
+            push_filter(&filter, &mut sql, &mut args);
+            conn.prepare_cached(&sql)
+                .and_then(|mut s| s.query_row(params_from_iter(args), |r| r.get(0)))
+                .map_err(SqliteError::query("count dead letters"))
         })
         .await
         .map_err(Into::into)
@@ -236,6 +219,53 @@ impl DeadLetterStore for Sqlite {
             };
             audit(conn, &actor, "purge", &describe(&selection), n, &reason)?;
             Ok(n)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn stats(&self) -> Result<Vec<DeadStats>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT queue, error_class, sum(replayed = 0), count(*), min(CASE WHEN replayed = 0 THEN dead_at_ms END)
+                 FROM dead_letters GROUP BY queue, error_class ORDER BY queue, error_class",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(DeadStats {
+                        queue: r.get(0)?,
+                        error_class: r.get(1)?,
+                        dead: r.get(2)?,
+                        total: r.get(3)?,
+                        oldest_dead_at_ms: r.get(4)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(SqliteError::query("dead-letter stats"))
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            conn.prepare("SELECT at_ms, actor, action, detail, count, reason FROM audit ORDER BY seq DESC LIMIT ?1")
+                .and_then(|mut s| {
+                    s.query_map([limit], |r| {
+                        Ok(AuditEntry {
+                            at_ms: r.get(0)?,
+                            actor: r.get(1)?,
+                            action: r.get(2)?,
+                            detail: r.get(3)?,
+                            count: r.get(4)?,
+                            reason: r.get(5)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(SqliteError::query("read audit log"))
         })
         .await
         .map_err(Into::into)

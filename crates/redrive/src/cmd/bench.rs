@@ -76,6 +76,14 @@ fn number(payload: &[u8]) -> u64 {
 }
 
 pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
+    match args.scenario.as_str() {
+        "consume" => {}
+        "triage" => {
+            super::bench_triage::run(args.dead, args.json).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => bail!("invalid --scenario {other:?}: use consume or triage"),
+    }
     let durability = match args.durability.as_str() {
         "full" => Durability::Full,
         "relaxed" => Durability::Relaxed,

@@ -1,10 +1,12 @@
 //! `redrive consume`: the sidecar worker.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use redrive_core::{LaneSet, QueueName, RetryPolicy};
 use redrive_runner::{Runner, RunnerConfig, Summary};
+use redrive_server::{Backend, Metrics, Triage};
 use redrive_sidecar::{ExecHandler, WebhookHandler};
 use serde::Serialize;
 
@@ -60,6 +62,19 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     let mut runner = Runner::new(store.clone(), queue.clone(), policy, config);
     if args.until_idle {
         runner = runner.until_idle();
+    }
+    if let Some(addr) = args.metrics_bind {
+        let metrics = Arc::new(Metrics::new());
+        runner = runner.observe(Arc::clone(&metrics) as Arc<dyn redrive_runner::Observer>);
+        let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --metrics-bind {addr}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "metrics at http://{bound}/metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, redrive_server::metrics_router(triage, metrics)).await {
+                tracing::error!(error = %e, "the metrics server stopped");
+            }
+        });
     }
     let stats = runner.stats();
     let summary: Summary = match (&args.exec, &args.webhook) {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use redrive_core::{DeadFilter, DeadLetterStore, Envelope, HandlerError, LaneSet, LaneStats, QueueName, RetryPolicy, Transport};
 use redrive_runner::{Runner, RunnerConfig, json_handler};
+use redrive_server::Metrics;
 use serde::Deserialize;
 
 use crate::output::outln;
@@ -58,6 +59,11 @@ fn tasks(n: usize) -> Vec<Vec<u8>> {
             };
             body.into_bytes()
         })
+        .chain(std::iter::once(
+            // A task carrying markup, to show that triage renders payloads, headers and
+            // errors as text and never runs them.
+            br#"{"task_id":9001,"agent":"<script>alert(1)</script>","action":"\"><img src=x onerror=alert(1)>","simulate":"injection"}"#.to_vec(),
+        ))
         .collect()
 }
 
@@ -87,6 +93,10 @@ async fn agent(task: Task, msg: Envelope) -> Result<(), HandlerError> {
             "UpstreamUnavailable",
             format!("vector-db shard {} answered 503 Service Unavailable", task.task_id % 8),
         )),
+        Some("injection") => Err(HandlerError::poison(
+            "PromptInjection",
+            format!("refusing task: field `agent` holds markup: {}", task.agent),
+        )),
         Some("panic") => panic!("agent state corrupted: plan step {} out of range", task.task_id),
         _ => Ok(()),
     }
@@ -107,9 +117,40 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
     let lanes = LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() };
     store.register_queue(&lanes).await?;
 
-    let batch: Vec<Envelope> = tasks(args.tasks).into_iter().map(|p| Envelope::new(queue.clone(), p)).collect();
+    let batch: Vec<Envelope> = tasks(args.tasks)
+        .into_iter()
+        .map(|p| {
+            let env = Envelope::new(queue.clone(), p.clone());
+            if p.starts_with(br#"{"task_id":9001"#) { env.with_header("x-note", "<script>alert(1)</script>") } else { env }
+        })
+        .collect();
+    let batch_len = batch.len();
     store.publish(&queue, batch).await.context("publishing the demo tasks")?;
-    outln!("published {} agent tasks; consuming with 8 workers…", args.tasks);
+
+    // The triage UI runs during the scenario, so lanes can be watched filling up.
+    let metrics = Arc::new(Metrics::new());
+    let server = if args.once {
+        None
+    } else {
+        let tokens = super::serve::tokens(None)?;
+        let started = match super::serve::start(&store, tokens.clone(), Arc::clone(&metrics), args.bind, 5).await {
+            Ok(s) => s,
+            Err(e) if args.bind.port() == 8080 => {
+                tracing::debug!(error = %e, "port 8080 is taken; using a free port");
+                let any = std::net::SocketAddr::new(args.bind.ip(), 0);
+                super::serve::start(&store, tokens, Arc::clone(&metrics), any, 5).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let (app, listener, addr) = started;
+        outln!("triage UI: http://{addr}/\n");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(redrive_server::serve(app, listener, Duration::from_secs(1), async move {
+            let _ = stop_rx.await;
+        }));
+        Some((addr, stop_tx, task))
+    };
+    outln!("published {batch_len} agent tasks; consuming with 8 workers…");
 
     // The simulated agent panics on purpose; keep the terminal readable.
     std::panic::set_hook(Box::new(|info| tracing::debug!(%info, "handler panicked")));
@@ -120,7 +161,9 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
         idle_poll: Duration::from_millis(50),
         ..RunnerConfig::default()
     };
-    let runner = Runner::new(store.clone(), queue.clone(), policy.clone(), config).until_idle();
+    let runner = Runner::new(store.clone(), queue.clone(), policy.clone(), config)
+        .until_idle()
+        .observe(Arc::clone(&metrics) as Arc<dyn redrive_runner::Observer>);
     let stats = runner.stats();
     let started = Instant::now();
     let progress = {
@@ -162,7 +205,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
         summary.reason
     );
 
-    let groups = store.groups(&DeadFilter::default()).await?;
+    let groups = store.groups(&DeadFilter::default(), 50).await?;
     outln!("\nthe DLQ, grouped by error fingerprint:\n");
     let rows: Vec<Vec<String>> = groups
         .iter()
@@ -182,8 +225,14 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
          \n  redrive --store {url} dlq replay --all\
          \n  redrive --store {url} consume {QUEUE} --exec 'cat >/dev/null' --until-idle"
     );
-    if !args.once {
-        outln!("\n(the triage UI arrives with `redrive serve`; for now the demo ends here)");
+    if let Some((addr, stop, task)) = server {
+        outln!(
+            "\nthe agent has stopped; replayed messages wait in main until a consumer runs.\n\
+             triage UI: http://{addr}/ (serving until Ctrl-C)"
+        );
+        super::shutdown_signal().await;
+        let _ = stop.send(());
+        let _ = task.await;
     }
     store.close();
     Ok(ExitCode::SUCCESS)

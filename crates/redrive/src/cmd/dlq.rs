@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use redrive_core::{
-    Cursor, DeadFilter, DeadLetterStore, DeadSelection, MessageId, QueueName, format_duration, now_ms, replay as replay_messages,
+    Cursor, DeadFilter, DeadLetterStore, DeadSelection, MessageId, QueueName, ReplayOptions, Unpaced, format_duration, now_ms,
+    replay as replay_messages,
 };
 use serde::Serialize;
 
@@ -53,7 +54,7 @@ pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
     let store = backend::open(cli.store_url(), false)?;
     let filter = filter_from(args.queue.as_deref(), &args.filter)?;
     if args.group {
-        let groups = store.groups(&filter).await.context("grouping dead messages")?;
+        let groups = store.groups(&filter, args.limit).await.context("grouping dead messages")?;
         if args.json {
             groups.iter().for_each(|g| json_line(&GroupJson::from(g)));
         } else if groups.is_empty() {
@@ -174,10 +175,16 @@ pub async fn replay(cli: &Cli, args: &ReplayArgs) -> Result<ExitCode> {
     let selection = selection_from(&args.select)?;
     let to = args.to.as_deref().map(QueueName::new).transpose()?;
     let store = backend::open(cli.store_url(), false)?;
-    let reason = if args.reason.is_empty() { "cli replay" } else { args.reason.as_str() };
-    let report = replay_messages(&store, &store, &selection, to.as_ref(), args.max_replays, args.dry_run, &format!("{} ({reason})", actor()))
-        .await
-        .context("replaying")?;
+    let actor = actor();
+    let options = ReplayOptions {
+        to: to.as_ref(),
+        max_replays: args.max_replays,
+        dry_run: args.dry_run,
+        actor: &actor,
+        reason: &args.reason,
+        ..ReplayOptions::default()
+    };
+    let report = replay_messages(&store, &store, &selection, &options, &Unpaced).await.context("replaying")?;
     if args.json {
         json_line(&ReplayJson {
             dry_run: args.dry_run,
@@ -212,7 +219,7 @@ pub async fn purge(cli: &Cli, args: &PurgeArgs) -> Result<ExitCode> {
             }
             n
         }
-        DeadSelection::Filter(f) => store.groups(f).await?.iter().map(|g| g.count).sum(),
+        DeadSelection::Filter(f) => store.count(f).await?,
     };
     if count == 0 {
         outln!("nothing to purge: no dead message matches");

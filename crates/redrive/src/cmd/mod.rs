@@ -2,11 +2,13 @@
 //! crates, and prints; none holds logic the library should own.
 
 pub mod bench;
+pub mod bench_triage;
 pub mod consume;
 pub mod demo;
 pub mod dlq;
 pub mod publish;
 pub mod queues;
+pub mod serve;
 
 use std::time::Duration;
 

@@ -1,0 +1,41 @@
+//! Hooks for what a runner does, so metrics exporters and progress displays can follow
+//! along without the runner knowing about them.
+
+use redrive_core::{FailureKind, Lane, QueueName};
+
+/// How a delivery was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled<'a> {
+    /// Acknowledged.
+    Ok,
+    /// Moved to a retry tier.
+    Retried {
+        /// Error class.
+        class: &'a str,
+        /// How it failed.
+        kind: FailureKind,
+    },
+    /// Moved to the DLQ.
+    Dead {
+        /// Error class.
+        class: &'a str,
+        /// How it failed.
+        kind: FailureKind,
+    },
+    /// Could not be settled (lease lost or the backend failed); it will come back.
+    Unsettled,
+}
+
+/// Receives the runner's events. Methods are called from handler tasks: keep them
+/// cheap and non-blocking.
+pub trait Observer: Send + Sync + 'static {
+    /// A delivery was handed out; `lateness_ms` is set for retry-lane deliveries.
+    fn delivered(&self, queue: &QueueName, lane: &Lane, lateness_ms: Option<i64>) {
+        let _ = (queue, lane, lateness_ms);
+    }
+
+    /// A delivery was settled; `handler_secs` is how long the handler ran, if it ran.
+    fn settled(&self, queue: &QueueName, lane: &Lane, settled: Settled<'_>, handler_secs: Option<f64>) {
+        let _ = (queue, lane, settled, handler_secs);
+    }
+}

@@ -1,0 +1,400 @@
+//! The JSON API under `/api/v1`, described by `openapi.json`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use redrive_core::{Cursor, DeadFilter, DeadSelection, MessageId, QueueName};
+use serde::{Deserialize, Serialize};
+
+use crate::App;
+use crate::auth::{Caller, Role, Via};
+use crate::error::ApiError;
+use crate::json::{DeadJson, GroupJson, QueueJson};
+use crate::triage::ReplayRequest;
+
+/// Most items one page may hold.
+const MAX_PAGE: usize = 1000;
+
+/// Filters shared by listing, grouping, export, replay and purge.
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+pub struct FilterQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this fingerprint.
+    pub fingerprint: Option<String>,
+    /// Only this error class.
+    pub class: Option<String>,
+    /// Dead at or after (unix ms).
+    pub since_ms: Option<i64>,
+    /// Dead before (unix ms).
+    pub until_ms: Option<i64>,
+    /// Text in the error or the payload.
+    pub q: Option<String>,
+}
+
+impl FilterQuery {
+    /// The core filter; empty strings count as absent (HTML forms send them).
+    ///
+    /// # Errors
+    ///
+    /// A bad queue name.
+    pub fn to_filter(&self) -> Result<DeadFilter, ApiError> {
+        let some = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+        Ok(DeadFilter {
+            queue: some(&self.queue).map(QueueName::new).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            fingerprint: some(&self.fingerprint),
+            error_class: some(&self.class),
+            since_ms: self.since_ms,
+            until_ms: self.until_ms,
+            text: some(&self.q),
+        })
+    }
+}
+
+/// Paging parameters. A separate extractor from [`FilterQuery`] rather than a
+/// `#[serde(flatten)]`, because flattening breaks numeric fields in query strings.
+#[derive(Debug, Deserialize)]
+pub(crate) struct PageQuery {
+    pub(crate) cursor: Option<String>,
+    pub(crate) limit: Option<usize>,
+    pub(crate) notice: Option<String>,
+}
+
+/// `dead_at_ms.id` as one opaque string.
+#[must_use]
+pub fn encode_cursor(c: &Cursor) -> String {
+    format!("{}.{}", c.dead_at_ms, c.id)
+}
+
+/// Parses [`encode_cursor`].
+///
+/// # Errors
+///
+/// A cursor that was not produced by this server.
+pub fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
+    let bad = || ApiError::BadRequest(format!("invalid cursor {text:?}: pass back the next_cursor of a previous page"));
+    let (at, id) = text.split_once('.').ok_or_else(bad)?;
+    Ok(Cursor { dead_at_ms: at.parse().map_err(|_| bad())?, id: MessageId::parse(id).map_err(|_| bad())? })
+}
+
+pub(crate) fn parse_id(id: &str) -> Result<MessageId, ApiError> {
+    MessageId::parse(id).map_err(|_| ApiError::BadRequest(format!("invalid message id {id:?}: expected a UUID")))
+}
+
+/// Writes need the operator role, and a session caller must also prove the request came
+/// from our own pages.
+fn require_operator(caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
+    if caller.role < Role::Operator {
+        return Err(ApiError::Forbidden("this needs the operator role; your token is read-only".to_owned()));
+    }
+    if caller.via == Via::Session {
+        let presented = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !caller.csrf_ok(presented) {
+            return Err(ApiError::Forbidden("missing or wrong X-CSRF-Token header".to_owned()));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn queues(State(app): State<Arc<App>>) -> Result<Json<Vec<QueueJson>>, ApiError> {
+    let depths = app.triage.depths().await?;
+    let stats = app.triage.stats().await?;
+    let now = redrive_core::now_ms();
+    Ok(Json(
+        depths
+            .iter()
+            .map(|d| {
+                let mut q = QueueJson::from(d);
+                q.oldest_dead_age_ms = stats
+                    .iter()
+                    .filter(|s| s.queue == d.queue)
+                    .filter_map(|s| s.oldest_dead_at_ms)
+                    .min()
+                    .map(|at| (now - at).max(0));
+                q
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Serialize)]
+pub(crate) struct Page {
+    items: Vec<DeadJson>,
+    next_cursor: Option<String>,
+}
+
+pub(crate) async fn dead_list(
+    State(app): State<Arc<App>>,
+    Query(f): Query<FilterQuery>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page>, ApiError> {
+    let filter = f.to_filter()?;
+    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty()).map(decode_cursor).transpose()?;
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let mut items = app.triage.list(filter, cursor, limit + 1).await?;
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next_cursor = more
+        .then(|| items.last().map(|d| encode_cursor(&Cursor { dead_at_ms: d.dead_at_ms, id: d.envelope.id })))
+        .flatten();
+    Ok(Json(Page { items: items.iter().map(DeadJson::from).collect(), next_cursor }))
+}
+
+pub(crate) async fn dead_get(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<DeadJson>, ApiError> {
+    let id = parse_id(&id)?;
+    match app.triage.get(id).await? {
+        Some(d) => Ok(Json(DeadJson::from(&d))),
+        None => Err(ApiError::NotFound(format!("no dead message with id {id}"))),
+    }
+}
+
+pub(crate) async fn groups(
+    State(app): State<Arc<App>>,
+    Query(q): Query<FilterQuery>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Vec<GroupJson>>, ApiError> {
+    let limit = page.limit.unwrap_or(200).clamp(1, MAX_PAGE);
+    let groups = app.triage.groups(q.to_filter()?, limit).await?;
+    Ok(Json(groups.iter().map(GroupJson::from).collect()))
+}
+
+/// Body of `POST /api/v1/dead/{id}/replay`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReplayOne {
+    /// A replacement payload (UTF-8 text), if the message was fixed.
+    payload: Option<String>,
+    /// Target queue.
+    to: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Body of `POST /api/v1/replay` and `/purge`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Bulk {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    filter: Option<FilterQuery>,
+    #[serde(default)]
+    all: bool,
+    to: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    rate_per_sec: Option<u32>,
+    max_replays: Option<u32>,
+    #[serde(default)]
+    reason: String,
+}
+
+impl Bulk {
+    fn selection(&self) -> Result<DeadSelection, ApiError> {
+        match (self.ids.is_empty(), &self.filter, self.all) {
+            (false, None, false) => Ok(DeadSelection::Ids(self.ids.iter().map(|i| parse_id(i)).collect::<Result<_, _>>()?)),
+            (true, Some(f), false) => {
+                let filter = f.to_filter()?;
+                if filter == DeadFilter::default() {
+                    return Err(ApiError::BadRequest("an empty filter selects everything: say \"all\": true instead".into()));
+                }
+                Ok(DeadSelection::Filter(filter))
+            }
+            (true, None, true) => Ok(DeadSelection::Filter(DeadFilter::default())),
+            _ => Err(ApiError::BadRequest("select with exactly one of \"ids\", \"filter\" or \"all\": true".into())),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct ReplayJson {
+    dry_run: bool,
+    matched: u64,
+    replayed: u64,
+    over_replay_limit: Vec<String>,
+    by_queue: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ReplayJson {
+    pub(crate) fn new(r: &redrive_core::ReplayReport, dry_run: bool) -> Self {
+        Self {
+            dry_run,
+            matched: r.matched,
+            replayed: r.replayed,
+            over_replay_limit: r.over_limit.iter().map(ToString::to_string).collect(),
+            by_queue: r.by_queue.iter().map(|(q, n)| (q.clone(), serde_json::Value::from(*n))).collect(),
+        }
+    }
+}
+
+fn target(to: Option<&String>) -> Result<Option<QueueName>, ApiError> {
+    to.map(|t| t.trim()).filter(|t| !t.is_empty()).map(QueueName::new).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+pub(crate) async fn replay_one(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<ReplayOne>,
+) -> Result<Json<ReplayJson>, ApiError> {
+    require_operator(&caller, &headers)?;
+    let id = parse_id(&id)?;
+    let request = ReplayRequest {
+        selection: DeadSelection::Ids(vec![id]),
+        to: target(body.to.as_ref())?,
+        dry_run: body.dry_run,
+        rate_per_sec: None,
+        max_replays: app.max_replays,
+        actor: caller.actor.clone(),
+        reason: body.reason.clone(),
+    };
+    let report = match body.payload {
+        Some(payload) => {
+            let reason = if body.reason.is_empty() { "edited and replayed".to_owned() } else { body.reason };
+            app.triage
+                .replay_edited(id, payload.into_bytes(), ReplayRequest { reason, ..request })
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("no dead message with id {id}")))?
+        }
+        None => app.triage.replay(request).await?,
+    };
+    if report.matched == 0 {
+        return Err(ApiError::NotFound(format!("no dead message with id {id}")));
+    }
+    if !body.dry_run {
+        app.metrics.replayed(&report.by_queue);
+    }
+    Ok(Json(ReplayJson::new(&report, body.dry_run)))
+}
+
+pub(crate) async fn replay_bulk(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Json(body): Json<Bulk>,
+) -> Result<Json<ReplayJson>, ApiError> {
+    require_operator(&caller, &headers)?;
+    if body.rate_per_sec == Some(0) {
+        return Err(ApiError::BadRequest("rate_per_sec must be at least 1".into()));
+    }
+    let request = ReplayRequest {
+        selection: body.selection()?,
+        to: target(body.to.as_ref())?,
+        dry_run: body.dry_run,
+        rate_per_sec: body.rate_per_sec,
+        max_replays: body.max_replays.unwrap_or(app.max_replays),
+        actor: caller.actor.clone(),
+        reason: body.reason.clone(),
+    };
+    let report = app.triage.replay(request).await?;
+    if !body.dry_run {
+        app.metrics.replayed(&report.by_queue);
+    }
+    Ok(Json(ReplayJson::new(&report, body.dry_run)))
+}
+
+pub(crate) async fn purge(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Json(body): Json<Bulk>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_operator(&caller, &headers)?;
+    let selection = body.selection()?;
+    if body.dry_run {
+        let count = match &selection {
+            DeadSelection::Ids(ids) => {
+                let mut n = 0u64;
+                for id in ids {
+                    n += u64::from(app.triage.get(*id).await?.is_some());
+                }
+                n
+            }
+            DeadSelection::Filter(f) => app.triage.count(f.clone()).await?,
+        };
+        return Ok(Json(serde_json::json!({ "dry_run": true, "purged": count })));
+    }
+    let n = app.triage.purge(selection, caller.actor.clone(), body.reason.clone()).await?;
+    Ok(Json(serde_json::json!({ "dry_run": false, "purged": n })))
+}
+
+#[derive(Serialize)]
+pub(crate) struct AuditJson {
+    at: String,
+    actor: String,
+    action: String,
+    detail: String,
+    count: u64,
+    reason: String,
+}
+
+pub(crate) async fn audit(State(app): State<Arc<App>>) -> Result<Json<Vec<AuditJson>>, ApiError> {
+    let entries = app.triage.audit(500).await?;
+    Ok(Json(
+        entries
+            .into_iter()
+            .map(|e| AuditJson {
+                at: crate::json::rfc3339(e.at_ms),
+                actor: e.actor,
+                action: e.action,
+                detail: e.detail,
+                count: e.count,
+                reason: e.reason,
+            })
+            .collect(),
+    ))
+}
+
+/// A channel receiver as a body stream, for streamed export.
+struct Lines(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+
+impl futures_core::Stream for Lines {
+    type Item = Result<Vec<u8>, std::io::Error>;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+pub(crate) async fn export(State(app): State<Arc<App>>, Query(q): Query<FilterQuery>) -> Result<Response, ApiError> {
+    let filter = q.to_filter()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut cursor: Option<Cursor> = None;
+        loop {
+            let page = match app.triage.list(filter.clone(), cursor.clone(), 500).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "export failed mid-stream");
+                    let _ = tx.send(Err(std::io::Error::other("export failed; see the server log"))).await;
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { return };
+            cursor = Some(Cursor { dead_at_ms: last.dead_at_ms, id: last.envelope.id });
+            let mut chunk = Vec::new();
+            for d in &page {
+                if serde_json::to_writer(&mut chunk, &DeadJson::from(d)).is_ok() {
+                    chunk.push(b'\n');
+                }
+            }
+            if tx.send(Ok(chunk)).await.is_err() {
+                return; // The client went away.
+            }
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson"), (header::CONTENT_DISPOSITION, "attachment; filename=\"dead-letters.jsonl\"")],
+        Body::from_stream(Lines(rx)),
+    )
+        .into_response())
+}
+
+pub(crate) async fn openapi() -> impl IntoResponse {
+    Json(crate::openapi::document())
+}

@@ -1,0 +1,163 @@
+//! The JSON shapes of redrive's public formats: the HTTP API, the CLI's `--json`
+//! output and `dlq export`. Converted by hand from core types, so the core's types are
+//! not a public format by accident; one definition serves both the API and the CLI.
+
+use base64::Engine as _;
+use redrive_core::{DeadGroup, DeadLetter, Failure, QueueDepths};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Unix ms as RFC 3339 UTC, e.g. `2026-11-27T21:04:05.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A payload as JSON text, or base64 when it is not UTF-8.
+pub fn payload_fields(payload: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(payload) {
+        Ok(text) => (text.to_owned(), "utf8"),
+        Err(_) => (base64::engine::general_purpose::STANDARD.encode(payload), "base64"),
+    }
+}
+
+#[derive(Serialize)]
+#[allow(missing_docs)]
+pub struct FailureJson {
+    pub attempt: u32,
+    pub at: String,
+    pub lane: String,
+    pub kind: &'static str,
+    pub error_class: String,
+    pub error: String,
+    pub fingerprint: String,
+}
+
+impl From<&Failure> for FailureJson {
+    fn from(f: &Failure) -> Self {
+        Self {
+            attempt: f.attempt,
+            at: rfc3339(f.at_ms),
+            lane: f.lane.clone(),
+            kind: f.kind.as_str(),
+            error_class: f.class.clone(),
+            error: f.message.clone(),
+            fingerprint: f.fingerprint.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[allow(missing_docs)]
+pub struct DeadJson {
+    pub id: String,
+    pub queue: String,
+    pub attempts: u32,
+    pub replays: u32,
+    pub error_class: String,
+    pub error: String,
+    pub fingerprint: String,
+    pub key: Option<String>,
+    pub payload: String,
+    pub payload_encoding: &'static str,
+    pub headers: Map<String, Value>,
+    pub first_failed_at: Option<String>,
+    pub last_failed_at: Option<String>,
+    pub dead_at: String,
+    pub history: Vec<FailureJson>,
+}
+
+impl From<&DeadLetter> for DeadJson {
+    fn from(d: &DeadLetter) -> Self {
+        let env = &d.envelope;
+        let last = env.last_failure();
+        let (payload, payload_encoding) = payload_fields(&env.payload);
+        Self {
+            id: env.id.to_string(),
+            queue: env.queue.to_string(),
+            attempts: env.attempt,
+            replays: env.replays,
+            error_class: last.map(|f| f.class.clone()).unwrap_or_default(),
+            error: last.map(|f| f.message.clone()).unwrap_or_default(),
+            fingerprint: last.map(|f| f.fingerprint.to_string()).unwrap_or_default(),
+            key: env.key.clone(),
+            payload,
+            payload_encoding,
+            headers: env.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect(),
+            first_failed_at: env.first_failed_ms.map(rfc3339),
+            last_failed_at: last.map(|f| rfc3339(f.at_ms)),
+            dead_at: rfc3339(d.dead_at_ms),
+            history: env.history.iter().map(FailureJson::from).collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[allow(missing_docs)]
+pub struct GroupJson {
+    pub fingerprint: String,
+    pub error_class: String,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub sample_error: String,
+    pub queues: Vec<String>,
+}
+
+impl From<&DeadGroup> for GroupJson {
+    fn from(g: &DeadGroup) -> Self {
+        Self {
+            fingerprint: g.fingerprint.clone(),
+            error_class: g.error_class.clone(),
+            count: g.count,
+            first_seen: rfc3339(g.first_seen_ms),
+            last_seen: rfc3339(g.last_seen_ms),
+            sample_error: g.sample_error.clone(),
+            queues: g.queues.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[allow(missing_docs)]
+pub struct QueueJson {
+    pub queue: String,
+    pub main: u64,
+    pub retry: Map<String, Value>,
+    pub dlq: u64,
+    pub inflight: u64,
+    pub oldest_main_age_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_dead_age_ms: Option<i64>,
+}
+
+impl From<&QueueDepths> for QueueJson {
+    fn from(d: &QueueDepths) -> Self {
+        Self {
+            queue: d.queue.clone(),
+            main: d.main,
+            retry: d.retry.iter().map(|(t, n)| (t.clone(), Value::from(*n))).collect(),
+            dlq: d.dlq,
+            inflight: d.inflight,
+            oldest_main_age_ms: d.oldest_main_age_ms,
+            oldest_dead_age_ms: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        for (ms, want) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_123, "2000-02-29T00:00:00.123Z"),
+            (1_795_900_000_000, "2026-11-28T21:06:40.000Z"),
+            (4_102_444_799_999, "2099-12-31T23:59:59.999Z"),
+        ] {
+            assert_eq!(rfc3339(ms), want, "{ms}");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The server's view of a backend: one object-safe trait over any `Transport` +
+//! `DeadLetterStore` pair, so handlers are plain functions instead of being generic
+//! over every backend type.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use redrive_core::{
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, LaneStats,
+    MessageId, Pace, QueueDepths, QueueName, ReplayOptions, ReplayReport, Transport, replay, replay_edited,
+};
+use tokio::time::Instant;
+
+/// A boxed error from the backend; shown to operators only in the server log.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+/// A boxed future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
+
+/// A replay request, owned so it can cross the trait object.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    /// What to replay.
+    pub selection: DeadSelection,
+    /// Target queue instead of each message's own.
+    pub to: Option<QueueName>,
+    /// Report only.
+    pub dry_run: bool,
+    /// Most messages per second (none: as fast as possible).
+    pub rate_per_sec: Option<u32>,
+    /// Replay limit.
+    pub max_replays: u32,
+    /// Who.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Everything the triage UI and API need from a backend.
+pub trait Triage: Send + Sync + 'static {
+    /// Lane depths of every queue.
+    fn depths(&self) -> BoxFuture<'_, Vec<QueueDepths>>;
+    /// Dead-letter counts per queue and class.
+    fn stats(&self) -> BoxFuture<'_, Vec<DeadStats>>;
+    /// A page of dead messages.
+    fn list(&self, filter: DeadFilter, cursor: Option<Cursor>, limit: usize) -> BoxFuture<'_, Vec<DeadLetter>>;
+    /// Groups by fingerprint, largest first, at most `limit`.
+    fn groups(&self, filter: DeadFilter, limit: usize) -> BoxFuture<'_, Vec<DeadGroup>>;
+    /// How many dead messages match.
+    fn count(&self, filter: DeadFilter) -> BoxFuture<'_, u64>;
+    /// One dead message.
+    fn get(&self, id: MessageId) -> BoxFuture<'_, Option<DeadLetter>>;
+    /// Replays a selection.
+    fn replay(&self, request: ReplayRequest) -> BoxFuture<'_, ReplayReport>;
+    /// Replays one message with a new payload; `None` when it is not dead.
+    fn replay_edited(&self, id: MessageId, payload: Vec<u8>, request: ReplayRequest) -> BoxFuture<'_, Option<ReplayReport>>;
+    /// Purges a selection.
+    fn purge(&self, selection: DeadSelection, actor: String, reason: String) -> BoxFuture<'_, u64>;
+    /// The audit log, newest first.
+    fn audit(&self, limit: usize) -> BoxFuture<'_, Vec<AuditEntry>>;
+}
+
+/// A transport and a store, as one [`Triage`].
+#[derive(Debug, Clone)]
+pub struct Backend<T, S> {
+    transport: T,
+    store: S,
+}
+
+impl<T, S> Backend<T, S> {
+    /// Pairs a transport with its dead-letter store.
+    pub fn new(transport: T, store: S) -> Self {
+        Self { transport, store }
+    }
+}
+
+/// Paces a replay to a rate with Tokio's timer.
+struct Rate {
+    per_sec: u32,
+    start: Instant,
+}
+
+impl Pace for Rate {
+    async fn pause(&self, replayed: u64) {
+        let due = self.start + Duration::from_secs_f64(replayed as f64 / f64::from(self.per_sec.max(1)));
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BackendError {
+    Box::new(e)
+}
+
+impl<T, S> Triage for Backend<T, S>
+where
+    T: Transport + LaneStats,
+    S: DeadLetterStore,
+{
+    fn depths(&self) -> BoxFuture<'_, Vec<QueueDepths>> {
+        Box::pin(async move { self.transport.depths().await.map_err(boxed) })
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Vec<DeadStats>> {
+        Box::pin(async move { self.store.stats().await.map_err(boxed) })
+    }
+
+    fn list(&self, filter: DeadFilter, cursor: Option<Cursor>, limit: usize) -> BoxFuture<'_, Vec<DeadLetter>> {
+        Box::pin(async move { self.store.list(&filter, cursor.as_ref(), limit).await.map_err(boxed) })
+    }
+
+    fn groups(&self, filter: DeadFilter, limit: usize) -> BoxFuture<'_, Vec<DeadGroup>> {
+        Box::pin(async move { self.store.groups(&filter, limit).await.map_err(boxed) })
+    }
+
+    fn count(&self, filter: DeadFilter) -> BoxFuture<'_, u64> {
+        Box::pin(async move { self.store.count(&filter).await.map_err(boxed) })
+    }
+
+    fn get(&self, id: MessageId) -> BoxFuture<'_, Option<DeadLetter>> {
+        Box::pin(async move { self.store.get(&id).await.map_err(boxed) })
+    }
+
+    fn replay(&self, r: ReplayRequest) -> BoxFuture<'_, ReplayReport> {
+        Box::pin(async move {
+            let options = ReplayOptions {
+                to: r.to.as_ref(),
+                max_replays: r.max_replays,
+                dry_run: r.dry_run,
+                actor: &r.actor,
+                reason: &r.reason,
+                batch: r.rate_per_sec.map_or(500, |rate| rate.clamp(1, 500) as usize),
+            };
+            let pace = Rate { per_sec: r.rate_per_sec.unwrap_or(u32::MAX), start: Instant::now() };
+            replay(&self.transport, &self.store, &r.selection, &options, &pace).await.map_err(boxed)
+        })
+    }
+
+    fn replay_edited(&self, id: MessageId, payload: Vec<u8>, r: ReplayRequest) -> BoxFuture<'_, Option<ReplayReport>> {
+        Box::pin(async move {
+            let options = ReplayOptions {
+                to: r.to.as_ref(),
+                max_replays: r.max_replays,
+                dry_run: r.dry_run,
+                actor: &r.actor,
+                reason: &r.reason,
+                ..ReplayOptions::default()
+            };
+            replay_edited(&self.transport, &self.store, &id, payload, &options).await.map_err(boxed)
+        })
+    }
+
+    fn purge(&self, selection: DeadSelection, actor: String, reason: String) -> BoxFuture<'_, u64> {
+        Box::pin(async move { self.store.purge(&selection, &actor, &reason).await.map_err(boxed) })
+    }
+
+    fn audit(&self, limit: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
+        Box::pin(async move { self.store.audit_log(limit).await.map_err(boxed) })
+    }
+}
