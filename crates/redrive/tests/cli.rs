@@ -189,3 +189,97 @@ fn purge_asks_first_and_is_audited() {
     assert_eq!(out[0]["purged"], 2);
     assert!(ok(&redrive(&store, &["dlq", "list", "--json"], b"")).trim().is_empty());
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills a child process when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_refuses_a_public_bind_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--store", &format!("sqlite://{}", dir.path().join("s.db").display()), "serve", "--bind", "0.0.0.0:0"])
+        .env_remove("REDRIVE_TOKEN")
+        .env_remove("REDRIVE_VIEWER_TOKEN")
+        .output()
+        .unwrap();
+    let err = failed(&out);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0 without an access token") && err.contains("REDRIVE_TOKEN"), "{err}");
+}
+
+#[tokio::test]
+async fn a_public_server_refuses_requests_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    ok(&redrive(&store, &["publish", "q"], b"{\"secret\":\"payload\"}\n"));
+    ok(&redrive(&store, &["consume", "q", "--exec", "exit 65", "--until-idle"], b""));
+    let port = free_port();
+    let token = "public-bind-test-token-0123456789";
+    let _server = Running(
+        Command::new(env!("CARGO_BIN_EXE_redrive"))
+            .args(["--store", &format!("sqlite://{}", store.display()), "serve", "--bind", &format!("0.0.0.0:{port}")])
+            .env("REDRIVE_TOKEN", token)
+            .env("REDRIVE_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port);
+    let http = reqwest::Client::new();
+    for path in ["/api/v1/dead", "/api/v1/export", "/metrics", "/messages"] {
+        let resp = http.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        assert!(status == 401 || (path == "/messages" && status == 200 && body.contains("Sign in")), "{path}: {status}");
+        assert!(!body.contains("secret"), "{path} showed data without a token");
+    }
+    let resp = http.get(format!("http://127.0.0.1:{port}/api/v1/dead")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("secret"));
+}
+
+#[tokio::test]
+async fn consume_exposes_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    ok(&redrive(&store, &["publish", "q"], b"slow\n"));
+    let port = free_port();
+    let _worker = Running(
+        Command::new(env!("CARGO_BIN_EXE_redrive"))
+            .args(["--store", &format!("sqlite://{}", store.display()), "consume", "q", "--exec", "sleep 30"])
+            .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
+            .env("REDRIVE_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+        if text.contains("redrive_inflight_messages{queue=\"q\"} 1") {
+            assert!(text.contains("redrive_lane_depth_messages{queue=\"q\",lane=\"main\"} 0"), "{text}");
+            assert!(text.trim_end().ends_with("# EOF"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker never reported its delivery:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
