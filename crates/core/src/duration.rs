@@ -1,4 +1,5 @@
-//! Compact durations such as `250ms`, `5s`, `5m`, `1h`, used for tiers and timeouts.
+//! Compact durations such as `250ms`, `5s`, `5m`, `1h`, `7d`, used for tiers, timeouts,
+//! alert rules and retention.
 //!
 //! Written here rather than taken from a crate because tier names are derived from
 //! their delays and become lane names (`agent.tasks.retry.5m`): the printed form has
@@ -17,7 +18,7 @@ pub enum DurationError {
     #[error("invalid duration {0:?}: expected a whole number and a unit, such as 5s, 250ms, 5m or 1h")]
     Invalid(String),
     /// The unit was missing or unknown.
-    #[error("invalid duration {0:?}: unknown or missing unit; use ms, s, m or h (for example 5s)")]
+    #[error("invalid duration {0:?}: unknown or missing unit; use ms, s, m, h or d (for example 5s)")]
     Unit(String),
     /// The duration overflowed.
     #[error("duration {0:?} is too large")]
@@ -47,6 +48,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(DurationError::Unit(text.to_owned())),
     };
     let millis = value
@@ -62,7 +64,7 @@ pub fn format_duration(d: Duration) -> String {
     if ms == 0 {
         return "0ms".to_owned();
     }
-    for (unit, size) in [("h", 3_600_000u128), ("m", 60_000), ("s", 1_000)] {
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
@@ -81,6 +83,8 @@ mod tests {
             ("30s", 30_000, "30s"),
             ("5m", 300_000, "5m"),
             ("1h", 3_600_000, "1h"),
+            ("7d", 604_800_000, "7d"),
+            ("48h", 172_800_000, "2d"),
             ("250ms", 250, "250ms"),
             ("1500ms", 1_500, "1500ms"),
             ("60s", 60_000, "1m"),

@@ -6,6 +6,7 @@
 //! attempts), handler outcomes and their classification, error fingerprints, and the
 //! [`Transport`] and [`DeadLetterStore`] traits.
 
+pub mod alert;
 mod duration;
 mod envelope;
 mod fingerprint;
@@ -13,6 +14,7 @@ mod outcome;
 mod policy;
 mod queue;
 mod replay;
+mod retention;
 mod store;
 mod time;
 mod transport;
@@ -26,6 +28,7 @@ pub use fingerprint::{Fingerprint, normalize_message};
 pub use outcome::{HandlerError, HandlerResult, Outcome};
 pub use policy::{PolicyError, RetryPolicy, Step, Tier};
 pub use queue::{Lane, LaneSet, QueueError, QueueName};
+pub use retention::RetentionStore;
 pub use replay::{Pace, ReplayError, ReplayOptions, ReplayReport, Unpaced, replay, replay_edited};
 pub use store::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, StoreError,

@@ -133,6 +133,13 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// Fails when the store is unavailable.
     fn insert(&self, dead: &DeadLetter) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Stores many dead messages at once (imports, drains); returns how many were new.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn insert_batch(&self, dead: &[DeadLetter]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Dead messages matching `filter`, oldest first, after `cursor`, at most `limit`.
     ///
     /// # Errors

@@ -54,8 +54,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     first_failed_ms INTEGER,
     last_failed_ms  INTEGER,
     key             TEXT,
-    payload         BLOB    NOT NULL,
-    headers         TEXT    NOT NULL
+    payload         BLOB    NOT NULL,   -- zstd-compressed when `compressed` (warm)
+    headers         TEXT    NOT NULL,
+    compressed      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS dead_by_time  ON dead_letters (replayed, dead_at_ms, id);
 CREATE INDEX IF NOT EXISTS dead_by_queue ON dead_letters (replayed, queue, dead_at_ms, id);
@@ -102,6 +103,38 @@ BEGIN
 END;
 
 CREATE INDEX IF NOT EXISTS dead_groups_by_count ON dead_groups (dead);
+
+-- Alerts: one row per (rule, queue) while pending or firing; resolved rows stay as history.
+CREATE TABLE IF NOT EXISTS alerts (
+    seq         INTEGER PRIMARY KEY,
+    rule        TEXT    NOT NULL,
+    queue       TEXT    NOT NULL,
+    phase       TEXT    NOT NULL,
+    since_ms    INTEGER NOT NULL,
+    fired_ms    INTEGER,
+    resolved_ms INTEGER,
+    value       INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (rule, queue) WHERE phase != 'resolved';
+
+-- Notifications are written in the same transaction as the alert transition they
+-- announce, then delivered (and retried) from here.
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id         INTEGER PRIMARY KEY,
+    notifier   TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,
+    rule       TEXT    NOT NULL,
+    expr       TEXT    NOT NULL,
+    queue      TEXT    NOT NULL,
+    value      INTEGER NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_ms    INTEGER,            -- NULL once sent or given up
+    sent_ms    INTEGER,
+    failed     INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (next_ms) WHERE next_ms IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY,

@@ -4,11 +4,15 @@
 //!
 //! [`Sqlite`] implements [`Transport`](redrive_core::Transport),
 //! [`LaneStats`](redrive_core::LaneStats) and
-//! [`DeadLetterStore`](redrive_core::DeadLetterStore).
+//! [`DeadLetterStore`](redrive_core::DeadLetterStore),
+//! [`AlertStore`](redrive_core::alert::AlertStore) and
+//! [`RetentionStore`](redrive_core::RetentionStore).
 
+mod alerts;
 mod config;
 mod db;
 mod error;
+mod retention;
 mod store;
 mod transport;
 

@@ -41,12 +41,23 @@ fn push_filter(filter: &DeadFilter, sql: &mut String, args: &mut Vec<Value>) {
     }
 }
 
-fn dead_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, Option<String>, Vec<u8>, String)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+/// The columns every dead-letter read selects, in this order.
+const DEAD_COLUMNS: &str = "queue, dead_at_ms, key, payload, headers, compressed";
+
+type DeadRow = (String, i64, Option<String>, Vec<u8>, String, bool);
+
+fn dead_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
 }
 
-fn to_dead(row: (String, i64, Option<String>, Vec<u8>, String)) -> Result<DeadLetter, SqliteError> {
-    let (queue, dead_at_ms, key, payload, headers) = row;
+fn to_dead(row: DeadRow) -> Result<DeadLetter, SqliteError> {
+    let (queue, dead_at_ms, key, payload, headers, compressed) = row;
+    let payload = if compressed {
+        zstd::decode_all(payload.as_slice())
+            .map_err(|e| SqliteError::Corrupt { id: format!("in queue {queue}"), reason: format!("compressed payload: {e}") })?
+    } else {
+        payload
+    };
     Ok(DeadLetter { envelope: envelope_from_row(&queue, key, payload, &headers)?, dead_at_ms })
 }
 
@@ -72,12 +83,25 @@ impl DeadLetterStore for Sqlite {
         self.write(move |conn| insert_dead(conn, &dead.envelope, dead.dead_at_ms)).await.map_err(Into::into)
     }
 
+    async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
+        let dead = dead.to_vec();
+        self.write(move |conn| {
+            let mut n = 0u64;
+            for d in &dead {
+                n += u64::from(insert_dead(conn, &d.envelope, d.dead_at_ms)?);
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
     async fn list(&self, filter: &DeadFilter, cursor: Option<&Cursor>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let filter = filter.clone();
         let cursor = cursor.cloned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            let mut sql = "SELECT queue, dead_at_ms, key, payload, headers FROM dead_letters WHERE replayed = 0".to_owned();
+            let mut sql = format!("SELECT {DEAD_COLUMNS} FROM dead_letters WHERE replayed = 0");
             let mut args = Vec::new();
             push_filter(&filter, &mut sql, &mut args);
             if let Some(c) = cursor {
@@ -162,9 +186,7 @@ impl DeadLetterStore for Sqlite {
         let id = id.to_string();
         self.read(move |conn| {
             let row = conn
-                .prepare_cached(
-                    "SELECT queue, dead_at_ms, key, payload, headers FROM dead_letters WHERE id = ?1 AND replayed = 0",
-                )
+                .prepare_cached(&format!("SELECT {DEAD_COLUMNS} FROM dead_letters WHERE id = ?1 AND replayed = 0"))
                 .and_then(|mut s| s.query_row([id], dead_from_row).optional())
                 .map_err(SqliteError::query("get dead letter"))?;
             row.map(to_dead).transpose()

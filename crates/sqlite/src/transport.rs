@@ -50,7 +50,7 @@ pub(crate) fn insert_dead(conn: &Connection, env: &Envelope, dead_at_ms: i64) ->
                                        first_failed_ms, last_failed_ms, key, payload, headers)
              VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (id) DO UPDATE SET
-                 queue = excluded.queue, replayed = 0, dead_at_ms = excluded.dead_at_ms,
+                 queue = excluded.queue, replayed = 0, compressed = 0, dead_at_ms = excluded.dead_at_ms,
                  attempts = excluded.attempts, error_class = excluded.error_class, error = excluded.error,
                  fingerprint = excluded.fingerprint, first_failed_ms = excluded.first_failed_ms,
                  last_failed_ms = excluded.last_failed_ms, key = excluded.key, payload = excluded.payload,
