@@ -10,6 +10,7 @@
 //!
 //! Delays are milliseconds, so the whole suite runs in seconds on any backend.
 
+pub mod http_sink;
 pub mod scenarios;
 
 use std::future::Future;

@@ -25,6 +25,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "REDRIVE_STORE", value_name = "URL")]
     pub store: Option<String>,
 
+    /// Configuration file [default: ./redrive.toml when it exists]. See redrive.example.toml.
+    #[arg(long, global = true, env = "REDRIVE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The loaded configuration (not a flag).
+    #[arg(skip)]
+    pub loaded: crate::config::Config,
+
     /// Log filter (error, warn, info, debug, or a tracing filter such as redrive=debug);
     /// logs go to stderr.
     #[arg(long, global = true, env = "REDRIVE_LOG", value_name = "FILTER")]
@@ -35,8 +43,9 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The store: `--store` / `REDRIVE_STORE`, else the config file's, else the default.
     pub fn store_url(&self) -> &str {
-        self.store.as_deref().unwrap_or(DEFAULT_STORE)
+        self.store.as_deref().or(self.loaded.store.as_deref()).unwrap_or(DEFAULT_STORE)
     }
 }
 
@@ -57,6 +66,50 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure end-to-end throughput, retry lateness and memory on this machine.
     Bench(BenchArgs),
+    /// Check a configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run retention once: compress warm dead messages, archive old ones.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+    /// Work with archive files.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and list every problem with its line.
+    Check {
+        /// The file [default: --config, else ./redrive.toml].
+        file: Option<PathBuf>,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// One sweep now: hot → warm (compress), warm → archive (write, sync, delete).
+    Run {
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArchiveCommand {
+    /// Import archive files (.jsonl.zst) back into the store as dead messages.
+    Import {
+        /// Archive files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -94,18 +147,20 @@ pub struct ConsumeArgs {
     /// other 4xx poison.
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
-    /// Messages handled at once.
-    #[arg(long, short, default_value_t = 8, value_name = "N")]
-    pub concurrency: usize,
-    /// Retry tiers: delays with ms, s, m or h; max attempts = tiers + 1.
-    #[arg(long, default_value = "5s,30s,5m", value_name = "LIST")]
-    pub tiers: String,
+    /// Messages handled at once [default: the queue's config, else 8].
+    #[arg(long, short, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Retry tiers: delays with ms, s, m, h or d; max attempts = tiers + 1
+    /// [default: the queue's config, else 5s,30s,5m].
+    #[arg(long, value_name = "LIST")]
+    pub tiers: Option<String>,
     /// Random extra delay per retry, as a fraction of the tier (0 turns it off).
     #[arg(long, default_value_t = 0.1, value_name = "FRACTION")]
     pub jitter: f64,
-    /// Longest a handler may run; past it the attempt counts as failed.
-    #[arg(long, default_value = "60s", value_name = "DUR")]
-    pub timeout: String,
+    /// Longest a handler may run; past it the attempt counts as failed
+    /// [default: the queue's config, else 60s].
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
     /// Lease per delivery, renewed while the handler runs. After a crash, messages
     /// return when it expires.
     #[arg(long, default_value = "30s", value_name = "DUR")]
@@ -133,9 +188,10 @@ pub struct ConsumeArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on. Anything but loopback needs an access token.
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
-    pub bind: std::net::SocketAddr,
+    /// Address to listen on [default: server.bind of the config, else 127.0.0.1:8080].
+    /// Anything but loopback needs an access token.
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::SocketAddr>,
     /// File of access tokens, one per line: `operator TOKEN [NAME]` or
     /// `viewer TOKEN [NAME]`. Tokens also come from REDRIVE_TOKEN (operator) and
     /// REDRIVE_VIEWER_TOKEN (read-only).

@@ -3,17 +3,28 @@
 mod backend;
 mod cli;
 mod cmd;
+mod config;
 mod output;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, DlqCommand};
+use crate::cli::{ArchiveCommand, Cli, Command, ConfigCommand, DlqCommand, RetentionCommand};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(&cli);
+    // `config check` reports a broken file itself; every other command needs it valid.
+    if !matches!(cli.command, Command::Config(_)) {
+        match config::load(cli.config.as_deref()) {
+            Ok(c) => cli.loaded = c,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -34,6 +45,9 @@ fn main() -> ExitCode {
             Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
             Command::Bench(args) => cmd::bench::run(args).await,
+            Command::Config(ConfigCommand::Check { file, json }) => cmd::admin::config_check(&cli, file.as_ref(), *json),
+            Command::Retention(RetentionCommand::Run { json }) => cmd::admin::retention_run(&cli, *json).await,
+            Command::Archive(ArchiveCommand::Import { files, json }) => cmd::admin::archive_import(&cli, files, *json).await,
         }
     });
     match result {

@@ -6,12 +6,14 @@
 //! untrusted) and sends a Content-Security-Policy that forbids inline scripts, so even
 //! a rendering mistake could not run a payload.
 
+pub mod alerting;
 pub mod api;
 pub mod auth;
 pub mod error;
 pub mod history;
 pub mod json;
 pub mod metrics;
+pub mod notify;
 pub mod openapi;
 pub mod triage;
 pub mod ui;
@@ -47,12 +49,14 @@ pub struct App {
     pub history: Arc<DepthHistory>,
     /// Replay limit applied to UI and API replays.
     pub max_replays: u32,
+    /// Alert state for the UI, when alerting runs.
+    pub alerts: Option<Arc<dyn alerting::AlertView>>,
 }
 
 impl App {
     /// State for a server over `triage`.
     pub fn new(triage: Arc<dyn Triage>, auth: Auth, metrics: Arc<Metrics>) -> Self {
-        Self { triage, auth, metrics, history: Arc::new(DepthHistory::new(360)), max_replays: 5 }
+        Self { triage, auth, metrics, history: Arc::new(DepthHistory::new(360)), max_replays: 5, alerts: None }
     }
 }
 
@@ -70,6 +74,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/messages/{id}/replay", post(ui::message_replay))
         .route("/messages/{id}/purge", get(ui::message_purge_confirm).post(ui::message_purge))
         .route("/audit", get(ui::audit))
+        .route("/alerts", get(ui::alerts))
         .route("/api/v1/queues", get(api::queues))
         .route("/api/v1/dead", get(api::dead_list))
         .route("/api/v1/dead/{id}", get(api::dead_get))

@@ -128,6 +128,14 @@ pub struct Metrics {
     handler_seconds: Family<QueueOnly, Histogram, fn() -> Histogram>,
     lateness_seconds: Family<QueueLane, Histogram, fn() -> Histogram>,
     replays: Family<QueueOnly, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotificationLabels {
+    notifier: String,
+    kind: String,
+    result: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -159,6 +167,7 @@ impl Metrics {
             handler_seconds: Family::new_with_constructor(duration_histogram),
             lateness_seconds: Family::new_with_constructor(lateness_histogram),
             replays: Family::default(),
+            notifications: Family::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -169,6 +178,11 @@ impl Metrics {
         r.register("redrive_handler_duration_seconds", "How long handlers ran", m.handler_seconds.clone());
         r.register("redrive_retry_lateness_seconds", "How long after its due time a retry was handed out", m.lateness_seconds.clone());
         r.register("redrive_replays", "Dead messages replayed by this process", m.replays.clone());
+        r.register(
+            "redrive_alert_notifications",
+            "Alert notification attempts by notifier, kind and result (sent, failed, gave_up)",
+            m.notifications.clone(),
+        );
         m
     }
 
@@ -184,6 +198,12 @@ impl Metrics {
         for (queue, n) in by_queue {
             self.replays.get_or_create(&QueueOnly { queue: queue.clone() }).inc_by(*n);
         }
+    }
+
+    /// Counts a notification attempt.
+    pub fn notification(&self, notifier: &str, kind: &str, result: &str) {
+        let labels = NotificationLabels { notifier: notifier.to_owned(), kind: kind.to_owned(), result: result.to_owned() };
+        self.notifications.get_or_create(&labels).inc();
     }
 
     /// The exposition text (OpenMetrics).

@@ -64,6 +64,7 @@ fn page(title: &str, caller: Option<&Caller>, notice: Option<&str>, body: Markup
                         a href="/" { "Overview" }
                         a href="/groups" { "Error groups" }
                         a href="/messages" { "Dead messages" }
+                        a href="/alerts" { "Alerts" }
                         a href="/audit" { "Audit log" }
                         span.who { (c.actor) " · " (c.role.as_str()) }
                         @if c.via == crate::auth::Via::Session {
@@ -810,4 +811,66 @@ pub(crate) async fn audit(State(app): State<Arc<App>>, Extension(caller): Extens
         }
     };
     Ok(page("Audit log", Some(&caller), None, body).into_response())
+}
+
+/// `GET /alerts`: rules, open and past alerts, and notification deliveries.
+pub(crate) async fn alerts(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> UiResult {
+    let Some(view) = app.alerts.clone() else {
+        let body = html! { h1 { "Alerts" } p.muted { "Alerting is not running in this process." } };
+        return Ok(page("Alerts", Some(&caller), None, body).into_response());
+    };
+    let open = view.open().await?;
+    let past = view.past(50).await?;
+    let notes = view.notifications(50).await?;
+    let when = |ms: Option<i64>| ms.map(|m| format!("{} ({})", rfc3339(m), ago(m))).unwrap_or_else(|| "–".to_owned());
+    let body = html! {
+        h1 { "Alerts" }
+        h2 { "Rules" }
+        table {
+            thead { tr { th { "Name" } th { "Condition" } th { "Queues" } } }
+            tbody { @for (name, expr, queue) in view.rules() { tr { td { (name) } td.mono { (expr) } td { (queue) } } } }
+        }
+        h2 { "Open" }
+        @if open.is_empty() { p.muted { "No alert is pending or firing." } } @else {
+            table #open-alerts {
+                thead { tr { th { "Rule" } th { "Queue" } th { "State" } th { "Since" } th { "Fired" } th.num { "Value" } } }
+                tbody {
+                    @for a in &open {
+                        tr {
+                            td { (a.rule) } td { (a.queue) }
+                            td { @if a.phase == redrive_core::alert::AlertPhase::Firing { strong.err { "firing" } } @else { "pending" } }
+                            td { (when(Some(a.since_ms))) } td { (when(a.fired_ms)) } td.num { (a.value) }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Past" }
+        @if past.is_empty() { p.muted { "No alert has resolved yet." } } @else {
+            table {
+                thead { tr { th { "Rule" } th { "Queue" } th { "Fired" } th { "Resolved" } } }
+                tbody { @for a in &past { tr { td { (a.rule) } td { (a.queue) } td { (when(a.fired_ms)) } td { (when(a.resolved_ms)) } } } }
+            }
+        }
+        h2 { "Notifications" }
+        @if notes.is_empty() { p.muted { "Nothing sent yet." } } @else {
+            table {
+                thead { tr { th { "Notifier" } th { "Kind" } th { "Rule / queue" } th.num { "Attempts" } th { "Result" } } }
+                tbody {
+                    @for n in &notes {
+                        tr {
+                            td { (n.notifier) } td { (n.kind.as_str()) } td { (n.rule) " / " (n.queue) } td.num { (n.attempts) }
+                            td {
+                                @if let Some(sent) = n.sent_ms { "sent " (ago(sent)) }
+                                @else if n.failed { strong.err { "gave up: " } (n.last_error.clone().unwrap_or_default()) }
+                                @else if let Some(e) = &n.last_error { span.err { "retrying: " (e) } }
+                                @else { "queued" }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Ok(page("Alerts", Some(&caller), None, body).into_response())
 }

@@ -31,13 +31,20 @@ struct SummaryJson<'a> {
 
 pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     let queue = QueueName::new(&args.queue)?;
-    let policy = RetryPolicy::parse(&args.tiers)
+    let configured = cli.loaded.queues.get(queue.as_str());
+    let tiers = args.tiers.clone().or_else(|| configured.and_then(|q| q.tiers.clone())).unwrap_or_else(|| "5s,30s,5m".to_owned());
+    let timeout = match &args.timeout {
+        Some(t) => duration_flag("--timeout", t)?,
+        None => configured.and_then(|q| q.timeout).unwrap_or(std::time::Duration::from_secs(60)),
+    };
+    let concurrency = args.concurrency.or_else(|| configured.and_then(|q| q.concurrency)).unwrap_or(8);
+    let policy = RetryPolicy::parse(&tiers)
         .context("invalid --tiers")?
         .with_jitter(args.jitter)
         .context("invalid --jitter")?;
     let config = RunnerConfig {
-        concurrency: args.concurrency,
-        timeout: duration_flag("--timeout", &args.timeout)?,
+        concurrency,
+        timeout,
         lease: duration_flag("--lease", &args.lease)?,
         grace: duration_flag("--grace", &args.grace)?,
         max_messages: args.max_messages,

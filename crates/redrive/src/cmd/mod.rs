@@ -1,6 +1,7 @@
 //! One module per subcommand. Each takes the parsed arguments, calls into the library
 //! crates, and prints; none holds logic the library should own.
 
+pub mod admin;
 pub mod bench;
 pub mod bench_triage;
 pub mod consume;

@@ -1,4 +1,5 @@
-//! `redrive serve`: the triage UI, the JSON API and metrics over the store.
+//! `redrive serve`: the triage UI, the JSON API and metrics over the store, with the
+//! alert evaluator and the retention sweeper running beside them.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -6,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use redrive_server::alerting::{AlertView, Alerting};
+use redrive_server::notify::Notifiers;
 use redrive_server::{App, Auth, Backend, Metrics, Tokens, Triage};
 use redrive_sqlite::Sqlite;
 
@@ -20,6 +23,11 @@ pub fn tokens(file: Option<&std::path::Path>) -> Result<Tokens> {
     Ok(Tokens::load(operator.as_deref(), viewer.as_deref(), file)?)
 }
 
+/// The triage facade over an embedded store.
+pub fn triage(store: &Sqlite) -> Arc<dyn Triage> {
+    Arc::new(Backend::new(store.clone(), store.clone()))
+}
+
 /// Builds the app over an embedded store and binds it.
 pub async fn start(
     store: &Sqlite,
@@ -28,22 +36,68 @@ pub async fn start(
     bind: SocketAddr,
     max_replays: u32,
 ) -> Result<(Arc<App>, tokio::net::TcpListener, SocketAddr)> {
-    let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
-    let mut app = App::new(triage, Auth::new(tokens), metrics);
-    app.max_replays = max_replays;
-    let (listener, addr) = redrive_server::bind(&app, bind).await?;
+    let (app, listener, addr) = prepare(store, tokens, metrics, bind, max_replays).await?;
     Ok((Arc::new(app), listener, addr))
 }
 
+async fn prepare(
+    store: &Sqlite,
+    tokens: Tokens,
+    metrics: Arc<Metrics>,
+    bind: SocketAddr,
+    max_replays: u32,
+) -> Result<(App, tokio::net::TcpListener, SocketAddr)> {
+    let mut app = App::new(triage(store), Auth::new(tokens), metrics);
+    app.max_replays = max_replays;
+    let (listener, addr) = redrive_server::bind(&app, bind).await?;
+    Ok((app, listener, addr))
+}
+
 pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
-    let tokens = tokens(args.token_file.as_deref())?;
+    let config = &cli.loaded;
+    let token_file = args.token_file.clone().or_else(|| config.token_file.clone());
+    let tokens = tokens(token_file.as_deref())?;
     let open = tokens.is_empty();
     let sample_every = duration_flag("--sample-every", &args.sample_every)?.max(Duration::from_millis(100));
+    let bind = args.bind.or(config.bind).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let store = backend::open(cli.store_url(), true)?;
-    let (app, listener, addr) = start(&store, tokens, Arc::new(Metrics::new()), args.bind, args.max_replays).await?;
+    let metrics = Arc::new(Metrics::new());
+    let (mut app, listener, addr) = prepare(&store, tokens, Arc::clone(&metrics), bind, args.max_replays).await?;
+
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let notifiers = Notifiers::new(config.notifiers.clone()).context("building the HTTP client for notifiers")?;
+    let alerting = Arc::new(Alerting::new(store.clone(), Arc::clone(&app.triage), config.rules.clone(), notifiers, public_url, Arc::clone(&metrics)));
+    app.alerts = Some(Arc::clone(&alerting) as Arc<dyn AlertView>);
+    let alert_task = tokio::spawn(Arc::clone(&alerting).run(config.evaluate_every));
+
+    let sweeper = {
+        let store = store.clone();
+        let retention = config.retention.clone();
+        let every = config.sweep_every;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match redrive_retention::sweep(&store, &retention, redrive_core::now_ms(), None).await {
+                    Ok(r) if r.compressed + r.archived + r.forgotten > 0 => {
+                        tracing::info!(compressed = r.compressed, archived = r.archived, files = r.files.len(), "retention sweep");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed; nothing was deleted that is not archived"),
+                }
+            }
+        })
+    };
+
     let access = if open { "no token: open to local callers only" } else { "token required" };
+    let rules: Vec<String> = config.rules.iter().map(|r| format!("{} ({})", r.name, r.condition)).collect();
     eprintln!("redrive serve: http://{addr}/  (API /api/v1, metrics /metrics; {access})");
-    tracing::info!(%addr, "serving");
-    redrive_server::serve(app, listener, sample_every, shutdown_signal()).await.context("serving")?;
+    let file = config.file.as_ref().map_or_else(|| "none".to_owned(), |f| f.display().to_string());
+    tracing::info!(%addr, config = %file, rules = %rules.join(", "), notifiers = config.notifiers.len(), "serving");
+    let result = redrive_server::serve(Arc::new(app), listener, sample_every, shutdown_signal()).await;
+    alert_task.abort();
+    sweeper.abort();
+    store.close();
+    result.context("serving")?;
     Ok(ExitCode::SUCCESS)
 }
