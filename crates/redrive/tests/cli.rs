@@ -283,3 +283,115 @@ async fn consume_exposes_its_metrics() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+fn serve(store: &Path, config: &Path, port: u16) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--store", &format!("sqlite://{}", store.display()), "--config", &config.display().to_string()])
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env("REDRIVE_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    Running(child)
+}
+
+async fn wait_for_pages(sink: &redrive_conformance::http_sink::HttpSink, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let bodies = sink.json_bodies();
+        if bodies.len() >= n {
+            return bodies;
+        }
+        assert!(std::time::Instant::now() < deadline, "waited for {n} pages, got {bodies:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The figure: a DLQ that stays non-empty for the rule's duration produces
+/// exactly one PagerDuty trigger, and emptying it exactly one resolve with the same
+/// dedup_key, with restarts of `serve` in between (one of them a SIGKILL while pending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagerduty_pages_once_and_resolves_once_across_serve_restarts() {
+    let pd = redrive_conformance::http_sink::HttpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    ok(&redrive(&store, &["publish", "agent.tasks"], b"{bad\n"));
+    ok(&redrive(&store, &["consume", "agent.tasks", "--exec", "exit 65", "--until-idle"], b""));
+    let config = dir.path().join("redrive.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[alerts]\nevaluate_every = \"100ms\"\ndefault_rule = false\n\n[[alerts.rules]]\nname = \"dlq-not-empty\"\nwhen = \"dlq_depth > 0 for 2s\"\nnotify = [\"pd\"]\n\n[notifiers.pd]\nkind = \"pagerduty\"\nrouting_key = \"test-routing-key\"\nurl = \"{}/v2/enqueue\"\n",
+            pd.url
+        ),
+    )
+    .unwrap();
+    ok(&redrive(&store, &["--config", &config.display().to_string(), "config", "check"], b""));
+
+    // Pending for a second, then the server is killed outright and restarted.
+    let port = free_port();
+    let first = serve(&store, &config, port);
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert!(pd.received().is_empty(), "nothing is paged before the rule's duration");
+    drop(first);
+    let second = serve(&store, &config, port);
+    let pages = wait_for_pages(&pd, 1).await;
+    assert_eq!(pages[0]["event_action"], "trigger");
+    assert_eq!(pages[0]["dedup_key"], "redrive/dlq-not-empty/agent.tasks");
+
+    // A restart while firing does not page again.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(second);
+    let _third = serve(&store, &config, port);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(pd.received().len(), 1, "still exactly one trigger after the restart");
+
+    // Emptying the DLQ resolves, once, with the same key.
+    ok(&redrive(&store, &["dlq", "purge", "--all", "--yes"], b""));
+    let pages = wait_for_pages(&pd, 2).await;
+    assert_eq!(pages[1]["event_action"], "resolve");
+    assert_eq!(pages[1]["dedup_key"], pages[0]["dedup_key"]);
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(pd.received().len(), 2, "exactly one resolve");
+}
+
+#[test]
+fn config_check_lists_every_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("redrive.toml");
+    std::fs::write(&config, "[[queues]]\nname = \"bad name\"\ntiers = \"5s,x\"\n\n[retention]\nhot = \"forever\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive")).args(["config", "check", &config.display().to_string()]).output().unwrap();
+    let err = failed(&out);
+    assert!(err.contains("redrive.toml:line 2: queues.name"), "{err}");
+    assert!(err.contains("redrive.toml:line 3: queues.tiers"), "{err}");
+    assert!(err.contains("redrive.toml:line 6: retention.hot"), "{err}");
+    assert!(err.contains("3 problem(s)"), "{err}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../redrive.example.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive")).args(["config", "check", example]).output().unwrap();
+    assert!(ok(&out).contains("OK"));
+    // Other commands refuse to run on a broken config rather than ignore it.
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive")).args(["--config", &config.display().to_string(), "queues"]).output().unwrap();
+    assert!(failed(&out).contains("has 3 problem(s)"));
+}
+
+#[test]
+fn retention_run_compresses_warm_payloads_and_import_names_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.db");
+    ok(&redrive(&store, &["publish", "q"], b"{\"a\":1}\n{\"a\":2}\n"));
+    ok(&redrive(&store, &["consume", "q", "--exec", "exit 65", "--until-idle"], b""));
+    // Retention set so that everything already dead is past warm: `warm = 1ms` ages.
+    let config = dir.path().join("redrive.toml");
+    let archive = dir.path().join("archive");
+    std::fs::write(&config, format!("[retention]\nhot = \"1ms\"\nwarm = \"2ms\"\narchive_dir = \"{}\"\n", archive.display())).unwrap();
+    // Whole days only: messages that died today are archived once today is over, so
+    // this run only compresses them.
+    let run = json_lines(&ok(&redrive(&store, &["--config", &config.display().to_string(), "retention", "run", "--json"], b"")));
+    assert_eq!(run[0]["compressed"], 2);
+    let dead = json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b"")));
+    let payloads: Vec<&str> = dead.iter().map(|d| d["payload"].as_str().unwrap()).collect();
+    assert_eq!(payloads, ["{\"a\":1}", "{\"a\":2}"], "warm payloads read back unchanged");
+    let err = failed(&redrive(&store, &["archive", "import", "/nonexistent.jsonl.zst"], b""));
+    assert!(err.contains("/nonexistent.jsonl.zst"), "{err}");
+}
