@@ -1,18 +1,27 @@
-//! Opening the backend a `--store` URL names, with errors that say what to fix.
+//! Opening the backend that `--store` and `--broker` name, with errors that say what to
+//! fix, and one enum over the backends for commands that are not generic.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use redrive_core::{
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, Delivery, Envelope,
+    Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, StoreError, Tier, Transport, TransportError,
+};
+use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
-/// Opens the store. Commands that only read pass `create = false`, so a mistyped path
-/// is an error instead of a new, empty store.
+use crate::cli::Cli;
+
+/// Opens the SQLite store. Commands that only read pass `create = false`, so a mistyped
+/// path is an error instead of a new, empty store.
 pub fn open(url: &str, create: bool) -> Result<Sqlite> {
     if !url.starts_with("sqlite:") {
         let scheme = url.split("://").next().unwrap_or(url);
         bail!(
             "unsupported store {scheme:?} in --store {url:?}: this build supports sqlite://PATH \
-             (e.g. sqlite://redrive.db)"
+             (e.g. sqlite://redrive.db); brokers go in --broker"
         );
     }
     let config = SqliteConfig::from_url(url)?;
@@ -37,4 +46,168 @@ fn check_path(path: &Path, create: bool) -> Result<()> {
         bail!("cannot create the store {}: directory {} does not exist", path.display(), dir.display());
     }
     Ok(())
+}
+
+/// The backend a command runs on: lanes in SQLite, or in a broker with SQLite as the
+/// dead-letter store of record.
+#[derive(Debug, Clone)]
+pub enum Any {
+    /// Everything in one SQLite file.
+    Sqlite(Sqlite),
+    /// Redis lanes, SQLite dead letters.
+    Redis(RedisBackend<Sqlite>),
+}
+
+impl Any {
+    /// The SQLite store (alert state, retention, audit).
+    pub fn sqlite(&self) -> &Sqlite {
+        match self {
+            Self::Sqlite(s) => s,
+            Self::Redis(r) => r.store(),
+        }
+    }
+}
+
+/// Opens what `--store` and `--broker` say. With a broker, the store is the dead-letter
+/// store of record and is created when missing.
+pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
+    match cli.broker.as_deref() {
+        None => Ok(Any::Sqlite(open(cli.store_url(), create)?)),
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let config = RedisConfig::new(url)?;
+            let transport = config.connect().await.context("--broker")?;
+            let store = open(cli.store_url(), true)?;
+            Ok(Any::Redis(RedisBackend::new(transport, store)))
+        }
+        Some(url) => {
+            let scheme = url.split("://").next().unwrap_or(url);
+            bail!("unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT")
+        }
+    }
+}
+
+/// A delivery of either backend.
+#[derive(Debug, Clone)]
+pub enum AnyToken {
+    /// SQLite.
+    Sqlite(redrive_sqlite::Token),
+    /// Redis.
+    Redis(redrive_redis::Token),
+}
+
+fn with_token<T>(d: &Delivery<AnyToken>, token: T) -> Delivery<T> {
+    Delivery { envelope: d.envelope.clone(), lane: d.lane.clone(), due_ms: d.due_ms, unfinished_before: d.unfinished_before, token }
+}
+
+fn mismatch() -> TransportError {
+    TransportError::Backend { context: "backend".into(), source: "a delivery was settled on another backend than it came from".into() }
+}
+
+macro_rules! settle {
+    ($self:expr, $d:expr, |$b:ident, $x:ident| $call:expr) => {
+        match ($self, &$d.token) {
+            (Any::Sqlite($b), AnyToken::Sqlite(t)) => {
+                let $x = with_token($d, *t);
+                $call
+            }
+            (Any::Redis($b), AnyToken::Redis(t)) => {
+                let $x = with_token($d, t.clone());
+                $call
+            }
+            _ => Err(mismatch()),
+        }
+    };
+}
+
+macro_rules! both {
+    ($self:expr, |$b:ident| $call:expr) => {
+        match $self {
+            Any::Sqlite($b) => $call,
+            Any::Redis($b) => $call,
+        }
+    };
+}
+
+impl Transport for Any {
+    type Token = AnyToken;
+
+    async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
+        both!(self, |b| b.publish(queue, batch).await)
+    }
+    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<AnyToken>, TransportError> {
+        fn wrap<T>(f: Fetched<T>, w: impl Fn(T) -> AnyToken) -> Fetched<AnyToken> {
+            Fetched {
+                next_due_ms: f.next_due_ms,
+                deliveries: f
+                    .deliveries
+                    .into_iter()
+                    .map(|d| Delivery { envelope: d.envelope, lane: d.lane, due_ms: d.due_ms, unfinished_before: d.unfinished_before, token: w(d.token) })
+                    .collect(),
+            }
+        }
+        match self {
+            Self::Sqlite(s) => Ok(wrap(s.fetch(lanes, max, lease).await?, AnyToken::Sqlite)),
+            Self::Redis(r) => Ok(wrap(r.fetch(lanes, max, lease).await?, AnyToken::Redis)),
+        }
+    }
+    async fn ack(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {
+        settle!(self, d, |b, x| b.ack(&x).await)
+    }
+    async fn retry(&self, d: &Delivery<AnyToken>, tier: &Tier, due_ms: i64, envelope: &Envelope) -> Result<(), TransportError> {
+        settle!(self, d, |b, x| b.retry(&x, tier, due_ms, envelope).await)
+    }
+    async fn dead_letter(&self, d: &Delivery<AnyToken>, envelope: &Envelope) -> Result<(), TransportError> {
+        settle!(self, d, |b, x| b.dead_letter(&x, envelope).await)
+    }
+    async fn release(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {
+        settle!(self, d, |b, x| b.release(&x).await)
+    }
+    async fn extend_lease(&self, d: &Delivery<AnyToken>, lease: Duration) -> Result<(), TransportError> {
+        settle!(self, d, |b, x| b.extend_lease(&x, lease).await)
+    }
+}
+
+impl LaneStats for Any {
+    async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
+        both!(self, |b| b.depths().await)
+    }
+    async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
+        both!(self, |b| b.queue_depths(lanes).await)
+    }
+}
+
+impl DeadLetterStore for Any {
+    async fn insert(&self, dead: &DeadLetter) -> Result<bool, StoreError> {
+        both!(self, |b| b.insert(dead).await)
+    }
+    async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
+        both!(self, |b| b.insert_batch(dead).await)
+    }
+    async fn list(&self, filter: &DeadFilter, cursor: Option<&Cursor>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        both!(self, |b| b.list(filter, cursor, limit).await)
+    }
+    async fn groups(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<DeadGroup>, StoreError> {
+        both!(self, |b| b.groups(filter, limit).await)
+    }
+    async fn count(&self, filter: &DeadFilter) -> Result<u64, StoreError> {
+        both!(self, |b| b.count(filter).await)
+    }
+    async fn get(&self, id: &MessageId) -> Result<Option<DeadLetter>, StoreError> {
+        both!(self, |b| b.get(id).await)
+    }
+    async fn mark_replayed(&self, ids: &[MessageId], actor: &str, reason: &str) -> Result<u64, StoreError> {
+        both!(self, |b| b.mark_replayed(ids, actor, reason).await)
+    }
+    async fn purge(&self, selection: &DeadSelection, actor: &str, reason: &str) -> Result<u64, StoreError> {
+        both!(self, |b| b.purge(selection, actor, reason).await)
+    }
+    async fn stats(&self) -> Result<Vec<DeadStats>, StoreError> {
+        both!(self, |b| b.stats().await)
+    }
+    async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        both!(self, |b| b.audit_log(limit).await)
+    }
+    async fn depth(&self, queue: Option<&QueueName>) -> Result<u64, StoreError> {
+        both!(self, |b| b.depth(queue).await)
+    }
 }

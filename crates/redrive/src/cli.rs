@@ -25,6 +25,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "REDRIVE_STORE", value_name = "URL")]
     pub store: Option<String>,
 
+    /// A broker for the lanes: redis://HOST:PORT[?namespace=NAME]. Without it, lanes live
+    /// in the --store file. With it, --store holds the dead-letter store of record.
+    #[arg(long, global = true, env = "REDRIVE_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+
     /// Configuration file [default: ./redrive.toml when it exists]. See redrive.example.toml.
     #[arg(long, global = true, env = "REDRIVE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

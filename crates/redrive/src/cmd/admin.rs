@@ -48,7 +48,11 @@ pub fn config_check(cli: &Cli, file: Option<&PathBuf>, as_json: bool) -> Result<
 }
 
 pub async fn retention_run(cli: &Cli, as_json: bool) -> Result<ExitCode> {
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
+    if let backend::Any::Redis(r) = &store {
+        r.drain().await.context("draining the broker's DLQ before the sweep")?;
+    }
+    let store = store.sqlite().clone();
     let retention = &cli.loaded.retention;
     let report = redrive_retention::sweep(&store, retention, now_ms(), None).await.context("retention sweep")?;
     if as_json {

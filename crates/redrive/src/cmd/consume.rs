@@ -53,11 +53,13 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     };
     anyhow::ensure!(config.concurrency > 0, "invalid --concurrency 0: at least one handler must run");
     let timeout = config.timeout;
-    let store = backend::open(cli.store_url(), true)?;
-    store
-        .register_queue(&LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() })
-        .await
-        .context("registering the queue")?;
+    let store = backend::open_any(cli, true).await?;
+    if let backend::Any::Sqlite(sqlite) = &store {
+        sqlite
+            .register_queue(&LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() })
+            .await
+            .context("registering the queue")?;
+    }
     let tiers: Vec<&str> = policy.tiers().iter().map(redrive_core::Tier::name).collect();
     tracing::info!(
         queue = %queue,
@@ -112,6 +114,6 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
             summary.reason, summary.delivered, s.succeeded, s.retried, s.dead, summary.released
         );
     }
-    store.close();
+    store.sqlite().close();
     Ok(ExitCode::SUCCESS)
 }

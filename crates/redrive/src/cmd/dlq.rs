@@ -51,7 +51,7 @@ fn selection_from(args: &SelectArgs) -> Result<DeadSelection> {
 }
 
 pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
     let filter = filter_from(args.queue.as_deref(), &args.filter)?;
     if args.group {
         let groups = store.groups(&filter, args.limit).await.context("grouping dead messages")?;
@@ -115,7 +115,7 @@ fn ago(ms: i64) -> String {
 pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
     let id = MessageId::parse(&args.id)
         .map_err(|_| anyhow::anyhow!("invalid message id {:?}: expected a UUID as shown by `redrive dlq list`", args.id))?;
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
     let Some(dead) = store.get(&id).await.context("reading the dead message")? else {
         bail!("no dead message with id {id}: it may have been replayed or purged (see `redrive dlq list`)");
     };
@@ -174,7 +174,7 @@ struct ReplayJson {
 pub async fn replay(cli: &Cli, args: &ReplayArgs) -> Result<ExitCode> {
     let selection = selection_from(&args.select)?;
     let to = args.to.as_deref().map(QueueName::new).transpose()?;
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
     let actor = actor();
     let options = ReplayOptions {
         to: to.as_ref(),
@@ -210,7 +210,7 @@ pub async fn replay(cli: &Cli, args: &ReplayArgs) -> Result<ExitCode> {
 
 pub async fn purge(cli: &Cli, args: &PurgeArgs) -> Result<ExitCode> {
     let selection = selection_from(&args.select)?;
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
     let count: u64 = match &selection {
         DeadSelection::Ids(ids) => {
             let mut n = 0;
@@ -249,7 +249,7 @@ pub async fn purge(cli: &Cli, args: &PurgeArgs) -> Result<ExitCode> {
 }
 
 pub async fn export(cli: &Cli, args: &ExportArgs) -> Result<ExitCode> {
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
     let filter = filter_from(args.queue.as_deref(), &args.filter)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -93,7 +93,7 @@ pub async fn run(cli: &Cli, args: &PublishArgs) -> Result<ExitCode> {
         envelopes.push(env);
     }
     let total = envelopes.len();
-    let store = backend::open(cli.store_url(), true)?;
+    let store = backend::open_any(cli, true).await?;
     let mut done = 0usize;
     for chunk in envelopes.chunks(BATCH) {
         store

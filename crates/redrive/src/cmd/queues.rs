@@ -11,7 +11,7 @@ use crate::cli::{Cli, QueuesArgs};
 use crate::output::{QueueJson, json_line, table};
 
 pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
-    let store = backend::open(cli.store_url(), false)?;
+    let store = backend::open_any(cli, false).await?;
     let depths = store.depths().await.context("reading lane depths")?;
     if args.json {
         for d in &depths {

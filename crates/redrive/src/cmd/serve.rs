@@ -36,18 +36,18 @@ pub async fn start(
     bind: SocketAddr,
     max_replays: u32,
 ) -> Result<(Arc<App>, tokio::net::TcpListener, SocketAddr)> {
-    let (app, listener, addr) = prepare(store, tokens, metrics, bind, max_replays).await?;
+    let (app, listener, addr) = prepare(triage(store), tokens, metrics, bind, max_replays).await?;
     Ok((Arc::new(app), listener, addr))
 }
 
 async fn prepare(
-    store: &Sqlite,
+    triage: Arc<dyn Triage>,
     tokens: Tokens,
     metrics: Arc<Metrics>,
     bind: SocketAddr,
     max_replays: u32,
 ) -> Result<(App, tokio::net::TcpListener, SocketAddr)> {
-    let mut app = App::new(triage(store), Auth::new(tokens), metrics);
+    let mut app = App::new(triage, Auth::new(tokens), metrics);
     app.max_replays = max_replays;
     let (listener, addr) = redrive_server::bind(&app, bind).await?;
     Ok((app, listener, addr))
@@ -60,9 +60,11 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     let open = tokens.is_empty();
     let sample_every = duration_flag("--sample-every", &args.sample_every)?.max(Duration::from_millis(100));
     let bind = args.bind.or(config.bind).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-    let store = backend::open(cli.store_url(), true)?;
+    let any = backend::open_any(cli, true).await?;
+    let store = any.sqlite().clone();
     let metrics = Arc::new(Metrics::new());
-    let (mut app, listener, addr) = prepare(&store, tokens, Arc::clone(&metrics), bind, args.max_replays).await?;
+    let any_triage: Arc<dyn Triage> = Arc::new(Backend::new(any.clone(), any.clone()));
+    let (mut app, listener, addr) = prepare(any_triage, tokens, Arc::clone(&metrics), bind, args.max_replays).await?;
 
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let notifiers = Notifiers::new(config.notifiers.clone()).context("building the HTTP client for notifiers")?;
@@ -89,6 +91,18 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
         })
     };
 
+    // With a broker, dead messages wait in its DLQ lane until drained into the store.
+    let drainer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let backend::Any::Redis(r) = &any
+                && let Err(e) = r.drain().await
+            {
+                tracing::warn!(error = %e, "draining the broker's DLQ failed; will retry");
+            }
+        }
+    });
     let access = if open { "no token: open to local callers only" } else { "token required" };
     let rules: Vec<String> = config.rules.iter().map(|r| format!("{} ({})", r.name, r.condition)).collect();
     eprintln!("redrive serve: http://{addr}/  (API /api/v1, metrics /metrics; {access})");
@@ -97,6 +111,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     let result = redrive_server::serve(Arc::new(app), listener, sample_every, shutdown_signal()).await;
     alert_task.abort();
     sweeper.abort();
+    drainer.abort();
     store.close();
     result.context("serving")?;
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,63 @@
+//! The conformance suite on the Redis backend (lanes in Redis, dead letters drained into
+//! SQLite). Redis comes from `REDRIVE_TEST_REDIS_URL` (default redis://127.0.0.1:6379,
+//! which `scripts/test` makes sure is running); each scenario gets its own key namespace.
+
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
+
+use redrive_conformance::{Backend, Cli, Harness};
+use redrive_redis::{RedisBackend, RedisConfig};
+use redrive_sqlite::{Sqlite, SqliteConfig};
+
+struct RedisHarness;
+
+fn redis_url() -> String {
+    std::env::var("REDRIVE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+impl Harness for RedisHarness {
+    type T = RedisBackend<Sqlite>;
+    type S = RedisBackend<Sqlite>;
+
+    async fn open(&self) -> Backend<Self::T, Self::S> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead.db");
+        let namespace = format!("test-{}", uuid_like());
+        let url = format!("{}?namespace={namespace}", redis_url());
+        let url_for_cli = url.clone();
+        let transport = RedisConfig::new(url.as_str()).unwrap().connect().await.unwrap_or_else(|e| panic!("{e} (start redis-server, or set REDRIVE_TEST_REDIS_URL)"));
+        let store = SqliteConfig::new(&path).open().unwrap();
+        let backend = RedisBackend::new(transport, store);
+        Backend {
+            transport: backend.clone(),
+            store: backend,
+            cli: Cli {
+                bin: env!("CARGO_BIN_EXE_redrive").into(),
+                backend_args: vec!["--broker".into(), url_for_cli, "--store".into(), format!("sqlite://{}", path.display())],
+            },
+            guard: Box::new(Cleanup { _dir: dir, namespace }),
+        }
+    }
+}
+
+/// Deletes a scenario's keys from the shared Redis when the scenario ends.
+struct Cleanup {
+    _dir: tempfile::TempDir,
+    namespace: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(redis_url()) else { return };
+        let Ok(mut conn) = client.get_connection() else { return };
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.namespace)).query(&mut conn).unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    format!("{:x}{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+}
+
+redrive_conformance::conformance!(RedisHarness);
