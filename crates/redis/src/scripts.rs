@@ -59,23 +59,48 @@ return 1
     ))
 });
 
-/// KEYS: main, tier zsets… ARGV: now, limit, hash key prefix.
-/// Moves every due retry into main; a message is never both promoted and kept, nor lost.
-pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+/// One round trip per fetch. KEYS: main, tier zsets…
+/// ARGV: group, consumer, now, max, hash key prefix, reclaim idle ms (-1: skip).
+/// Promotes due retries, reclaims expired leases, reads new entries, and reports when
+/// the next retry is due. Returns `{claimed, fresh, next_due}`.
+pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        "local moved = 0
+        "local max = tonumber(ARGV[4])
+local limit = math.max(max, 100)
 for i = 2, #KEYS do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[3], 'LIMIT', 0, limit)
   for _, token in ipairs(due) do
-    local h = ARGV[3] .. token
+    local h = ARGV[5] .. token
     local fields = redis.call('HGETALL', h)
     if #fields > 0 then redis.call('XADD', KEYS[1], '*', unpack(fields)) end
     redis.call('DEL', h)
     redis.call('ZREM', KEYS[i], token)
-    moved = moved + 1
   end
 end
-return moved
+local claimed = {}
+if tonumber(ARGV[6]) >= 0 then
+  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[6], '0-0', 'COUNT', max)
+  claimed = r[2]
+end
+local fresh = {}
+local want = max - #claimed
+if want > 0 then
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want, 'STREAMS', KEYS[1], '>')
+  if r then fresh = r[1][2] end
+end
+local next_due = ''
+if #claimed + #fresh < max then
+  local best = nil
+  for i = 2, #KEYS do
+    local f = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if #f > 0 then
+      local s = tonumber(f[2])
+      if best == nil or s < best then best = s end
+    end
+  end
+  if best ~= nil then next_due = string.format('%d', best) end
+end
+return {claimed, fresh, next_due}
 ",
     )
 });

@@ -51,6 +51,8 @@ pub struct RedisTransport {
     namespace: String,
     consumer: String,
     ready: Arc<Mutex<HashSet<String>>>,
+    tiers: Arc<Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<String>)>>>,
+    last_reclaim: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -135,7 +137,7 @@ fn wire(env: &Envelope) -> String {
 impl RedisTransport {
     pub(crate) fn new(conn: ConnectionManager, address: String, namespace: String) -> Self {
         let consumer = format!("c-{}", uuid::Uuid::new_v4().simple());
-        Self { conn, address, namespace, consumer, ready: Arc::default() }
+        Self { conn, address, namespace, consumer, ready: Arc::default(), tiers: Arc::default(), last_reclaim: Arc::default() }
     }
 
     pub(crate) fn keys(&self, queue: &str) -> Keys {
@@ -183,10 +185,25 @@ impl RedisTransport {
         Ok(q)
     }
 
+    /// The consumer's tiers plus every tier that ever held messages of the queue (left
+    /// by consumers with other tiers), looked up at most every 5 s.
     async fn tier_names(&self, keys: &Keys, lanes: &LaneSet) -> Result<Vec<String>, RedisError> {
-        let mut conn = self.conn();
         let mut names: Vec<String> = lanes.tiers.iter().map(|t| t.name().to_owned()).collect();
-        let seen: Vec<String> = redis::cmd("SMEMBERS").arg(&keys.tiers).query_async(&mut conn).await.map_err(self.err("list tiers"))?;
+        let cached = self.tiers.lock().ok().and_then(|c| {
+            c.get(&keys.tiers).filter(|(at, _)| at.elapsed() < Duration::from_secs(5)).map(|(_, v)| v.clone())
+        });
+        let seen = match cached {
+            Some(seen) => seen,
+            None => {
+                let mut conn = self.conn();
+                let seen: Vec<String> =
+                    redis::cmd("SMEMBERS").arg(&keys.tiers).query_async(&mut conn).await.map_err(self.err("list tiers"))?;
+                if let Ok(mut c) = self.tiers.lock() {
+                    c.insert(keys.tiers.clone(), (std::time::Instant::now(), seen.clone()));
+                }
+                seen
+            }
+        };
         for t in seen {
             if !names.contains(&t) {
                 names.push(t);
@@ -245,75 +262,39 @@ impl Transport for RedisTransport {
         let keys = self.keys(queue.as_str());
         self.ensure(queue.as_str(), &keys.main, GROUP).await?;
         let tiers = self.tier_names(&keys, lanes).await?;
-        let now = now_ms();
-        let mut conn = self.conn();
-        if !tiers.is_empty() {
-            let mut inv = scripts::PROMOTE.prepare_invoke();
-            inv.key(&keys.main);
-            for t in &tiers {
-                inv.key(keys.retry(t));
+        // Reclaiming scans the pending list, so it runs at most every 250 ms per process.
+        let reclaim = {
+            let mut last = self.last_reclaim.lock().map_err(|_| RedisError::LeaseLost("reclaim clock".into()))?;
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+                *last = Some(std::time::Instant::now());
+                i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
+            } else {
+                -1
             }
-            inv.arg(now).arg(max.max(100)).arg(keys.hash_prefix());
-            let _: i64 = inv.invoke_async(&mut conn).await.map_err(self.err("promote due retries"))?;
+        };
+        let mut inv = scripts::FETCH.prepare_invoke();
+        inv.key(&keys.main);
+        for t in &tiers {
+            inv.key(keys.retry(t));
         }
+        inv.arg(GROUP).arg(&self.consumer).arg(now_ms()).arg(max).arg(keys.hash_prefix()).arg(reclaim);
+        let mut conn = self.conn();
+        let reply: Value = inv.invoke_async(&mut conn).await.map_err(self.err("fetch"))?;
+        let Value::Array(parts) = reply else {
+            return Err(RedisError::Malformed { key: keys.main.clone(), id: "-".into(), reason: "unexpected fetch reply".into() }.into());
+        };
         let mut deliveries = Vec::new();
-        // Deliveries of consumers that died (or hung past their lease) come first.
-        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-        let claimed: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&keys.main)
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg(lease_ms)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(max)
-            .query_async(&mut conn)
-            .await
-            .map_err(self.err("reclaim expired leases"))?;
-        if let Value::Array(parts) = &claimed
-            && let Some(list) = parts.get(1)
-        {
-            for e in entries(list) {
-                if e.fields.is_empty() {
-                    continue;
-                }
+        if let Some(claimed) = parts.first() {
+            for e in entries(claimed).into_iter().filter(|e| !e.fields.is_empty()) {
                 deliveries.push(self.delivery(queue, &keys, &e, true)?);
             }
         }
-        if deliveries.len() < max {
-            let read: Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(max - deliveries.len())
-                .arg("STREAMS")
-                .arg(&keys.main)
-                .arg(">")
-                .query_async(&mut conn)
-                .await
-                .map_err(self.err("read main"))?;
-            for e in read_reply(&read) {
+        if let Some(fresh) = parts.get(1) {
+            for e in entries(fresh) {
                 deliveries.push(self.delivery(queue, &keys, &e, false)?);
             }
         }
-        let mut next_due_ms = None;
-        if deliveries.len() < max {
-            for t in &tiers {
-                let first: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                    .arg(keys.retry(t))
-                    .arg(0)
-                    .arg(0)
-                    .arg("WITHSCORES")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(self.err("next due"))?;
-                if let Some((_, score)) = first.first() {
-                    let due = *score as i64;
-                    next_due_ms = Some(next_due_ms.map_or(due, |n: i64| n.min(due)));
-                }
-            }
-        }
+        let next_due_ms = parts.get(2).and_then(bytes).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.parse().ok());
         Ok(Fetched { deliveries, next_due_ms })
     }
 

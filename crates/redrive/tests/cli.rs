@@ -390,7 +390,8 @@ fn retention_run_compresses_warm_payloads_and_import_names_a_missing_file() {
     let run = json_lines(&ok(&redrive(&store, &["--config", &config.display().to_string(), "retention", "run", "--json"], b"")));
     assert_eq!(run[0]["compressed"], 2);
     let dead = json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b"")));
-    let payloads: Vec<&str> = dead.iter().map(|d| d["payload"].as_str().unwrap()).collect();
+    let mut payloads: Vec<&str> = dead.iter().map(|d| d["payload"].as_str().unwrap()).collect();
+    payloads.sort_unstable();
     assert_eq!(payloads, ["{\"a\":1}", "{\"a\":2}"], "warm payloads read back unchanged");
     let err = failed(&redrive(&store, &["archive", "import", "/nonexistent.jsonl.zst"], b""));
     assert!(err.contains("/nonexistent.jsonl.zst"), "{err}");

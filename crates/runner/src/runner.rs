@@ -5,6 +5,7 @@
 //! fetch loop, lets in-flight handlers finish within a grace period, then releases
 //! what is left so it is delivered again without counting an attempt.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,11 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redrive_core::{
-    Delivery, Envelope, FailureKind, LaneSet, LaneStats, Outcome, QueueName, RetryPolicy, Step, Transport,
+    Delivery, Envelope, FailureKind, Fetched, LaneSet, LaneStats, Outcome, QueueName, RetryPolicy, Step, Transport,
     TransportError, now_ms,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::handler::Handler;
@@ -144,6 +145,12 @@ impl<T: Transport> Runner<T> {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut delivered: u64 = 0;
         let mut fetch_errors: u32 = 0;
+        let concurrency = self.config.concurrency;
+        // Leased deliveries waiting for a free handler slot. Fetching ahead (up to one
+        // slot's worth per slot) hides the fetch round trip behind running handlers.
+        let mut buffer: VecDeque<Delivery<T::Token>> = VecDeque::new();
+        let mut fetching: Option<JoinHandle<Result<Fetched<T::Token>, TransportError>>> = None;
+        let mut fetch_at = Instant::now();
         tokio::pin!(shutdown);
 
         let reason = loop {
@@ -151,80 +158,90 @@ impl<T: Transport> Runner<T> {
                 break "max-messages";
             }
             while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
+            let inflight = concurrency - permits.available_permits();
+            let remaining = self.config.max_messages.map_or(usize::MAX, |m| usize::try_from(m - delivered).unwrap_or(usize::MAX));
+            let room = (2 * concurrency)
+                .saturating_sub(inflight + buffer.len())
+                .min(self.config.fetch_batch)
+                .min(remaining.saturating_sub(buffer.len()));
+            if fetching.is_none() && room > 0 && Instant::now() >= fetch_at {
+                let transport = Arc::clone(&self.transport);
+                let lanes = self.lanes.clone();
+                let lease = self.config.lease;
+                // A spawned fetch is never abandoned half-way: even at shutdown it is
+                // awaited and what it leased is released, so no lease expires unseen
+                // (which would count an attempt).
+                fetching = Some(tokio::spawn(async move { transport.fetch(&lanes, room, lease).await }));
+            }
+            tokio::select! {
                 biased;
                 () = &mut shutdown => break "shutdown",
-                p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break "shutdown" },
-            };
-            let free = 1 + permits.available_permits();
-            let remaining = self.config.max_messages.map_or(usize::MAX, |m| usize::try_from(m - delivered).unwrap_or(usize::MAX));
-            let want = free.min(self.config.fetch_batch).min(remaining);
-            // The fetch is not raced against shutdown: a fetch abandoned half-way could
-            // lease messages nobody handles, and their expiry would count an attempt.
-            let fetched = match self.transport.fetch(&self.lanes, want, self.config.lease).await {
-                Ok(f) => {
-                    fetch_errors = 0;
-                    f
-                }
-                Err(e) => {
-                    drop(permit);
-                    fetch_errors = fetch_errors.saturating_add(1);
-                    let backoff = Duration::from_millis(100 * 2u64.pow(fetch_errors.min(6)));
-                    tracing::warn!(queue = %self.lanes.queue, error = %e, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break "shutdown",
-                        () = sleep(backoff) => continue,
+                joined = async { fetching.as_mut().expect("guarded by the branch condition").await }, if fetching.is_some() => {
+                    fetching = None;
+                    let result = joined.unwrap_or_else(|e| Err(TransportError::Backend { context: "fetch task".into(), source: Box::new(e) }));
+                    match result {
+                        Ok(fetched) if fetched.deliveries.is_empty() => {
+                            fetch_errors = 0;
+                            let idle = buffer.is_empty() && permits.available_permits() == concurrency;
+                            if idle && let Some(probe) = &self.idle_probe {
+                                match probe(self.lanes.clone()).await {
+                                    Ok(true) => break "idle",
+                                    Ok(false) => {}
+                                    Err(e) => return Err(RunError::Depths(e)),
+                                }
+                            }
+                            let poll = Instant::now() + self.config.idle_poll;
+                            fetch_at = fetched.next_due_ms.map_or(poll, |due| {
+                                let wait = u64::try_from(due - now_ms()).unwrap_or(0);
+                                poll.min(Instant::now() + Duration::from_millis(wait))
+                            });
+                        }
+                        Ok(fetched) => {
+                            fetch_errors = 0;
+                            buffer.extend(fetched.deliveries);
+                        }
+                        Err(e) => {
+                            fetch_errors = fetch_errors.saturating_add(1);
+                            let backoff = Duration::from_millis(100 * 2u64.pow(fetch_errors.min(6)));
+                            tracing::warn!(queue = %self.lanes.queue, error = %e, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
+                            fetch_at = Instant::now() + backoff;
+                        }
                     }
                 }
-            };
-            if fetched.deliveries.is_empty() {
-                drop(permit);
-                let idle = permits.available_permits() == self.config.concurrency;
-                if idle && let Some(probe) = &self.idle_probe {
-                    match probe(self.lanes.clone()).await {
-                        Ok(true) => break "idle",
-                        Ok(false) => {}
-                        Err(e) => return Err(RunError::Depths(e)),
-                    }
+                permit = Arc::clone(&permits).acquire_owned(), if !buffer.is_empty() => {
+                    let (Ok(slot), Some(delivery)) = (permit, buffer.pop_front()) else { break "shutdown" };
+                    delivered += 1;
+                    let job = Job {
+                        transport: Arc::clone(&self.transport),
+                        handler: Arc::clone(&handler),
+                        policy: self.policy.clone(),
+                        config: self.config.clone(),
+                        observers: Arc::clone(&observers),
+                        queue: self.lanes.queue.clone(),
+                        wake: Arc::clone(&wake),
+                        abort: abort_rx.clone(),
+                        released: Arc::clone(&released),
+                    };
+                    tasks.spawn(job.run(delivery, slot));
                 }
-                let poll = Instant::now() + self.config.idle_poll;
-                let until = fetched.next_due_ms.map_or(poll, |due| {
-                    let wait = u64::try_from(due - now_ms()).unwrap_or(0);
-                    poll.min(Instant::now() + Duration::from_millis(wait))
-                });
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break "shutdown",
-                    () = wake.notified() => {}
-                    () = sleep_until(until) => {}
-                }
-                continue;
-            }
-            let mut permit = Some(permit);
-            for delivery in fetched.deliveries {
-                let slot = match permit.take() {
-                    Some(p) => p,
-                    None => match Arc::clone(&permits).acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                };
-                delivered += 1;
-                let job = Job {
-                    transport: Arc::clone(&self.transport),
-                    handler: Arc::clone(&handler),
-                    policy: self.policy.clone(),
-                    config: self.config.clone(),
-                    observers: Arc::clone(&observers),
-                    queue: self.lanes.queue.clone(),
-                    wake: Arc::clone(&wake),
-                    abort: abort_rx.clone(),
-                    released: Arc::clone(&released),
-                };
-                tasks.spawn(job.run(delivery, slot));
+                // A settle may have freed room or scheduled a retry: look again.
+                () = wake.notified(), if fetching.is_none() => fetch_at = Instant::now(),
+                () = sleep_until(fetch_at), if fetching.is_none() && Instant::now() < fetch_at => {}
             }
         };
+
+        // Deliveries fetched but never started go back uncounted.
+        if let Some(pending) = fetching.take()
+            && let Ok(Ok(fetched)) = pending.await
+        {
+            buffer.extend(fetched.deliveries);
+        }
+        for delivery in buffer.drain(..) {
+            if let Err(e) = self.transport.release(&delivery).await {
+                tracing::warn!(id = %delivery.envelope.id, error = %e, "release failed; the lease will expire instead");
+            }
+            released.fetch_add(1, Ordering::Relaxed);
+        }
 
         // Graceful drain: in-flight handlers get the grace period, then are released.
         let drained = timeout(self.config.grace, async { while tasks.join_next().await.is_some() {} }).await;

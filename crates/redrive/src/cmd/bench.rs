@@ -75,7 +75,11 @@ fn number(payload: &[u8]) -> u64 {
     payload.iter().filter(|b| b.is_ascii_digit()).fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
 }
 
-pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
+pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
+    if let Some(url) = broker {
+        super::bench_redis::run(url, args).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     match args.scenario.as_str() {
         "consume" => {}
         "triage" => {
