@@ -71,7 +71,7 @@ impl Any {
 /// Opens what `--store` and `--broker` say. With a broker, the store is the dead-letter
 /// store of record and is created when missing.
 pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
-    match cli.broker.as_deref() {
+    match cli.broker_url() {
         None => Ok(Any::Sqlite(open(cli.store_url(), create)?)),
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let config = RedisConfig::new(url)?;

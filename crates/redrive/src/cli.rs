@@ -48,6 +48,11 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The broker: `--broker` / `REDRIVE_BROKER`, else the config file's, else none.
+    pub fn broker_url(&self) -> Option<&str> {
+        self.broker.as_deref().or(self.loaded.broker.as_deref())
+    }
+
     /// The store: `--store` / `REDRIVE_STORE`, else the config file's, else the default.
     pub fn store_url(&self) -> &str {
         self.store.as_deref().or(self.loaded.store.as_deref()).unwrap_or(DEFAULT_STORE)

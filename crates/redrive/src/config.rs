@@ -26,6 +26,8 @@ struct Raw {
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
+    broker: RawBroker,
+    #[serde(default)]
     server: RawServer,
     #[serde(default)]
     queues: Vec<RawQueue>,
@@ -40,6 +42,12 @@ struct Raw {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
+    url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
     url: Option<Spanned<String>>,
 }
 
@@ -113,6 +121,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// Store URL.
     pub store: Option<String>,
+    /// Broker URL (lanes in a broker instead of the store).
+    pub broker: Option<String>,
     /// Server bind.
     pub bind: Option<SocketAddr>,
     /// Base URL for links in notifications.
@@ -138,6 +148,7 @@ impl Default for Config {
         Self {
             file: None,
             store: None,
+            broker: None,
             bind: None,
             public_url: None,
             token_file: None,
@@ -211,6 +222,12 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         match redrive_sqlite::SqliteConfig::from_url(url.get_ref()) {
             Ok(_) => config.store = Some(url.get_ref().clone()),
             Err(e) => c.at(&url.span(), format!("store.url: {e}")),
+        }
+    }
+    if let Some(url) = &raw.broker.url {
+        match redrive_redis::RedisConfig::new(url.get_ref().as_str()) {
+            Ok(_) => config.broker = Some(url.get_ref().clone()),
+            Err(_) => c.at(&url.span(), "broker.url: expected redis://HOST:PORT[?namespace=NAME] (the brokers this build supports)".into()),
         }
     }
     if let Some(bind) = &raw.server.bind {
@@ -452,6 +469,15 @@ warm = "7d"
         assert!(problems[0].message.contains("unknown field `urll`"), "{}", problems[0].message);
         let problems = parse("[retention\nhot = \"7d\"\n", None).unwrap_err();
         assert_eq!(problems[0].line, Some(1));
+    }
+
+    #[test]
+    fn the_broker_is_checked() {
+        let ok = parse("[broker]\nurl = \"redis://127.0.0.1:6379?namespace=a\"\n", None).unwrap();
+        assert_eq!(ok.broker.as_deref(), Some("redis://127.0.0.1:6379?namespace=a"));
+        let problems = parse("\n[broker]\nurl = \"kafka://127.0.0.1:9092\"\n", None).unwrap_err();
+        assert_eq!(problems[0].line, Some(3));
+        assert!(problems[0].message.contains("broker.url"), "{}", problems[0].message);
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Export(args)) => cmd::dlq::export(&cli, args).await,
             Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
-            Command::Bench(args) => cmd::bench::run(cli.broker.as_deref(), args).await,
+            Command::Bench(args) => cmd::bench::run(cli.broker_url(), args).await,
             Command::Config(ConfigCommand::Check { file, json }) => cmd::admin::config_check(&cli, file.as_ref(), *json),
             Command::Retention(RetentionCommand::Run { json }) => cmd::admin::retention_run(&cli, *json).await,
             Command::Archive(ArchiveCommand::Import { files, json }) => cmd::admin::archive_import(&cli, files, *json).await,
