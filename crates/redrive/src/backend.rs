@@ -9,6 +9,7 @@ use redrive_core::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, Delivery, Envelope,
     Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, StoreError, Tier, Transport, TransportError,
 };
+use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -51,11 +52,14 @@ fn check_path(path: &Path, create: bool) -> Result<()> {
 /// The backend a command runs on: lanes in SQLite, or in a broker with SQLite as the
 /// dead-letter store of record.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // One per process, cloned rarely: boxing buys nothing.
 pub enum Any {
     /// Everything in one SQLite file.
     Sqlite(Sqlite),
     /// Redis lanes, SQLite dead letters.
     Redis(RedisBackend<Sqlite>),
+    /// NATS JetStream lanes, SQLite dead letters.
+    Nats(NatsBackend<Sqlite>),
 }
 
 impl Any {
@@ -64,6 +68,7 @@ impl Any {
         match self {
             Self::Sqlite(s) => s,
             Self::Redis(r) => r.store(),
+            Self::Nats(n) => n.store(),
         }
     }
 }
@@ -79,20 +84,29 @@ pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
             let store = open(cli.store_url(), true)?;
             Ok(Any::Redis(RedisBackend::new(transport, store)))
         }
+        Some(url) if url.starts_with("nats://") => {
+            let config = NatsConfig::new(url)?;
+            let transport = config.connect().await.context("--broker")?;
+            let store = open(cli.store_url(), true)?;
+            Ok(Any::Nats(NatsBackend::new(transport, store)))
+        }
         Some(url) => {
             let scheme = url.split("://").next().unwrap_or(url);
-            bail!("unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT")
+            bail!("unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT and nats://HOST:PORT")
         }
     }
 }
 
 /// A delivery of either backend.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // Moved once per delivery; a box would allocate as much.
 pub enum AnyToken {
     /// SQLite.
     Sqlite(redrive_sqlite::Token),
     /// Redis.
     Redis(redrive_redis::Token),
+    /// NATS.
+    Nats(redrive_nats::Token),
 }
 
 fn with_token<T>(d: &Delivery<AnyToken>, token: T) -> Delivery<T> {
@@ -114,6 +128,10 @@ macro_rules! settle {
                 let $x = with_token($d, t.clone());
                 $call
             }
+            (Any::Nats($b), AnyToken::Nats(t)) => {
+                let $x = with_token($d, t.clone());
+                $call
+            }
             _ => Err(mismatch()),
         }
     };
@@ -124,6 +142,7 @@ macro_rules! both {
         match $self {
             Any::Sqlite($b) => $call,
             Any::Redis($b) => $call,
+            Any::Nats($b) => $call,
         }
     };
 }
@@ -148,6 +167,7 @@ impl Transport for Any {
         match self {
             Self::Sqlite(s) => Ok(wrap(s.fetch(lanes, max, lease).await?, AnyToken::Sqlite)),
             Self::Redis(r) => Ok(wrap(r.fetch(lanes, max, lease).await?, AnyToken::Redis)),
+            Self::Nats(n) => Ok(wrap(n.fetch(lanes, max, lease).await?, AnyToken::Nats)),
         }
     }
     async fn ack(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {

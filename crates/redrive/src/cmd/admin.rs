@@ -49,8 +49,14 @@ pub fn config_check(cli: &Cli, file: Option<&PathBuf>, as_json: bool) -> Result<
 
 pub async fn retention_run(cli: &Cli, as_json: bool) -> Result<ExitCode> {
     let store = backend::open_any(cli, false).await?;
-    if let backend::Any::Redis(r) = &store {
-        r.drain().await.context("draining the broker's DLQ before the sweep")?;
+    match &store {
+        backend::Any::Redis(r) => {
+            r.drain().await.context("draining the broker's DLQ before the sweep")?;
+        }
+        backend::Any::Nats(n) => {
+            n.drain().await.context("draining the broker's DLQ before the sweep")?;
+        }
+        backend::Any::Sqlite(_) => {}
     }
     let store = store.sqlite().clone();
     let retention = &cli.loaded.retention;

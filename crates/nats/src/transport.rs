@@ -1,0 +1,508 @@
+//! The JetStream [`Transport`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use redrive_core::{
+    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport, TransportError, now_ms,
+};
+
+/// A JetStream backend error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatsError {
+    /// NATS could not be reached at start.
+    #[error("NATS at {address} is unreachable: {reason}")]
+    Unreachable {
+        /// Where.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// A JetStream call failed.
+    #[error("NATS JetStream: {context}: {reason}")]
+    Call {
+        /// What was being done.
+        context: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A message is not a redrive message.
+    #[error("NATS JetStream: message {seq} of {stream} is not a redrive message: {reason}")]
+    Malformed {
+        /// Stream.
+        stream: String,
+        /// Stream sequence.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl From<NatsError> for TransportError {
+    fn from(e: NatsError) -> Self {
+        match e {
+            NatsError::Unreachable { address, reason } => Self::Unavailable { backend: "nats", address, source: reason.into() },
+            other => Self::Backend { context: "nats".into(), source: Box::new(other) },
+        }
+    }
+}
+
+fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
+    move |e| NatsError::Call { context, reason: e.to_string() }
+}
+
+/// How to reach NATS.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// `nats://host:port`.
+    pub url: String,
+    /// Prefix of stream, subject and bucket names (default `redrive`).
+    pub namespace: String,
+}
+
+impl NatsConfig {
+    /// Parses `nats://host:port[?namespace=NAME]`.
+    ///
+    /// # Errors
+    ///
+    /// Another scheme or an unknown option.
+    pub fn new(url: &str) -> Result<Self, NatsError> {
+        let bad = |reason: &str| NatsError::Unreachable { address: url.to_owned(), reason: reason.to_owned() };
+        if !url.starts_with("nats://") {
+            return Err(bad("expected nats://HOST:PORT (e.g. nats://127.0.0.1:4222)"));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut namespace = "redrive".to_owned();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("namespace", ns)) if !ns.is_empty() && ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {
+                    namespace = ns.to_owned();
+                }
+                _ => return Err(bad(&format!("unknown option {pair:?}; the only option is namespace=NAME"))),
+            }
+        }
+        Ok(Self { url: base.to_owned(), namespace })
+    }
+
+    /// Connects and checks JetStream answers.
+    ///
+    /// # Errors
+    ///
+    /// [`NatsError::Unreachable`] naming the address.
+    pub async fn connect(&self) -> Result<NatsTransport, NatsError> {
+        let shown = self.url.rsplit_once('@').map_or(self.url.clone(), |(_, h)| format!("nats://{h}"));
+        let unreachable = |reason: String| NatsError::Unreachable { address: shown.clone(), reason };
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(3))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(self.url.as_str());
+        let client = tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .map_err(|_| unreachable("no answer within 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        client.flush().await.map_err(|e| unreachable(e.to_string()))?;
+        let js = jetstream::new(client.clone());
+        // Creating the history bucket is also the check that JetStream is enabled.
+        let history = js
+            .create_key_value(jetstream::kv::Config { bucket: format!("{}_history", self.namespace), history: 1, ..Default::default() })
+            .await
+            .map_err(|e| unreachable(format!("JetStream is not enabled or not answering (run nats-server with -js): {e}")))?;
+        Ok(NatsTransport { client, js, history, ns: self.namespace.clone(), ready: Arc::default() })
+    }
+}
+
+/// The backend's handle on a delivery: the JetStream message and its delivery count.
+#[derive(Clone)]
+pub struct Token {
+    msg: jetstream::Message,
+    delivered: i64,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token").field("delivered", &self.delivered).finish()
+    }
+}
+
+/// Streams, a durable pull consumer and a KV bucket on one NATS server.
+#[derive(Clone)]
+pub struct NatsTransport {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    history: jetstream::kv::Store,
+    ns: String,
+    ready: Arc<Mutex<std::collections::HashMap<String, Consumer>>>,
+}
+
+type Consumer = jetstream::consumer::Consumer<pull::Config>;
+
+/// What the history bucket keeps per message between deliveries.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Record {
+    /// The envelope's wire headers after its last failure (history included).
+    h: Vec<(String, String)>,
+    /// The lane label of the retry it is waiting in.
+    lane: String,
+    /// When it is due.
+    due: i64,
+    /// Deliveries this backend ended with a `Nak` (a failure's delay, or a release).
+    naks: u32,
+    /// Deliveries that ended without an outcome (crashes), already accounted for.
+    crashes: u32,
+}
+
+/// Names for one queue.
+pub(crate) struct Names {
+    pub(crate) stream: String,
+    pub(crate) subject: String,
+    pub(crate) dlq_stream: String,
+    pub(crate) dlq_subject: String,
+}
+
+fn sanitize(queue: &str) -> String {
+    queue.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+/// The envelope as NATS headers: redrive's own in one JSON header (NATS header values
+/// cannot hold newlines, error messages can), user headers as they are.
+pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap {
+    let mut wire: Vec<(String, String)> = env.to_wire().into_iter().filter(|(k, _)| k.starts_with("redrive-")).collect();
+    if let Some(k) = &env.key {
+        wire.push(("redrive-key".into(), k.clone()));
+    }
+    for (k, v) in extra {
+        wire.push(((*k).to_owned(), v.clone()));
+    }
+    let mut h = HeaderMap::new();
+    h.insert("redrive-wire", serde_json::to_string(&wire).unwrap_or_default().as_str());
+    for (k, v) in &env.headers {
+        if !v.contains(['\r', '\n']) {
+            h.append(k.as_str(), v.as_str());
+        }
+    }
+    h
+}
+
+/// Reads what [`to_headers`] wrote (or any NATS message's headers).
+pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Some(h) = headers else { return out };
+    for (name, values) in h.iter() {
+        let name = name.to_string();
+        for v in values {
+            if name == "redrive-wire" {
+                if let Ok(pairs) = serde_json::from_str::<Vec<(String, String)>>(v.as_str()) {
+                    out.extend(pairs);
+                }
+            } else {
+                out.push((name.clone(), v.to_string()));
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn envelope_of(queue: &QueueName, wire: Vec<(String, String)>, payload: Vec<u8>) -> Result<Envelope, String> {
+    let key = wire.iter().find(|(k, _)| k == "redrive-key").map(|(_, v)| v.clone());
+    Envelope::from_wire(queue, key, payload, wire).map_err(|e| e.to_string())
+}
+
+impl NatsTransport {
+    pub(crate) fn names(&self, queue: &str) -> Names {
+        let base = format!("{}_{}", self.ns, sanitize(queue));
+        Names {
+            stream: base.clone(),
+            subject: format!("{}.{queue}", self.ns),
+            dlq_stream: format!("{base}_dlq"),
+            dlq_subject: format!("{}-dlq.{queue}", self.ns),
+        }
+    }
+
+    pub(crate) fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub(crate) fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Creates the queue's streams if missing. The queue name travels in the stream's
+    /// description, so `queues` can list it back.
+    pub(crate) async fn ensure_streams(&self, queue: &str) -> Result<Names, NatsError> {
+        let n = self.names(queue);
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: n.stream.clone(),
+                subjects: vec![n.subject.clone()],
+                description: Some(queue.to_owned()),
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(call("create the main stream"))?;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: n.dlq_stream.clone(),
+                subjects: vec![n.dlq_subject.clone()],
+                description: Some(format!("{queue} (dead letters)")),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(call("create the DLQ stream"))?;
+        Ok(n)
+    }
+
+    async fn consumer(&self, lanes: &LaneSet, lease: Duration) -> Result<Consumer, NatsError> {
+        let queue = lanes.queue.as_str();
+        if let Some(c) = self.ready.lock().ok().and_then(|r| r.get(queue).cloned()) {
+            return Ok(c);
+        }
+        let n = self.ensure_streams(queue).await?;
+        let stream = self.js.get_stream(&n.stream).await.map_err(call("open the main stream"))?;
+        let max_attempts = i64::try_from(lanes.tiers.len()).unwrap_or(16) + 1;
+        let consumer: Consumer = stream
+            .get_or_create_consumer(
+                "redrive",
+                pull::Config {
+                    durable_name: Some("redrive".into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: lease,
+                    // A backstop: redrive dead-letters at max attempts itself.
+                    max_deliver: max_attempts * 2 + 10,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(call("create the durable consumer"))?;
+        if let Ok(mut r) = self.ready.lock() {
+            r.insert(queue.to_owned(), consumer.clone());
+        }
+        Ok(consumer)
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<Record>, NatsError> {
+        let v = self.history.get(id).await.map_err(call("read the history bucket"))?;
+        Ok(v.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    async fn put_record(&self, id: &str, r: &Record) -> Result<(), NatsError> {
+        let body = serde_json::to_vec(r).unwrap_or_default();
+        self.history.put(id, body.into()).await.map_err(call("write the history bucket"))?;
+        Ok(())
+    }
+
+    /// Naks sent and crashes accounted for so far, counting as accounted the crashes this
+    /// delivery revealed (the runner records them as one failed attempt).
+    async fn outcomes(&self, d: &Delivery<Token>) -> Result<(u32, u32), NatsError> {
+        let (naks, crashes) = if d.token.delivered > 1 {
+            self.record(&d.envelope.id.to_string()).await?.map_or((0, 0), |r| (r.naks, r.crashes))
+        } else {
+            (0, 0)
+        };
+        let earlier = u32::try_from(d.token.delivered - 1).unwrap_or(0);
+        let crashes = if d.unfinished_before { earlier.saturating_sub(naks) } else { crashes };
+        Ok((naks, crashes))
+    }
+
+    /// Sends an ack of `kind` and waits for the server to confirm it.
+    async fn confirm(&self, msg: &jetstream::Message, kind: AckKind, context: &'static str) -> Result<(), NatsError> {
+        let Some(reply) = msg.message.reply.clone() else {
+            return Err(NatsError::Call { context, reason: "the message has no reply subject".into() });
+        };
+        let body: bytes::Bytes = kind.into();
+        self.client.request(reply, body).await.map_err(call(context))?;
+        Ok(())
+    }
+
+    async fn forget(&self, d: &Delivery<Token>) {
+        if d.token.delivered > 1
+            && let Err(e) = self.history.delete(d.envelope.id.to_string()).await
+        {
+            tracing::warn!(id = %d.envelope.id, error = %e, "could not forget a settled message's history");
+        }
+    }
+}
+
+impl Transport for NatsTransport {
+    type Token = Token;
+
+    async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
+        let n = self.ensure_streams(queue.as_str()).await?;
+        let mut acks = Vec::with_capacity(batch.len());
+        for mut env in batch {
+            env.queue = queue.clone();
+            let headers = to_headers(&env, &[]);
+            let ack = self.js.publish_with_headers(n.subject.clone(), headers, env.payload.into()).await.map_err(call("publish"))?;
+            acks.push(ack);
+        }
+        // Published only once JetStream has stored them.
+        for ack in acks {
+            ack.await.map_err(call("publish acknowledgement"))?;
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
+        let consumer = self.consumer(lanes, lease).await?;
+        let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(call("fetch"))?;
+        let mut deliveries = Vec::new();
+        while let Some(msg) = futures_like::next(&mut batch).await {
+            let msg = msg.map_err(call("fetch"))?;
+            let (delivered, seq, stream_name) = match msg.info() {
+                Ok(i) => (i.delivered, i.stream_sequence, i.stream.to_owned()),
+                Err(e) => return Err(call("message info")(e).into()),
+            };
+            let wire = wire_of(msg.headers.as_ref());
+            let mut envelope = envelope_of(&lanes.queue, wire, msg.payload.to_vec())
+                .map_err(|reason| NatsError::Malformed { stream: stream_name.clone(), seq, reason })?;
+            let mut lane = Lane::Main;
+            let mut due_ms = now_ms();
+            let mut accounted = 0;
+            if delivered > 1
+                && let Some(r) = self.record(&envelope.id.to_string()).await?
+            {
+                let payload = std::mem::take(&mut envelope.payload);
+                envelope = envelope_of(&lanes.queue, r.h, payload)
+                    .map_err(|reason| NatsError::Malformed { stream: stream_name.clone(), seq, reason })?;
+                lane = Lane::from_label(&r.lane).unwrap_or(Lane::Main);
+                due_ms = r.due;
+                accounted = i64::from(r.naks) + i64::from(r.crashes);
+            }
+            // Earlier deliveries that neither this backend ended (Nak) nor were already
+            // counted as crashes: the consumer holding them died.
+            let unfinished_before = delivered - 1 > accounted;
+            deliveries.push(Delivery { envelope, lane, due_ms, unfinished_before, token: Token { msg, delivered } });
+        }
+        Ok(Fetched { deliveries, next_due_ms: None })
+    }
+
+    async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        self.confirm(&d.token.msg, AckKind::Ack, "ack").await?;
+        self.forget(d).await;
+        Ok(())
+    }
+
+    async fn retry(&self, d: &Delivery<Token>, tier: &Tier, due_ms: i64, envelope: &Envelope) -> Result<(), TransportError> {
+        let mut wire = envelope.to_wire();
+        if let Some(k) = &envelope.key {
+            wire.push(("redrive-key".into(), k.clone()));
+        }
+        let (naks, crashes) = self.outcomes(d).await?;
+        let record = Record { h: wire, lane: Lane::Retry(tier.name().to_owned()).label(), due: due_ms, naks: naks + 1, crashes };
+        // The history is durable before the delivery is given back with its delay.
+        self.put_record(&envelope.id.to_string(), &record).await?;
+        let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0).max(1));
+        self.confirm(&d.token.msg, AckKind::Nak(Some(delay)), "nak with delay").await?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, d: &Delivery<Token>, envelope: &Envelope) -> Result<(), TransportError> {
+        let n = self.names(envelope.queue.as_str());
+        let headers = to_headers(envelope, &[("redrive-dead-at", now_ms().to_string())]);
+        let ack = self
+            .js
+            .publish_with_headers(n.dlq_subject, headers, envelope.payload.clone().into())
+            .await
+            .map_err(call("publish to the DLQ stream"))?;
+        ack.await.map_err(call("DLQ publish acknowledgement"))?;
+        // Only once the DLQ stream has it is the message terminated in main.
+        self.confirm(&d.token.msg, AckKind::Term, "terminate").await?;
+        self.forget(d).await;
+        Ok(())
+    }
+
+    async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        let id = d.envelope.id.to_string();
+        let (naks, crashes) = self.outcomes(d).await?;
+        let mut h = d.envelope.to_wire();
+        if let Some(k) = &d.envelope.key {
+            h.push(("redrive-key".into(), k.clone()));
+        }
+        let record = Record { h, lane: d.lane.label(), due: d.due_ms, naks: naks + 1, crashes };
+        self.put_record(&id, &record).await?;
+        self.confirm(&d.token.msg, AckKind::Nak(None), "release").await?;
+        Ok(())
+    }
+
+    async fn extend_lease(&self, d: &Delivery<Token>, _lease: Duration) -> Result<(), TransportError> {
+        d.token.msg.ack_with(AckKind::Progress).await.map_err(call("extend the lease"))?;
+        Ok(())
+    }
+}
+
+impl NatsTransport {
+    /// Depths from the stream and consumer counters: undelivered messages are "main";
+    /// delivered ones not yet settled (running, or waiting out a retry delay) are "in
+    /// flight". Work-queue retention removes settled messages, so an empty stream is a
+    /// drained queue.
+    pub(crate) async fn nats_depths(&self, queue: &str) -> Result<QueueDepths, NatsError> {
+        let n = self.names(queue);
+        let mut stream = self.js.get_stream(&n.stream).await.map_err(call("open the main stream"))?;
+        let total = stream.info().await.map_err(call("stream info"))?.state.messages;
+        let undelivered = match stream.get_consumer::<pull::Config>("redrive").await {
+            Ok(mut c) => c.info().await.map_err(call("consumer info"))?.num_pending,
+            Err(_) => total,
+        };
+        let mut dlq = self.js.get_stream(&n.dlq_stream).await.map_err(call("open the DLQ stream"))?;
+        let dead = dlq.info().await.map_err(call("DLQ stream info"))?.state.messages;
+        Ok(QueueDepths {
+            queue: queue.to_owned(),
+            main: undelivered,
+            retry: Vec::new(),
+            dlq: dead,
+            inflight: total.saturating_sub(undelivered),
+            oldest_main_age_ms: None,
+        })
+    }
+
+    /// Queues with a stream in this namespace (from the streams' descriptions).
+    pub(crate) async fn queue_names(&self) -> Result<Vec<String>, NatsError> {
+        let mut names = self.js.streams();
+        let mut out = Vec::new();
+        let prefix = format!("{}_", self.ns);
+        while let Some(info) = futures_like::next(&mut names).await {
+            let info = info.map_err(call("list streams"))?;
+            if info.config.name.starts_with(&prefix)
+                && !info.config.name.ends_with("_dlq")
+                && let Some(q) = info.config.description
+            {
+                out.push(q);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+impl LaneStats for NatsTransport {
+    async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
+        let mut out = Vec::new();
+        for q in self.queue_names().await? {
+            out.push(self.nats_depths(&q).await?);
+        }
+        Ok(out)
+    }
+
+    async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
+        self.ensure_streams(lanes.queue.as_str()).await?;
+        Ok(self.nats_depths(lanes.queue.as_str()).await?)
+    }
+}
+
+/// `StreamExt::next` without a futures dependency.
+pub(crate) mod futures_like {
+    use std::pin::Pin;
+
+    use futures_core::Stream;
+
+    pub(crate) async fn next<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+        std::future::poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await
+    }
+}
