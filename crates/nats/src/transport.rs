@@ -97,14 +97,17 @@ impl NatsConfig {
         let unreachable = |reason: String| NatsError::Unreachable { address: shown.clone(), reason };
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(3))
-            .retry_on_initial_connect()
+            // Down at start is an error to report; a drop later is reconnected forever.
             .max_reconnects(None)
             .connect(self.url.as_str());
         let client = tokio::time::timeout(Duration::from_secs(5), client)
             .await
             .map_err(|_| unreachable("no answer within 5 s".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
-        client.flush().await.map_err(|e| unreachable(e.to_string()))?;
+        tokio::time::timeout(Duration::from_secs(5), client.flush())
+            .await
+            .map_err(|_| unreachable("no answer within 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
         let js = jetstream::new(client.clone());
         // Creating the history bucket is also the check that JetStream is enabled.
         let history = js
@@ -351,10 +354,20 @@ impl Transport for NatsTransport {
 
     async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
         let consumer = self.consumer(lanes, lease).await?;
-        let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(call("fetch"))?;
+        // A fetch whose reply was lost to a reconnect would wait forever; give up and let
+        // the runner fetch again.
+        let msgs = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(call("fetch"))?;
+            let mut msgs = Vec::new();
+            while let Some(msg) = futures_like::next(&mut batch).await {
+                msgs.push(msg.map_err(call("fetch"))?);
+            }
+            Ok::<_, NatsError>(msgs)
+        })
+        .await
+        .map_err(|_| NatsError::Call { context: "fetch", reason: "no answer within 5 s".into() })??;
         let mut deliveries = Vec::new();
-        while let Some(msg) = futures_like::next(&mut batch).await {
-            let msg = msg.map_err(call("fetch"))?;
+        for msg in msgs {
             let (delivered, seq, stream_name) = match msg.info() {
                 Ok(i) => (i.delivered, i.stream_sequence, i.stream.to_owned()),
                 Err(e) => return Err(call("message info")(e).into()),
