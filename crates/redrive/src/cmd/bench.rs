@@ -77,7 +77,11 @@ fn number(payload: &[u8]) -> u64 {
 
 pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
     if let Some(url) = broker {
-        super::bench_redis::run(url, args).await?;
+        if url.starts_with("nats://") {
+            super::bench_nats::run(url, args).await?;
+        } else {
+            super::bench_redis::run(url, args).await?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     match args.scenario.as_str() {
