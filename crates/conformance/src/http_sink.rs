@@ -34,9 +34,15 @@ impl HttpSink {
     ///
     /// When no loopback port can be bound.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
-        let sink = Self { url, received: Arc::default(), statuses: Arc::default() };
+        let sink = Self {
+            url,
+            received: Arc::default(),
+            statuses: Arc::default(),
+        };
         let s = sink.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
@@ -46,7 +52,9 @@ impl HttpSink {
                     let mut chunk = [0u8; 8192];
                     // Read the head, then the body by Content-Length.
                     let head_end = loop {
-                        let Ok(n) = socket.read(&mut chunk).await else { return };
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -62,9 +70,15 @@ impl HttpSink {
                         .filter_map(|l| l.split_once(':'))
                         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
                         .collect();
-                    let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+                    let len: usize = headers
+                        .iter()
+                        .find(|(k, _)| k == "content-length")
+                        .and_then(|(_, v)| v.parse().ok())
+                        .unwrap_or(0);
                     while buf.len() < head_end + len {
-                        let Ok(n) = socket.read(&mut chunk).await else { return };
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
                         if n == 0 {
                             break;
                         }
@@ -76,9 +90,15 @@ impl HttpSink {
                         if st.is_empty() { 202 } else { st.remove(0) }
                     };
                     if status < 300 {
-                        s.received.lock().expect("lock").push(Received { request_line, headers, body });
+                        s.received.lock().expect("lock").push(Received {
+                            request_line,
+                            headers,
+                            body,
+                        });
                     }
-                    let reply = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}");
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                    );
                     let _ = socket.write_all(reply.as_bytes()).await;
                     let _ = socket.shutdown().await;
                 });
@@ -93,7 +113,10 @@ impl HttpSink {
     ///
     /// Never in practice (a poisoned lock).
     pub fn answer_next(&self, statuses: &[u16]) {
-        self.statuses.lock().expect("lock").extend_from_slice(statuses);
+        self.statuses
+            .lock()
+            .expect("lock")
+            .extend_from_slice(statuses);
     }
 
     /// Requests answered with a 2xx so far, as JSON bodies.
@@ -103,7 +126,12 @@ impl HttpSink {
     /// When a body is not JSON.
     #[must_use]
     pub fn json_bodies(&self) -> Vec<serde_json::Value> {
-        self.received.lock().expect("lock").iter().map(|r| serde_json::from_slice(&r.body).expect("a JSON body")).collect()
+        self.received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).expect("a JSON body"))
+            .collect()
     }
 
     /// Every request answered with a 2xx so far.

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redrive_core::{
-    DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, FailureKind, HandlerError, LaneSet, LaneStats,
-    QueueName, ReplayOptions, RetryPolicy, Transport, Unpaced, now_ms, replay,
+    DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, FailureKind, HandlerError,
+    LaneSet, LaneStats, QueueName, ReplayOptions, RetryPolicy, Transport, Unpaced, now_ms, replay,
 };
 use redrive_runner::{Handler, Runner, RunnerConfig, handler_fn};
 
@@ -20,7 +20,11 @@ fn queue() -> QueueName {
 }
 
 fn opts(max_replays: u32) -> ReplayOptions<'static> {
-    ReplayOptions { max_replays, actor: "conformance", ..ReplayOptions::default() }
+    ReplayOptions {
+        max_replays,
+        actor: "conformance",
+        ..ReplayOptions::default()
+    }
 }
 
 fn config() -> RunnerConfig {
@@ -35,13 +39,21 @@ fn config() -> RunnerConfig {
 }
 
 async fn publish<T: Transport>(t: &T, payloads: &[&[u8]]) -> Vec<Envelope> {
-    let envs: Vec<Envelope> = payloads.iter().map(|p| Envelope::new(queue(), p.to_vec())).collect();
+    let envs: Vec<Envelope> = payloads
+        .iter()
+        .map(|p| Envelope::new(queue(), p.to_vec()))
+        .collect();
     t.publish(&queue(), envs.clone()).await.expect("publish");
     envs
 }
 
 /// Runs a runner until the queue is drained.
-async fn drain<T: Transport + LaneStats + Clone, H: Handler>(t: &T, policy: &RetryPolicy, config: RunnerConfig, handler: H) {
+async fn drain<T: Transport + LaneStats + Clone, H: Handler>(
+    t: &T,
+    policy: &RetryPolicy,
+    config: RunnerConfig,
+    handler: H,
+) {
     let runner = Runner::new(t.clone(), queue(), policy.clone(), config).until_idle();
     tokio::time::timeout(RUN_LIMIT, runner.run(handler, std::future::pending()))
         .await
@@ -50,7 +62,9 @@ async fn drain<T: Transport + LaneStats + Clone, H: Handler>(t: &T, policy: &Ret
 }
 
 async fn dead<S: DeadLetterStore>(s: &S) -> Vec<DeadLetter> {
-    s.list(&DeadFilter::default(), None, 1000).await.expect("list dead letters")
+    s.list(&DeadFilter::default(), None, 1000)
+        .await
+        .expect("list dead letters")
 }
 
 /// A handler that records every delivery it sees.
@@ -78,20 +92,40 @@ pub async fn tiers_are_honoured<H: Harness>(h: &H) {
     publish(&b.transport, &[b"a", b"b", b"c"]).await;
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async { Err(HandlerError::retry("Flaky", "always fails")) }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Err(HandlerError::retry("Flaky", "always fails")) }
+        }),
+    )
     .await;
     let deliveries = seen.all();
     assert_eq!(deliveries.len(), 3 * 4, "3 messages x 4 attempts");
     for (at, env) in deliveries.iter().filter(|(_, e)| e.attempt > 0) {
-        let due = env.not_before_ms.expect("a retried message carries its due time");
+        let due = env
+            .not_before_ms
+            .expect("a retried message carries its due time");
         let failed_at = env.last_failure().expect("history").at_ms;
         let tier = policy.tiers()[(env.attempt - 1) as usize].delay();
-        assert!(due - failed_at >= i64::try_from(tier.as_millis()).unwrap_or(0), "due time honours tier {tier:?}");
-        assert!(*at >= due, "attempt {} handed out {} ms early", env.attempt, due - at);
-        assert!(at - due <= LATENESS_BOUND_MS, "attempt {} handed out {} ms late", env.attempt, at - due);
+        assert!(
+            due - failed_at >= i64::try_from(tier.as_millis()).unwrap_or(0),
+            "due time honours tier {tier:?}"
+        );
+        assert!(
+            *at >= due,
+            "attempt {} handed out {} ms early",
+            env.attempt,
+            due - at
+        );
+        assert!(
+            at - due <= LATENESS_BOUND_MS,
+            "attempt {} handed out {} ms late",
+            env.attempt,
+            at - due
+        );
     }
 }
 
@@ -102,18 +136,36 @@ pub async fn poison_goes_straight_to_the_dlq<H: Harness>(h: &H) {
     let sent = publish(&b.transport, &[b"{not json"]).await;
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async { Err(HandlerError::poison("SchemaError", "payload is not JSON")) }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Err(HandlerError::poison("SchemaError", "payload is not JSON")) }
+        }),
+    )
     .await;
     assert_eq!(seen.all().len(), 1, "poison is not retried");
     let dead = dead(&b.store).await;
     assert_eq!(dead.len(), 1);
     let env = &dead[0].envelope;
     assert_eq!((env.id, env.attempt), (sent[0].id, 1));
-    assert_eq!(env.last_failure().map(|f| (f.class.as_str(), f.kind)), Some(("SchemaError", FailureKind::Poison)));
-    assert_eq!(b.transport.queue_depths(&LaneSet { queue: queue(), tiers: policy.tiers().to_vec() }).await.expect("depths").dlq, 1);
+    assert_eq!(
+        env.last_failure().map(|f| (f.class.as_str(), f.kind)),
+        Some(("SchemaError", FailureKind::Poison))
+    );
+    assert_eq!(
+        b.transport
+            .queue_depths(&LaneSet {
+                queue: queue(),
+                tiers: policy.tiers().to_vec()
+            })
+            .await
+            .expect("depths")
+            .dlq,
+        1
+    );
 }
 
 /// A message that fails twice and then succeeds is acknowledged, not dead.
@@ -123,17 +175,33 @@ pub async fn transient_failures_succeed_after_retries<H: Harness>(h: &H) {
     publish(&b.transport, &[b"task"]).await;
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async move {
-            if env.attempt < 2 { Err(HandlerError::retry("RateLimited", "429")) } else { Ok(()) }
-        }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async move {
+                if env.attempt < 2 {
+                    Err(HandlerError::retry("RateLimited", "429"))
+                } else {
+                    Ok(())
+                }
+            }
+        }),
+    )
     .await;
     let attempts: Vec<u32> = seen.all().iter().map(|(_, e)| e.attempt).collect();
     assert_eq!(attempts, [0, 1, 2]);
     assert!(dead(&b.store).await.is_empty());
-    let d = b.transport.queue_depths(&LaneSet { queue: queue(), tiers: policy.tiers().to_vec() }).await.expect("depths");
+    let d = b
+        .transport
+        .queue_depths(&LaneSet {
+            queue: queue(),
+            tiers: policy.tiers().to_vec(),
+        })
+        .await
+        .expect("depths");
     assert!(d.is_drained() && d.dlq == 0, "{d:?}");
 }
 
@@ -143,9 +211,17 @@ pub async fn exhausted_messages_reach_the_dlq_with_full_history<H: Harness>(h: &
     let b = open(h).await;
     let policy = RetryPolicy::parse("50ms,60ms,70ms").expect("tiers");
     let sent = publish(&b.transport, &[b"doomed 1", b"doomed 2"]).await;
-    drain(&b.transport, &policy, config(), handler_fn(|env: Envelope| async move {
-        Err(HandlerError::retry("Upstream", format!("shard {} down", env.payload.len())))
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(|env: Envelope| async move {
+            Err(HandlerError::retry(
+                "Upstream",
+                format!("shard {} down", env.payload.len()),
+            ))
+        }),
+    )
     .await;
     let dead = dead(&b.store).await;
     assert_eq!(dead.len(), 2);
@@ -157,9 +233,15 @@ pub async fn exhausted_messages_reach_the_dlq_with_full_history<H: Harness>(h: &
         assert_eq!(lanes, ["main", "retry.50ms", "retry.60ms", "retry.70ms"]);
         let numbers: Vec<u32> = env.history.iter().map(|f| f.attempt).collect();
         assert_eq!(numbers, [1, 2, 3, 4]);
-        assert!(env.first_failed_ms.is_some_and(|first| first <= env.history[3].at_ms));
+        assert!(
+            env.first_failed_ms
+                .is_some_and(|first| first <= env.history[3].at_ms)
+        );
     }
-    assert_eq!(dead[0].envelope.last_failure().map(|f| &f.fingerprint), dead[1].envelope.last_failure().map(|f| &f.fingerprint));
+    assert_eq!(
+        dead[0].envelope.last_failure().map(|f| &f.fingerprint),
+        dead[1].envelope.last_failure().map(|f| &f.fingerprint)
+    );
 }
 
 /// A handler that runs past its timeout fails the attempt with class `timeout`.
@@ -167,17 +249,33 @@ pub async fn handler_timeout_is_a_failed_attempt<H: Harness>(h: &H) {
     let b = open(h).await;
     let policy = RetryPolicy::parse("50ms").expect("tiers");
     publish(&b.transport, &[b"slow"]).await;
-    let cfg = RunnerConfig { timeout: Duration::from_millis(100), ..config() };
+    let cfg = RunnerConfig {
+        timeout: Duration::from_millis(100),
+        ..config()
+    };
     let started = Instant::now();
-    drain(&b.transport, &policy, cfg, handler_fn(|_env: Envelope| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        Ok(())
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        cfg,
+        handler_fn(|_env: Envelope| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        }),
+    )
     .await;
-    assert!(started.elapsed() < Duration::from_secs(10), "the slow handler was cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the slow handler was cut off"
+    );
     let dead = dead(&b.store).await;
     assert_eq!(dead.len(), 1);
-    let classes: Vec<(&str, FailureKind)> = dead[0].envelope.history.iter().map(|f| (f.class.as_str(), f.kind)).collect();
+    let classes: Vec<(&str, FailureKind)> = dead[0]
+        .envelope
+        .history
+        .iter()
+        .map(|f| (f.class.as_str(), f.kind))
+        .collect();
     assert_eq!(classes, [("timeout", FailureKind::Timeout); 2]);
 }
 
@@ -188,21 +286,37 @@ pub async fn handler_panic_is_a_failed_attempt<H: Harness>(h: &H) {
     publish(&b.transport, &[b"boom", b"fine"]).await;
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async move {
-            assert!(env.payload != b"boom", "handler exploded on purpose");
-            Ok(())
-        }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async move {
+                assert!(env.payload != b"boom", "handler exploded on purpose");
+                Ok(())
+            }
+        }),
+    )
     .await;
-    let fine = seen.all().iter().filter(|(_, e)| e.payload == b"fine").count();
+    let fine = seen
+        .all()
+        .iter()
+        .filter(|(_, e)| e.payload == b"fine")
+        .count();
     assert_eq!(fine, 1, "the healthy message was handled once");
     let dead = dead(&b.store).await;
     assert_eq!(dead.len(), 1);
     let last = dead[0].envelope.last_failure().expect("history");
-    assert_eq!((last.class.as_str(), last.kind), ("panic", FailureKind::Panic));
-    assert!(last.message.contains("exploded on purpose"), "{}", last.message);
+    assert_eq!(
+        (last.class.as_str(), last.kind),
+        ("panic", FailureKind::Panic)
+    );
+    assert!(
+        last.message.contains("exploded on purpose"),
+        "{}",
+        last.message
+    );
 }
 
 /// A handler that runs three times longer than the lease keeps it by heartbeat: it is
@@ -213,14 +327,22 @@ pub async fn long_handlers_keep_their_lease<H: Harness>(h: &H) {
     publish(&b.transport, &[b"long"]).await;
     let seen = Seen::default();
     let rec = seen.clone();
-    let cfg = RunnerConfig { lease: Duration::from_millis(300), ..config() };
-    drain(&b.transport, &policy, cfg, handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async {
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            Ok(())
-        }
-    }))
+    let cfg = RunnerConfig {
+        lease: Duration::from_millis(300),
+        ..config()
+    };
+    drain(
+        &b.transport,
+        &policy,
+        cfg,
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                Ok(())
+            }
+        }),
+    )
     .await;
     assert_eq!(seen.all().len(), 1, "delivered exactly once");
     assert!(dead(&b.store).await.is_empty());
@@ -234,7 +356,10 @@ pub async fn graceful_shutdown_releases_without_counting<H: Harness>(h: &H) {
     publish(&b.transport, &[b"interrupted"]).await;
     let started = Arc::new(tokio::sync::Notify::new());
     let signal = Arc::clone(&started);
-    let cfg = RunnerConfig { grace: Duration::from_millis(100), ..config() };
+    let cfg = RunnerConfig {
+        grace: Duration::from_millis(100),
+        ..config()
+    };
     let runner = Runner::new(b.transport.clone(), queue(), policy.clone(), cfg);
     let shutdown = async move { signal.notified().await };
     let notify = Arc::clone(&started);
@@ -257,17 +382,29 @@ pub async fn graceful_shutdown_releases_without_counting<H: Harness>(h: &H) {
     assert_eq!((summary.reason, summary.released), ("shutdown", 1));
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async { Ok(()) }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Ok(()) }
+        }),
+    )
     .await;
     let again = seen.all();
     assert_eq!(again.len(), 1);
-    assert_eq!((again[0].1.attempt, again[0].1.history.len()), (0, 0), "a release is not a failed attempt");
+    assert_eq!(
+        (again[0].1.attempt, again[0].1.history.len()),
+        (0, 0),
+        "a release is not a failed attempt"
+    );
 }
 
-async fn cli_consume(b: &Backend<impl Transport, impl DeadLetterStore>, extra: &[&str]) -> tokio::process::Child {
+async fn cli_consume(
+    b: &Backend<impl Transport, impl DeadLetterStore>,
+    extra: &[&str],
+) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(&b.cli.bin);
     cmd.args(&b.cli.backend_args)
         .args(["consume", queue().as_str()])
@@ -284,30 +421,55 @@ pub async fn sigkill_mid_handler_loses_nothing<H: Harness>(h: &H) {
     let b = open(h).await;
     let policy = RetryPolicy::parse("50ms,100ms").expect("tiers");
     let sent = publish(&b.transport, &[b"survivor"]).await;
-    let lanes = LaneSet { queue: queue(), tiers: policy.tiers().to_vec() };
-    let mut child = cli_consume(&b, &["--exec", "sleep 30", "--lease", "500ms", "--tiers", "50ms,100ms"]).await;
+    let lanes = LaneSet {
+        queue: queue(),
+        tiers: policy.tiers().to_vec(),
+    };
+    let mut child = cli_consume(
+        &b,
+        &[
+            "--exec",
+            "sleep 30",
+            "--lease",
+            "500ms",
+            "--tiers",
+            "50ms,100ms",
+        ],
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let d = b.transport.queue_depths(&lanes).await.expect("depths");
         if d.inflight == 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "the consumer never took the message: {d:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the consumer never took the message: {d:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.start_kill().expect("SIGKILL");
     let _ = child.wait().await;
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async { Ok(()) }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Ok(()) }
+        }),
+    )
     .await;
     let again = seen.all();
     assert_eq!(again.len(), 1, "delivered again after the crash");
     let env = &again[0].1;
-    assert_eq!((env.id, env.payload.as_slice()), (sent[0].id, b"survivor".as_slice()));
+    assert_eq!(
+        (env.id, env.payload.as_slice()),
+        (sent[0].id, b"survivor".as_slice())
+    );
     assert_eq!(env.attempt, 1, "the crash counted as an attempt");
     assert_eq!(env.history[0].kind, FailureKind::LeaseExpired);
     assert!(dead(&b.store).await.is_empty());
@@ -318,10 +480,23 @@ pub async fn sigkill_mid_handler_loses_nothing<H: Harness>(h: &H) {
 pub async fn crash_looping_message_reaches_the_dlq<H: Harness>(h: &H) {
     let b = open(h).await;
     let sent = publish(&b.transport, &[b"kills its consumer"]).await;
-    let args = ["--exec", "kill -9 $PPID; sleep 5", "--lease", "300ms", "--tiers", "50ms,60ms", "--until-idle", "--poll", "20ms"];
+    let args = [
+        "--exec",
+        "kill -9 $PPID; sleep 5",
+        "--lease",
+        "300ms",
+        "--tiers",
+        "50ms,60ms",
+        "--until-idle",
+        "--poll",
+        "20ms",
+    ];
     for _ in 0..8 {
         let mut child = cli_consume(&b, &args).await;
-        let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("consumer ends").expect("wait");
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("consumer ends")
+            .expect("wait");
         if status.success() {
             break;
         }
@@ -333,7 +508,13 @@ pub async fn crash_looping_message_reaches_the_dlq<H: Harness>(h: &H) {
     let env = &dead[0].envelope;
     assert_eq!(env.id, sent[0].id);
     assert_eq!(env.attempt, 3, "max attempts with two tiers");
-    assert!(env.history.iter().all(|f| f.kind == FailureKind::LeaseExpired), "{:?}", env.history);
+    assert!(
+        env.history
+            .iter()
+            .all(|f| f.kind == FailureKind::LeaseExpired),
+        "{:?}",
+        env.history
+    );
     assert_eq!(env.payload, b"kills its consumer");
 }
 
@@ -343,22 +524,39 @@ pub async fn replay_keeps_the_id_and_history<H: Harness>(h: &H) {
     let b = open(h).await;
     let policy = RetryPolicy::parse("50ms").expect("tiers");
     let sent = publish(&b.transport, &[b"fix me"]).await;
-    drain(&b.transport, &policy, config(), handler_fn(|_env: Envelope| async {
-        Err(HandlerError::poison("Invalid", "bad input"))
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(|_env: Envelope| async { Err(HandlerError::poison("Invalid", "bad input")) }),
+    )
     .await;
     assert_eq!(dead(&b.store).await.len(), 1);
-    let report = replay(&b.transport, &b.store, &DeadSelection::Filter(DeadFilter::default()), &opts(5), &Unpaced)
-        .await
-        .expect("replay");
+    let report = replay(
+        &b.transport,
+        &b.store,
+        &DeadSelection::Filter(DeadFilter::default()),
+        &opts(5),
+        &Unpaced,
+    )
+    .await
+    .expect("replay");
     assert_eq!((report.matched, report.replayed), (1, 1));
-    assert!(dead(&b.store).await.is_empty(), "replayed messages leave the DLQ");
+    assert!(
+        dead(&b.store).await.is_empty(),
+        "replayed messages leave the DLQ"
+    );
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async { Ok(()) }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Ok(()) }
+        }),
+    )
     .await;
     let again = seen.all();
     assert_eq!(again.len(), 1);
@@ -368,46 +566,111 @@ pub async fn replay_keeps_the_id_and_history<H: Harness>(h: &H) {
 
     // Failing again after a replay returns it to the DLQ with its whole history; the
     // replay limit then keeps it there instead of looping.
-    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![env.id]), &opts(5), &Unpaced).await.expect("replay");
+    let report = replay(
+        &b.transport,
+        &b.store,
+        &DeadSelection::Ids(vec![env.id]),
+        &opts(5),
+        &Unpaced,
+    )
+    .await
+    .expect("replay");
     assert_eq!(report.matched, 0, "a handled message is no longer dead");
     let again = publish(&b.transport, &[b"still broken"]).await;
-    let poison = || handler_fn(|_env: Envelope| async { Err(HandlerError::poison("Invalid", "bad input")) });
+    let poison =
+        || handler_fn(|_env: Envelope| async { Err(HandlerError::poison("Invalid", "bad input")) });
     drain(&b.transport, &policy, config(), poison()).await;
-    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![again[0].id]), &opts(1), &Unpaced).await.expect("replay");
+    let report = replay(
+        &b.transport,
+        &b.store,
+        &DeadSelection::Ids(vec![again[0].id]),
+        &opts(1),
+        &Unpaced,
+    )
+    .await
+    .expect("replay");
     assert_eq!(report.replayed, 1);
     drain(&b.transport, &policy, config(), poison()).await;
     let back = dead(&b.store).await;
     assert_eq!(back.len(), 1);
-    assert_eq!((back[0].envelope.id, back[0].envelope.replays, back[0].envelope.history.len()), (again[0].id, 1, 2));
-    let report = replay(&b.transport, &b.store, &DeadSelection::Ids(vec![again[0].id]), &opts(1), &Unpaced).await.expect("replay");
-    assert_eq!((report.replayed, report.over_limit.as_slice()), (0, [again[0].id].as_slice()));
-    assert_eq!(dead(&b.store).await.len(), 1, "over the replay limit it stays dead");
+    assert_eq!(
+        (
+            back[0].envelope.id,
+            back[0].envelope.replays,
+            back[0].envelope.history.len()
+        ),
+        (again[0].id, 1, 2)
+    );
+    let report = replay(
+        &b.transport,
+        &b.store,
+        &DeadSelection::Ids(vec![again[0].id]),
+        &opts(1),
+        &Unpaced,
+    )
+    .await
+    .expect("replay");
+    assert_eq!(
+        (report.replayed, report.over_limit.as_slice()),
+        (0, [again[0].id].as_slice())
+    );
+    assert_eq!(
+        dead(&b.store).await.len(),
+        1,
+        "over the replay limit it stays dead"
+    );
 }
 
 /// Non-UTF-8 and large payloads survive retry, dead-lettering and replay byte for byte.
 pub async fn payloads_are_carried_byte_exact<H: Harness>(h: &H) {
     let b = open(h).await;
     let policy = RetryPolicy::parse("50ms").expect("tiers");
-    let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, b'\n', b'\r']).collect();
+    let binary: Vec<u8> = (0..=255u8)
+        .chain([0xff, 0xfe, 0x00, b'\n', b'\r'])
+        .collect();
     let large: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
     let sent = publish(&b.transport, &[&binary, &large]).await;
-    drain(&b.transport, &policy, config(), handler_fn(|_env: Envelope| async {
-        Err(HandlerError::retry("Nope", "keeps failing"))
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(|_env: Envelope| async { Err(HandlerError::retry("Nope", "keeps failing")) }),
+    )
     .await;
     let dead = dead(&b.store).await;
     assert_eq!(dead.len(), 2);
     for s in &sent {
-        let d = dead.iter().find(|d| d.envelope.id == s.id).expect("dead copy");
-        assert_eq!(d.envelope.payload, s.payload, "payload of {} bytes changed", s.payload.len());
+        let d = dead
+            .iter()
+            .find(|d| d.envelope.id == s.id)
+            .expect("dead copy");
+        assert_eq!(
+            d.envelope.payload,
+            s.payload,
+            "payload of {} bytes changed",
+            s.payload.len()
+        );
     }
-    replay(&b.transport, &b.store, &DeadSelection::Filter(DeadFilter::default()), &opts(5), &Unpaced).await.expect("replay");
+    replay(
+        &b.transport,
+        &b.store,
+        &DeadSelection::Filter(DeadFilter::default()),
+        &opts(5),
+        &Unpaced,
+    )
+    .await
+    .expect("replay");
     let seen = Seen::default();
     let rec = seen.clone();
-    drain(&b.transport, &policy, config(), handler_fn(move |env: Envelope| {
-        rec.record(&env);
-        async { Ok(()) }
-    }))
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Ok(()) }
+        }),
+    )
     .await;
     let mut got: Vec<Vec<u8>> = seen.all().into_iter().map(|(_, e)| e.payload).collect();
     got.sort();

@@ -36,7 +36,9 @@ pub enum Condition {
 
 /// Why a rule expression was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid alert rule {rule:?}: {reason}; expected `dlq_depth > N for DUR`, `oldest_dead_age > DUR` or `dead_letter_rate > N per DUR`")]
+#[error(
+    "invalid alert rule {rule:?}: {reason}; expected `dlq_depth > N for DUR`, `oldest_dead_age > DUR` or `dead_letter_rate > N per DUR`"
+)]
 pub struct RuleError {
     /// The rule text.
     pub rule: String,
@@ -51,25 +53,42 @@ impl Condition {
     ///
     /// A [`RuleError`] naming the expression and what is wrong with it.
     pub fn parse(text: &str) -> Result<Self, RuleError> {
-        let bad = |reason: &str| RuleError { rule: text.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| RuleError {
+            rule: text.to_owned(),
+            reason: reason.to_owned(),
+        };
         let words: Vec<&str> = text.split_whitespace().collect();
         let ms = |w: &str| -> Result<i64, RuleError> {
             let d = parse_duration(w).map_err(|e| bad(&e.to_string()))?;
             Ok(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         };
-        let n = |w: &str| w.parse::<u64>().map_err(|_| bad(&format!("{w:?} is not a whole number")));
+        let n = |w: &str| {
+            w.parse::<u64>()
+                .map_err(|_| bad(&format!("{w:?} is not a whole number")))
+        };
         match words.as_slice() {
-            ["dlq_depth", ">", count] => Ok(Self::DlqDepth { above: n(count)?, for_ms: 0 }),
-            ["dlq_depth", ">", count, "for", dur] => Ok(Self::DlqDepth { above: n(count)?, for_ms: ms(dur)? }),
+            ["dlq_depth", ">", count] => Ok(Self::DlqDepth {
+                above: n(count)?,
+                for_ms: 0,
+            }),
+            ["dlq_depth", ">", count, "for", dur] => Ok(Self::DlqDepth {
+                above: n(count)?,
+                for_ms: ms(dur)?,
+            }),
             ["oldest_dead_age", ">", dur] => Ok(Self::OldestDeadAge { above_ms: ms(dur)? }),
             ["dead_letter_rate", ">", count, "per", dur] => {
                 let per_ms = ms(dur)?;
                 if per_ms == 0 {
                     return Err(bad("the window must be longer than zero"));
                 }
-                Ok(Self::DeadLetterRate { above: n(count)?, per_ms })
+                Ok(Self::DeadLetterRate {
+                    above: n(count)?,
+                    per_ms,
+                })
             }
-            [first, ..] if !["dlq_depth", "oldest_dead_age", "dead_letter_rate"].contains(first) => {
+            [first, ..]
+                if !["dlq_depth", "oldest_dead_age", "dead_letter_rate"].contains(first) =>
+            {
                 Err(bad(&format!("unknown measure {first:?}")))
             }
             _ => Err(bad("it does not have the expected shape")),
@@ -92,7 +111,10 @@ impl Condition {
             Self::DlqDepth { above, .. } => (o.dlq_depth > *above, o.dlq_depth),
             Self::OldestDeadAge { above_ms } => {
                 let age = o.oldest_dead_age_ms.unwrap_or(0);
-                (o.oldest_dead_age_ms.is_some_and(|a| a > *above_ms), u64::try_from(age).unwrap_or(0))
+                (
+                    o.oldest_dead_age_ms.is_some_and(|a| a > *above_ms),
+                    u64::try_from(age).unwrap_or(0),
+                )
             }
             Self::DeadLetterRate { above, .. } => (o.dead_in_window > *above, o.dead_in_window),
         }
@@ -115,7 +137,9 @@ impl fmt::Display for Condition {
             Self::DlqDepth { above, for_ms: 0 } => write!(f, "dlq_depth > {above}"),
             Self::DlqDepth { above, for_ms } => write!(f, "dlq_depth > {above} for {}", d(*for_ms)),
             Self::OldestDeadAge { above_ms } => write!(f, "oldest_dead_age > {}", d(*above_ms)),
-            Self::DeadLetterRate { above, per_ms } => write!(f, "dead_letter_rate > {above} per {}", d(*per_ms)),
+            Self::DeadLetterRate { above, per_ms } => {
+                write!(f, "dead_letter_rate > {above} per {}", d(*per_ms))
+            }
         }
     }
 }
@@ -139,7 +163,10 @@ impl Rule {
     pub fn default_rule(notify: Vec<String>) -> Self {
         Self {
             name: "dlq-not-empty".to_owned(),
-            condition: Condition::DlqDepth { above: 0, for_ms: 5 * 60_000 },
+            condition: Condition::DlqDepth {
+                above: 0,
+                for_ms: 5 * 60_000,
+            },
             queue: None,
             notify,
         }
@@ -244,12 +271,22 @@ pub enum Transition {
 /// Evaluates `rules` against `observations` at `now_ms`, given the current `states`.
 /// Returns the transitions to persist (and, for fire / resolve, to notify).
 #[must_use]
-pub fn evaluate(rules: &[Rule], observations: &[Observation], states: &[AlertState], now_ms: i64) -> Vec<Transition> {
+pub fn evaluate(
+    rules: &[Rule],
+    observations: &[Observation],
+    states: &[AlertState],
+    now_ms: i64,
+) -> Vec<Transition> {
     let mut out = Vec::new();
     for rule in rules {
-        for o in observations.iter().filter(|o| rule.queue.as_ref().is_none_or(|q| *q == o.queue)) {
+        for o in observations
+            .iter()
+            .filter(|o| rule.queue.as_ref().is_none_or(|q| *q == o.queue))
+        {
             let (breached, value) = rule.condition.breached(o);
-            let current = states.iter().find(|s| s.rule == rule.name && s.queue == o.queue && s.phase != AlertPhase::Resolved);
+            let current = states.iter().find(|s| {
+                s.rule == rule.name && s.queue == o.queue && s.phase != AlertPhase::Resolved
+            });
             match (current, breached) {
                 (None, true) => {
                     let state = AlertState {
@@ -262,13 +299,25 @@ pub fn evaluate(rules: &[Rule], observations: &[Observation], states: &[AlertSta
                         value,
                     };
                     if rule.condition.hold_ms() == 0 {
-                        out.push(Transition::Fired(AlertState { phase: AlertPhase::Firing, fired_ms: Some(now_ms), ..state }));
+                        out.push(Transition::Fired(AlertState {
+                            phase: AlertPhase::Firing,
+                            fired_ms: Some(now_ms),
+                            ..state
+                        }));
                     } else {
                         out.push(Transition::Pending(state));
                     }
                 }
-                (Some(s), true) if s.phase == AlertPhase::Pending && now_ms - s.since_ms >= rule.condition.hold_ms() => {
-                    out.push(Transition::Fired(AlertState { phase: AlertPhase::Firing, fired_ms: Some(now_ms), value, ..s.clone() }));
+                (Some(s), true)
+                    if s.phase == AlertPhase::Pending
+                        && now_ms - s.since_ms >= rule.condition.hold_ms() =>
+                {
+                    out.push(Transition::Fired(AlertState {
+                        phase: AlertPhase::Firing,
+                        fired_ms: Some(now_ms),
+                        value,
+                        ..s.clone()
+                    }));
                 }
                 (Some(s), true) => {
                     if s.value != value {
@@ -288,9 +337,15 @@ pub fn evaluate(rules: &[Rule], observations: &[Observation], states: &[AlertSta
             }
         }
         // A queue that vanished from the observations has nothing dead: clear its alerts.
-        for s in states.iter().filter(|s| s.rule == rule.name && s.phase != AlertPhase::Resolved) {
+        for s in states
+            .iter()
+            .filter(|s| s.rule == rule.name && s.phase != AlertPhase::Resolved)
+        {
             if !observations.iter().any(|o| o.queue == s.queue) {
-                let cleared = Observation { queue: s.queue.clone(), ..Observation::default() };
+                let cleared = Observation {
+                    queue: s.queue.clone(),
+                    ..Observation::default()
+                };
                 let (breached, _) = rule.condition.breached(&cleared);
                 if !breached {
                     out.push(match s.phase {
@@ -314,13 +369,21 @@ mod tests {
     use super::*;
 
     fn obs(queue: &str, depth: u64) -> Observation {
-        Observation { queue: queue.to_owned(), dlq_depth: depth, oldest_dead_age_ms: (depth > 0).then_some(1000), dead_in_window: 0 }
+        Observation {
+            queue: queue.to_owned(),
+            dlq_depth: depth,
+            oldest_dead_age_ms: (depth > 0).then_some(1000),
+            dead_in_window: 0,
+        }
     }
 
     fn apply(states: &mut Vec<AlertState>, transitions: &[Transition]) {
         for t in transitions {
             let s = match t {
-                Transition::Pending(s) | Transition::Fired(s) | Transition::Resolved(s) | Transition::Updated(s) => s.clone(),
+                Transition::Pending(s)
+                | Transition::Fired(s)
+                | Transition::Resolved(s)
+                | Transition::Updated(s) => s.clone(),
                 Transition::Cancelled(s) => {
                     states.retain(|x| !(x.rule == s.rule && x.queue == s.queue));
                     continue;
@@ -334,19 +397,52 @@ mod tests {
     #[test]
     fn parses_and_prints_rules() {
         let table = [
-            ("dlq_depth > 0 for 5m", Condition::DlqDepth { above: 0, for_ms: 300_000 }),
-            ("dlq_depth > 10", Condition::DlqDepth { above: 10, for_ms: 0 }),
-            ("oldest_dead_age > 1h", Condition::OldestDeadAge { above_ms: 3_600_000 }),
-            ("dead_letter_rate > 100 per 10m", Condition::DeadLetterRate { above: 100, per_ms: 600_000 }),
+            (
+                "dlq_depth > 0 for 5m",
+                Condition::DlqDepth {
+                    above: 0,
+                    for_ms: 300_000,
+                },
+            ),
+            (
+                "dlq_depth > 10",
+                Condition::DlqDepth {
+                    above: 10,
+                    for_ms: 0,
+                },
+            ),
+            (
+                "oldest_dead_age > 1h",
+                Condition::OldestDeadAge {
+                    above_ms: 3_600_000,
+                },
+            ),
+            (
+                "dead_letter_rate > 100 per 10m",
+                Condition::DeadLetterRate {
+                    above: 100,
+                    per_ms: 600_000,
+                },
+            ),
         ];
         for (text, want) in table {
             let c = Condition::parse(text).unwrap();
             assert_eq!(c, want);
             assert_eq!(c.to_string(), text);
         }
-        for bad in ["dlq_depth >= 0", "dlq_depth > x for 5m", "dlq_depth > 0 for 5x", "queue_depth > 3", "dead_letter_rate > 1 per 0s", ""] {
+        for bad in [
+            "dlq_depth >= 0",
+            "dlq_depth > x for 5m",
+            "dlq_depth > 0 for 5x",
+            "queue_depth > 3",
+            "dead_letter_rate > 1 per 0s",
+            "",
+        ] {
             let err = Condition::parse(bad).unwrap_err();
-            assert!(err.to_string().contains("expected `dlq_depth > N for DUR`"), "{err}");
+            assert!(
+                err.to_string().contains("expected `dlq_depth > N for DUR`"),
+                "{err}"
+            );
         }
     }
 
@@ -366,7 +462,11 @@ mod tests {
                 match tr {
                     Transition::Fired(s) => {
                         fired += 1;
-                        assert_eq!(s.fired_ms, Some(5 * min), "fires exactly when 5m have passed");
+                        assert_eq!(
+                            s.fired_ms,
+                            Some(5 * min),
+                            "fires exactly when 5m have passed"
+                        );
                     }
                     Transition::Resolved(s) => {
                         resolved += 1;
@@ -385,35 +485,84 @@ mod tests {
     fn a_blip_shorter_than_the_hold_never_fires() {
         let rules = [Rule::default_rule(vec![])];
         let mut states = Vec::new();
-        for (now, depth) in [(0, 1), (60_000, 1), (120_000, 0), (180_000, 1), (240_000, 1)] {
+        for (now, depth) in [
+            (0, 1),
+            (60_000, 1),
+            (120_000, 0),
+            (180_000, 1),
+            (240_000, 1),
+        ] {
             let t = evaluate(&rules, &[obs("q", depth)], &states, now);
-            assert!(!t.iter().any(|t| matches!(t, Transition::Fired(_))), "fired at {now}");
+            assert!(
+                !t.iter().any(|t| matches!(t, Transition::Fired(_))),
+                "fired at {now}"
+            );
             apply(&mut states, &t);
         }
-        assert_eq!(states[0].since_ms, 180_000, "the hold restarts after the blip");
+        assert_eq!(
+            states[0].since_ms, 180_000,
+            "the hold restarts after the blip"
+        );
     }
 
     #[test]
     fn per_queue_alerts_and_instant_rules() {
         let rules = [
-            Rule { name: "old".into(), condition: Condition::parse("oldest_dead_age > 1h").unwrap(), queue: None, notify: vec![] },
-            Rule { name: "rate".into(), condition: Condition::parse("dead_letter_rate > 5 per 1m").unwrap(), queue: Some("b".into()), notify: vec![] },
+            Rule {
+                name: "old".into(),
+                condition: Condition::parse("oldest_dead_age > 1h").unwrap(),
+                queue: None,
+                notify: vec![],
+            },
+            Rule {
+                name: "rate".into(),
+                condition: Condition::parse("dead_letter_rate > 5 per 1m").unwrap(),
+                queue: Some("b".into()),
+                notify: vec![],
+            },
         ];
         let o = [
-            Observation { queue: "a".into(), dlq_depth: 1, oldest_dead_age_ms: Some(2 * 3_600_000), dead_in_window: 9 },
-            Observation { queue: "b".into(), dlq_depth: 1, oldest_dead_age_ms: Some(60_000), dead_in_window: 9 },
+            Observation {
+                queue: "a".into(),
+                dlq_depth: 1,
+                oldest_dead_age_ms: Some(2 * 3_600_000),
+                dead_in_window: 9,
+            },
+            Observation {
+                queue: "b".into(),
+                dlq_depth: 1,
+                oldest_dead_age_ms: Some(60_000),
+                dead_in_window: 9,
+            },
         ];
         let t = evaluate(&rules, &o, &[], 0);
         let fired: Vec<(String, String)> = t
             .iter()
-            .filter_map(|t| if let Transition::Fired(s) = t { Some((s.rule.clone(), s.queue.clone())) } else { None })
+            .filter_map(|t| {
+                if let Transition::Fired(s) = t {
+                    Some((s.rule.clone(), s.queue.clone()))
+                } else {
+                    None
+                }
+            })
             .collect();
-        assert_eq!(fired, [("old".to_owned(), "a".to_owned()), ("rate".to_owned(), "b".to_owned())]);
+        assert_eq!(
+            fired,
+            [
+                ("old".to_owned(), "a".to_owned()),
+                ("rate".to_owned(), "b".to_owned())
+            ]
+        );
     }
 
     #[test]
     fn a_queue_that_disappears_resolves() {
-        let rules = [Rule { name: "r".into(), condition: Condition::parse("dlq_depth > 0").unwrap(), queue: None, notify: vec![] }];
+        let rules = [Rule {
+            name: "r".into(),
+            condition: Condition::parse("dlq_depth > 0").unwrap(),
+            queue: None,
+            notify: vec![],
+        }];
         let mut states = Vec::new();
         let t = evaluate(&rules, &[obs("gone", 2)], &states, 0);
         apply(&mut states, &t);
@@ -501,14 +650,19 @@ pub trait AlertStore: Send + Sync {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn open_alerts(&self) -> impl std::future::Future<Output = Result<Vec<AlertState>, crate::StoreError>> + Send;
+    fn open_alerts(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<AlertState>, crate::StoreError>> + Send;
 
     /// Recently resolved alerts, newest first.
     ///
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn past_alerts(&self, limit: usize) -> impl std::future::Future<Output = Result<Vec<AlertState>, crate::StoreError>> + Send;
+    fn past_alerts(
+        &self,
+        limit: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<AlertState>, crate::StoreError>> + Send;
 
     /// Applies transitions and enqueues their notifications in one transaction.
     ///
@@ -526,7 +680,11 @@ pub trait AlertStore: Send + Sync {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn due_notifications(&self, now_ms: i64, limit: usize) -> impl std::future::Future<Output = Result<Vec<Notification>, crate::StoreError>> + Send;
+    fn due_notifications(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Notification>, crate::StoreError>> + Send;
 
     /// Records a delivery attempt: sent, or failed with an error and the next try
     /// (`None` when giving up).
@@ -545,5 +703,8 @@ pub trait AlertStore: Send + Sync {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn recent_notifications(&self, limit: usize) -> impl std::future::Future<Output = Result<Vec<Notification>, crate::StoreError>> + Send;
+    fn recent_notifications(
+        &self,
+        limit: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Notification>, crate::StoreError>> + Send;
 }

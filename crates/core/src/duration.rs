@@ -15,10 +15,14 @@ pub enum DurationError {
     #[error("empty duration: expected a number and a unit, such as 5s, 250ms, 5m or 1h")]
     Empty,
     /// The number part was missing or not a whole number.
-    #[error("invalid duration {0:?}: expected a whole number and a unit, such as 5s, 250ms, 5m or 1h")]
+    #[error(
+        "invalid duration {0:?}: expected a whole number and a unit, such as 5s, 250ms, 5m or 1h"
+    )]
     Invalid(String),
     /// The unit was missing or unknown.
-    #[error("invalid duration {0:?}: unknown or missing unit; use ms, s, m, h or d (for example 5s)")]
+    #[error(
+        "invalid duration {0:?}: unknown or missing unit; use ms, s, m, h or d (for example 5s)"
+    )]
     Unit(String),
     /// The duration overflowed.
     #[error("duration {0:?} is too large")]
@@ -64,7 +68,12 @@ pub fn format_duration(d: Duration) -> String {
     if ms == 0 {
         return "0ms".to_owned();
     }
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
@@ -107,8 +116,14 @@ mod tests {
             ("s", DurationError::Invalid("s".into())),
             ("-5s", DurationError::Invalid("-5s".into())),
             ("1.5s", DurationError::Unit("1.5s".into())),
-            ("99999999999999999999h", DurationError::Invalid("99999999999999999999h".into())),
-            ("9999999999999999h", DurationError::TooLarge("9999999999999999h".into())),
+            (
+                "99999999999999999999h",
+                DurationError::Invalid("99999999999999999999h".into()),
+            ),
+            (
+                "9999999999999999h",
+                DurationError::TooLarge("9999999999999999h".into()),
+            ),
         ];
         for (text, want) in table {
             assert_eq!(parse_duration(text), Err(want), "{text:?}");

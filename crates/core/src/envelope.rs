@@ -39,7 +39,9 @@ pub enum WireError {
         expected: &'static str,
     },
     /// Written by a newer redrive.
-    #[error("wire format version {0} is newer than this redrive understands ({WIRE_VERSION}); upgrade redrive")]
+    #[error(
+        "wire format version {0} is newer than this redrive understands ({WIRE_VERSION}); upgrade redrive"
+    )]
     Version(u32),
     /// The origin queue named in the headers is not a valid queue name.
     #[error(transparent)]
@@ -142,11 +144,24 @@ pub struct Failure {
 impl Failure {
     /// A failure at `at_ms`, fingerprinted from its class and message.
     #[must_use]
-    pub fn new(kind: FailureKind, class: impl Into<String>, message: impl Into<String>, at_ms: i64) -> Self {
+    pub fn new(
+        kind: FailureKind,
+        class: impl Into<String>,
+        message: impl Into<String>,
+        at_ms: i64,
+    ) -> Self {
         let class = class.into();
         let message = tail_utf8(&message.into(), MAX_ERROR_BYTES).to_owned();
         let fingerprint = Fingerprint::of(&class, &message);
-        Self { at_ms, attempt: 0, lane: String::new(), kind, class, message, fingerprint }
+        Self {
+            at_ms,
+            attempt: 0,
+            lane: String::new(),
+            kind,
+            class,
+            message,
+            fingerprint,
+        }
     }
 }
 
@@ -274,7 +289,10 @@ impl Envelope {
                     fp: f.fingerprint.to_string(),
                 })
                 .collect();
-            put("redrive-history", serde_json::to_string(&history).unwrap_or_default());
+            put(
+                "redrive-history",
+                serde_json::to_string(&history).unwrap_or_default(),
+            );
         }
         out.extend(self.headers.iter().cloned());
         out
@@ -299,12 +317,19 @@ impl Envelope {
     ) -> Result<Self, WireError> {
         let mut env = Self::new(queue.clone(), payload);
         env.key = key;
-        let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
         let versioned = find("redrive-version").is_some();
         if !versioned {
             return Ok(Self::from_foreign(env, headers));
         }
-        let version: u32 = parse_header(find("redrive-version"), "redrive-version", "a whole number")?.unwrap_or(1);
+        let version: u32 =
+            parse_header(find("redrive-version"), "redrive-version", "a whole number")?
+                .unwrap_or(1);
         if version > WIRE_VERSION {
             return Err(WireError::Version(version));
         }
@@ -318,17 +343,27 @@ impl Envelope {
         if let Some(origin) = find("redrive-origin") {
             env.queue = QueueName::new(origin)?;
         }
-        env.attempt = parse_header(find("redrive-attempt"), "redrive-attempt", "a whole number")?.unwrap_or(0);
-        env.replays = parse_header(find("redrive-replays"), "redrive-replays", "a whole number")?.unwrap_or(0);
-        env.not_before_ms = parse_header(find("redrive-not-before"), "redrive-not-before", "unix milliseconds")?;
-        env.first_failed_ms =
-            parse_header(find("redrive-first-failed-at"), "redrive-first-failed-at", "unix milliseconds")?;
+        env.attempt = parse_header(find("redrive-attempt"), "redrive-attempt", "a whole number")?
+            .unwrap_or(0);
+        env.replays = parse_header(find("redrive-replays"), "redrive-replays", "a whole number")?
+            .unwrap_or(0);
+        env.not_before_ms = parse_header(
+            find("redrive-not-before"),
+            "redrive-not-before",
+            "unix milliseconds",
+        )?;
+        env.first_failed_ms = parse_header(
+            find("redrive-first-failed-at"),
+            "redrive-first-failed-at",
+            "unix milliseconds",
+        )?;
         if let Some(history) = find("redrive-history") {
-            let wire: Vec<WireFailure> = serde_json::from_str(history).map_err(|_| WireError::Header {
-                header: "redrive-history",
-                value: tail_utf8(history, 80).to_owned(),
-                expected: "a JSON array of failures",
-            })?;
+            let wire: Vec<WireFailure> =
+                serde_json::from_str(history).map_err(|_| WireError::Header {
+                    header: "redrive-history",
+                    value: tail_utf8(history, 80).to_owned(),
+                    expected: "a JSON array of failures",
+                })?;
             env.history = wire
                 .into_iter()
                 .map(|w| Failure {
@@ -347,14 +382,22 @@ impl Envelope {
                 full.clone_into(&mut last.message);
             }
         }
-        env.headers = headers.into_iter().filter(|(k, _)| !is_redrive_header(k)).collect();
+        env.headers = headers
+            .into_iter()
+            .filter(|(k, _)| !is_redrive_header(k))
+            .collect();
         Ok(env)
     }
 
     /// Adopts a message written without redrive headers, reading the legacy pattern's
     /// `attempt` / `error` / `trace` headers if they are there.
     fn from_foreign(mut env: Self, headers: Vec<(String, String)>) -> Self {
-        let legacy = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let legacy = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
         let attempt = legacy("attempt").and_then(|a| a.trim().parse::<u32>().ok());
         if let Some(attempt) = attempt {
             let error = legacy("error").unwrap_or_default();
@@ -362,7 +405,11 @@ impl Envelope {
                 Some(trace) if !trace.is_empty() => format!("{error}\n{trace}"),
                 _ => error.clone(),
             };
-            let class = error.split(':').next().filter(|c| !c.is_empty() && !c.contains(' ')).unwrap_or("legacy");
+            let class = error
+                .split(':')
+                .next()
+                .filter(|c| !c.is_empty() && !c.contains(' '))
+                .unwrap_or("legacy");
             if attempt > 0 {
                 let mut failure = Failure::new(FailureKind::Retry, class, message, crate::now_ms());
                 failure.attempt = attempt;
@@ -383,7 +430,8 @@ impl Envelope {
 }
 
 fn is_redrive_header(name: &str) -> bool {
-    name.len() >= HEADER_PREFIX.len() && name[..HEADER_PREFIX.len()].eq_ignore_ascii_case(HEADER_PREFIX)
+    name.len() >= HEADER_PREFIX.len()
+        && name[..HEADER_PREFIX.len()].eq_ignore_ascii_case(HEADER_PREFIX)
 }
 
 fn parse_header<T: std::str::FromStr>(
@@ -392,7 +440,13 @@ fn parse_header<T: std::str::FromStr>(
     expected: &'static str,
 ) -> Result<Option<T>, WireError> {
     value
-        .map(|v| v.trim().parse::<T>().map_err(|_| WireError::Header { header, value: v.to_owned(), expected }))
+        .map(|v| {
+            v.trim().parse::<T>().map_err(|_| WireError::Header {
+                header,
+                value: v.to_owned(),
+                expected,
+            })
+        })
         .transpose()
 }
 
@@ -432,9 +486,28 @@ mod tests {
     fn failed_twice() -> Envelope {
         let mut env = Envelope::new(queue(), b"{\"task\":1}\xff".to_vec())
             .with_key("user-7")
-            .with_header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        env.record_failure(Failure::new(FailureKind::Retry, "RateLimited", "429 too many requests", 1_000), "main");
-        env.record_failure(Failure::new(FailureKind::Timeout, "timeout", "handler ran past 30s\nline two", 2_000), "retry.5s");
+            .with_header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            );
+        env.record_failure(
+            Failure::new(
+                FailureKind::Retry,
+                "RateLimited",
+                "429 too many requests",
+                1_000,
+            ),
+            "main",
+        );
+        env.record_failure(
+            Failure::new(
+                FailureKind::Timeout,
+                "timeout",
+                "handler ran past 30s\nline two",
+                2_000,
+            ),
+            "retry.5s",
+        );
         env.replays = 1;
         env.not_before_ms = Some(9_000);
         env
@@ -444,7 +517,8 @@ mod tests {
     fn wire_round_trip_keeps_everything() {
         let env = failed_twice();
         let wire = env.to_wire();
-        let back = Envelope::from_wire(&queue(), env.key.clone(), env.payload.clone(), wire).unwrap();
+        let back =
+            Envelope::from_wire(&queue(), env.key.clone(), env.payload.clone(), wire).unwrap();
         assert_eq!(back, env);
         assert_eq!(back.attempt, 2);
         assert_eq!(back.history[1].lane, "retry.5s");
@@ -456,9 +530,19 @@ mod tests {
         let wire = failed_twice().to_wire();
         let names: Vec<&str> = wire.iter().map(|(k, _)| k.as_str()).collect();
         for name in [
-            "redrive-version", "redrive-id", "redrive-attempt", "redrive-origin", "redrive-not-before",
-            "redrive-first-failed-at", "redrive-last-failed-at", "redrive-error-class", "redrive-error",
-            "redrive-fingerprint", "redrive-replays", "redrive-history", "traceparent",
+            "redrive-version",
+            "redrive-id",
+            "redrive-attempt",
+            "redrive-origin",
+            "redrive-not-before",
+            "redrive-first-failed-at",
+            "redrive-last-failed-at",
+            "redrive-error-class",
+            "redrive-error",
+            "redrive-fingerprint",
+            "redrive-replays",
+            "redrive-history",
+            "traceparent",
         ] {
             assert!(names.contains(&name), "missing {name} in {names:?}");
         }
@@ -470,7 +554,13 @@ mod tests {
 
     #[test]
     fn foreign_messages_get_a_fresh_identity() {
-        let env = Envelope::from_wire(&queue(), None, b"hi".to_vec(), vec![("x-user".into(), "1".into())]).unwrap();
+        let env = Envelope::from_wire(
+            &queue(),
+            None,
+            b"hi".to_vec(),
+            vec![("x-user".into(), "1".into())],
+        )
+        .unwrap();
         assert_eq!((env.attempt, env.history.len()), (0, 0));
         assert_eq!(env.headers, vec![("x-user".to_owned(), "1".to_owned())]);
     }
@@ -480,14 +570,20 @@ mod tests {
         let headers = vec![
             ("attempt".to_owned(), "2".to_owned()),
             ("error".to_owned(), "ValueError: bad task 17".to_owned()),
-            ("trace".to_owned(), "Traceback (most recent call last): ...".to_owned()),
+            (
+                "trace".to_owned(),
+                "Traceback (most recent call last): ...".to_owned(),
+            ),
             ("tenant".to_owned(), "acme".to_owned()),
         ];
         let env = Envelope::from_wire(&queue(), None, b"{}".to_vec(), headers).unwrap();
         assert_eq!(env.attempt, 2);
         let last = env.last_failure().unwrap();
         assert_eq!(last.class, "ValueError");
-        assert!(last.message.starts_with("ValueError: bad task 17\nTraceback"));
+        assert!(
+            last.message
+                .starts_with("ValueError: bad task 17\nTraceback")
+        );
         assert_eq!(env.headers, vec![("tenant".to_owned(), "acme".to_owned())]);
     }
 
@@ -500,19 +596,28 @@ mod tests {
             ("redrive-not-before", "soon", "redrive-not-before"),
         ];
         for (name, value, named) in table {
-            let headers = vec![("redrive-version".to_owned(), "1".to_owned()), (name.to_owned(), value.to_owned())];
+            let headers = vec![
+                ("redrive-version".to_owned(), "1".to_owned()),
+                (name.to_owned(), value.to_owned()),
+            ];
             let err = Envelope::from_wire(&queue(), None, vec![], headers).unwrap_err();
             assert!(err.to_string().contains(named), "{err}");
         }
         let newer = vec![("redrive-version".to_owned(), "9".to_owned())];
-        assert_eq!(Envelope::from_wire(&queue(), None, vec![], newer), Err(WireError::Version(9)));
+        assert_eq!(
+            Envelope::from_wire(&queue(), None, vec![], newer),
+            Err(WireError::Version(9))
+        );
     }
 
     #[test]
     fn history_is_bounded_and_keeps_the_first_failure() {
         let mut env = Envelope::new(queue(), "x");
         for i in 0..100 {
-            env.record_failure(Failure::new(FailureKind::Retry, "E", format!("fail {i}"), i), "main");
+            env.record_failure(
+                Failure::new(FailureKind::Retry, "E", format!("fail {i}"), i),
+                "main",
+            );
         }
         assert_eq!(env.attempt, 100);
         assert_eq!(env.history.len(), MAX_HISTORY);

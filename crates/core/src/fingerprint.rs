@@ -100,10 +100,16 @@ mod tests {
         let table = [
             ("task 42 failed", "task <n> failed"),
             ("timed out after 3.5s", "timed out after <n>.<n>s"),
-            ("request req_9f8e7d6c5b4a failed", "request req_<hex> failed"),
+            (
+                "request req_9f8e7d6c5b4a failed",
+                "request req_<hex> failed",
+            ),
             ("KeyError: 'task_123'", "KeyError: 'task_<n>'"),
             ("model gpt4o-v2 down", "model gpt<n>o-v<n> down"),
-            ("id 0194f7a2-7c1e-7b3a-9d2e-3f4a5b6c7d8e gone", "id <uuid> gone"),
+            (
+                "id 0194f7a2-7c1e-7b3a-9d2e-3f4a5b6c7d8e gone",
+                "id <uuid> gone",
+            ),
             ("at 0x7ffd5e8c1a2b", "at <hex>"),
             ("req 9f8e7d6c5b4a missing", "req <hex> missing"),
             ("  many   spaces\n\there ", "many spaces here"),
@@ -117,27 +123,60 @@ mod tests {
     #[test]
     fn same_error_with_other_values_shares_a_fingerprint() {
         let same = [
-            ("RateLimited", "429 rate limit exceeded, retry in 17s (request 1a2b3c4d5e6f)", "429 rate limit exceeded, retry in 3s (request 99ffee00aa11)"),
-            ("ToolTimeout", "tool web_search timed out after 30000 ms", "tool web_search timed out after 30001 ms"),
+            (
+                "RateLimited",
+                "429 rate limit exceeded, retry in 17s (request 1a2b3c4d5e6f)",
+                "429 rate limit exceeded, retry in 3s (request 99ffee00aa11)",
+            ),
+            (
+                "ToolTimeout",
+                "tool web_search timed out after 30000 ms",
+                "tool web_search timed out after 30001 ms",
+            ),
             ("exit_1", "task 50 always fails", "task 200 always fails"),
-            ("SchemaError", "message 0194f7a2-7c1e-7b3a-9d2e-3f4a5b6c7d8e: missing field `task`", "message 0194f7a3-0000-7b3a-9d2e-3f4a5b6c7d8f: missing field `task`"),
-            ("panic", "index out of bounds: len is 3 but index is 7", "index out of bounds: len is 10 but index is 12"),
+            (
+                "SchemaError",
+                "message 0194f7a2-7c1e-7b3a-9d2e-3f4a5b6c7d8e: missing field `task`",
+                "message 0194f7a3-0000-7b3a-9d2e-3f4a5b6c7d8f: missing field `task`",
+            ),
+            (
+                "panic",
+                "index out of bounds: len is 3 but index is 7",
+                "index out of bounds: len is 10 but index is 12",
+            ),
         ];
         for (class, a, b) in same {
-            assert_eq!(Fingerprint::of(class, a), Fingerprint::of(class, b), "{a:?} vs {b:?}");
+            assert_eq!(
+                Fingerprint::of(class, a),
+                Fingerprint::of(class, b),
+                "{a:?} vs {b:?}"
+            );
         }
     }
 
     #[test]
     fn different_errors_do_not_share_a_fingerprint() {
         let different = [
-            (("RateLimited", "rate limit exceeded"), ("RateLimited", "quota exhausted")),
-            (("SchemaError", "missing field `task`"), ("SchemaError", "missing field `agent`")),
+            (
+                ("RateLimited", "rate limit exceeded"),
+                ("RateLimited", "quota exhausted"),
+            ),
+            (
+                ("SchemaError", "missing field `task`"),
+                ("SchemaError", "missing field `agent`"),
+            ),
             (("exit_1", "task failed"), ("exit_75", "task failed")),
-            (("ToolTimeout", "tool web_search timed out"), ("ToolTimeout", "tool code_exec timed out")),
+            (
+                ("ToolTimeout", "tool web_search timed out"),
+                ("ToolTimeout", "tool code_exec timed out"),
+            ),
         ];
         for ((ca, ma), (cb, mb)) in different {
-            assert_ne!(Fingerprint::of(ca, ma), Fingerprint::of(cb, mb), "{ca}:{ma} vs {cb}:{mb}");
+            assert_ne!(
+                Fingerprint::of(ca, ma),
+                Fingerprint::of(cb, mb),
+                "{ca}:{ma} vs {cb}:{mb}"
+            );
         }
     }
 

@@ -28,10 +28,11 @@ pub use fingerprint::{Fingerprint, normalize_message};
 pub use outcome::{HandlerError, HandlerResult, Outcome};
 pub use policy::{PolicyError, RetryPolicy, Step, Tier};
 pub use queue::{Lane, LaneSet, QueueError, QueueName};
-pub use retention::RetentionStore;
 pub use replay::{Pace, ReplayError, ReplayOptions, ReplayReport, Unpaced, replay, replay_edited};
+pub use retention::RetentionStore;
 pub use store::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, StoreError,
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    DeadStats, StoreError,
 };
 pub use time::now_ms;
 pub use transport::{Delivery, Fetched, LaneStats, QueueDepths, Transport, TransportError};

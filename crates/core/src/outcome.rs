@@ -35,20 +35,36 @@ impl HandlerError {
     /// A transient failure: the message moves to the next retry tier.
     #[must_use]
     pub fn retry(class: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { verdict: Verdict::Retry, class: class.into(), message: message.into() }
+        Self {
+            verdict: Verdict::Retry,
+            class: class.into(),
+            message: message.into(),
+        }
     }
 
     /// A transient failure that should not be retried before `delay` (an HTTP
     /// `Retry-After`, a rate limiter's reset time).
     #[must_use]
-    pub fn retry_after(delay: Duration, class: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { verdict: Verdict::RetryAfter(delay), class: class.into(), message: message.into() }
+    pub fn retry_after(
+        delay: Duration,
+        class: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            verdict: Verdict::RetryAfter(delay),
+            class: class.into(),
+            message: message.into(),
+        }
     }
 
     /// A permanent failure: the message goes to the DLQ at once, without retries.
     #[must_use]
     pub fn poison(class: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { verdict: Verdict::Poison, class: class.into(), message: message.into() }
+        Self {
+            verdict: Verdict::Poison,
+            class: class.into(),
+            message: message.into(),
+        }
     }
 
     /// A transient failure from any error; the class is the error type's short name.
@@ -79,7 +95,11 @@ impl HandlerError {
     }
 
     fn kind(&self) -> FailureKind {
-        if self.is_poison() { FailureKind::Poison } else { FailureKind::Retry }
+        if self.is_poison() {
+            FailureKind::Poison
+        } else {
+            FailureKind::Retry
+        }
     }
 }
 
@@ -114,7 +134,10 @@ impl Outcome {
             Err(e) => {
                 let retry_after = e.requested_delay();
                 let failure = Failure::new(e.kind(), e.class, e.message, at_ms);
-                Self::Failed { failure, retry_after }
+                Self::Failed {
+                    failure,
+                    retry_after,
+                }
             }
         }
     }
@@ -122,8 +145,16 @@ impl Outcome {
     /// The handler ran past its timeout.
     #[must_use]
     pub fn timeout(limit: Duration, at_ms: i64) -> Self {
-        let message = format!("handler did not finish within {}", crate::format_duration(limit));
-        Self::failed(Failure::new(FailureKind::Timeout, "timeout", message, at_ms))
+        let message = format!(
+            "handler did not finish within {}",
+            crate::format_duration(limit)
+        );
+        Self::failed(Failure::new(
+            FailureKind::Timeout,
+            "timeout",
+            message,
+            at_ms,
+        ))
     }
 
     /// The handler panicked.
@@ -136,11 +167,19 @@ impl Outcome {
     #[must_use]
     pub fn lease_expired(at_ms: i64) -> Self {
         let message = "the previous delivery ended without an outcome (consumer crashed, was killed, or its lease expired)";
-        Self::failed(Failure::new(FailureKind::LeaseExpired, "lease_expired", message, at_ms))
+        Self::failed(Failure::new(
+            FailureKind::LeaseExpired,
+            "lease_expired",
+            message,
+            at_ms,
+        ))
     }
 
     fn failed(failure: Failure) -> Self {
-        Self::Failed { failure, retry_after: None }
+        Self::Failed {
+            failure,
+            retry_after: None,
+        }
     }
 }
 
@@ -159,17 +198,30 @@ mod tests {
     fn results_classify_into_outcomes() {
         let table: [(HandlerResult, Option<(FailureKind, &str, Option<Duration>)>); 4] = [
             (Ok(()), None),
-            (Err(HandlerError::retry("RateLimited", "slow down")), Some((FailureKind::Retry, "RateLimited", None))),
             (
-                Err(HandlerError::retry_after(Duration::from_secs(7), "http_429", "busy")),
+                Err(HandlerError::retry("RateLimited", "slow down")),
+                Some((FailureKind::Retry, "RateLimited", None)),
+            ),
+            (
+                Err(HandlerError::retry_after(
+                    Duration::from_secs(7),
+                    "http_429",
+                    "busy",
+                )),
                 Some((FailureKind::Retry, "http_429", Some(Duration::from_secs(7)))),
             ),
-            (Err(HandlerError::poison("SchemaError", "missing field")), Some((FailureKind::Poison, "SchemaError", None))),
+            (
+                Err(HandlerError::poison("SchemaError", "missing field")),
+                Some((FailureKind::Poison, "SchemaError", None)),
+            ),
         ];
         for (result, want) in table {
             let got = match Outcome::from_result(result, 5) {
                 Outcome::Ok => None,
-                Outcome::Failed { failure, retry_after } => {
+                Outcome::Failed {
+                    failure,
+                    retry_after,
+                } => {
                     assert_eq!(failure.at_ms, 5);
                     Some((failure.kind, failure.class.clone(), retry_after))
                 }
@@ -181,11 +233,21 @@ mod tests {
     #[test]
     fn runner_outcomes_have_stable_classes() {
         for (outcome, class, kind) in [
-            (Outcome::timeout(Duration::from_secs(30), 0), "timeout", FailureKind::Timeout),
+            (
+                Outcome::timeout(Duration::from_secs(30), 0),
+                "timeout",
+                FailureKind::Timeout,
+            ),
             (Outcome::panic("boom", 0), "panic", FailureKind::Panic),
-            (Outcome::lease_expired(0), "lease_expired", FailureKind::LeaseExpired),
+            (
+                Outcome::lease_expired(0),
+                "lease_expired",
+                FailureKind::LeaseExpired,
+            ),
         ] {
-            let Outcome::Failed { failure, .. } = outcome else { panic!("expected a failure") };
+            let Outcome::Failed { failure, .. } = outcome else {
+                panic!("expected a failure")
+            };
             assert_eq!((failure.class.as_str(), failure.kind), (class, kind));
         }
     }

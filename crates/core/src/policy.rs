@@ -58,7 +58,10 @@ impl Tier {
     /// A tier with the given delay; its name is the delay's canonical form (`5s`).
     #[must_use]
     pub fn new(delay: Duration) -> Self {
-        Self { name: format_duration(delay), delay }
+        Self {
+            name: format_duration(delay),
+            delay,
+        }
     }
 
     /// The tier's name, e.g. `5s`; the lane is `<queue>.retry.<name>`.
@@ -97,7 +100,10 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self::parse(DEFAULT_TIERS).unwrap_or_else(|_| Self { tiers: Vec::new(), jitter: 0.0 })
+        Self::parse(DEFAULT_TIERS).unwrap_or_else(|_| Self {
+            tiers: Vec::new(),
+            jitter: 0.0,
+        })
     }
 }
 
@@ -120,7 +126,10 @@ impl RetryPolicy {
                 source,
             })?;
             if delay.is_zero() {
-                return Err(PolicyError::Zero { list: list.to_owned(), index: i + 1 });
+                return Err(PolicyError::Zero {
+                    list: list.to_owned(),
+                    index: i + 1,
+                });
             }
             let tier = Tier::new(delay);
             if tiers.iter().any(|t| t.name == tier.name) {
@@ -215,10 +224,21 @@ mod tests {
     #[test]
     fn refuses_bad_lists() {
         assert!(matches!(RetryPolicy::parse(""), Err(PolicyError::Empty(_))));
-        assert!(matches!(RetryPolicy::parse("5s,,1m"), Err(PolicyError::Tier { index: 2, .. })));
-        assert!(matches!(RetryPolicy::parse("5s,fast"), Err(PolicyError::Tier { index: 2, .. })));
-        assert!(matches!(RetryPolicy::parse("5s,5000ms"), Err(PolicyError::Duplicate(t)) if t == "5s"));
-        assert!(matches!(RetryPolicy::parse("0s"), Err(PolicyError::Zero { index: 1, .. })));
+        assert!(matches!(
+            RetryPolicy::parse("5s,,1m"),
+            Err(PolicyError::Tier { index: 2, .. })
+        ));
+        assert!(matches!(
+            RetryPolicy::parse("5s,fast"),
+            Err(PolicyError::Tier { index: 2, .. })
+        ));
+        assert!(
+            matches!(RetryPolicy::parse("5s,5000ms"), Err(PolicyError::Duplicate(t)) if t == "5s")
+        );
+        assert!(matches!(
+            RetryPolicy::parse("0s"),
+            Err(PolicyError::Zero { index: 1, .. })
+        ));
         let msg = RetryPolicy::parse("5s,3x").unwrap_err().to_string();
         assert!(msg.contains("tier 2") && msg.contains("3x"), "{msg}");
     }
@@ -227,9 +247,27 @@ mod tests {
     fn failures_walk_the_tiers_then_die() {
         let p = RetryPolicy::parse("5s,30s,5m").unwrap();
         let step = |n| p.decide(n, false, None);
-        assert_eq!(step(1), Step::Retry { tier: Tier::new(Duration::from_secs(5)), delay: Duration::from_secs(5) });
-        assert_eq!(step(2), Step::Retry { tier: Tier::new(Duration::from_secs(30)), delay: Duration::from_secs(30) });
-        assert_eq!(step(3), Step::Retry { tier: Tier::new(Duration::from_secs(300)), delay: Duration::from_secs(300) });
+        assert_eq!(
+            step(1),
+            Step::Retry {
+                tier: Tier::new(Duration::from_secs(5)),
+                delay: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            step(2),
+            Step::Retry {
+                tier: Tier::new(Duration::from_secs(30)),
+                delay: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(
+            step(3),
+            Step::Retry {
+                tier: Tier::new(Duration::from_secs(300)),
+                delay: Duration::from_secs(300)
+            }
+        );
         assert_eq!(step(4), Step::Dead);
         assert_eq!(step(9), Step::Dead);
     }
@@ -242,7 +280,8 @@ mod tests {
             panic!("expected a retry")
         };
         assert_eq!((tier.name(), delay), ("30s", Duration::from_secs(2)));
-        let Step::Retry { delay, .. } = p.decide(1, false, Some(Duration::from_secs(86_400))) else {
+        let Step::Retry { delay, .. } = p.decide(1, false, Some(Duration::from_secs(86_400)))
+        else {
             panic!("expected a retry")
         };
         assert_eq!(delay, MAX_RETRY_AFTER);
@@ -253,8 +292,13 @@ mod tests {
         let p = RetryPolicy::parse("1s").unwrap().with_jitter(0.5).unwrap();
         let mut distinct = std::collections::HashSet::new();
         for _ in 0..200 {
-            let Step::Retry { delay, .. } = p.decide(1, false, None) else { panic!() };
-            assert!(delay >= Duration::from_secs(1) && delay <= Duration::from_millis(1500), "{delay:?}");
+            let Step::Retry { delay, .. } = p.decide(1, false, None) else {
+                panic!()
+            };
+            assert!(
+                delay >= Duration::from_secs(1) && delay <= Duration::from_millis(1500),
+                "{delay:?}"
+            );
             distinct.insert(delay);
         }
         assert!(distinct.len() > 10, "jitter should spread delays");

@@ -39,14 +39,20 @@ impl QueueName {
     /// (`.dlq`, `.retry.*`), which would make lane names ambiguous.
     pub fn new(name: impl Into<String>) -> Result<Self, QueueError> {
         let name = name.into();
-        let invalid = |reason| QueueError::Invalid { name: name.clone(), reason };
+        let invalid = |reason| QueueError::Invalid {
+            name: name.clone(),
+            reason,
+        };
         if name.is_empty() {
             return Err(invalid("it is empty"));
         }
         if name.len() > MAX_QUEUE_NAME {
             return Err(invalid("it is too long"));
         }
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
             return Err(invalid("it contains a character that is not allowed"));
         }
         if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
@@ -119,7 +125,9 @@ impl Lane {
         match label {
             "main" => Some(Self::Main),
             "dlq" => Some(Self::Dlq),
-            _ => label.strip_prefix("retry.").map(|t| Self::Retry(t.to_owned())),
+            _ => label
+                .strip_prefix("retry.")
+                .map(|t| Self::Retry(t.to_owned())),
         }
     }
 }
@@ -139,7 +147,13 @@ mod tests {
 
     #[test]
     fn accepts_conventional_names() {
-        for name in ["agent.tasks", "a", "orders-v2", "billing_events.eu-1", "9lives"] {
+        for name in [
+            "agent.tasks",
+            "a",
+            "orders-v2",
+            "billing_events.eu-1",
+            "9lives",
+        ] {
             assert_eq!(QueueName::new(name).unwrap().as_str(), name);
         }
     }
@@ -154,13 +168,29 @@ mod tests {
             (".hidden", "it does not start with a letter or digit"),
             ("agent.", "it has an empty segment between dots"),
             ("a..b", "it has an empty segment between dots"),
-            ("agent.tasks.dlq", "it ends in a lane suffix (.dlq or .retry.<tier>)"),
-            ("agent.tasks.retry.5s", "it ends in a lane suffix (.dlq or .retry.<tier>)"),
+            (
+                "agent.tasks.dlq",
+                "it ends in a lane suffix (.dlq or .retry.<tier>)",
+            ),
+            (
+                "agent.tasks.retry.5s",
+                "it ends in a lane suffix (.dlq or .retry.<tier>)",
+            ),
         ];
         for (name, reason) in table {
             let err = QueueName::new(name).unwrap_err();
-            assert_eq!(err, QueueError::Invalid { name: name.into(), reason }, "{name:?}");
-            assert!(err.to_string().contains("agent.tasks"), "message shows an example");
+            assert_eq!(
+                err,
+                QueueError::Invalid {
+                    name: name.into(),
+                    reason
+                },
+                "{name:?}"
+            );
+            assert!(
+                err.to_string().contains("agent.tasks"),
+                "message shows an example"
+            );
         }
         assert!(QueueName::new("x".repeat(MAX_QUEUE_NAME + 1)).is_err());
     }
@@ -169,7 +199,10 @@ mod tests {
     fn lane_names_follow_the_convention() {
         let q = QueueName::new("agent.tasks").unwrap();
         assert_eq!(q.lane_name(&Lane::Main), "agent.tasks");
-        assert_eq!(q.lane_name(&Lane::Retry("5s".into())), "agent.tasks.retry.5s");
+        assert_eq!(
+            q.lane_name(&Lane::Retry("5s".into())),
+            "agent.tasks.retry.5s"
+        );
         assert_eq!(q.lane_name(&Lane::Dlq), "agent.tasks.dlq");
         for lane in [Lane::Main, Lane::Retry("30s".into()), Lane::Dlq] {
             assert_eq!(Lane::from_label(&lane.label()), Some(lane));

@@ -65,7 +65,14 @@ pub struct ReplayOptions<'a> {
 
 impl Default for ReplayOptions<'_> {
     fn default() -> Self {
-        Self { to: None, max_replays: 5, dry_run: false, actor: "unknown", reason: "", batch: REPLAY_BATCH }
+        Self {
+            to: None,
+            max_replays: 5,
+            dry_run: false,
+            actor: "unknown",
+            reason: "",
+            batch: REPLAY_BATCH,
+        }
     }
 }
 
@@ -123,7 +130,10 @@ pub async fn replay<T: Transport, S: DeadLetterStore, P: Pace>(
             loop {
                 let page = store.list(filter, cursor.as_ref(), batch).await?;
                 let Some(last) = page.last() else { break };
-                cursor = Some(Cursor { dead_at_ms: last.dead_at_ms, id: last.envelope.id });
+                cursor = Some(Cursor {
+                    dead_at_ms: last.dead_at_ms,
+                    id: last.envelope.id,
+                });
                 let full = page.len() == batch;
                 replay_batch(transport, store, page, options, &mut report).await?;
                 if !full {
@@ -149,7 +159,9 @@ pub async fn replay_edited<T: Transport, S: DeadLetterStore>(
     payload: Vec<u8>,
     options: &ReplayOptions<'_>,
 ) -> Result<Option<ReplayReport>, ReplayError> {
-    let Some(mut dead) = store.get(id).await? else { return Ok(None) };
+    let Some(mut dead) = store.get(id).await? else {
+        return Ok(None);
+    };
     dead.envelope.payload = payload;
     let mut report = ReplayReport::default();
     replay_batch(transport, store, vec![dead], options, &mut report).await?;
@@ -185,16 +197,27 @@ async fn replay_batch<T: Transport, S: DeadLetterStore>(
         let ids: Vec<MessageId> = batch.iter().map(|e| e.id).collect();
         let n = batch.len() as u64;
         if !options.dry_run {
-            transport.publish(&queue, batch).await.map_err(|source| ReplayError::Publish {
-                queue: queue.to_string(),
-                replayed: report.replayed,
-                source,
-            })?;
-            let reason = if options.reason.is_empty() { format!("replay to {queue}") } else { options.reason.to_owned() };
+            transport
+                .publish(&queue, batch)
+                .await
+                .map_err(|source| ReplayError::Publish {
+                    queue: queue.to_string(),
+                    replayed: report.replayed,
+                    source,
+                })?;
+            let reason = if options.reason.is_empty() {
+                format!("replay to {queue}")
+            } else {
+                options.reason.to_owned()
+            };
             store.mark_replayed(&ids, options.actor, &reason).await?;
         }
         report.replayed += n;
-        match report.by_queue.iter_mut().find(|(q, _)| q == queue.as_str()) {
+        match report
+            .by_queue
+            .iter_mut()
+            .find(|(q, _)| q == queue.as_str())
+        {
             Some((_, count)) => *count += n,
             None => report.by_queue.push((queue.to_string(), n)),
         }

@@ -16,7 +16,11 @@ pub trait RetentionStore: Send + Sync {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn compress_between(&self, from_ms: i64, to_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn compress_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// `(queue, day start)` of every UTC day that has dead messages and ended at or
     /// before `cutoff_ms`, oldest first: the days that may be archived whole.
@@ -24,7 +28,10 @@ pub trait RetentionStore: Send + Sync {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn archivable_days(&self, cutoff_ms: i64) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
+    fn archivable_days(
+        &self,
+        cutoff_ms: i64,
+    ) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
 
     /// Deletes dead messages that are now safely archived, with an audit entry; returns
     /// how many were deleted. Only messages still dead are deleted.
@@ -32,12 +39,19 @@ pub trait RetentionStore: Send + Sync {
     /// # Errors
     ///
     /// Fails when the store is unavailable; then none were deleted.
-    fn delete_archived(&self, ids: &[MessageId], archive: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn delete_archived(
+        &self,
+        ids: &[MessageId],
+        archive: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Forgets replayed messages (kept only as history) that died before `cutoff_ms`.
     ///
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn forget_replayed_before(&self, cutoff_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn forget_replayed_before(
+        &self,
+        cutoff_ms: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

@@ -138,7 +138,10 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn insert_batch(&self, dead: &[DeadLetter]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn insert_batch(
+        &self,
+        dead: &[DeadLetter],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Dead messages matching `filter`, oldest first, after `cursor`, at most `limit`.
     ///
@@ -158,7 +161,11 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn groups(&self, filter: &DeadFilter, limit: usize) -> impl Future<Output = Result<Vec<DeadGroup>, StoreError>> + Send;
+    fn groups(
+        &self,
+        filter: &DeadFilter,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadGroup>, StoreError>> + Send;
 
     /// How many dead messages match `filter`.
     ///
@@ -172,7 +179,10 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn get(&self, id: &MessageId) -> impl Future<Output = Result<Option<DeadLetter>, StoreError>> + Send;
+    fn get(
+        &self,
+        id: &MessageId,
+    ) -> impl Future<Output = Result<Option<DeadLetter>, StoreError>> + Send;
 
     /// Marks messages as replayed (they leave the DLQ) and writes an audit entry.
     /// Returns how many were still dead and are now marked.
@@ -211,12 +221,18 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn audit_log(&self, limit: usize) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
+    fn audit_log(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 
     /// How many messages are dead, in one queue or all.
     ///
     /// # Errors
     ///
     /// Fails when the store is unavailable.
-    fn depth(&self, queue: Option<&QueueName>) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn depth(
+        &self,
+        queue: Option<&QueueName>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

@@ -115,7 +115,10 @@ pub trait Transport: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`TransportError::LeaseLost`] when the lease expired meanwhile.
-    fn ack(&self, delivery: &Delivery<Self::Token>) -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn ack(
+        &self,
+        delivery: &Delivery<Self::Token>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Moves the message to a retry tier, due at `due_ms`, with `envelope` (its failure
     /// recorded) replacing the delivered one. The copy is durable before the source
@@ -148,7 +151,10 @@ pub trait Transport: Send + Sync + 'static {
     /// # Errors
     ///
     /// Fails when the backend is unreachable; the lease then expires on its own.
-    fn release(&self, delivery: &Delivery<Self::Token>) -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn release(
+        &self,
+        delivery: &Delivery<Self::Token>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Keeps a long handler's lease alive for another `lease`.
     ///
@@ -201,5 +207,8 @@ pub trait LaneStats: Send + Sync {
     /// # Errors
     ///
     /// Fails when the backend is unreachable.
-    fn queue_depths(&self, lanes: &LaneSet) -> impl Future<Output = Result<QueueDepths, TransportError>> + Send;
+    fn queue_depths(
+        &self,
+        lanes: &LaneSet,
+    ) -> impl Future<Output = Result<QueueDepths, TransportError>> + Send;
 }

@@ -13,10 +13,8 @@
 //! a backstop above max attempts. Every delay is an explicit `Nak` delay: the
 //! consumer's own backoff (ignored by `Nak` without a delay) is not used.
 
-
 mod backend;
 mod transport;
-
 
 pub use backend::NatsBackend;
 pub use transport::{NatsConfig, NatsError, NatsTransport, Token};

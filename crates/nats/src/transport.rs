@@ -6,7 +6,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use redrive_core::{
-    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport, TransportError, now_ms,
+    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport,
+    TransportError, now_ms,
 };
 
 /// A JetStream backend error.
@@ -44,14 +45,24 @@ pub enum NatsError {
 impl From<NatsError> for TransportError {
     fn from(e: NatsError) -> Self {
         match e {
-            NatsError::Unreachable { address, reason } => Self::Unavailable { backend: "nats", address, source: reason.into() },
-            other => Self::Backend { context: "nats".into(), source: Box::new(other) },
+            NatsError::Unreachable { address, reason } => Self::Unavailable {
+                backend: "nats",
+                address,
+                source: reason.into(),
+            },
+            other => Self::Backend {
+                context: "nats".into(),
+                source: Box::new(other),
+            },
         }
     }
 }
 
 fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
-    move |e| NatsError::Call { context, reason: e.to_string() }
+    move |e| NatsError::Call {
+        context,
+        reason: e.to_string(),
+    }
 }
 
 /// How to reach NATS.
@@ -70,21 +81,38 @@ impl NatsConfig {
     ///
     /// Another scheme or an unknown option.
     pub fn new(url: &str) -> Result<Self, NatsError> {
-        let bad = |reason: &str| NatsError::Unreachable { address: url.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| NatsError::Unreachable {
+            address: url.to_owned(),
+            reason: reason.to_owned(),
+        };
         if !url.starts_with("nats://") {
-            return Err(bad("expected nats://HOST:PORT (e.g. nats://127.0.0.1:4222)"));
+            return Err(bad(
+                "expected nats://HOST:PORT (e.g. nats://127.0.0.1:4222)",
+            ));
         }
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut namespace = "redrive".to_owned();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("namespace", ns)) if !ns.is_empty() && ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {
+                Some(("namespace", ns))
+                    if !ns.is_empty()
+                        && ns
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+                {
                     namespace = ns.to_owned();
                 }
-                _ => return Err(bad(&format!("unknown option {pair:?}; the only option is namespace=NAME"))),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {pair:?}; the only option is namespace=NAME"
+                    )));
+                }
             }
         }
-        Ok(Self { url: base.to_owned(), namespace })
+        Ok(Self {
+            url: base.to_owned(),
+            namespace,
+        })
     }
 
     /// Connects and checks JetStream answers.
@@ -93,8 +121,14 @@ impl NatsConfig {
     ///
     /// [`NatsError::Unreachable`] naming the address.
     pub async fn connect(&self) -> Result<NatsTransport, NatsError> {
-        let shown = self.url.rsplit_once('@').map_or(self.url.clone(), |(_, h)| format!("nats://{h}"));
-        let unreachable = |reason: String| NatsError::Unreachable { address: shown.clone(), reason };
+        let shown = self
+            .url
+            .rsplit_once('@')
+            .map_or(self.url.clone(), |(_, h)| format!("nats://{h}"));
+        let unreachable = |reason: String| NatsError::Unreachable {
+            address: shown.clone(),
+            reason,
+        };
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(3))
             // Down at start is an error to report; a drop later is reconnected forever.
@@ -111,10 +145,24 @@ impl NatsConfig {
         let js = jetstream::new(client.clone());
         // Creating the history bucket is also the check that JetStream is enabled.
         let history = js
-            .create_key_value(jetstream::kv::Config { bucket: format!("{}_history", self.namespace), history: 1, ..Default::default() })
+            .create_key_value(jetstream::kv::Config {
+                bucket: format!("{}_history", self.namespace),
+                history: 1,
+                ..Default::default()
+            })
             .await
-            .map_err(|e| unreachable(format!("JetStream is not enabled or not answering (run nats-server with -js): {e}")))?;
-        Ok(NatsTransport { client, js, history, ns: self.namespace.clone(), ready: Arc::default() })
+            .map_err(|e| {
+                unreachable(format!(
+                    "JetStream is not enabled or not answering (run nats-server with -js): {e}"
+                ))
+            })?;
+        Ok(NatsTransport {
+            client,
+            js,
+            history,
+            ns: self.namespace.clone(),
+            ready: Arc::default(),
+        })
     }
 }
 
@@ -127,7 +175,9 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("delivered", &self.delivered).finish()
+        f.debug_struct("Token")
+            .field("delivered", &self.delivered)
+            .finish()
     }
 }
 
@@ -167,13 +217,26 @@ pub(crate) struct Names {
 }
 
 fn sanitize(queue: &str) -> String {
-    queue.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+    queue
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The envelope as NATS headers: redrive's own in one JSON header (NATS header values
 /// cannot hold newlines, error messages can), user headers as they are.
 pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap {
-    let mut wire: Vec<(String, String)> = env.to_wire().into_iter().filter(|(k, _)| k.starts_with("redrive-")).collect();
+    let mut wire: Vec<(String, String)> = env
+        .to_wire()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("redrive-"))
+        .collect();
     if let Some(k) = &env.key {
         wire.push(("redrive-key".into(), k.clone()));
     }
@@ -181,7 +244,10 @@ pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap 
         wire.push(((*k).to_owned(), v.clone()));
     }
     let mut h = HeaderMap::new();
-    h.insert("redrive-wire", serde_json::to_string(&wire).unwrap_or_default().as_str());
+    h.insert(
+        "redrive-wire",
+        serde_json::to_string(&wire).unwrap_or_default().as_str(),
+    );
     for (k, v) in &env.headers {
         if !v.contains(['\r', '\n']) {
             h.append(k.as_str(), v.as_str());
@@ -209,8 +275,15 @@ pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
     out
 }
 
-pub(crate) fn envelope_of(queue: &QueueName, wire: Vec<(String, String)>, payload: Vec<u8>) -> Result<Envelope, String> {
-    let key = wire.iter().find(|(k, _)| k == "redrive-key").map(|(_, v)| v.clone());
+pub(crate) fn envelope_of(
+    queue: &QueueName,
+    wire: Vec<(String, String)>,
+    payload: Vec<u8>,
+) -> Result<Envelope, String> {
+    let key = wire
+        .iter()
+        .find(|(k, _)| k == "redrive-key")
+        .map(|(_, v)| v.clone());
     Envelope::from_wire(queue, key, payload, wire).map_err(|e| e.to_string())
 }
 
@@ -267,7 +340,11 @@ impl NatsTransport {
             return Ok(c);
         }
         let n = self.ensure_streams(queue).await?;
-        let stream = self.js.get_stream(&n.stream).await.map_err(call("open the main stream"))?;
+        let stream = self
+            .js
+            .get_stream(&n.stream)
+            .await
+            .map_err(call("open the main stream"))?;
         let max_attempts = i64::try_from(lanes.tiers.len()).unwrap_or(16) + 1;
         let consumer: Consumer = stream
             .get_or_create_consumer(
@@ -291,13 +368,20 @@ impl NatsTransport {
     }
 
     async fn record(&self, id: &str) -> Result<Option<Record>, NatsError> {
-        let v = self.history.get(id).await.map_err(call("read the history bucket"))?;
+        let v = self
+            .history
+            .get(id)
+            .await
+            .map_err(call("read the history bucket"))?;
         Ok(v.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     async fn put_record(&self, id: &str, r: &Record) -> Result<(), NatsError> {
         let body = serde_json::to_vec(r).unwrap_or_default();
-        self.history.put(id, body.into()).await.map_err(call("write the history bucket"))?;
+        self.history
+            .put(id, body.into())
+            .await
+            .map_err(call("write the history bucket"))?;
         Ok(())
     }
 
@@ -305,22 +389,39 @@ impl NatsTransport {
     /// delivery revealed (the runner records them as one failed attempt).
     async fn outcomes(&self, d: &Delivery<Token>) -> Result<(u32, u32), NatsError> {
         let (naks, crashes) = if d.token.delivered > 1 {
-            self.record(&d.envelope.id.to_string()).await?.map_or((0, 0), |r| (r.naks, r.crashes))
+            self.record(&d.envelope.id.to_string())
+                .await?
+                .map_or((0, 0), |r| (r.naks, r.crashes))
         } else {
             (0, 0)
         };
         let earlier = u32::try_from(d.token.delivered - 1).unwrap_or(0);
-        let crashes = if d.unfinished_before { earlier.saturating_sub(naks) } else { crashes };
+        let crashes = if d.unfinished_before {
+            earlier.saturating_sub(naks)
+        } else {
+            crashes
+        };
         Ok((naks, crashes))
     }
 
     /// Sends an ack of `kind` and waits for the server to confirm it.
-    async fn confirm(&self, msg: &jetstream::Message, kind: AckKind, context: &'static str) -> Result<(), NatsError> {
+    async fn confirm(
+        &self,
+        msg: &jetstream::Message,
+        kind: AckKind,
+        context: &'static str,
+    ) -> Result<(), NatsError> {
         let Some(reply) = msg.message.reply.clone() else {
-            return Err(NatsError::Call { context, reason: "the message has no reply subject".into() });
+            return Err(NatsError::Call {
+                context,
+                reason: "the message has no reply subject".into(),
+            });
         };
         let body: bytes::Bytes = kind.into();
-        self.client.request(reply, body).await.map_err(call(context))?;
+        self.client
+            .request(reply, body)
+            .await
+            .map_err(call(context))?;
         Ok(())
     }
 
@@ -342,7 +443,11 @@ impl Transport for NatsTransport {
         for mut env in batch {
             env.queue = queue.clone();
             let headers = to_headers(&env, &[]);
-            let ack = self.js.publish_with_headers(n.subject.clone(), headers, env.payload.into()).await.map_err(call("publish"))?;
+            let ack = self
+                .js
+                .publish_with_headers(n.subject.clone(), headers, env.payload.into())
+                .await
+                .map_err(call("publish"))?;
             acks.push(ack);
         }
         // Published only once JetStream has stored them.
@@ -352,12 +457,22 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
-    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
+    async fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
         let consumer = self.consumer(lanes, lease).await?;
         // A fetch whose reply was lost to a reconnect would wait forever; give up and let
         // the runner fetch again.
         let msgs = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(call("fetch"))?;
+            let mut batch = consumer
+                .fetch()
+                .max_messages(max)
+                .messages()
+                .await
+                .map_err(call("fetch"))?;
             let mut msgs = Vec::new();
             while let Some(msg) = futures_like::next(&mut batch).await {
                 msgs.push(msg.map_err(call("fetch"))?);
@@ -365,7 +480,10 @@ impl Transport for NatsTransport {
             Ok::<_, NatsError>(msgs)
         })
         .await
-        .map_err(|_| NatsError::Call { context: "fetch", reason: "no answer within 5 s".into() })??;
+        .map_err(|_| NatsError::Call {
+            context: "fetch",
+            reason: "no answer within 5 s".into(),
+        })??;
         let mut deliveries = Vec::new();
         for msg in msgs {
             let (delivered, seq, stream_name) = match msg.info() {
@@ -373,8 +491,14 @@ impl Transport for NatsTransport {
                 Err(e) => return Err(call("message info")(e).into()),
             };
             let wire = wire_of(msg.headers.as_ref());
-            let mut envelope = envelope_of(&lanes.queue, wire, msg.payload.to_vec())
-                .map_err(|reason| NatsError::Malformed { stream: stream_name.clone(), seq, reason })?;
+            let mut envelope =
+                envelope_of(&lanes.queue, wire, msg.payload.to_vec()).map_err(|reason| {
+                    NatsError::Malformed {
+                        stream: stream_name.clone(),
+                        seq,
+                        reason,
+                    }
+                })?;
             let mut lane = Lane::Main;
             let mut due_ms = now_ms();
             let mut accounted = 0;
@@ -382,8 +506,13 @@ impl Transport for NatsTransport {
                 && let Some(r) = self.record(&envelope.id.to_string()).await?
             {
                 let payload = std::mem::take(&mut envelope.payload);
-                envelope = envelope_of(&lanes.queue, r.h, payload)
-                    .map_err(|reason| NatsError::Malformed { stream: stream_name.clone(), seq, reason })?;
+                envelope = envelope_of(&lanes.queue, r.h, payload).map_err(|reason| {
+                    NatsError::Malformed {
+                        stream: stream_name.clone(),
+                        seq,
+                        reason,
+                    }
+                })?;
                 lane = Lane::from_label(&r.lane).unwrap_or(Lane::Main);
                 due_ms = r.due;
                 accounted = i64::from(r.naks) + i64::from(r.crashes);
@@ -391,9 +520,18 @@ impl Transport for NatsTransport {
             // Earlier deliveries that neither this backend ended (Nak) nor were already
             // counted as crashes: the consumer holding them died.
             let unfinished_before = delivered - 1 > accounted;
-            deliveries.push(Delivery { envelope, lane, due_ms, unfinished_before, token: Token { msg, delivered } });
+            deliveries.push(Delivery {
+                envelope,
+                lane,
+                due_ms,
+                unfinished_before,
+                token: Token { msg, delivered },
+            });
         }
-        Ok(Fetched { deliveries, next_due_ms: None })
+        Ok(Fetched {
+            deliveries,
+            next_due_ms: None,
+        })
     }
 
     async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
@@ -404,21 +542,38 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
-    async fn retry(&self, d: &Delivery<Token>, tier: &Tier, due_ms: i64, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn retry(
+        &self,
+        d: &Delivery<Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         let mut wire = envelope.to_wire();
         if let Some(k) = &envelope.key {
             wire.push(("redrive-key".into(), k.clone()));
         }
         let (naks, crashes) = self.outcomes(d).await?;
-        let record = Record { h: wire, lane: Lane::Retry(tier.name().to_owned()).label(), due: due_ms, naks: naks + 1, crashes };
+        let record = Record {
+            h: wire,
+            lane: Lane::Retry(tier.name().to_owned()).label(),
+            due: due_ms,
+            naks: naks + 1,
+            crashes,
+        };
         // The history is durable before the delivery is given back with its delay.
         self.put_record(&envelope.id.to_string(), &record).await?;
         let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0).max(1));
-        self.confirm(&d.token.msg, AckKind::Nak(Some(delay)), "nak with delay").await?;
+        self.confirm(&d.token.msg, AckKind::Nak(Some(delay)), "nak with delay")
+            .await?;
         Ok(())
     }
 
-    async fn dead_letter(&self, d: &Delivery<Token>, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn dead_letter(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         let n = self.names(envelope.queue.as_str());
         let headers = to_headers(envelope, &[("redrive-dead-at", now_ms().to_string())]);
         let ack = self
@@ -428,7 +583,8 @@ impl Transport for NatsTransport {
             .map_err(call("publish to the DLQ stream"))?;
         ack.await.map_err(call("DLQ publish acknowledgement"))?;
         // Only once the DLQ stream has it is the message terminated in main.
-        self.confirm(&d.token.msg, AckKind::Term, "terminate").await?;
+        self.confirm(&d.token.msg, AckKind::Term, "terminate")
+            .await?;
         self.forget(d).await;
         Ok(())
     }
@@ -440,14 +596,29 @@ impl Transport for NatsTransport {
         if let Some(k) = &d.envelope.key {
             h.push(("redrive-key".into(), k.clone()));
         }
-        let record = Record { h, lane: d.lane.label(), due: d.due_ms, naks: naks + 1, crashes };
+        let record = Record {
+            h,
+            lane: d.lane.label(),
+            due: d.due_ms,
+            naks: naks + 1,
+            crashes,
+        };
         self.put_record(&id, &record).await?;
-        self.confirm(&d.token.msg, AckKind::Nak(None), "release").await?;
+        self.confirm(&d.token.msg, AckKind::Nak(None), "release")
+            .await?;
         Ok(())
     }
 
-    async fn extend_lease(&self, d: &Delivery<Token>, _lease: Duration) -> Result<(), TransportError> {
-        d.token.msg.ack_with(AckKind::Progress).await.map_err(call("extend the lease"))?;
+    async fn extend_lease(
+        &self,
+        d: &Delivery<Token>,
+        _lease: Duration,
+    ) -> Result<(), TransportError> {
+        d.token
+            .msg
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(call("extend the lease"))?;
         Ok(())
     }
 }
@@ -459,14 +630,32 @@ impl NatsTransport {
     /// drained queue.
     pub(crate) async fn nats_depths(&self, queue: &str) -> Result<QueueDepths, NatsError> {
         let n = self.names(queue);
-        let mut stream = self.js.get_stream(&n.stream).await.map_err(call("open the main stream"))?;
-        let total = stream.info().await.map_err(call("stream info"))?.state.messages;
+        let mut stream = self
+            .js
+            .get_stream(&n.stream)
+            .await
+            .map_err(call("open the main stream"))?;
+        let total = stream
+            .info()
+            .await
+            .map_err(call("stream info"))?
+            .state
+            .messages;
         let undelivered = match stream.get_consumer::<pull::Config>("redrive").await {
             Ok(mut c) => c.info().await.map_err(call("consumer info"))?.num_pending,
             Err(_) => total,
         };
-        let mut dlq = self.js.get_stream(&n.dlq_stream).await.map_err(call("open the DLQ stream"))?;
-        let dead = dlq.info().await.map_err(call("DLQ stream info"))?.state.messages;
+        let mut dlq = self
+            .js
+            .get_stream(&n.dlq_stream)
+            .await
+            .map_err(call("open the DLQ stream"))?;
+        let dead = dlq
+            .info()
+            .await
+            .map_err(call("DLQ stream info"))?
+            .state
+            .messages;
         Ok(QueueDepths {
             queue: queue.to_owned(),
             main: undelivered,

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use redis::Value;
 use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, Delivery, Envelope,
-    Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, StoreError, Tier, Transport, TransportError,
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    DeadStats, Delivery, Envelope, Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
+    StoreError, Tier, Transport, TransportError,
 };
 
 use crate::error::RedisError;
@@ -56,7 +57,9 @@ impl<S: DeadLetterStore + Clone> RedisBackend<S> {
     }
 
     async fn drain_queue(&self, queue: &str) -> Result<u64, RedisError> {
-        let Ok(name) = QueueName::new(queue) else { return Ok(0) };
+        let Ok(name) = QueueName::new(queue) else {
+            return Ok(0);
+        };
         let keys = self.transport.keys(queue);
         let t = &self.transport;
         t.ensure(queue, &keys.dlq, DRAIN_GROUP).await?;
@@ -99,20 +102,35 @@ impl<S: DeadLetterStore + Clone> RedisBackend<S> {
             let mut dead = Vec::with_capacity(batch.len());
             for e in batch.iter().filter(|e| !e.fields.is_empty()) {
                 let envelope = envelope_of(&name, &keys.dlq, e)?;
-                let dead_at_ms = e.get("dead_at").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()).unwrap_or_else(redrive_core::now_ms);
-                dead.push(DeadLetter { envelope, dead_at_ms });
+                let dead_at_ms = e
+                    .get("dead_at")
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or_else(redrive_core::now_ms);
+                dead.push(DeadLetter {
+                    envelope,
+                    dead_at_ms,
+                });
             }
-            self.store.insert_batch(&dead).await.map_err(|e| RedisError::Malformed {
-                key: keys.dlq.clone(),
-                id: "batch".into(),
-                reason: format!("the dead-letter store refused it: {e}"),
-            })?;
+            self.store
+                .insert_batch(&dead)
+                .await
+                .map_err(|e| RedisError::Malformed {
+                    key: keys.dlq.clone(),
+                    id: "batch".into(),
+                    reason: format!("the dead-letter store refused it: {e}"),
+                })?;
             // Only now that the store has them are they acknowledged and removed.
             let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
             let mut pipe = redis::pipe();
-            pipe.cmd("XACK").arg(&keys.dlq).arg(DRAIN_GROUP).arg(&ids).ignore();
+            pipe.cmd("XACK")
+                .arg(&keys.dlq)
+                .arg(DRAIN_GROUP)
+                .arg(&ids)
+                .ignore();
             pipe.cmd("XDEL").arg(&keys.dlq).arg(&ids).ignore();
-            pipe.query_async::<()>(&mut conn).await.map_err(t.err("acknowledge drained DLQ entries"))?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(t.err("acknowledge drained DLQ entries"))?;
             moved += dead.len() as u64;
         }
     }
@@ -128,22 +146,41 @@ impl<S: DeadLetterStore + Clone> Transport for RedisBackend<S> {
     async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
         self.transport.publish(queue, batch).await
     }
-    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
+    async fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
         self.transport.fetch(lanes, max, lease).await
     }
     async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
         self.transport.ack(d).await
     }
-    async fn retry(&self, d: &Delivery<Token>, tier: &Tier, due_ms: i64, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn retry(
+        &self,
+        d: &Delivery<Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         self.transport.retry(d, tier, due_ms, envelope).await
     }
-    async fn dead_letter(&self, d: &Delivery<Token>, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn dead_letter(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         self.transport.dead_letter(d, envelope).await
     }
     async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
         self.transport.release(d).await
     }
-    async fn extend_lease(&self, d: &Delivery<Token>, lease: Duration) -> Result<(), TransportError> {
+    async fn extend_lease(
+        &self,
+        d: &Delivery<Token>,
+        lease: Duration,
+    ) -> Result<(), TransportError> {
         self.transport.extend_lease(d, lease).await
     }
 }
@@ -152,14 +189,28 @@ impl<S: DeadLetterStore + Clone> LaneStats for RedisBackend<S> {
     async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
         let mut out = self.transport.depths().await?;
         for d in &mut out {
-            d.dlq += self.store.depth(QueueName::new(&d.queue).ok().as_ref()).await.map_err(|e| TransportError::Backend { context: "dead-letter store".into(), source: Box::new(e) })?;
+            d.dlq += self
+                .store
+                .depth(QueueName::new(&d.queue).ok().as_ref())
+                .await
+                .map_err(|e| TransportError::Backend {
+                    context: "dead-letter store".into(),
+                    source: Box::new(e),
+                })?;
         }
         Ok(out)
     }
 
     async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
         let mut d = self.transport.queue_depths(lanes).await?;
-        d.dlq += self.store.depth(Some(&lanes.queue)).await.map_err(|e| TransportError::Backend { context: "dead-letter store".into(), source: Box::new(e) })?;
+        d.dlq +=
+            self.store
+                .depth(Some(&lanes.queue))
+                .await
+                .map_err(|e| TransportError::Backend {
+                    context: "dead-letter store".into(),
+                    source: Box::new(e),
+                })?;
         Ok(d)
     }
 }
@@ -171,11 +222,20 @@ impl<S: DeadLetterStore + Clone> DeadLetterStore for RedisBackend<S> {
     async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
         self.store.insert_batch(dead).await
     }
-    async fn list(&self, filter: &DeadFilter, cursor: Option<&Cursor>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    async fn list(
+        &self,
+        filter: &DeadFilter,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         self.drained().await?;
         self.store.list(filter, cursor, limit).await
     }
-    async fn groups(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<DeadGroup>, StoreError> {
+    async fn groups(
+        &self,
+        filter: &DeadFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadGroup>, StoreError> {
         self.drained().await?;
         self.store.groups(filter, limit).await
     }
@@ -187,10 +247,20 @@ impl<S: DeadLetterStore + Clone> DeadLetterStore for RedisBackend<S> {
         self.drained().await?;
         self.store.get(id).await
     }
-    async fn mark_replayed(&self, ids: &[MessageId], actor: &str, reason: &str) -> Result<u64, StoreError> {
+    async fn mark_replayed(
+        &self,
+        ids: &[MessageId],
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         self.store.mark_replayed(ids, actor, reason).await
     }
-    async fn purge(&self, selection: &DeadSelection, actor: &str, reason: &str) -> Result<u64, StoreError> {
+    async fn purge(
+        &self,
+        selection: &DeadSelection,
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         self.drained().await?;
         self.store.purge(selection, actor, reason).await
     }

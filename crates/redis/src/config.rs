@@ -18,7 +18,10 @@ pub struct RedisConfig {
 impl std::fmt::Debug for RedisConfig {
     // The URL may carry a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig").field("address", &self.shown()).field("namespace", &self.namespace).finish()
+        f.debug_struct("RedisConfig")
+            .field("address", &self.shown())
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 
@@ -31,27 +34,47 @@ impl RedisConfig {
     /// unknown option.
     pub fn new(url: impl Into<String>) -> Result<Self, RedisError> {
         let url = url.into();
-        let bad = |reason: &str| RedisError::Unreachable { address: url.clone(), reason: reason.to_owned() };
+        let bad = |reason: &str| RedisError::Unreachable {
+            address: url.clone(),
+            reason: reason.to_owned(),
+        };
         if !url.starts_with("redis://") && !url.starts_with("rediss://") {
-            return Err(bad("expected redis://HOST:PORT (e.g. redis://127.0.0.1:6379)"));
+            return Err(bad(
+                "expected redis://HOST:PORT (e.g. redis://127.0.0.1:6379)",
+            ));
         }
         let (base, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
         let mut namespace = "redrive".to_owned();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("namespace", ns)) if !ns.is_empty() && ns.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
+                Some(("namespace", ns))
+                    if !ns.is_empty()
+                        && ns
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+                {
                     namespace = ns.to_owned();
                 }
-                _ => return Err(bad(&format!("unknown option {pair:?}; the only option is namespace=NAME"))),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {pair:?}; the only option is namespace=NAME"
+                    )));
+                }
             }
         }
-        Ok(Self { url: base.to_owned(), namespace })
+        Ok(Self {
+            url: base.to_owned(),
+            namespace,
+        })
     }
 
     /// The address without credentials, for messages.
     #[must_use]
     pub fn shown(&self) -> String {
-        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
         let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
         format!("redis://{host}")
     }
@@ -62,14 +85,27 @@ impl RedisConfig {
     ///
     /// [`RedisError::Unreachable`] naming the address when Redis is down or refuses.
     pub async fn connect(&self) -> Result<RedisTransport, RedisError> {
-        let unreachable = |e: redis::RedisError| RedisError::Unreachable { address: self.shown(), reason: e.to_string() };
+        let unreachable = |e: redis::RedisError| RedisError::Unreachable {
+            address: self.shown(),
+            reason: e.to_string(),
+        };
         let client = redis::Client::open(self.url.as_str()).map_err(unreachable)?;
         let settings = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_number_of_retries(2);
-        let mut conn = client.get_connection_manager_with_config(settings).await.map_err(unreachable)?;
-        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(unreachable)?;
-        Ok(RedisTransport::new(conn, self.shown(), self.namespace.clone()))
+        let mut conn = client
+            .get_connection_manager_with_config(settings)
+            .await
+            .map_err(unreachable)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        Ok(RedisTransport::new(
+            conn,
+            self.shown(),
+            self.namespace.clone(),
+        ))
     }
 }

@@ -43,16 +43,24 @@ impl From<RedisError> for TransportError {
     fn from(e: RedisError) -> Self {
         match e {
             RedisError::LeaseLost(id) => Self::LeaseLost { id },
-            RedisError::Unreachable { address, reason } => {
-                Self::Unavailable { backend: "redis", address, source: reason.into() }
-            }
-            other => Self::Backend { context: "redis".to_owned(), source: Box::new(other) },
+            RedisError::Unreachable { address, reason } => Self::Unavailable {
+                backend: "redis",
+                address,
+                source: reason.into(),
+            },
+            other => Self::Backend {
+                context: "redis".to_owned(),
+                source: Box::new(other),
+            },
         }
     }
 }
 
 impl From<RedisError> for StoreError {
     fn from(e: RedisError) -> Self {
-        Self::Backend { context: "redis".to_owned(), source: Box::new(e) }
+        Self::Backend {
+            context: "redis".to_owned(),
+            source: Box::new(e),
+        }
     }
 }

@@ -5,7 +5,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-const OWNED: &str = "local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+const OWNED: &str =
+    "local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #p == 0 then return 0 end
 ";
 

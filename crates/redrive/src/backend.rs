@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, Delivery, Envelope,
-    Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, StoreError, Tier, Transport, TransportError,
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    DeadStats, Delivery, Envelope, Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
+    StoreError, Tier, Transport, TransportError,
 };
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_redis::{RedisBackend, RedisConfig};
@@ -27,12 +28,18 @@ pub fn open(url: &str, create: bool) -> Result<Sqlite> {
     }
     let config = SqliteConfig::from_url(url)?;
     check_path(&config.path, create)?;
-    config.open().with_context(|| format!("opening --store {url}"))
+    config
+        .open()
+        .with_context(|| format!("opening --store {url}"))
 }
 
 fn check_path(path: &Path, create: bool) -> Result<()> {
     if path.is_dir() {
-        bail!("--store points at {}, which is a directory; name a file, e.g. sqlite://{}/redrive.db", path.display(), path.display());
+        bail!(
+            "--store points at {}, which is a directory; name a file, e.g. sqlite://{}/redrive.db",
+            path.display(),
+            path.display()
+        );
     }
     if !create && !path.exists() {
         bail!(
@@ -44,7 +51,11 @@ fn check_path(path: &Path, create: bool) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
-        bail!("cannot create the store {}: directory {} does not exist", path.display(), dir.display());
+        bail!(
+            "cannot create the store {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -92,7 +103,9 @@ pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
         }
         Some(url) => {
             let scheme = url.split("://").next().unwrap_or(url);
-            bail!("unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT and nats://HOST:PORT")
+            bail!(
+                "unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT and nats://HOST:PORT"
+            )
         }
     }
 }
@@ -110,11 +123,20 @@ pub enum AnyToken {
 }
 
 fn with_token<T>(d: &Delivery<AnyToken>, token: T) -> Delivery<T> {
-    Delivery { envelope: d.envelope.clone(), lane: d.lane.clone(), due_ms: d.due_ms, unfinished_before: d.unfinished_before, token }
+    Delivery {
+        envelope: d.envelope.clone(),
+        lane: d.lane.clone(),
+        due_ms: d.due_ms,
+        unfinished_before: d.unfinished_before,
+        token,
+    }
 }
 
 fn mismatch() -> TransportError {
-    TransportError::Backend { context: "backend".into(), source: "a delivery was settled on another backend than it came from".into() }
+    TransportError::Backend {
+        context: "backend".into(),
+        source: "a delivery was settled on another backend than it came from".into(),
+    }
 }
 
 macro_rules! settle {
@@ -153,14 +175,25 @@ impl Transport for Any {
     async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
         both!(self, |b| b.publish(queue, batch).await)
     }
-    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<AnyToken>, TransportError> {
+    async fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Fetched<AnyToken>, TransportError> {
         fn wrap<T>(f: Fetched<T>, w: impl Fn(T) -> AnyToken) -> Fetched<AnyToken> {
             Fetched {
                 next_due_ms: f.next_due_ms,
                 deliveries: f
                     .deliveries
                     .into_iter()
-                    .map(|d| Delivery { envelope: d.envelope, lane: d.lane, due_ms: d.due_ms, unfinished_before: d.unfinished_before, token: w(d.token) })
+                    .map(|d| Delivery {
+                        envelope: d.envelope,
+                        lane: d.lane,
+                        due_ms: d.due_ms,
+                        unfinished_before: d.unfinished_before,
+                        token: w(d.token),
+                    })
                     .collect(),
             }
         }
@@ -173,16 +206,30 @@ impl Transport for Any {
     async fn ack(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.ack(&x).await)
     }
-    async fn retry(&self, d: &Delivery<AnyToken>, tier: &Tier, due_ms: i64, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn retry(
+        &self,
+        d: &Delivery<AnyToken>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.retry(&x, tier, due_ms, envelope).await)
     }
-    async fn dead_letter(&self, d: &Delivery<AnyToken>, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn dead_letter(
+        &self,
+        d: &Delivery<AnyToken>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.dead_letter(&x, envelope).await)
     }
     async fn release(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.release(&x).await)
     }
-    async fn extend_lease(&self, d: &Delivery<AnyToken>, lease: Duration) -> Result<(), TransportError> {
+    async fn extend_lease(
+        &self,
+        d: &Delivery<AnyToken>,
+        lease: Duration,
+    ) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.extend_lease(&x, lease).await)
     }
 }
@@ -203,10 +250,19 @@ impl DeadLetterStore for Any {
     async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
         both!(self, |b| b.insert_batch(dead).await)
     }
-    async fn list(&self, filter: &DeadFilter, cursor: Option<&Cursor>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    async fn list(
+        &self,
+        filter: &DeadFilter,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         both!(self, |b| b.list(filter, cursor, limit).await)
     }
-    async fn groups(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<DeadGroup>, StoreError> {
+    async fn groups(
+        &self,
+        filter: &DeadFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadGroup>, StoreError> {
         both!(self, |b| b.groups(filter, limit).await)
     }
     async fn count(&self, filter: &DeadFilter) -> Result<u64, StoreError> {
@@ -215,10 +271,20 @@ impl DeadLetterStore for Any {
     async fn get(&self, id: &MessageId) -> Result<Option<DeadLetter>, StoreError> {
         both!(self, |b| b.get(id).await)
     }
-    async fn mark_replayed(&self, ids: &[MessageId], actor: &str, reason: &str) -> Result<u64, StoreError> {
+    async fn mark_replayed(
+        &self,
+        ids: &[MessageId],
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         both!(self, |b| b.mark_replayed(ids, actor, reason).await)
     }
-    async fn purge(&self, selection: &DeadSelection, actor: &str, reason: &str) -> Result<u64, StoreError> {
+    async fn purge(
+        &self,
+        selection: &DeadSelection,
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         both!(self, |b| b.purge(selection, actor, reason).await)
     }
     async fn stats(&self) -> Result<Vec<DeadStats>, StoreError> {

@@ -55,7 +55,10 @@ impl Cli {
 
     /// The store: `--store` / `REDRIVE_STORE`, else the config file's, else the default.
     pub fn store_url(&self) -> &str {
-        self.store.as_deref().or(self.loaded.store.as_deref()).unwrap_or(DEFAULT_STORE)
+        self.store
+            .as_deref()
+            .or(self.loaded.store.as_deref())
+            .unwrap_or(DEFAULT_STORE)
     }
 }
 

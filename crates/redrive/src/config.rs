@@ -181,7 +181,11 @@ impl std::fmt::Display for Problem {
 }
 
 fn line_of(text: &str, span: &Range<usize>) -> usize {
-    text[..span.start.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..span.start.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 struct Checker<'a> {
@@ -191,7 +195,10 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn at(&mut self, span: &Range<usize>, message: String) {
-        self.problems.push(Problem { line: Some(line_of(self.text, span)), message });
+        self.problems.push(Problem {
+            line: Some(line_of(self.text, span)),
+            message,
+        });
     }
 
     fn duration(&mut self, field: &str, value: &Spanned<String>) -> Option<Duration> {
@@ -213,10 +220,19 @@ impl Checker<'_> {
 pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, &s));
-        vec![Problem { line, message: e.message().trim().to_owned() }]
+        vec![Problem {
+            line,
+            message: e.message().trim().to_owned(),
+        }]
     })?;
-    let mut c = Checker { text, problems: Vec::new() };
-    let mut config = Config { file: file.map(Path::to_owned), ..Config::default() };
+    let mut c = Checker {
+        text,
+        problems: Vec::new(),
+    };
+    let mut config = Config {
+        file: file.map(Path::to_owned),
+        ..Config::default()
+    };
 
     if let Some(url) = &raw.store.url {
         match redrive_sqlite::SqliteConfig::from_url(url.get_ref()) {
@@ -233,7 +249,13 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
     if let Some(bind) = &raw.server.bind {
         match bind.get_ref().parse::<SocketAddr>() {
             Ok(addr) => config.bind = Some(addr),
-            Err(_) => c.at(&bind.span(), format!("server.bind: {:?} is not an address; expected IP:PORT such as 127.0.0.1:8080", bind.get_ref())),
+            Err(_) => c.at(
+                &bind.span(),
+                format!(
+                    "server.bind: {:?} is not an address; expected IP:PORT such as 127.0.0.1:8080",
+                    bind.get_ref()
+                ),
+            ),
         }
     }
     if let Some(url) = &raw.server.public_url {
@@ -255,7 +277,10 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         {
             c.at(&tiers.span(), format!("queues.tiers: {e}"));
         }
-        let timeout = q.timeout.as_ref().and_then(|t| c.duration("queues.timeout", t));
+        let timeout = q
+            .timeout
+            .as_ref()
+            .and_then(|t| c.duration("queues.timeout", t));
         let concurrency = match &q.concurrency {
             Some(n) if *n.get_ref() < 1 => {
                 c.at(&n.span(), format!("queues.concurrency: {} is not allowed; expected a whole number of at least 1", n.get_ref()));
@@ -265,38 +290,74 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             None => None,
         };
         if config.queues.contains_key(name) {
-            c.at(&q.name.span(), format!("queues.name: {name:?} is configured twice"));
+            c.at(
+                &q.name.span(),
+                format!("queues.name: {name:?} is configured twice"),
+            );
         }
-        config.queues.insert(name.clone(), QueueConfig { tiers: q.tiers.as_ref().map(|t| t.get_ref().clone()), timeout, concurrency });
+        config.queues.insert(
+            name.clone(),
+            QueueConfig {
+                tiers: q.tiers.as_ref().map(|t| t.get_ref().clone()),
+                timeout,
+                concurrency,
+            },
+        );
     }
 
     for (name, n) in &raw.notifiers {
         let span = n.span();
         let n = n.get_ref();
         let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
-        let env = format!("REDRIVE_NOTIFIER_{}", name.to_ascii_uppercase().replace(|ch: char| !ch.is_ascii_alphanumeric(), "_"));
-        let url = std::env::var(format!("{env}_URL")).ok().or_else(|| n.url.clone());
+        let env = format!(
+            "REDRIVE_NOTIFIER_{}",
+            name.to_ascii_uppercase()
+                .replace(|ch: char| !ch.is_ascii_alphanumeric(), "_")
+        );
+        let url = std::env::var(format!("{env}_URL"))
+            .ok()
+            .or_else(|| n.url.clone());
         let notifier = match n.kind.as_str() {
             "slack" | "webhook" => match url {
-                Some(u) if url_ok(&u) => Some(if n.kind == "slack" { Notifier::Slack { url: u } } else { Notifier::Webhook { url: u } }),
+                Some(u) if url_ok(&u) => Some(if n.kind == "slack" {
+                    Notifier::Slack { url: u }
+                } else {
+                    Notifier::Webhook { url: u }
+                }),
                 Some(_) => {
-                    c.at(&span, format!("notifiers.{name}.url: expected an http:// or https:// URL"));
+                    c.at(
+                        &span,
+                        format!("notifiers.{name}.url: expected an http:// or https:// URL"),
+                    );
                     None
                 }
                 None => {
-                    c.at(&span, format!("notifiers.{name}: a {} notifier needs `url` (or {env}_URL)", n.kind));
+                    c.at(
+                        &span,
+                        format!(
+                            "notifiers.{name}: a {} notifier needs `url` (or {env}_URL)",
+                            n.kind
+                        ),
+                    );
                     None
                 }
             },
             "pagerduty" => {
-                let key = std::env::var(format!("{env}_ROUTING_KEY")).ok().or_else(|| n.routing_key.clone());
+                let key = std::env::var(format!("{env}_ROUTING_KEY"))
+                    .ok()
+                    .or_else(|| n.routing_key.clone());
                 match key {
                     Some(routing_key) if !routing_key.trim().is_empty() => {
                         let url = url.unwrap_or_else(|| PAGERDUTY_EVENTS_URL.to_owned());
                         if url_ok(&url) {
                             Some(Notifier::PagerDuty { routing_key, url })
                         } else {
-                            c.at(&span, format!("notifiers.{name}.url: expected an http:// or https:// URL"));
+                            c.at(
+                                &span,
+                                format!(
+                                    "notifiers.{name}.url: expected an http:// or https:// URL"
+                                ),
+                            );
                             None
                         }
                     }
@@ -323,7 +384,11 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
     }
     let all_notifiers: Vec<String> = raw.notifiers.keys().cloned().collect();
     let mut rules = Vec::new();
-    if raw.alerts.default_rule.unwrap_or(raw.alerts.rules.is_empty()) {
+    if raw
+        .alerts
+        .default_rule
+        .unwrap_or(raw.alerts.rules.is_empty())
+    {
         rules.push(Rule::default_rule(all_notifiers.clone()));
     }
     for r in &raw.alerts.rules {
@@ -334,7 +399,9 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
                 None
             }
         };
-        if r.name.get_ref().trim().is_empty() || rules.iter().any(|x: &Rule| x.name == *r.name.get_ref()) {
+        if r.name.get_ref().trim().is_empty()
+            || rules.iter().any(|x: &Rule| x.name == *r.name.get_ref())
+        {
             c.at(&r.name.span(), format!("alerts.rules.name: {:?} is empty or used twice; rule names must be unique (they key the pages)", r.name.get_ref()));
         }
         if let Some(q) = &r.queue
@@ -342,21 +409,51 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         {
             c.at(&q.span(), format!("alerts.rules.queue: {e}"));
         }
-        let notify: Vec<String> = r.notify.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default();
-        let notify_span = r.notify.as_ref().map_or_else(|| r.name.span(), Spanned::span);
+        let notify: Vec<String> = r
+            .notify
+            .as_ref()
+            .map(|n| n.get_ref().clone())
+            .unwrap_or_default();
+        let notify_span = r
+            .notify
+            .as_ref()
+            .map_or_else(|| r.name.span(), Spanned::span);
         for n in &notify {
             if !raw.notifiers.contains_key(n) {
-                c.at(&notify_span, format!("alerts.rules.notify: no notifier named {n:?}; configured: {}", if all_notifiers.is_empty() { "none".to_owned() } else { all_notifiers.join(", ") }));
+                c.at(
+                    &notify_span,
+                    format!(
+                        "alerts.rules.notify: no notifier named {n:?}; configured: {}",
+                        if all_notifiers.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            all_notifiers.join(", ")
+                        }
+                    ),
+                );
             }
         }
         if let Some(condition) = condition {
-            rules.push(Rule { name: r.name.get_ref().clone(), condition, queue: r.queue.as_ref().map(|q| q.get_ref().clone()), notify });
+            rules.push(Rule {
+                name: r.name.get_ref().clone(),
+                condition,
+                queue: r.queue.as_ref().map(|q| q.get_ref().clone()),
+                notify,
+            });
         }
     }
     config.rules = rules;
 
-    let hot = raw.retention.hot.as_ref().and_then(|h| c.duration("retention.hot", h));
-    let warm = raw.retention.warm.as_ref().and_then(|w| c.duration("retention.warm", w));
+    let hot = raw
+        .retention
+        .hot
+        .as_ref()
+        .and_then(|h| c.duration("retention.hot", h));
+    let warm = raw
+        .retention
+        .warm
+        .as_ref()
+        .and_then(|w| c.duration("retention.warm", w));
     if let Some(h) = hot {
         config.retention.hot = h;
     }
@@ -364,7 +461,13 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         config.retention.warm = w;
     }
     if config.retention.warm <= config.retention.hot {
-        let span = raw.retention.warm.as_ref().or(raw.retention.hot.as_ref()).map(Spanned::span).unwrap_or(0..0);
+        let span = raw
+            .retention
+            .warm
+            .as_ref()
+            .or(raw.retention.hot.as_ref())
+            .map(Spanned::span)
+            .unwrap_or(0..0);
         c.at(&span, "retention.warm: must be longer than retention.hot (both are ages: hot until `hot`, warm until `warm`, archived after)".into());
     }
     if let Some(dir) = raw.retention.archive_dir {
@@ -375,7 +478,11 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
     {
         config.sweep_every = d;
     }
-    if c.problems.is_empty() { Ok(config) } else { Err(c.problems) }
+    if c.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(c.problems)
+    }
 }
 
 /// Loads the configuration: `path` if given (it must exist), else `redrive.toml` in the
@@ -391,10 +498,19 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     };
     let mut config = match &chosen {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read the config file {}: {e}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read the config file {}: {e}", p.display()))?;
             parse(&text, Some(p)).map_err(|problems| {
-                let list: Vec<String> = problems.iter().map(|x| format!("  {}: {x}", p.display())).collect();
-                anyhow::anyhow!("the config file {} has {} problem(s):\n{}", p.display(), problems.len(), list.join("\n"))
+                let list: Vec<String> = problems
+                    .iter()
+                    .map(|x| format!("  {}: {x}", p.display()))
+                    .collect();
+                anyhow::anyhow!(
+                    "the config file {} has {} problem(s):\n{}",
+                    p.display(),
+                    problems.len(),
+                    list.join("\n")
+                )
             })?
         }
         None => Config::default(),
@@ -452,13 +568,24 @@ warm = "7d"
             ("line 6: queues.name", "invalid queue name"),
             ("line 7: queues.tiers", "tier 2"),
             ("line 8: queues.concurrency", "at least 1"),
-            ("line 12: alerts.rules.when", "expected `dlq_depth > N for DUR`"),
-            ("line 13: alerts.rules.notify", "no notifier named \"pager\""),
+            (
+                "line 12: alerts.rules.when",
+                "expected `dlq_depth > N for DUR`",
+            ),
+            (
+                "line 13: alerts.rules.notify",
+                "no notifier named \"pager\"",
+            ),
             ("notifiers.slack: a slack notifier needs `url`", ""),
             ("line 20: retention.warm", "longer than retention.hot"),
         ];
         for (start, contains) in expect {
-            assert!(shown.iter().any(|s| s.contains(start) && s.contains(contains)), "missing {start:?} … {contains:?} in {shown:#?}");
+            assert!(
+                shown
+                    .iter()
+                    .any(|s| s.contains(start) && s.contains(contains)),
+                "missing {start:?} … {contains:?} in {shown:#?}"
+            );
         }
     }
 
@@ -466,25 +593,47 @@ warm = "7d"
     fn syntax_and_unknown_keys_name_the_line() {
         let problems = parse("[store]\nurl = \"sqlite://x.db\"\nurll = 3\n", None).unwrap_err();
         assert_eq!(problems[0].line, Some(3));
-        assert!(problems[0].message.contains("unknown field `urll`"), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("unknown field `urll`"),
+            "{}",
+            problems[0].message
+        );
         let problems = parse("[retention\nhot = \"7d\"\n", None).unwrap_err();
         assert_eq!(problems[0].line, Some(1));
     }
 
     #[test]
     fn the_broker_is_checked() {
-        let ok = parse("[broker]\nurl = \"redis://127.0.0.1:6379?namespace=a\"\n", None).unwrap();
-        assert_eq!(ok.broker.as_deref(), Some("redis://127.0.0.1:6379?namespace=a"));
+        let ok = parse(
+            "[broker]\nurl = \"redis://127.0.0.1:6379?namespace=a\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.broker.as_deref(),
+            Some("redis://127.0.0.1:6379?namespace=a")
+        );
         let problems = parse("\n[broker]\nurl = \"kafka://127.0.0.1:9092\"\n", None).unwrap_err();
         assert_eq!(problems[0].line, Some(3));
-        assert!(problems[0].message.contains("broker.url"), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("broker.url"),
+            "{}",
+            problems[0].message
+        );
     }
 
     #[test]
     fn no_rules_means_the_default_rule_to_every_notifier() {
-        let config = parse("[notifiers.pd]\nkind = \"pagerduty\"\nrouting_key = \"k\"\n", None).unwrap();
+        let config = parse(
+            "[notifiers.pd]\nkind = \"pagerduty\"\nrouting_key = \"k\"\n",
+            None,
+        )
+        .unwrap();
         assert_eq!(config.rules.len(), 1);
-        assert_eq!(config.rules[0].condition.to_string(), "dlq_depth > 0 for 5m");
+        assert_eq!(
+            config.rules[0].condition.to_string(),
+            "dlq_depth > 0 for 5m"
+        );
         assert_eq!(config.rules[0].notify, ["pd"]);
     }
 }

@@ -25,7 +25,10 @@ fn main() -> ExitCode {
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -45,9 +48,15 @@ fn main() -> ExitCode {
             Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
             Command::Bench(args) => cmd::bench::run(cli.broker_url(), args).await,
-            Command::Config(ConfigCommand::Check { file, json }) => cmd::admin::config_check(&cli, file.as_ref(), *json),
-            Command::Retention(RetentionCommand::Run { json }) => cmd::admin::retention_run(&cli, *json).await,
-            Command::Archive(ArchiveCommand::Import { files, json }) => cmd::admin::archive_import(&cli, files, *json).await,
+            Command::Config(ConfigCommand::Check { file, json }) => {
+                cmd::admin::config_check(&cli, file.as_ref(), *json)
+            }
+            Command::Retention(RetentionCommand::Run { json }) => {
+                cmd::admin::retention_run(&cli, *json).await
+            }
+            Command::Archive(ArchiveCommand::Import { files, json }) => {
+                cmd::admin::archive_import(&cli, files, *json).await
+            }
         }
     });
     match result {

@@ -29,7 +29,11 @@ pub fn json_line<T: Serialize>(value: &T) {
 
 /// One line of an error message for a table cell: the first line, shortened.
 pub fn one_line(text: &str, max: usize) -> String {
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     if first.chars().count() <= max {
         first.to_owned()
     } else {
@@ -51,7 +55,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
         let line: Vec<String> = cells
             .into_iter()
             .enumerate()
-            .map(|(i, c)| if i == last { c } else { format!("{c:<w$}", w = widths[i]) })
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
             .collect();
         emit(line.join("  ").trim_end());
     };

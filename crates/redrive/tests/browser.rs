@@ -40,12 +40,20 @@ struct Driver {
 
 impl Driver {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
-        let value: Value = resp.json().await.unwrap_or_else(|e| panic!("webdriver {method} {path}: bad JSON: {e}"));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
+        let value: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("webdriver {method} {path}: bad JSON: {e}"));
         value["value"].clone()
     }
 
@@ -64,8 +72,13 @@ impl Driver {
     }
 
     async fn find(&self, using: &str, value: &str) -> String {
-        let v = self.post("/element", json!({ "using": using, "value": value })).await;
-        v[W3C_ELEMENT].as_str().unwrap_or_else(|| panic!("no element {value}: {v}")).to_owned()
+        let v = self
+            .post("/element", json!({ "using": using, "value": value }))
+            .await;
+        v[W3C_ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {value}: {v}"))
+            .to_owned()
     }
 
     async fn css(&self, selector: &str) -> String {
@@ -73,15 +86,24 @@ impl Driver {
     }
 
     async fn click(&self, element: &str) {
-        self.post(&format!("/element/{element}/click"), json!({})).await;
+        self.post(&format!("/element/{element}/click"), json!({}))
+            .await;
     }
 
     async fn type_into(&self, element: &str, text: &str) {
-        self.post(&format!("/element/{element}/value"), json!({ "text": text })).await;
+        self.post(
+            &format!("/element/{element}/value"),
+            json!({ "text": text }),
+        )
+        .await;
     }
 
     async fn text(&self, element: &str) -> String {
-        self.get(&format!("/element/{element}/text")).await.as_str().unwrap_or_default().to_owned()
+        self.get(&format!("/element/{element}/text"))
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Waits (up to 10 s) for the page URL to satisfy `ok`, as a click's navigation may
@@ -93,17 +115,25 @@ impl Driver {
             if ok(&url) {
                 return url;
             }
-            assert!(Instant::now() < deadline, "waited for {what}; still at {url}");
+            assert!(
+                Instant::now() < deadline,
+                "waited for {what}; still at {url}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     async fn url(&self) -> String {
-        self.get("/url").await.as_str().unwrap_or_default().to_owned()
+        self.get("/url")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     async fn script(&self, js: &str) -> Value {
-        self.post("/execute/sync", json!({ "script": js, "args": [] })).await
+        self.post("/execute/sync", json!({ "script": js, "args": [] }))
+            .await
     }
 
     /// Whether a JavaScript dialog (alert) is open.
@@ -113,7 +143,9 @@ impl Driver {
 
     async fn screenshot(&self, name: &str) {
         let png = self.get("/screenshot").await;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), bytes).unwrap();
@@ -121,13 +153,25 @@ impl Driver {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts the demo with the UI and returns its URL once the scenario has finished.
 fn start_demo(store: &std::path::Path) -> (Guard, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
-        .args(["--store", &format!("sqlite://{}", store.display()), "demo", "--tasks", "60", "--bind", "127.0.0.1:0"])
+        .args([
+            "--store",
+            &format!("sqlite://{}", store.display()),
+            "demo",
+            "--tasks",
+            "60",
+            "--bind",
+            "127.0.0.1:0",
+        ])
         .env("REDRIVE_TOKEN", OPERATOR)
         .env("REDRIVE_VIEWER_TOKEN", VIEWER)
         .env("REDRIVE_LOG", "warn")
@@ -141,7 +185,13 @@ fn start_demo(store: &std::path::Path) -> (Guard, String) {
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap();
         if let Some(rest) = line.strip_prefix("triage UI: ") {
-            url = Some(rest.split_whitespace().next().unwrap().trim_end_matches('/').to_owned());
+            url = Some(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches('/')
+                    .to_owned(),
+            );
         }
         if line.contains("serving until Ctrl-C") {
             return (guard, url.expect("the demo printed its URL"));
@@ -175,15 +225,34 @@ async fn start_browser(http: &reqwest::Client) -> (Guard, Driver) {
                      "--window-size=1280,900", format!("--user-data-dir={}", profile.display())]
         }
     }}});
-    let resp: Value = http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
-    let session = resp["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {resp}")).to_owned();
-    (guard, Driver { http: http.clone(), base: format!("{base}/session/{session}") })
+    let resp: Value = http
+        .post(format!("{base}/session"))
+        .json(&caps)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = resp["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {resp}"))
+        .to_owned();
+    (
+        guard,
+        Driver {
+            http: http.clone(),
+            base: format!("{base}/session/{session}"),
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_open_a_group_replay_it_and_never_run_a_payload() {
     if std::env::var_os("REDRIVE_TEST_BROWSER").is_none() {
-        eprintln!("browser test not run: set REDRIVE_TEST_BROWSER=1 (scripts/test does, after installing chromium)");
+        eprintln!(
+            "browser test not run: set REDRIVE_TEST_BROWSER=1 (scripts/test does, after installing chromium)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -193,12 +262,16 @@ async fn sign_in_open_a_group_replay_it_and_never_run_a_payload() {
 
     // Signing in.
     d.goto(&format!("{url}/")).await;
-    assert!(d.url().await.contains("/login"), "the UI asks for a token first");
+    assert!(
+        d.url().await.contains("/login"),
+        "the UI asks for a token first"
+    );
     let token = d.css("#token").await;
     d.type_into(&token, OPERATOR).await;
     d.click(&d.css("button[type=submit]").await).await;
     let home = format!("{url}/");
-    d.wait_url("the overview after signing in", |u| u == home).await;
+    d.wait_url("the overview after signing in", |u| u == home)
+        .await;
     let h1 = d.text(&d.css("h1").await).await;
     assert_eq!(h1, "Overview");
     d.screenshot("overview.png").await;
@@ -206,31 +279,47 @@ async fn sign_in_open_a_group_replay_it_and_never_run_a_payload() {
     // The error groups, and the group of the markup-carrying task.
     d.goto(&format!("{url}/groups")).await;
     d.screenshot("groups.png").await;
-    let group = d.find("xpath", "//a[strong[text()='PromptInjection']]").await;
+    let group = d
+        .find("xpath", "//a[strong[text()='PromptInjection']]")
+        .await;
     d.click(&group).await;
-    d.wait_url("the group page", |u| u.contains("/groups/")).await;
+    d.wait_url("the group page", |u| u.contains("/groups/"))
+        .await;
     d.click(&d.css("td.mono a").await).await;
-    d.wait_url("the message page", |u| u.contains("/messages/")).await;
+    d.wait_url("the message page", |u| u.contains("/messages/"))
+        .await;
 
     // The message: its markup is shown as text and nothing from it runs.
     let payload = d.text(&d.css("#payload").await).await;
     assert!(payload.contains("<script>alert(1)</script>"), "{payload}");
-    assert!(payload.contains(r#"\"><img src=x onerror=alert(1)>"#), "{payload}");
+    assert!(
+        payload.contains(r#"\"><img src=x onerror=alert(1)>"#),
+        "{payload}"
+    );
     assert!(!d.alert_open().await, "a payload ran as script");
     let counts = d.script("return [document.scripts.length, document.images.length, document.body.innerText.includes('onerror=alert(1)')]").await;
-    assert_eq!(counts, json!([0, 0, true]), "no script or img element came from the payload");
+    assert_eq!(
+        counts,
+        json!([0, 0, true]),
+        "no script or img element came from the payload"
+    );
     d.screenshot("message.png").await;
 
     // Replaying the group from the UI, behind a confirmation that states the count.
-    d.click(&d.find("xpath", "//dd/a[contains(@href, '/groups/')]").await).await;
-    d.wait_url("the group page", |u| u.contains("/groups/")).await;
-    d.click(&d.find("xpath", "//a[starts-with(text(), 'Replay ')]").await).await;
-    d.wait_url("the confirmation", |u| u.ends_with("/replay")).await;
+    d.click(&d.find("xpath", "//dd/a[contains(@href, '/groups/')]").await)
+        .await;
+    d.wait_url("the group page", |u| u.contains("/groups/"))
+        .await;
+    d.click(&d.find("xpath", "//a[starts-with(text(), 'Replay ')]").await)
+        .await;
+    d.wait_url("the confirmation", |u| u.ends_with("/replay"))
+        .await;
     let count = d.text(&d.css("#confirm-count").await).await;
     assert_eq!(count, "1 dead messages");
     d.screenshot("replay-confirm.png").await;
     d.click(&d.css("#confirm").await).await;
-    d.wait_url("the groups page with a notice", |u| u.contains("notice=")).await;
+    d.wait_url("the groups page with a notice", |u| u.contains("notice="))
+        .await;
     let notice = d.text(&d.css(".notice").await).await;
     assert_eq!(notice, "Replayed 1 of 1 messages.");
     assert!(!d.alert_open().await);
@@ -246,7 +335,10 @@ async fn sign_in_open_a_group_replay_it_and_never_run_a_payload() {
         .await
         .unwrap();
     assert_eq!(queues[0]["queue"], "agent.tasks");
-    assert_eq!(queues[0]["main"], 1, "the replayed message waits in main: {queues}");
+    assert_eq!(
+        queues[0]["main"], 1,
+        "the replayed message waits in main: {queues}"
+    );
     d.goto(&format!("{url}/")).await;
     d.screenshot("overview-after-replay.png").await;
 

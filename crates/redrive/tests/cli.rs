@@ -20,22 +20,38 @@ fn redrive(store: &Path, args: &[&str], stdin: &[u8]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run redrive");
-    child.stdin.take().expect("stdin").write_all(stdin).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
     child.wait_with_output().expect("wait")
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
 }
 
 fn failed(out: &Output) -> String {
-    assert!(!out.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn json_lines(text: &str) -> Vec<Value> {
-    text.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
 }
 
 /// The handler of the issue's scripted session, in plain sh: exit 65 on malformed
@@ -60,9 +76,28 @@ fn the_scripted_session_of_the_foundation_issue() {
     for n in 1..=5 {
         input.push_str(&format!("{{malformed {n}\n"));
     }
-    assert_eq!(ok(&redrive(&store, &["publish", "agent.tasks"], input.as_bytes())).trim(), "published 205 messages to agent.tasks");
+    assert_eq!(
+        ok(&redrive(
+            &store,
+            &["publish", "agent.tasks"],
+            input.as_bytes()
+        ))
+        .trim(),
+        "published 205 messages to agent.tasks"
+    );
 
-    let consume = ["consume", "agent.tasks", "--exec", HANDLER, "--tiers", "50ms,100ms,150ms", "--until-idle", "--concurrency", "8", "--json"];
+    let consume = [
+        "consume",
+        "agent.tasks",
+        "--exec",
+        HANDLER,
+        "--tiers",
+        "50ms,100ms,150ms",
+        "--until-idle",
+        "--concurrency",
+        "8",
+        "--json",
+    ];
     let summary = &json_lines(&ok(&redrive(&store, &consume, b"")))[0];
     assert_eq!(summary["stopped_by"], "idle");
     assert_eq!(summary["dead_lettered"], 9);
@@ -70,41 +105,111 @@ fn the_scripted_session_of_the_foundation_issue() {
     let queues = json_lines(&ok(&redrive(&store, &["queues", "--json"], b"")));
     assert_eq!(queues.len(), 1);
     let q = &queues[0];
-    assert_eq!((q["queue"].as_str(), q["main"].as_u64(), q["dlq"].as_u64(), q["inflight"].as_u64()), (Some("agent.tasks"), Some(0), Some(9), Some(0)));
-    assert_eq!(q["retry"], serde_json::json!({"50ms": 0, "100ms": 0, "150ms": 0}));
+    assert_eq!(
+        (
+            q["queue"].as_str(),
+            q["main"].as_u64(),
+            q["dlq"].as_u64(),
+            q["inflight"].as_u64()
+        ),
+        (Some("agent.tasks"), Some(0), Some(9), Some(0))
+    );
+    assert_eq!(
+        q["retry"],
+        serde_json::json!({"50ms": 0, "100ms": 0, "150ms": 0})
+    );
 
     let dead = json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b"")));
     assert_eq!(dead.len(), 9);
-    let malformed: Vec<&Value> = dead.iter().filter(|d| d["payload"].as_str().unwrap().starts_with("{malformed")).collect();
+    let malformed: Vec<&Value> = dead
+        .iter()
+        .filter(|d| d["payload"].as_str().unwrap().starts_with("{malformed"))
+        .collect();
     assert_eq!(malformed.len(), 5);
-    assert!(malformed.iter().all(|d| d["attempts"] == 1 && d["error_class"] == "exit_65"));
+    assert!(
+        malformed
+            .iter()
+            .all(|d| d["attempts"] == 1 && d["error_class"] == "exit_65")
+    );
     let mut exhausted: Vec<&Value> = dead.iter().filter(|d| d["attempts"] == 4).collect();
-    exhausted.sort_by_key(|d| d["payload"].as_str().unwrap().len() * 1000 + d["payload"].as_str().unwrap().chars().filter(char::is_ascii_digit).collect::<String>().parse::<usize>().unwrap());
-    let payloads: Vec<&str> = exhausted.iter().map(|d| d["payload"].as_str().unwrap()).collect();
-    assert_eq!(payloads, [r#"{"task":50}"#, r#"{"task":100}"#, r#"{"task":150}"#, r#"{"task":200}"#]);
+    exhausted.sort_by_key(|d| {
+        d["payload"].as_str().unwrap().len() * 1000
+            + d["payload"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+                .parse::<usize>()
+                .unwrap()
+    });
+    let payloads: Vec<&str> = exhausted
+        .iter()
+        .map(|d| d["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        [
+            r#"{"task":50}"#,
+            r#"{"task":100}"#,
+            r#"{"task":150}"#,
+            r#"{"task":200}"#
+        ]
+    );
     let fingerprint = &exhausted[0]["fingerprint"];
-    assert!(exhausted.iter().all(|d| &d["fingerprint"] == fingerprint), "one fingerprint for the always-failing tasks");
+    assert!(
+        exhausted.iter().all(|d| &d["fingerprint"] == fingerprint),
+        "one fingerprint for the always-failing tasks"
+    );
     for d in &exhausted {
         assert_eq!(d["history"].as_array().unwrap().len(), 4);
-        for field in ["id", "queue", "error", "first_failed_at", "last_failed_at", "payload_encoding"] {
+        for field in [
+            "id",
+            "queue",
+            "error",
+            "first_failed_at",
+            "last_failed_at",
+            "payload_encoding",
+        ] {
             assert!(!d[field].is_null(), "{field} missing");
         }
     }
 
-    let groups = json_lines(&ok(&redrive(&store, &["dlq", "list", "--group", "--json"], b"")));
-    let mut counts: Vec<u64> = groups.iter().map(|g| g["count"].as_u64().unwrap()).collect();
+    let groups = json_lines(&ok(&redrive(
+        &store,
+        &["dlq", "list", "--group", "--json"],
+        b"",
+    )));
+    let mut counts: Vec<u64> = groups
+        .iter()
+        .map(|g| g["count"].as_u64().unwrap())
+        .collect();
     counts.sort_unstable();
     assert_eq!(counts, [4, 5]);
-    for field in ["fingerprint", "count", "first_seen", "last_seen", "sample_error"] {
+    for field in [
+        "fingerprint",
+        "count",
+        "first_seen",
+        "last_seen",
+        "sample_error",
+    ] {
         assert!(!groups[0][field].is_null(), "{field} missing");
     }
 
-    let replayed = &json_lines(&ok(&redrive(&store, &["dlq", "replay", "--all", "--json"], b"")))[0];
+    let replayed = &json_lines(&ok(&redrive(
+        &store,
+        &["dlq", "replay", "--all", "--json"],
+        b"",
+    )))[0];
     assert_eq!(replayed["replayed"], 9);
     let ids_before: Vec<&str> = dead.iter().map(|d| d["id"].as_str().unwrap()).collect();
     let seen_ids = dir.path().join("ids");
     let record = format!("cat >/dev/null; echo $REDRIVE_ID >> {}", seen_ids.display());
-    ok(&redrive(&store, &["consume", "agent.tasks", "--exec", &record, "--until-idle"], b""));
+    ok(&redrive(
+        &store,
+        &["consume", "agent.tasks", "--exec", &record, "--until-idle"],
+        b"",
+    ));
     let seen = std::fs::read_to_string(&seen_ids).unwrap();
     let mut seen: Vec<&str> = seen.lines().collect();
     let mut before = ids_before.clone();
@@ -123,23 +228,58 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let err = failed(&redrive(&store, &["publish", "agent tasks"], b"x\n"));
     assert!(err.contains("invalid queue name \"agent tasks\""), "{err}");
 
-    let err = failed(&redrive(&store, &["consume", "q", "--exec", "true", "--tiers", "5s,fast"], b""));
-    assert!(err.contains("invalid --tiers") && err.contains("tier 2") && err.contains("fast"), "{err}");
+    let err = failed(&redrive(
+        &store,
+        &["consume", "q", "--exec", "true", "--tiers", "5s,fast"],
+        b"",
+    ));
+    assert!(
+        err.contains("invalid --tiers") && err.contains("tier 2") && err.contains("fast"),
+        "{err}"
+    );
 
-    let err = failed(&redrive(&store, &["publish", "q", "--max-payload", "16B"], b"short\nthis line is far too long\n"));
-    assert!(err.contains("line 2") && err.contains("nothing was published"), "{err}");
-    assert!(!store.exists() || ok(&redrive(&store, &["queues", "--json"], b"")).trim().is_empty(), "nothing was published");
+    let err = failed(&redrive(
+        &store,
+        &["publish", "q", "--max-payload", "16B"],
+        b"short\nthis line is far too long\n",
+    ));
+    assert!(
+        err.contains("line 2") && err.contains("nothing was published"),
+        "{err}"
+    );
+    assert!(
+        !store.exists()
+            || ok(&redrive(&store, &["queues", "--json"], b""))
+                .trim()
+                .is_empty(),
+        "nothing was published"
+    );
 
-    let err = failed(&redrive(&dir.path().join("missing/dir/s.db"), &["publish", "q"], b"x\n"));
-    assert!(err.contains("directory") && err.contains("does not exist"), "{err}");
+    let err = failed(&redrive(
+        &dir.path().join("missing/dir/s.db"),
+        &["publish", "q"],
+        b"x\n",
+    ));
+    assert!(
+        err.contains("directory") && err.contains("does not exist"),
+        "{err}"
+    );
 
-    let err = failed(&redrive(Path::new("/proc/redrive-test.db"), &["publish", "q"], b"x\n"));
+    let err = failed(&redrive(
+        Path::new("/proc/redrive-test.db"),
+        &["publish", "q"],
+        b"x\n",
+    ));
     assert!(err.contains("/proc/redrive-test.db"), "{err}");
 
     let err = failed(&redrive(&dir.path().join("typo.db"), &["dlq", "list"], b""));
     assert!(err.contains("no store at"), "{err}");
 
-    let out = redrive(&store, &["consume", "q", "--exec", "true", "--no-such-flag"], b"");
+    let out = redrive(
+        &store,
+        &["consume", "q", "--exec", "true", "--no-such-flag"],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
 
@@ -149,11 +289,19 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() {
     ok(&redrive(&store, &["publish", "q"], b"seed\n"));
     let err = failed(&redrive(&store, &["dlq", "show", "not-a-uuid"], b""));
     assert!(err.contains("invalid message id"), "{err}");
-    let err = failed(&redrive(&store, &["dlq", "show", "01a21ed2-7110-754d-80d2-085619addb45"], b""));
+    let err = failed(&redrive(
+        &store,
+        &["dlq", "show", "01a21ed2-7110-754d-80d2-085619addb45"],
+        b"",
+    ));
     assert!(err.contains("no dead message with id"), "{err}");
     let err = failed(&redrive(&store, &["dlq", "replay"], b""));
     assert!(err.contains("say which dead messages"), "{err}");
-    let err = failed(&redrive(&store, &["publish", "q", "--header", "redrive-attempt=9"], b"x\n"));
+    let err = failed(&redrive(
+        &store,
+        &["publish", "q", "--header", "redrive-attempt=9"],
+        b"x\n",
+    ));
     assert!(err.contains("reserved"), "{err}");
 }
 
@@ -164,14 +312,31 @@ fn non_utf8_payloads_are_carried_byte_exact() {
     let payload: &[u8] = b"\xff\xfe binary \x00 \x80";
     let mut input = payload.to_vec();
     input.push(b'\n');
-    ok(&redrive(&store, &["publish", "bin", "--key", "k1", "--header", "tenant=acme"], &input));
+    ok(&redrive(
+        &store,
+        &["publish", "bin", "--key", "k1", "--header", "tenant=acme"],
+        &input,
+    ));
     let check = "cat > /dev/null; [ \"$REDRIVE_KEY\" = k1 ] && [ \"$REDRIVE_HEADER_TENANT\" = acme ] && exit 65; exit 3";
-    ok(&redrive(&store, &["consume", "bin", "--exec", check, "--until-idle"], b""));
+    ok(&redrive(
+        &store,
+        &["consume", "bin", "--exec", check, "--until-idle"],
+        b"",
+    ));
     let exported = json_lines(&ok(&redrive(&store, &["dlq", "export"], b"")));
     assert_eq!(exported.len(), 1);
     let d = &exported[0];
-    assert_eq!((d["payload_encoding"].as_str(), d["error_class"].as_str(), d["key"].as_str()), (Some("base64"), Some("exit_65"), Some("k1")));
-    let bytes = base64::engine::general_purpose::STANDARD.decode(d["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (
+            d["payload_encoding"].as_str(),
+            d["error_class"].as_str(),
+            d["key"].as_str()
+        ),
+        (Some("base64"), Some("exit_65"), Some("k1"))
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(d["payload"].as_str().unwrap())
+        .unwrap();
     assert_eq!(bytes, payload);
     assert_eq!(d["headers"]["tenant"], "acme");
 }
@@ -181,17 +346,39 @@ fn purge_asks_first_and_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.db");
     ok(&redrive(&store, &["publish", "q"], b"a\nb\n"));
-    ok(&redrive(&store, &["consume", "q", "--exec", "exit 65", "--until-idle"], b""));
+    ok(&redrive(
+        &store,
+        &["consume", "q", "--exec", "exit 65", "--until-idle"],
+        b"",
+    ));
     let err = failed(&redrive(&store, &["dlq", "purge", "--queue", "q"], b""));
-    assert!(err.contains("refusing to purge 2 dead messages") && err.contains("--yes"), "{err}");
-    assert_eq!(json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b""))).len(), 2);
-    let out = json_lines(&ok(&redrive(&store, &["dlq", "purge", "--queue", "q", "--yes", "--json"], b"")));
+    assert!(
+        err.contains("refusing to purge 2 dead messages") && err.contains("--yes"),
+        "{err}"
+    );
+    assert_eq!(
+        json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b""))).len(),
+        2
+    );
+    let out = json_lines(&ok(&redrive(
+        &store,
+        &["dlq", "purge", "--queue", "q", "--yes", "--json"],
+        b"",
+    )));
     assert_eq!(out[0]["purged"], 2);
-    assert!(ok(&redrive(&store, &["dlq", "list", "--json"], b"")).trim().is_empty());
+    assert!(
+        ok(&redrive(&store, &["dlq", "list", "--json"], b""))
+            .trim()
+            .is_empty()
+    );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Kills a child process when dropped.
@@ -207,7 +394,10 @@ impl Drop for Running {
 fn wait_for_port(port: u16) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nothing listens on {port}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {port}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -216,26 +406,50 @@ fn wait_for_port(port: u16) {
 fn serve_refuses_a_public_bind_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
-        .args(["--store", &format!("sqlite://{}", dir.path().join("s.db").display()), "serve", "--bind", "0.0.0.0:0"])
+        .args([
+            "--store",
+            &format!("sqlite://{}", dir.path().join("s.db").display()),
+            "serve",
+            "--bind",
+            "0.0.0.0:0",
+        ])
         .env_remove("REDRIVE_TOKEN")
         .env_remove("REDRIVE_VIEWER_TOKEN")
         .output()
         .unwrap();
     let err = failed(&out);
-    assert!(err.contains("refusing to listen on 0.0.0.0:0 without an access token") && err.contains("REDRIVE_TOKEN"), "{err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without an access token")
+            && err.contains("REDRIVE_TOKEN"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_public_server_refuses_requests_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.db");
-    ok(&redrive(&store, &["publish", "q"], b"{\"secret\":\"payload\"}\n"));
-    ok(&redrive(&store, &["consume", "q", "--exec", "exit 65", "--until-idle"], b""));
+    ok(&redrive(
+        &store,
+        &["publish", "q"],
+        b"{\"secret\":\"payload\"}\n",
+    ));
+    ok(&redrive(
+        &store,
+        &["consume", "q", "--exec", "exit 65", "--until-idle"],
+        b"",
+    ));
     let port = free_port();
     let token = "public-bind-test-token-0123456789";
     let _server = Running(
         Command::new(env!("CARGO_BIN_EXE_redrive"))
-            .args(["--store", &format!("sqlite://{}", store.display()), "serve", "--bind", &format!("0.0.0.0:{port}")])
+            .args([
+                "--store",
+                &format!("sqlite://{}", store.display()),
+                "serve",
+                "--bind",
+                &format!("0.0.0.0:{port}"),
+            ])
             .env("REDRIVE_TOKEN", token)
             .env("REDRIVE_LOG", "warn")
             .stderr(Stdio::null())
@@ -245,13 +459,28 @@ async fn a_public_server_refuses_requests_without_the_token() {
     wait_for_port(port);
     let http = reqwest::Client::new();
     for path in ["/api/v1/dead", "/api/v1/export", "/metrics", "/messages"] {
-        let resp = http.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap();
+        let resp = http
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
         let status = resp.status();
         let body = resp.text().await.unwrap();
-        assert!(status == 401 || (path == "/messages" && status == 200 && body.contains("Sign in")), "{path}: {status}");
-        assert!(!body.contains("secret"), "{path} showed data without a token");
+        assert!(
+            status == 401 || (path == "/messages" && status == 200 && body.contains("Sign in")),
+            "{path}: {status}"
+        );
+        assert!(
+            !body.contains("secret"),
+            "{path} showed data without a token"
+        );
     }
-    let resp = http.get(format!("http://127.0.0.1:{port}/api/v1/dead")).bearer_auth(token).send().await.unwrap();
+    let resp = http
+        .get(format!("http://127.0.0.1:{port}/api/v1/dead"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("secret"));
 }
@@ -264,7 +493,14 @@ async fn consume_exposes_its_metrics() {
     let port = free_port();
     let _worker = Running(
         Command::new(env!("CARGO_BIN_EXE_redrive"))
-            .args(["--store", &format!("sqlite://{}", store.display()), "consume", "q", "--exec", "sleep 30"])
+            .args([
+                "--store",
+                &format!("sqlite://{}", store.display()),
+                "consume",
+                "q",
+                "--exec",
+                "sleep 30",
+            ])
             .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
             .env("REDRIVE_LOG", "warn")
             .spawn()
@@ -273,20 +509,36 @@ async fn consume_exposes_its_metrics() {
     wait_for_port(port);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if text.contains("redrive_inflight_messages{queue=\"q\"} 1") {
-            assert!(text.contains("redrive_lane_depth_messages{queue=\"q\",lane=\"main\"} 0"), "{text}");
+            assert!(
+                text.contains("redrive_lane_depth_messages{queue=\"q\",lane=\"main\"} 0"),
+                "{text}"
+            );
             assert!(text.trim_end().ends_with("# EOF"));
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the worker never reported its delivery:\n{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never reported its delivery:\n{text}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
 fn serve(store: &Path, config: &Path, port: u16) -> Running {
     let child = Command::new(env!("CARGO_BIN_EXE_redrive"))
-        .args(["--store", &format!("sqlite://{}", store.display()), "--config", &config.display().to_string()])
+        .args([
+            "--store",
+            &format!("sqlite://{}", store.display()),
+            "--config",
+            &config.display().to_string(),
+        ])
         .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
         .env("REDRIVE_LOG", "warn")
         .stderr(Stdio::null())
@@ -303,7 +555,10 @@ async fn wait_for_pages(sink: &redrive_conformance::http_sink::HttpSink, n: usiz
         if bodies.len() >= n {
             return bodies;
         }
-        assert!(std::time::Instant::now() < deadline, "waited for {n} pages, got {bodies:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited for {n} pages, got {bodies:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -317,7 +572,17 @@ async fn pagerduty_pages_once_and_resolves_once_across_serve_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.db");
     ok(&redrive(&store, &["publish", "agent.tasks"], b"{bad\n"));
-    ok(&redrive(&store, &["consume", "agent.tasks", "--exec", "exit 65", "--until-idle"], b""));
+    ok(&redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            "exit 65",
+            "--until-idle",
+        ],
+        b"",
+    ));
     let config = dir.path().join("redrive.toml");
     std::fs::write(
         &config,
@@ -327,13 +592,20 @@ async fn pagerduty_pages_once_and_resolves_once_across_serve_restarts() {
         ),
     )
     .unwrap();
-    ok(&redrive(&store, &["--config", &config.display().to_string(), "config", "check"], b""));
+    ok(&redrive(
+        &store,
+        &["--config", &config.display().to_string(), "config", "check"],
+        b"",
+    ));
 
     // Pending for a second, then the server is killed outright and restarted.
     let port = free_port();
     let first = serve(&store, &config, port);
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    assert!(pd.received().is_empty(), "nothing is paged before the rule's duration");
+    assert!(
+        pd.received().is_empty(),
+        "nothing is paged before the rule's duration"
+    );
     drop(first);
     let second = serve(&store, &config, port);
     let pages = wait_for_pages(&pd, 1).await;
@@ -345,7 +617,11 @@ async fn pagerduty_pages_once_and_resolves_once_across_serve_restarts() {
     drop(second);
     let _third = serve(&store, &config, port);
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    assert_eq!(pd.received().len(), 1, "still exactly one trigger after the restart");
+    assert_eq!(
+        pd.received().len(),
+        1,
+        "still exactly one trigger after the restart"
+    );
 
     // Emptying the DLQ resolves, once, with the same key.
     ok(&redrive(&store, &["dlq", "purge", "--all", "--yes"], b""));
@@ -360,18 +636,31 @@ async fn pagerduty_pages_once_and_resolves_once_across_serve_restarts() {
 fn config_check_lists_every_problem_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("redrive.toml");
-    std::fs::write(&config, "[[queues]]\nname = \"bad name\"\ntiers = \"5s,x\"\n\n[retention]\nhot = \"forever\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_redrive")).args(["config", "check", &config.display().to_string()]).output().unwrap();
+    std::fs::write(
+        &config,
+        "[[queues]]\nname = \"bad name\"\ntiers = \"5s,x\"\n\n[retention]\nhot = \"forever\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["config", "check", &config.display().to_string()])
+        .output()
+        .unwrap();
     let err = failed(&out);
     assert!(err.contains("redrive.toml:line 2: queues.name"), "{err}");
     assert!(err.contains("redrive.toml:line 3: queues.tiers"), "{err}");
     assert!(err.contains("redrive.toml:line 6: retention.hot"), "{err}");
     assert!(err.contains("3 problem(s)"), "{err}");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../redrive.example.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_redrive")).args(["config", "check", example]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["config", "check", example])
+        .output()
+        .unwrap();
     assert!(ok(&out).contains("OK"));
     // Other commands refuse to run on a broken config rather than ignore it.
-    let out = Command::new(env!("CARGO_BIN_EXE_redrive")).args(["--config", &config.display().to_string(), "queues"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--config", &config.display().to_string(), "queues"])
+        .output()
+        .unwrap();
     assert!(failed(&out).contains("has 3 problem(s)"));
 }
 
@@ -379,20 +668,56 @@ fn config_check_lists_every_problem_with_its_line() {
 fn retention_run_compresses_warm_payloads_and_import_names_a_missing_file() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.db");
-    ok(&redrive(&store, &["publish", "q"], b"{\"a\":1}\n{\"a\":2}\n"));
-    ok(&redrive(&store, &["consume", "q", "--exec", "exit 65", "--until-idle"], b""));
+    ok(&redrive(
+        &store,
+        &["publish", "q"],
+        b"{\"a\":1}\n{\"a\":2}\n",
+    ));
+    ok(&redrive(
+        &store,
+        &["consume", "q", "--exec", "exit 65", "--until-idle"],
+        b"",
+    ));
     // Retention set so that everything already dead is past warm: `warm = 1ms` ages.
     let config = dir.path().join("redrive.toml");
     let archive = dir.path().join("archive");
-    std::fs::write(&config, format!("[retention]\nhot = \"1ms\"\nwarm = \"2ms\"\narchive_dir = \"{}\"\n", archive.display())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[retention]\nhot = \"1ms\"\nwarm = \"2ms\"\narchive_dir = \"{}\"\n",
+            archive.display()
+        ),
+    )
+    .unwrap();
     // Whole days only: messages that died today are archived once today is over, so
     // this run only compresses them.
-    let run = json_lines(&ok(&redrive(&store, &["--config", &config.display().to_string(), "retention", "run", "--json"], b"")));
+    let run = json_lines(&ok(&redrive(
+        &store,
+        &[
+            "--config",
+            &config.display().to_string(),
+            "retention",
+            "run",
+            "--json",
+        ],
+        b"",
+    )));
     assert_eq!(run[0]["compressed"], 2);
     let dead = json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b"")));
-    let mut payloads: Vec<&str> = dead.iter().map(|d| d["payload"].as_str().unwrap()).collect();
+    let mut payloads: Vec<&str> = dead
+        .iter()
+        .map(|d| d["payload"].as_str().unwrap())
+        .collect();
     payloads.sort_unstable();
-    assert_eq!(payloads, ["{\"a\":1}", "{\"a\":2}"], "warm payloads read back unchanged");
-    let err = failed(&redrive(&store, &["archive", "import", "/nonexistent.jsonl.zst"], b""));
+    assert_eq!(
+        payloads,
+        ["{\"a\":1}", "{\"a\":2}"],
+        "warm payloads read back unchanged"
+    );
+    let err = failed(&redrive(
+        &store,
+        &["archive", "import", "/nonexistent.jsonl.zst"],
+        b"",
+    ));
     assert!(err.contains("/nonexistent.jsonl.zst"), "{err}");
 }

@@ -22,11 +22,20 @@ impl Harness for NatsHarness {
     async fn open(&self) -> Backend<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let namespace = format!("t{:x}{:x}", std::process::id(), nanos);
         let url = format!("{}?namespace={namespace}", nats_url());
         let url_for_cli = url.clone();
-        let transport = NatsConfig::new(&url).unwrap().connect().await.unwrap_or_else(|e| panic!("{e} (start nats-server -js, or set REDRIVE_TEST_NATS_URL)"));
+        let transport = NatsConfig::new(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{e} (start nats-server -js, or set REDRIVE_TEST_NATS_URL)")
+            });
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = NatsBackend::new(transport, store);
         Backend {
@@ -34,9 +43,17 @@ impl Harness for NatsHarness {
             store: backend,
             cli: Cli {
                 bin: env!("CARGO_BIN_EXE_redrive").into(),
-                backend_args: vec!["--broker".into(), url_for_cli, "--store".into(), format!("sqlite://{}", path.display())],
+                backend_args: vec![
+                    "--broker".into(),
+                    url_for_cli,
+                    "--store".into(),
+                    format!("sqlite://{}", path.display()),
+                ],
             },
-            guard: Box::new(Cleanup { _dir: dir, namespace }),
+            guard: Box::new(Cleanup {
+                _dir: dir,
+                namespace,
+            }),
         }
     }
 }
@@ -51,11 +68,22 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let ns = self.namespace.clone();
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async move {
-                let Ok(client) = async_nats::connect(nats_url()).await else { return };
+                let Ok(client) = async_nats::connect(nats_url()).await else {
+                    return;
+                };
                 let js = async_nats::jetstream::new(client);
-                for name in [format!("{ns}_conformance_tasks"), format!("{ns}_conformance_tasks_dlq"), format!("KV_{ns}_history")] {
+                for name in [
+                    format!("{ns}_conformance_tasks"),
+                    format!("{ns}_conformance_tasks_dlq"),
+                    format!("KV_{ns}_history"),
+                ] {
                     let _ = js.delete_stream(&name).await;
                 }
             });

@@ -24,7 +24,11 @@ impl Harness for RedisHarness {
         let namespace = format!("test-{}", uuid_like());
         let url = format!("{}?namespace={namespace}", redis_url());
         let url_for_cli = url.clone();
-        let transport = RedisConfig::new(url.as_str()).unwrap().connect().await.unwrap_or_else(|e| panic!("{e} (start redis-server, or set REDRIVE_TEST_REDIS_URL)"));
+        let transport = RedisConfig::new(url.as_str())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{e} (start redis-server, or set REDRIVE_TEST_REDIS_URL)"));
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = RedisBackend::new(transport, store);
         Backend {
@@ -32,9 +36,17 @@ impl Harness for RedisHarness {
             store: backend,
             cli: Cli {
                 bin: env!("CARGO_BIN_EXE_redrive").into(),
-                backend_args: vec!["--broker".into(), url_for_cli, "--store".into(), format!("sqlite://{}", path.display())],
+                backend_args: vec![
+                    "--broker".into(),
+                    url_for_cli,
+                    "--store".into(),
+                    format!("sqlite://{}", path.display()),
+                ],
             },
-            guard: Box::new(Cleanup { _dir: dir, namespace }),
+            guard: Box::new(Cleanup {
+                _dir: dir,
+                namespace,
+            }),
         }
     }
 }
@@ -47,9 +59,16 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(redis_url()) else { return };
-        let Ok(mut conn) = client.get_connection() else { return };
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.namespace)).query(&mut conn).unwrap_or_default();
+        let Ok(client) = redis::Client::open(redis_url()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.namespace))
+            .query(&mut conn)
+            .unwrap_or_default();
         if !keys.is_empty() {
             let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut conn);
         }
@@ -57,7 +76,14 @@ impl Drop for Cleanup {
 }
 
 fn uuid_like() -> String {
-    format!("{:x}{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+    format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
 }
 
 redrive_conformance::conformance!(RedisHarness);

@@ -47,27 +47,40 @@ struct Line {
 
 /// `YYYY-MM-DD` (UTC) of a day's start.
 pub(crate) fn date_of(day_start_ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(day_start_ms).unwrap_or(0));
+    let t = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(u64::try_from(day_start_ms).unwrap_or(0));
     humantime::format_rfc3339(t).to_string()[..10].to_owned()
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> RetentionError + '_ {
-    move |source| RetentionError::Io { path: path.display().to_string(), source }
+    move |source| RetentionError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Writes `rows` to `path` so that the file is complete or absent: a temporary file in
 /// the same directory, fsynced, renamed into place, directory fsynced.
-pub(crate) fn write_file(path: &Path, rows: &[DeadLetter], fail: Option<FailPoint>) -> Result<(), RetentionError> {
+pub(crate) fn write_file(
+    path: &Path,
+    rows: &[DeadLetter],
+    fail: Option<FailPoint>,
+) -> Result<(), RetentionError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let result = (|| {
         let file = File::create(&tmp).map_err(io(&tmp))?;
         let mut encoder = zstd::Encoder::new(BufWriter::new(file), 6).map_err(io(&tmp))?;
         for (i, dead) in rows.iter().enumerate() {
             if fail == Some(FailPoint::AfterLines(i)) {
-                return Err(io(&tmp)(std::io::Error::other("injected failure while writing")));
+                return Err(io(&tmp)(std::io::Error::other(
+                    "injected failure while writing",
+                )));
             }
             let env = &dead.envelope;
             let line = Line {
@@ -86,10 +99,14 @@ pub(crate) fn write_file(path: &Path, rows: &[DeadLetter], fail: Option<FailPoin
         let file = writer.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         file.sync_all().map_err(io(&tmp))?;
         if fail == Some(FailPoint::BeforeRename) {
-            return Err(io(&tmp)(std::io::Error::other("injected failure before rename")));
+            return Err(io(&tmp)(std::io::Error::other(
+                "injected failure before rename",
+            )));
         }
         std::fs::rename(&tmp, path).map_err(io(path))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
         Ok(())
     })();
     if result.is_err() {
@@ -114,19 +131,38 @@ pub fn read_file(path: &Path) -> Result<Vec<ArchiveRecord>, RetentionError> {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |reason: String| RetentionError::Format { path: shown.clone(), line: i + 1, reason };
-        let l: Line = serde_json::from_str(&line).map_err(|e| bad(format!("not an archive record: {e}")))?;
+        let bad = |reason: String| RetentionError::Format {
+            path: shown.clone(),
+            line: i + 1,
+            reason,
+        };
+        let l: Line =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not an archive record: {e}")))?;
         if l.v > VERSION {
-            return Err(bad(format!("record version {} is newer than this redrive understands; upgrade", l.v)));
+            return Err(bad(format!(
+                "record version {} is newer than this redrive understands; upgrade",
+                l.v
+            )));
         }
         let queue = QueueName::new(&l.queue).map_err(|e| bad(e.to_string()))?;
-        let payload = base64::engine::general_purpose::STANDARD.decode(&l.payload_b64).map_err(|e| bad(format!("payload: {e}")))?;
-        let envelope = Envelope::from_wire(&queue, l.key, payload, l.headers).map_err(|e| bad(e.to_string()))?;
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(&l.payload_b64)
+            .map_err(|e| bad(format!("payload: {e}")))?;
+        let envelope = Envelope::from_wire(&queue, l.key, payload, l.headers)
+            .map_err(|e| bad(e.to_string()))?;
         let id = MessageId::parse(&l.id).map_err(|e| bad(format!("id: {e}")))?;
         if id != envelope.id {
-            return Err(bad("the id does not match the envelope's redrive-id".to_owned()));
+            return Err(bad(
+                "the id does not match the envelope's redrive-id".to_owned()
+            ));
         }
-        out.push(ArchiveRecord { id, dead: DeadLetter { envelope, dead_at_ms: l.dead_at_ms } });
+        out.push(ArchiveRecord {
+            id,
+            dead: DeadLetter {
+                envelope,
+                dead_at_ms: l.dead_at_ms,
+            },
+        });
     }
     Ok(out)
 }
@@ -138,11 +174,17 @@ pub fn read_file(path: &Path) -> Result<Vec<ArchiveRecord>, RetentionError> {
 ///
 /// Fails when the file is unreadable or malformed (nothing is imported then), or the
 /// store fails.
-pub async fn import_file<S: DeadLetterStore>(store: &S, path: &Path) -> Result<(u64, u64), RetentionError> {
+pub async fn import_file<S: DeadLetterStore>(
+    store: &S,
+    path: &Path,
+) -> Result<(u64, u64), RetentionError> {
     let owned = path.to_owned();
     let records = tokio::task::spawn_blocking(move || read_file(&owned))
         .await
-        .map_err(|e| RetentionError::Io { path: path.display().to_string(), source: std::io::Error::other(e) })??;
+        .map_err(|e| RetentionError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })??;
     let mut inserted = 0u64;
     let total = records.len() as u64;
     let dead: Vec<DeadLetter> = records.into_iter().map(|r| r.dead).collect();

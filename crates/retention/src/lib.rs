@@ -34,7 +34,11 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Self { hot: Duration::from_secs(7 * 86_400), warm: Duration::from_secs(30 * 86_400), archive_dir: PathBuf::from("redrive-archive") }
+        Self {
+            hot: Duration::from_secs(7 * 86_400),
+            warm: Duration::from_secs(30 * 86_400),
+            archive_dir: PathBuf::from("redrive-archive"),
+        }
     }
 }
 
@@ -104,8 +108,13 @@ pub async fn sweep<S: DeadLetterStore + RetentionStore>(
     let archive_cutoff = now_ms - ms(retention.warm);
     // Days wholly past the warm period are archived below; compress only what stays.
     let first_kept_day = archive_cutoff.div_euclid(DAY_MS) * DAY_MS;
-    let compressed = store.compress_between(first_kept_day, now_ms - ms(retention.hot)).await?;
-    let mut report = SweepReport { compressed, ..SweepReport::default() };
+    let compressed = store
+        .compress_between(first_kept_day, now_ms - ms(retention.hot))
+        .await?;
+    let mut report = SweepReport {
+        compressed,
+        ..SweepReport::default()
+    };
     for (queue, day) in store.archivable_days(archive_cutoff).await? {
         let (written, archived) = archive_day(store, retention, &queue, day, fail).await?;
         report.archived += archived;
@@ -131,15 +140,25 @@ async fn archive_day<S: DeadLetterStore + RetentionStore>(
     // A complete file from an earlier sweep that crashed before deleting: finish that job.
     if complete.exists() {
         let ids: Vec<_> = read_file(&complete)?.into_iter().map(|r| r.id).collect();
-        archived += store.delete_archived(&ids, &complete.display().to_string()).await?;
+        archived += store
+            .delete_archived(&ids, &complete.display().to_string())
+            .await?;
     }
-    let filter = DeadFilter { queue: Some(queue_name), since_ms: Some(day), until_ms: Some(day + DAY_MS), ..DeadFilter::default() };
+    let filter = DeadFilter {
+        queue: Some(queue_name),
+        since_ms: Some(day),
+        until_ms: Some(day + DAY_MS),
+        ..DeadFilter::default()
+    };
     let mut rows = Vec::new();
     let mut cursor: Option<Cursor> = None;
     loop {
         let page = store.list(&filter, cursor.as_ref(), 1000).await?;
         let Some(last) = page.last() else { break };
-        cursor = Some(Cursor { dead_at_ms: last.dead_at_ms, id: last.envelope.id });
+        cursor = Some(Cursor {
+            dead_at_ms: last.dead_at_ms,
+            id: last.envelope.id,
+        });
         rows.extend(page);
     }
     if rows.is_empty() {
@@ -154,8 +173,13 @@ async fn archive_day<S: DeadLetterStore + RetentionStore>(
     let path = target.clone();
     tokio::task::spawn_blocking(move || archive::write_file(&path, &rows, fail))
         .await
-        .map_err(|e| RetentionError::Io { path: target.display().to_string(), source: std::io::Error::other(e) })??;
-    archived += store.delete_archived(&ids, &target.display().to_string()).await?;
+        .map_err(|e| RetentionError::Io {
+            path: target.display().to_string(),
+            source: std::io::Error::other(e),
+        })??;
+    archived += store
+        .delete_archived(&ids, &target.display().to_string())
+        .await?;
     tracing::info!(file = %target.display(), messages = ids.len(), "archived");
     Ok((Some(target), archived))
 }

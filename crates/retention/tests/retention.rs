@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use redrive_core::{DeadFilter, DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, MessageId, QueueName};
+use redrive_core::{
+    DeadFilter, DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, MessageId, QueueName,
+};
 use redrive_retention::{DAY_MS, FailPoint, Retention, import_file, read_file, sweep};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -17,27 +19,58 @@ fn store(dir: &Path, name: &str) -> Sqlite {
 }
 
 fn retention(dir: &Path) -> Retention {
-    Retention { hot: Duration::from_secs(7 * 86_400), warm: Duration::from_secs(30 * 86_400), archive_dir: dir.join("archive") }
+    Retention {
+        hot: Duration::from_secs(7 * 86_400),
+        warm: Duration::from_secs(30 * 86_400),
+        archive_dir: dir.join("archive"),
+    }
 }
 
 /// A dead message that died `age_ms` before NOW, with a payload that is not UTF-8.
 fn dead(i: usize, queue: &str, age_ms: i64) -> DeadLetter {
     let mut payload = format!("{{\"task\":{i},\"note\":\"").into_bytes();
     payload.extend_from_slice(&[0xff, 0x00, (i % 251) as u8, b'"', b'}']);
-    let mut env = Envelope::new(QueueName::new(queue).unwrap(), payload).with_key(format!("k{i}")).with_header("tenant", "acme");
+    let mut env = Envelope::new(QueueName::new(queue).unwrap(), payload)
+        .with_key(format!("k{i}"))
+        .with_header("tenant", "acme");
     let at = NOW - age_ms;
-    env.record_failure(Failure::new(FailureKind::Retry, "Upstream", format!("shard {} down", i % 7), at - 1000), "main");
-    env.record_failure(Failure::new(FailureKind::Retry, "Upstream", format!("shard {} down", i % 7), at), "retry.5s");
-    DeadLetter { envelope: env, dead_at_ms: at }
+    env.record_failure(
+        Failure::new(
+            FailureKind::Retry,
+            "Upstream",
+            format!("shard {} down", i % 7),
+            at - 1000,
+        ),
+        "main",
+    );
+    env.record_failure(
+        Failure::new(
+            FailureKind::Retry,
+            "Upstream",
+            format!("shard {} down", i % 7),
+            at,
+        ),
+        "retry.5s",
+    );
+    DeadLetter {
+        envelope: env,
+        dead_at_ms: at,
+    }
 }
 
 async fn all(store: &Sqlite) -> HashMap<MessageId, DeadLetter> {
     let mut out = HashMap::new();
     let mut cursor = None;
     loop {
-        let page = store.list(&DeadFilter::default(), cursor.as_ref(), 1000).await.unwrap();
+        let page = store
+            .list(&DeadFilter::default(), cursor.as_ref(), 1000)
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
-        cursor = Some(redrive_core::Cursor { dead_at_ms: last.dead_at_ms, id: last.envelope.id });
+        cursor = Some(redrive_core::Cursor {
+            dead_at_ms: last.dead_at_ms,
+            id: last.envelope.id,
+        });
         for d in page {
             out.insert(d.envelope.id, d);
         }
@@ -50,7 +83,11 @@ fn files(dir: &Path) -> Vec<String> {
     if let Ok(queues) = std::fs::read_dir(dir) {
         for q in queues.flatten() {
             for f in std::fs::read_dir(q.path()).unwrap().flatten() {
-                out.push(format!("{}/{}", q.file_name().to_string_lossy(), f.file_name().to_string_lossy()));
+                out.push(format!(
+                    "{}/{}",
+                    q.file_name().to_string_lossy(),
+                    f.file_name().to_string_lossy()
+                ));
             }
         }
     }
@@ -67,49 +104,97 @@ async fn messages_move_hot_to_warm_to_archive_and_import_back_byte_exact() {
     let old_a = dead(3, "agent.tasks", 40 * DAY_MS);
     let old_b = dead(4, "agent.tasks", 40 * DAY_MS + 1000);
     let old_other = dead(5, "billing", 45 * DAY_MS);
-    s.insert_batch(&[hot.clone(), warm.clone(), old_a.clone(), old_b.clone(), old_other.clone()]).await.unwrap();
+    s.insert_batch(&[
+        hot.clone(),
+        warm.clone(),
+        old_a.clone(),
+        old_b.clone(),
+        old_other.clone(),
+    ])
+    .await
+    .unwrap();
     let r = retention(dir.path());
 
     let report = sweep(&s, &r, NOW, None).await.unwrap();
-    assert_eq!(report.compressed, 1, "the warm message was compressed (archived days are not)");
-    assert_eq!(report.archived, 3, "everything older than 30 days was archived");
-    assert_eq!(files(&r.archive_dir), ["agent.tasks/2026-12-06.jsonl.zst", "billing/2026-12-01.jsonl.zst"]);
+    assert_eq!(
+        report.compressed, 1,
+        "the warm message was compressed (archived days are not)"
+    );
+    assert_eq!(
+        report.archived, 3,
+        "everything older than 30 days was archived"
+    );
+    assert_eq!(
+        files(&r.archive_dir),
+        [
+            "agent.tasks/2026-12-06.jsonl.zst",
+            "billing/2026-12-01.jsonl.zst"
+        ]
+    );
 
     let left = all(&s).await;
     assert_eq!(left.len(), 2);
     assert_eq!(left[&hot.envelope.id], hot, "hot messages are untouched");
-    assert_eq!(left[&warm.envelope.id], warm, "a warm message reads back byte-exact from its compressed payload");
+    assert_eq!(
+        left[&warm.envelope.id], warm,
+        "a warm message reads back byte-exact from its compressed payload"
+    );
 
     let archived = read_file(&r.archive_dir.join("agent.tasks/2026-12-06.jsonl.zst")).unwrap();
     assert_eq!(archived.len(), 2);
     let fresh = store(dir.path(), "b.db");
     for file in files(&r.archive_dir) {
-        let (read, inserted) = import_file(&fresh, &r.archive_dir.join(file)).await.unwrap();
+        let (read, inserted) = import_file(&fresh, &r.archive_dir.join(file))
+            .await
+            .unwrap();
         assert_eq!(read, inserted);
     }
     let back = all(&fresh).await;
     for original in [&old_a, &old_b, &old_other] {
-        assert_eq!(&back[&original.envelope.id], original, "imported byte-exact, history and all");
+        assert_eq!(
+            &back[&original.envelope.id], original,
+            "imported byte-exact, history and all"
+        );
     }
-    let (_, again) = import_file(&fresh, &r.archive_dir.join("billing/2026-12-01.jsonl.zst")).await.unwrap();
+    let (_, again) = import_file(&fresh, &r.archive_dir.join("billing/2026-12-01.jsonl.zst"))
+        .await
+        .unwrap();
     assert_eq!(again, 0, "importing twice changes nothing");
 
     let report = sweep(&s, &r, NOW, None).await.unwrap();
-    assert_eq!((report.compressed, report.archived, report.files.len()), (0, 0, 0), "a second sweep has nothing to do");
+    assert_eq!(
+        (report.compressed, report.archived, report.files.len()),
+        (0, 0, 0),
+        "a second sweep has nothing to do"
+    );
 }
 
 #[tokio::test]
 async fn a_failure_while_archiving_loses_nothing() {
-    for fail in [FailPoint::AfterLines(0), FailPoint::AfterLines(3), FailPoint::BeforeRename] {
+    for fail in [
+        FailPoint::AfterLines(0),
+        FailPoint::AfterLines(3),
+        FailPoint::BeforeRename,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path(), "a.db");
-        let rows: Vec<DeadLetter> = (0..10).map(|i| dead(i, "agent.tasks", 40 * DAY_MS + i as i64)).collect();
+        let rows: Vec<DeadLetter> = (0..10)
+            .map(|i| dead(i, "agent.tasks", 40 * DAY_MS + i as i64))
+            .collect();
         s.insert_batch(&rows).await.unwrap();
         let r = retention(dir.path());
         let err = sweep(&s, &r, NOW, Some(fail)).await.unwrap_err();
         assert!(err.to_string().contains("injected failure"), "{err}");
-        assert_eq!(all(&s).await.len(), 10, "{fail:?}: every message is still in the store");
-        assert_eq!(files(&r.archive_dir), Vec::<String>::new(), "{fail:?}: no partial or temporary file is left");
+        assert_eq!(
+            all(&s).await.len(),
+            10,
+            "{fail:?}: every message is still in the store"
+        );
+        assert_eq!(
+            files(&r.archive_dir),
+            Vec::<String>::new(),
+            "{fail:?}: no partial or temporary file is left"
+        );
         // The next sweep, without the failure, archives everything once.
         let report = sweep(&s, &r, NOW, None).await.unwrap();
         assert_eq!(report.archived, 10);
@@ -121,7 +206,9 @@ async fn a_failure_while_archiving_loses_nothing() {
 async fn a_crash_between_rename_and_delete_does_not_archive_twice() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path(), "a.db");
-    let rows: Vec<DeadLetter> = (0..5).map(|i| dead(i, "agent.tasks", 40 * DAY_MS + i as i64)).collect();
+    let rows: Vec<DeadLetter> = (0..5)
+        .map(|i| dead(i, "agent.tasks", 40 * DAY_MS + i as i64))
+        .collect();
     s.insert_batch(&rows).await.unwrap();
     let r = retention(dir.path());
     let report = sweep(&s, &r, NOW, None).await.unwrap();
@@ -131,7 +218,10 @@ async fn a_crash_between_rename_and_delete_does_not_archive_twice() {
     import_file(&s, &report.files[0]).await.unwrap();
     assert_eq!(all(&s).await.len(), 5);
     let report = sweep(&s, &r, NOW, None).await.unwrap();
-    assert_eq!(report.archived, 5, "the rows held by the complete file are deleted");
+    assert_eq!(
+        report.archived, 5,
+        "the rows held by the complete file are deleted"
+    );
     assert!(report.files.is_empty(), "and not written again");
     assert_eq!(files(&r.archive_dir).len(), 1);
     assert!(all(&s).await.is_empty());
@@ -141,9 +231,16 @@ async fn a_crash_between_rename_and_delete_does_not_archive_twice() {
 async fn warm_must_be_longer_than_hot() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path(), "a.db");
-    let r = Retention { hot: Duration::from_secs(86_400), warm: Duration::from_secs(3600), archive_dir: dir.path().to_owned() };
+    let r = Retention {
+        hot: Duration::from_secs(86_400),
+        warm: Duration::from_secs(3600),
+        archive_dir: dir.path().to_owned(),
+    };
     let err = sweep(&s, &r, NOW, None).await.unwrap_err().to_string();
-    assert!(err.contains("warm (1h) must be longer than hot (1d)"), "{err}");
+    assert!(
+        err.contains("warm (1h) must be longer than hot (1d)"),
+        "{err}"
+    );
 }
 
 /// The issue's figure: 100,000 dead messages past hot and warm end up archived, and the
@@ -154,7 +251,15 @@ async fn one_hundred_thousand_archived_and_restored_byte_exact() {
     let s = store(dir.path(), "a.db");
     const N: usize = 100_000;
     let queues = ["agent.tasks", "billing", "support"];
-    let rows: Vec<DeadLetter> = (0..N).map(|i| dead(i, queues[i % 3], 31 * DAY_MS + (i as i64 * 37_000) % (5 * DAY_MS))).collect();
+    let rows: Vec<DeadLetter> = (0..N)
+        .map(|i| {
+            dead(
+                i,
+                queues[i % 3],
+                31 * DAY_MS + (i as i64 * 37_000) % (5 * DAY_MS),
+            )
+        })
+        .collect();
     for chunk in rows.chunks(5000) {
         s.insert_batch(chunk).await.unwrap();
     }
@@ -165,7 +270,10 @@ async fn one_hundred_thousand_archived_and_restored_byte_exact() {
     let fresh = store(dir.path(), "restored.db");
     let mut imported = 0;
     for file in files(&r.archive_dir) {
-        imported += import_file(&fresh, &r.archive_dir.join(file)).await.unwrap().1;
+        imported += import_file(&fresh, &r.archive_dir.join(file))
+            .await
+            .unwrap()
+            .1;
     }
     assert_eq!(imported, N as u64);
     let back = all(&fresh).await;

@@ -51,7 +51,10 @@ where
     F: Fn(T, Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send,
 {
-    JsonHandler { f, _task: std::marker::PhantomData }
+    JsonHandler {
+        f,
+        _task: std::marker::PhantomData,
+    }
 }
 
 impl<T, F, Fut> Handler for JsonHandler<F, T>
@@ -61,8 +64,9 @@ where
     Fut: Future<Output = HandlerResult> + Send,
 {
     async fn handle(&self, message: Envelope) -> HandlerResult {
-        let task: T = serde_json::from_slice(&message.payload)
-            .map_err(|e| HandlerError::poison("decode", format!("payload is not a valid task: {e}")))?;
+        let task: T = serde_json::from_slice(&message.payload).map_err(|e| {
+            HandlerError::poison("decode", format!("payload is not a valid task: {e}"))
+        })?;
         (self.f)(task, message).await
     }
 }

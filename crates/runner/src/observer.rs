@@ -35,7 +35,13 @@ pub trait Observer: Send + Sync + 'static {
     }
 
     /// A delivery was settled; `handler_secs` is how long the handler ran, if it ran.
-    fn settled(&self, queue: &QueueName, lane: &Lane, settled: Settled<'_>, handler_secs: Option<f64>) {
+    fn settled(
+        &self,
+        queue: &QueueName,
+        lane: &Lane,
+        settled: Settled<'_>,
+        handler_secs: Option<f64>,
+    ) {
         let _ = (queue, lane, settled, handler_secs);
     }
 }

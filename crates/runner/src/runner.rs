@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redrive_core::{
-    Delivery, Envelope, FailureKind, Fetched, LaneSet, LaneStats, Outcome, QueueName, RetryPolicy, Step, Transport,
-    TransportError, now_ms,
+    Delivery, Envelope, FailureKind, Fetched, LaneSet, LaneStats, Outcome, QueueName, RetryPolicy,
+    Step, Transport, TransportError, now_ms,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -81,7 +81,11 @@ pub struct Summary {
     pub reason: &'static str,
 }
 
-type IdleProbe = Arc<dyn Fn(LaneSet) -> Pin<Box<dyn Future<Output = Result<bool, TransportError>> + Send>> + Send + Sync>;
+type IdleProbe = Arc<
+    dyn Fn(LaneSet) -> Pin<Box<dyn Future<Output = Result<bool, TransportError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Consumes one queue's lanes with a handler.
 pub struct Runner<T: Transport> {
@@ -96,11 +100,27 @@ pub struct Runner<T: Transport> {
 
 impl<T: Transport> Runner<T> {
     /// A runner for `queue`'s main lane and the policy's retry tiers.
-    pub fn new(transport: impl Into<Arc<T>>, queue: QueueName, policy: RetryPolicy, config: RunnerConfig) -> Self {
-        let lanes = LaneSet { queue, tiers: policy.tiers().to_vec() };
+    pub fn new(
+        transport: impl Into<Arc<T>>,
+        queue: QueueName,
+        policy: RetryPolicy,
+        config: RunnerConfig,
+    ) -> Self {
+        let lanes = LaneSet {
+            queue,
+            tiers: policy.tiers().to_vec(),
+        };
         let stats: Arc<Stats> = Arc::default();
         let observers: Vec<Arc<dyn Observer>> = vec![Arc::clone(&stats) as Arc<dyn Observer>];
-        Self { transport: transport.into(), lanes, policy, config, stats, observers, idle_probe: None }
+        Self {
+            transport: transport.into(),
+            lanes,
+            policy,
+            config,
+            stats,
+            observers,
+            idle_probe: None,
+        }
     }
 
     /// Adds an observer (a metrics exporter, a progress display).
@@ -129,12 +149,20 @@ impl<T: Transport> Runner<T> {
     /// Fails on an unusable configuration, or when the idle check cannot read depths.
     /// Transport errors while fetching are logged and retried, not returned: a broker
     /// that is down for a while must not stop the consumer.
-    pub async fn run<H: Handler>(self, handler: H, shutdown: impl Future<Output = ()> + Send) -> Result<Summary, RunError> {
+    pub async fn run<H: Handler>(
+        self,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<Summary, RunError> {
         if self.config.concurrency == 0 {
-            return Err(RunError::Config("concurrency must be at least 1".to_owned()));
+            return Err(RunError::Config(
+                "concurrency must be at least 1".to_owned(),
+            ));
         }
         if self.config.lease < Duration::from_millis(30) {
-            return Err(RunError::Config("the lease must be at least 30ms".to_owned()));
+            return Err(RunError::Config(
+                "the lease must be at least 30ms".to_owned(),
+            ));
         }
         let handler = Arc::new(handler);
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
@@ -159,7 +187,9 @@ impl<T: Transport> Runner<T> {
             }
             while tasks.try_join_next().is_some() {}
             let inflight = concurrency - permits.available_permits();
-            let remaining = self.config.max_messages.map_or(usize::MAX, |m| usize::try_from(m - delivered).unwrap_or(usize::MAX));
+            let remaining = self.config.max_messages.map_or(usize::MAX, |m| {
+                usize::try_from(m - delivered).unwrap_or(usize::MAX)
+            });
             let room = (2 * concurrency)
                 .saturating_sub(inflight + buffer.len())
                 .min(self.config.fetch_batch)
@@ -171,7 +201,9 @@ impl<T: Transport> Runner<T> {
                 // A spawned fetch is never abandoned half-way: even at shutdown it is
                 // awaited and what it leased is released, so no lease expires unseen
                 // (which would count an attempt).
-                fetching = Some(tokio::spawn(async move { transport.fetch(&lanes, room, lease).await }));
+                fetching = Some(tokio::spawn(async move {
+                    transport.fetch(&lanes, room, lease).await
+                }));
             }
             tokio::select! {
                 biased;
@@ -244,13 +276,20 @@ impl<T: Transport> Runner<T> {
         }
 
         // Graceful drain: in-flight handlers get the grace period, then are released.
-        let drained = timeout(self.config.grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let drained = timeout(self.config.grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         if drained.is_err() {
             tracing::warn!(queue = %self.lanes.queue, in_flight = tasks.len(), "grace period over: releasing in-flight deliveries");
             let _ = abort_tx.send(true);
             while tasks.join_next().await.is_some() {}
         }
-        Ok(Summary { delivered, released: released.load(Ordering::Relaxed), reason })
+        Ok(Summary {
+            delivered,
+            released: released.load(Ordering::Relaxed),
+            reason,
+        })
     }
 }
 
@@ -283,7 +322,8 @@ struct Job<T: Transport, H> {
 
 impl<T: Transport, H: Handler> Job<T, H> {
     async fn run(mut self, delivery: Delivery<T::Token>, _slot: OwnedSemaphorePermit) {
-        let lateness = matches!(delivery.lane, redrive_core::Lane::Retry(_)).then(|| now_ms() - delivery.due_ms);
+        let lateness = matches!(delivery.lane, redrive_core::Lane::Retry(_))
+            .then(|| now_ms() - delivery.due_ms);
         for o in self.observers.iter() {
             o.delivered(&self.queue, &delivery.lane, lateness);
         }
@@ -355,24 +395,40 @@ impl<T: Transport, H: Handler> Job<T, H> {
         }
     }
 
-    async fn settle(&self, delivery: Delivery<T::Token>, outcome: Outcome, handler_secs: Option<f64>) {
+    async fn settle(
+        &self,
+        delivery: Delivery<T::Token>,
+        outcome: Outcome,
+        handler_secs: Option<f64>,
+    ) {
         let id = delivery.envelope.id;
         let lane = delivery.lane.label();
         let mut attempt = 0u32;
         loop {
             let result = match &outcome {
                 Outcome::Ok => self.transport.ack(&delivery).await.map(|()| None),
-                Outcome::Failed { failure, retry_after } => {
+                Outcome::Failed {
+                    failure,
+                    retry_after,
+                } => {
                     let mut env = delivery.envelope.clone();
                     env.record_failure(failure.clone(), &lane);
                     let poison = failure.kind == FailureKind::Poison;
                     match self.policy.decide(env.attempt, poison, *retry_after) {
                         Step::Retry { tier, delay } => {
-                            let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+                            let due =
+                                now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
                             env.not_before_ms = Some(due);
-                            self.transport.retry(&delivery, &tier, due, &env).await.map(|()| Some((failure, false, env)))
+                            self.transport
+                                .retry(&delivery, &tier, due, &env)
+                                .await
+                                .map(|()| Some((failure, false, env)))
                         }
-                        Step::Dead => self.transport.dead_letter(&delivery, &env).await.map(|()| Some((failure, true, env))),
+                        Step::Dead => self
+                            .transport
+                            .dead_letter(&delivery, &env)
+                            .await
+                            .map(|()| Some((failure, true, env))),
                     }
                 }
             };
@@ -384,7 +440,11 @@ impl<T: Transport, H: Handler> Job<T, H> {
                 }
                 Ok(Some((failure, dead, env))) => {
                     let (class, kind) = (failure.class.as_str(), failure.kind);
-                    let settled = if dead { Settled::Dead { class, kind } } else { Settled::Retried { class, kind } };
+                    let settled = if dead {
+                        Settled::Dead { class, kind }
+                    } else {
+                        Settled::Retried { class, kind }
+                    };
                     self.report(&delivery.lane, settled, handler_secs);
                     if dead {
                         tracing::info!(%id, queue = %env.queue, attempts = env.attempt, class = %failure.class, fingerprint = %failure.fingerprint, "dead-lettered");

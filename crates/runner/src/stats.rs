@@ -42,7 +42,12 @@ pub struct StatsSnapshot {
 }
 
 impl crate::Observer for Stats {
-    fn delivered(&self, _queue: &redrive_core::QueueName, _lane: &redrive_core::Lane, lateness_ms: Option<i64>) {
+    fn delivered(
+        &self,
+        _queue: &redrive_core::QueueName,
+        _lane: &redrive_core::Lane,
+        lateness_ms: Option<i64>,
+    ) {
         self.delivered();
         if let Some(ms) = lateness_ms {
             self.lateness(ms);
@@ -122,6 +127,9 @@ impl Stats {
     /// Every retry delivery's lateness (ms past its due time), in arrival order.
     #[must_use]
     pub fn lateness_samples(&self) -> Vec<u32> {
-        self.lateness_ms.lock().map(|l| l.clone()).unwrap_or_default()
+        self.lateness_ms
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 }

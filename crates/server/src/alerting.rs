@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redrive_core::alert::{
-    AlertState, AlertStore, NewNotification, Notification, NotificationKind, Observation, Rule, Transition, evaluate,
+    AlertState, AlertStore, NewNotification, Notification, NotificationKind, Observation, Rule,
+    Transition, evaluate,
 };
 use redrive_core::{DeadFilter, QueueName, now_ms};
 
@@ -49,17 +50,39 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BackendError {
 
 impl<S: AlertStore + Clone + 'static> Alerting<S> {
     /// An evaluator for `rules` over `triage`, persisting in `store`.
-    pub fn new(store: S, triage: Arc<dyn Triage>, rules: Vec<Rule>, notifiers: Notifiers, public_url: String, metrics: Arc<Metrics>) -> Self {
-        Self { store, triage, rules, notifiers, public_url: public_url.trim_end_matches('/').to_owned(), metrics }
+    pub fn new(
+        store: S,
+        triage: Arc<dyn Triage>,
+        rules: Vec<Rule>,
+        notifiers: Notifiers,
+        public_url: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            triage,
+            rules,
+            notifiers,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            metrics,
+        }
     }
 
     async fn observe(&self, now: i64) -> Result<Vec<Observation>, BackendError> {
         let depths = self.triage.depths().await?;
         let stats = self.triage.stats().await?;
-        let window = self.rules.iter().filter_map(|r| r.condition.window_ms()).max();
+        let window = self
+            .rules
+            .iter()
+            .filter_map(|r| r.condition.window_ms())
+            .max();
         let mut out = Vec::new();
         for d in depths {
-            let oldest = stats.iter().filter(|s| s.queue == d.queue).filter_map(|s| s.oldest_dead_at_ms).min();
+            let oldest = stats
+                .iter()
+                .filter(|s| s.queue == d.queue)
+                .filter_map(|s| s.oldest_dead_at_ms)
+                .min();
             let dead_in_window = match window {
                 Some(w) => {
                     let filter = DeadFilter {
@@ -71,7 +94,12 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
                 }
                 None => 0,
             };
-            out.push(Observation { queue: d.queue, dlq_depth: d.dlq, oldest_dead_age_ms: oldest.map(|o| (now - o).max(0)), dead_in_window });
+            out.push(Observation {
+                queue: d.queue,
+                dlq_depth: d.dlq,
+                oldest_dead_age_ms: oldest.map(|o| (now - o).max(0)),
+                dead_in_window,
+            });
         }
         Ok(out)
     }
@@ -96,13 +124,23 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
                 Transition::Resolved(s) => (NotificationKind::Resolve, s),
                 _ => continue,
             };
-            let Some(rule) = self.rules.iter().find(|r| r.name == state.rule) else { continue };
+            let Some(rule) = self.rules.iter().find(|r| r.name == state.rule) else {
+                continue;
+            };
             tracing::warn!(rule = %rule.name, queue = %state.queue, value = state.value, kind = kind.as_str(), "alert {}", if kind == NotificationKind::Trigger { "fired" } else { "resolved" });
             for notifier in &rule.notify {
-                notifications.push(NewNotification { notifier: notifier.clone(), kind, expr: rule.condition.to_string(), state: state.clone() });
+                notifications.push(NewNotification {
+                    notifier: notifier.clone(),
+                    kind,
+                    expr: rule.condition.to_string(),
+                    state: state.clone(),
+                });
             }
         }
-        self.store.apply_transitions(transitions.clone(), notifications).await.map_err(boxed)?;
+        self.store
+            .apply_transitions(transitions.clone(), notifications)
+            .await
+            .map_err(boxed)?;
         Ok(transitions)
     }
 
@@ -113,7 +151,11 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
     ///
     /// Fails when the store cannot be read or written.
     pub async fn deliver(&self, now_ms: i64) -> Result<usize, BackendError> {
-        let due = self.store.due_notifications(now_ms, 50).await.map_err(boxed)?;
+        let due = self
+            .store
+            .due_notifications(now_ms, 50)
+            .await
+            .map_err(boxed)?;
         let mut sent = 0;
         for n in due {
             let ctx = self.context(&n.queue).await;
@@ -121,29 +163,52 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
             let record = match result {
                 Ok(()) => {
                     sent += 1;
-                    self.metrics.notification(&n.notifier, n.kind.as_str(), "sent");
+                    self.metrics
+                        .notification(&n.notifier, n.kind.as_str(), "sent");
                     Ok(now_ms)
                 }
                 Err(e) => {
                     let attempts = n.attempts + 1;
                     let give_up = !e.retryable || attempts >= MAX_ATTEMPTS;
-                    self.metrics.notification(&n.notifier, n.kind.as_str(), if give_up { "gave_up" } else { "failed" });
+                    self.metrics.notification(
+                        &n.notifier,
+                        n.kind.as_str(),
+                        if give_up { "gave_up" } else { "failed" },
+                    );
                     tracing::warn!(notifier = %n.notifier, rule = %n.rule, queue = %n.queue, attempts, error = %e.message, give_up, "notification failed");
                     let backoff = (5_000i64 << (attempts - 1).min(7)).min(600_000);
                     Err((e.message, (!give_up).then_some(now_ms + backoff)))
                 }
             };
-            self.store.record_delivery(n.id, record).await.map_err(boxed)?;
+            self.store
+                .record_delivery(n.id, record)
+                .await
+                .map_err(boxed)?;
         }
         Ok(sent)
     }
 
     async fn context(&self, queue: &str) -> Context {
-        let filter = DeadFilter { queue: QueueName::new(queue).ok(), ..DeadFilter::default() };
-        let top_groups = self.triage.groups(filter.clone(), 3).await.unwrap_or_default();
+        let filter = DeadFilter {
+            queue: QueueName::new(queue).ok(),
+            ..DeadFilter::default()
+        };
+        let top_groups = self
+            .triage
+            .groups(filter.clone(), 3)
+            .await
+            .unwrap_or_default();
         let dlq_depth = self.triage.count(filter).await.unwrap_or(0);
-        let link = format!("{}/groups?queue={}", self.public_url, crate::ui::url_encode(queue));
-        Context { dlq_depth, top_groups, link }
+        let link = format!(
+            "{}/groups?queue={}",
+            self.public_url,
+            crate::ui::url_encode(queue)
+        );
+        Context {
+            dlq_depth,
+            top_groups,
+            link,
+        }
     }
 
     /// Evaluates and delivers every `every`, forever.
@@ -179,7 +244,13 @@ impl<S: AlertStore + Clone + 'static> AlertView for Alerting<S> {
     fn rules(&self) -> Vec<(String, String, String)> {
         self.rules
             .iter()
-            .map(|r| (r.name.clone(), r.condition.to_string(), r.queue.clone().unwrap_or_else(|| "every queue".to_owned())))
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.condition.to_string(),
+                    r.queue.clone().unwrap_or_else(|| "every queue".to_owned()),
+                )
+            })
             .collect()
     }
 }

@@ -43,9 +43,16 @@ impl FilterQuery {
     ///
     /// A bad queue name.
     pub fn to_filter(&self) -> Result<DeadFilter, ApiError> {
-        let some = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+        let some = |v: &Option<String>| {
+            v.as_ref()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        };
         Ok(DeadFilter {
-            queue: some(&self.queue).map(QueueName::new).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            queue: some(&self.queue)
+                .map(QueueName::new)
+                .transpose()
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?,
             fingerprint: some(&self.fingerprint),
             error_class: some(&self.class),
             since_ms: self.since_ms,
@@ -76,25 +83,40 @@ pub fn encode_cursor(c: &Cursor) -> String {
 ///
 /// A cursor that was not produced by this server.
 pub fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
-    let bad = || ApiError::BadRequest(format!("invalid cursor {text:?}: pass back the next_cursor of a previous page"));
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "invalid cursor {text:?}: pass back the next_cursor of a previous page"
+        ))
+    };
     let (at, id) = text.split_once('.').ok_or_else(bad)?;
-    Ok(Cursor { dead_at_ms: at.parse().map_err(|_| bad())?, id: MessageId::parse(id).map_err(|_| bad())? })
+    Ok(Cursor {
+        dead_at_ms: at.parse().map_err(|_| bad())?,
+        id: MessageId::parse(id).map_err(|_| bad())?,
+    })
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<MessageId, ApiError> {
-    MessageId::parse(id).map_err(|_| ApiError::BadRequest(format!("invalid message id {id:?}: expected a UUID")))
+    MessageId::parse(id)
+        .map_err(|_| ApiError::BadRequest(format!("invalid message id {id:?}: expected a UUID")))
 }
 
 /// Writes need the operator role, and a session caller must also prove the request came
 /// from our own pages.
 fn require_operator(caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
     if caller.role < Role::Operator {
-        return Err(ApiError::Forbidden("this needs the operator role; your token is read-only".to_owned()));
+        return Err(ApiError::Forbidden(
+            "this needs the operator role; your token is read-only".to_owned(),
+        ));
     }
     if caller.via == Via::Session {
-        let presented = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let presented = headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !caller.csrf_ok(presented) {
-            return Err(ApiError::Forbidden("missing or wrong X-CSRF-Token header".to_owned()));
+            return Err(ApiError::Forbidden(
+                "missing or wrong X-CSRF-Token header".to_owned(),
+            ));
         }
     }
     Ok(())
@@ -133,18 +155,36 @@ pub(crate) async fn dead_list(
     Query(q): Query<PageQuery>,
 ) -> Result<Json<Page>, ApiError> {
     let filter = f.to_filter()?;
-    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty()).map(decode_cursor).transpose()?;
+    let cursor = q
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(decode_cursor)
+        .transpose()?;
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     let mut items = app.triage.list(filter, cursor, limit + 1).await?;
     let more = items.len() > limit;
     items.truncate(limit);
     let next_cursor = more
-        .then(|| items.last().map(|d| encode_cursor(&Cursor { dead_at_ms: d.dead_at_ms, id: d.envelope.id })))
+        .then(|| {
+            items.last().map(|d| {
+                encode_cursor(&Cursor {
+                    dead_at_ms: d.dead_at_ms,
+                    id: d.envelope.id,
+                })
+            })
+        })
         .flatten();
-    Ok(Json(Page { items: items.iter().map(DeadJson::from).collect(), next_cursor }))
+    Ok(Json(Page {
+        items: items.iter().map(DeadJson::from).collect(),
+        next_cursor,
+    }))
 }
 
-pub(crate) async fn dead_get(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<DeadJson>, ApiError> {
+pub(crate) async fn dead_get(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<DeadJson>, ApiError> {
     let id = parse_id(&id)?;
     match app.triage.get(id).await? {
         Some(d) => Ok(Json(DeadJson::from(&d))),
@@ -196,16 +236,25 @@ pub(crate) struct Bulk {
 impl Bulk {
     fn selection(&self) -> Result<DeadSelection, ApiError> {
         match (self.ids.is_empty(), &self.filter, self.all) {
-            (false, None, false) => Ok(DeadSelection::Ids(self.ids.iter().map(|i| parse_id(i)).collect::<Result<_, _>>()?)),
+            (false, None, false) => Ok(DeadSelection::Ids(
+                self.ids
+                    .iter()
+                    .map(|i| parse_id(i))
+                    .collect::<Result<_, _>>()?,
+            )),
             (true, Some(f), false) => {
                 let filter = f.to_filter()?;
                 if filter == DeadFilter::default() {
-                    return Err(ApiError::BadRequest("an empty filter selects everything: say \"all\": true instead".into()));
+                    return Err(ApiError::BadRequest(
+                        "an empty filter selects everything: say \"all\": true instead".into(),
+                    ));
                 }
                 Ok(DeadSelection::Filter(filter))
             }
             (true, None, true) => Ok(DeadSelection::Filter(DeadFilter::default())),
-            _ => Err(ApiError::BadRequest("select with exactly one of \"ids\", \"filter\" or \"all\": true".into())),
+            _ => Err(ApiError::BadRequest(
+                "select with exactly one of \"ids\", \"filter\" or \"all\": true".into(),
+            )),
         }
     }
 }
@@ -226,13 +275,21 @@ impl ReplayJson {
             matched: r.matched,
             replayed: r.replayed,
             over_replay_limit: r.over_limit.iter().map(ToString::to_string).collect(),
-            by_queue: r.by_queue.iter().map(|(q, n)| (q.clone(), serde_json::Value::from(*n))).collect(),
+            by_queue: r
+                .by_queue
+                .iter()
+                .map(|(q, n)| (q.clone(), serde_json::Value::from(*n)))
+                .collect(),
         }
     }
 }
 
 fn target(to: Option<&String>) -> Result<Option<QueueName>, ApiError> {
-    to.map(|t| t.trim()).filter(|t| !t.is_empty()).map(QueueName::new).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))
+    to.map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(QueueName::new)
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 pub(crate) async fn replay_one(
@@ -255,9 +312,17 @@ pub(crate) async fn replay_one(
     };
     let report = match body.payload {
         Some(payload) => {
-            let reason = if body.reason.is_empty() { "edited and replayed".to_owned() } else { body.reason };
+            let reason = if body.reason.is_empty() {
+                "edited and replayed".to_owned()
+            } else {
+                body.reason
+            };
             app.triage
-                .replay_edited(id, payload.into_bytes(), ReplayRequest { reason, ..request })
+                .replay_edited(
+                    id,
+                    payload.into_bytes(),
+                    ReplayRequest { reason, ..request },
+                )
                 .await?
                 .ok_or_else(|| ApiError::NotFound(format!("no dead message with id {id}")))?
         }
@@ -280,7 +345,9 @@ pub(crate) async fn replay_bulk(
 ) -> Result<Json<ReplayJson>, ApiError> {
     require_operator(&caller, &headers)?;
     if body.rate_per_sec == Some(0) {
-        return Err(ApiError::BadRequest("rate_per_sec must be at least 1".into()));
+        return Err(ApiError::BadRequest(
+            "rate_per_sec must be at least 1".into(),
+        ));
     }
     let request = ReplayRequest {
         selection: body.selection()?,
@@ -317,9 +384,14 @@ pub(crate) async fn purge(
             }
             DeadSelection::Filter(f) => app.triage.count(f.clone()).await?,
         };
-        return Ok(Json(serde_json::json!({ "dry_run": true, "purged": count })));
+        return Ok(Json(
+            serde_json::json!({ "dry_run": true, "purged": count }),
+        ));
     }
-    let n = app.triage.purge(selection, caller.actor.clone(), body.reason.clone()).await?;
+    let n = app
+        .triage
+        .purge(selection, caller.actor.clone(), body.reason.clone())
+        .await?;
     Ok(Json(serde_json::json!({ "dry_run": false, "purged": n })))
 }
 
@@ -355,12 +427,18 @@ struct Lines(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
 
 impl futures_core::Stream for Lines {
     type Item = Result<Vec<u8>, std::io::Error>;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
     }
 }
 
-pub(crate) async fn export(State(app): State<Arc<App>>, Query(q): Query<FilterQuery>) -> Result<Response, ApiError> {
+pub(crate) async fn export(
+    State(app): State<Arc<App>>,
+    Query(q): Query<FilterQuery>,
+) -> Result<Response, ApiError> {
     let filter = q.to_filter()?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -370,12 +448,19 @@ pub(crate) async fn export(State(app): State<Arc<App>>, Query(q): Query<FilterQu
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "export failed mid-stream");
-                    let _ = tx.send(Err(std::io::Error::other("export failed; see the server log"))).await;
+                    let _ = tx
+                        .send(Err(std::io::Error::other(
+                            "export failed; see the server log",
+                        )))
+                        .await;
                     return;
                 }
             };
             let Some(last) = page.last() else { return };
-            cursor = Some(Cursor { dead_at_ms: last.dead_at_ms, id: last.envelope.id });
+            cursor = Some(Cursor {
+                dead_at_ms: last.dead_at_ms,
+                id: last.envelope.id,
+            });
             let mut chunk = Vec::new();
             for d in &page {
                 if serde_json::to_writer(&mut chunk, &DeadJson::from(d)).is_ok() {
@@ -389,7 +474,13 @@ pub(crate) async fn export(State(app): State<Arc<App>>, Query(q): Query<FilterQu
     });
     Ok((
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/x-ndjson"), (header::CONTENT_DISPOSITION, "attachment; filename=\"dead-letters.jsonl\"")],
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"dead-letters.jsonl\"",
+            ),
+        ],
         Body::from_stream(Lines(rx)),
     )
         .into_response())

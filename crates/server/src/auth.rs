@@ -56,7 +56,9 @@ pub enum TokenError {
         source: std::io::Error,
     },
     /// A line of the token file is malformed.
-    #[error("token file {path}, line {line}: {reason}; expected `operator TOKEN [NAME]` or `viewer TOKEN [NAME]`")]
+    #[error(
+        "token file {path}, line {line}: {reason}; expected `operator TOKEN [NAME]` or `viewer TOKEN [NAME]`"
+    )]
     Line {
         /// The file.
         path: String,
@@ -66,7 +68,9 @@ pub enum TokenError {
         reason: &'static str,
     },
     /// A token too short to be a secret.
-    #[error("a {role} token is shorter than 16 characters; use a long random token (e.g. `openssl rand -hex 24`)")]
+    #[error(
+        "a {role} token is shorter than 16 characters; use a long random token (e.g. `openssl rand -hex 24`)"
+    )]
     Weak {
         /// The role.
         role: &'static str,
@@ -89,7 +93,9 @@ pub struct Tokens {
 impl std::fmt::Debug for Tokens {
     // Never print secrets, even in debug output.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens").field("count", &self.tokens.len()).finish()
+        f.debug_struct("Tokens")
+            .field("count", &self.tokens.len())
+            .finish()
     }
 }
 
@@ -101,7 +107,11 @@ impl Tokens {
     ///
     /// Fails when the file cannot be read, a line is malformed, or a token is shorter
     /// than 16 characters.
-    pub fn load(operator: Option<&str>, viewer: Option<&str>, file: Option<&Path>) -> Result<Self, TokenError> {
+    pub fn load(
+        operator: Option<&str>,
+        viewer: Option<&str>,
+        file: Option<&Path>,
+    ) -> Result<Self, TokenError> {
         let mut tokens = Self::default();
         if let Some(secret) = operator.filter(|s| !s.is_empty()) {
             tokens.add(secret, Role::Operator, "operator")?;
@@ -111,13 +121,20 @@ impl Tokens {
         }
         if let Some(path) = file {
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read { path: shown.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+                path: shown.clone(),
+                source,
+            })?;
             for (i, line) in text.lines().enumerate() {
                 let line = line.trim();
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
-                let bad = |reason| TokenError::Line { path: shown.clone(), line: i + 1, reason };
+                let bad = |reason| TokenError::Line {
+                    path: shown.clone(),
+                    line: i + 1,
+                    reason,
+                };
                 let mut parts = line.split_whitespace();
                 let role = match parts.next() {
                     Some("operator") => Role::Operator,
@@ -137,9 +154,15 @@ impl Tokens {
 
     fn add(&mut self, secret: &str, role: Role, name: &str) -> Result<(), TokenError> {
         if secret.chars().count() < 16 {
-            return Err(TokenError::Weak { role: role.as_str() });
+            return Err(TokenError::Weak {
+                role: role.as_str(),
+            });
         }
-        self.tokens.push(Token { secret: secret.to_owned(), role, name: name.to_owned() });
+        self.tokens.push(Token {
+            secret: secret.to_owned(),
+            role,
+            name: name.to_owned(),
+        });
         Ok(())
     }
 
@@ -211,14 +234,22 @@ pub struct Auth {
 
 /// A random secret: two UUIDv4s from the OS random source (244 random bits).
 fn random_secret() -> String {
-    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 impl Auth {
     /// Access control with these tokens.
     #[must_use]
     pub fn new(tokens: Tokens) -> Self {
-        Self { tokens, sessions: Mutex::default(), open_csrf: random_secret() }
+        Self {
+            tokens,
+            sessions: Mutex::default(),
+            open_csrf: random_secret(),
+        }
     }
 
     /// Whether callers need no token.
@@ -247,13 +278,20 @@ impl Auth {
     #[must_use]
     pub fn identify(&self, bearer: Option<&str>, session: Option<&str>) -> Option<Caller> {
         if self.is_open() {
-            return Some(Caller { role: Role::Operator, via: Via::Open, csrf: self.open_csrf.clone(), actor: "local".into() });
+            return Some(Caller {
+                role: Role::Operator,
+                via: Via::Open,
+                csrf: self.open_csrf.clone(),
+                actor: "local".into(),
+            });
         }
         if let Some(secret) = bearer {
-            return self
-                .tokens
-                .check(secret)
-                .map(|(role, name)| Caller { role, via: Via::Bearer, csrf: String::new(), actor: format!("api:{name}") });
+            return self.tokens.check(secret).map(|(role, name)| Caller {
+                role,
+                via: Via::Bearer,
+                csrf: String::new(),
+                actor: format!("api:{name}"),
+            });
         }
         let id = session?;
         let mut sessions = self.sessions.lock().ok()?;
@@ -271,7 +309,12 @@ impl Auth {
     pub fn sign_in(&self, secret: &str) -> Option<String> {
         let (role, name) = self.tokens.check(secret.trim())?;
         let id = secret_id();
-        let session = Session { role, name, csrf: random_secret(), expires: Instant::now() + SESSION_TTL };
+        let session = Session {
+            role,
+            name,
+            csrf: random_secret(),
+            expires: Instant::now() + SESSION_TTL,
+        };
         self.sessions.lock().ok()?.insert(id.clone(), session);
         Some(id)
     }
@@ -296,7 +339,10 @@ pub fn loopback_host(host: &str) -> bool {
         _ => host,
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -313,20 +359,42 @@ mod tests {
         assert_eq!(t.check(VIEW).map(|r| r.0), Some(Role::Viewer));
         assert_eq!(t.check("operator-secret-012345678"), None);
         assert_eq!(t.check(""), None);
-        assert!(!format!("{t:?}").contains("secret"), "debug output hides tokens");
+        assert!(
+            !format!("{t:?}").contains("secret"),
+            "debug output hides tokens"
+        );
     }
 
     #[test]
     fn token_file_is_checked_line_by_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
-        std::fs::write(&path, "# who may do what\noperator aaaaaaaaaaaaaaaaaaaa alice\nviewer bbbbbbbbbbbbbbbbbbbb\n").unwrap();
+        std::fs::write(
+            &path,
+            "# who may do what\noperator aaaaaaaaaaaaaaaaaaaa alice\nviewer bbbbbbbbbbbbbbbbbbbb\n",
+        )
+        .unwrap();
         let t = Tokens::load(None, None, Some(&path)).unwrap();
-        assert_eq!(t.check("aaaaaaaaaaaaaaaaaaaa"), Some((Role::Operator, "alice".into())));
-        std::fs::write(&path, "operator aaaaaaaaaaaaaaaaaaaa\nadmin cccccccccccccccccccc\n").unwrap();
-        let err = Tokens::load(None, None, Some(&path)).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("unknown role"), "{err}");
-        assert!(matches!(Tokens::load(Some("short"), None, None), Err(TokenError::Weak { .. })));
+        assert_eq!(
+            t.check("aaaaaaaaaaaaaaaaaaaa"),
+            Some((Role::Operator, "alice".into()))
+        );
+        std::fs::write(
+            &path,
+            "operator aaaaaaaaaaaaaaaaaaaa\nadmin cccccccccccccccccccc\n",
+        )
+        .unwrap();
+        let err = Tokens::load(None, None, Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("unknown role"),
+            "{err}"
+        );
+        assert!(matches!(
+            Tokens::load(Some("short"), None, None),
+            Err(TokenError::Weak { .. })
+        ));
     }
 
     #[test]
@@ -334,7 +402,9 @@ mod tests {
         let open = Auth::new(Tokens::default());
         assert!(open.check_bind("127.0.0.1:8080".parse().unwrap()).is_ok());
         assert!(open.check_bind("[::1]:8080".parse().unwrap()).is_ok());
-        let err = open.check_bind("0.0.0.0:8080".parse().unwrap()).unwrap_err();
+        let err = open
+            .check_bind("0.0.0.0:8080".parse().unwrap())
+            .unwrap_err();
         assert!(err.contains("REDRIVE_TOKEN"), "{err}");
         let closed = Auth::new(Tokens::load(Some(OP), None, None).unwrap());
         assert!(closed.check_bind("0.0.0.0:8080".parse().unwrap()).is_ok());
@@ -355,10 +425,20 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for host in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080", "localhost", "127.0.0.2"] {
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "[::1]:8080",
+            "localhost",
+            "127.0.0.2",
+        ] {
             assert!(loopback_host(host), "{host}");
         }
-        for host in ["evil.example:8080", "192.168.1.10:8080", "127.0.0.1.evil.example"] {
+        for host in [
+            "evil.example:8080",
+            "192.168.1.10:8080",
+            "127.0.0.1.evil.example",
+        ] {
             assert!(!loopback_host(host), "{host}");
         }
     }

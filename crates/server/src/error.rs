@@ -36,7 +36,10 @@ impl ApiError {
             Self::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),
             Self::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error: the backend failed; see the server log".to_owned())
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error: the backend failed; see the server log".to_owned(),
+                )
             }
         }
     }

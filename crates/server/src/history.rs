@@ -28,7 +28,10 @@ impl DepthHistory {
     /// Keeps the last `capacity` samples.
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self { samples: Mutex::new(VecDeque::with_capacity(capacity)), capacity }
+        Self {
+            samples: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity,
+        }
     }
 
     /// Adds a sample, dropping the oldest beyond capacity.
@@ -44,7 +47,10 @@ impl DepthHistory {
     /// The samples, oldest first.
     #[must_use]
     pub fn samples(&self) -> Vec<Sample> {
-        self.samples.lock().map(|s| s.iter().cloned().collect()).unwrap_or_default()
+        self.samples
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -54,7 +60,10 @@ pub async fn sample(triage: Arc<dyn Triage>, history: Arc<DepthHistory>, every: 
     loop {
         tick.tick().await;
         match triage.depths().await {
-            Ok(depths) => history.push(Sample { at_ms: now_ms(), dlq: depths.iter().map(|d| (d.queue.clone(), d.dlq)).collect() }),
+            Ok(depths) => history.push(Sample {
+                at_ms: now_ms(),
+                dlq: depths.iter().map(|d| (d.queue.clone(), d.dlq)).collect(),
+            }),
             Err(e) => tracing::warn!(error = %e, "cannot sample DLQ depth"),
         }
     }

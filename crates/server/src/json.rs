@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 
 /// Unix ms as RFC 3339 UTC, e.g. `2026-11-27T21:04:05.123Z`.
 pub fn rfc3339(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -17,7 +18,10 @@ pub fn rfc3339(ms: i64) -> String {
 pub fn payload_fields(payload: &[u8]) -> (String, &'static str) {
     match std::str::from_utf8(payload) {
         Ok(text) => (text.to_owned(), "utf8"),
-        Err(_) => (base64::engine::general_purpose::STANDARD.encode(payload), "base64"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(payload),
+            "base64",
+        ),
     }
 }
 
@@ -83,7 +87,11 @@ impl From<&DeadLetter> for DeadJson {
             key: env.key.clone(),
             payload,
             payload_encoding,
-            headers: env.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect(),
+            headers: env
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
             first_failed_at: env.first_failed_ms.map(rfc3339),
             last_failed_at: last.map(|f| rfc3339(f.at_ms)),
             dead_at: rfc3339(d.dead_at_ms),
@@ -136,7 +144,11 @@ impl From<&QueueDepths> for QueueJson {
         Self {
             queue: d.queue.clone(),
             main: d.main,
-            retry: d.retry.iter().map(|(t, n)| (t.clone(), Value::from(*n))).collect(),
+            retry: d
+                .retry
+                .iter()
+                .map(|(t, n)| (t.clone(), Value::from(*n)))
+                .collect(),
             dlq: d.dlq,
             inflight: d.inflight,
             oldest_main_age_ms: d.oldest_main_age_ms,

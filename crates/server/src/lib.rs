@@ -56,7 +56,14 @@ pub struct App {
 impl App {
     /// State for a server over `triage`.
     pub fn new(triage: Arc<dyn Triage>, auth: Auth, metrics: Arc<Metrics>) -> Self {
-        Self { triage, auth, metrics, history: Arc::new(DepthHistory::new(360)), max_replays: 5, alerts: None }
+        Self {
+            triage,
+            auth,
+            metrics,
+            history: Arc::new(DepthHistory::new(360)),
+            max_replays: 5,
+            alerts: None,
+        }
     }
 }
 
@@ -66,13 +73,22 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(ui::overview))
         .route("/groups", get(ui::groups))
         .route("/groups/{fp}", get(ui::group))
-        .route("/groups/{fp}/replay", get(ui::group_replay_confirm).post(ui::group_replay))
-        .route("/groups/{fp}/purge", get(ui::group_purge_confirm).post(ui::group_purge))
+        .route(
+            "/groups/{fp}/replay",
+            get(ui::group_replay_confirm).post(ui::group_replay),
+        )
+        .route(
+            "/groups/{fp}/purge",
+            get(ui::group_purge_confirm).post(ui::group_purge),
+        )
         .route("/messages", get(ui::messages))
         .route("/messages/{id}", get(ui::message))
         .route("/messages/{id}/preview", post(ui::message_preview))
         .route("/messages/{id}/replay", post(ui::message_replay))
-        .route("/messages/{id}/purge", get(ui::message_purge_confirm).post(ui::message_purge))
+        .route(
+            "/messages/{id}/purge",
+            get(ui::message_purge_confirm).post(ui::message_purge),
+        )
         .route("/audit", get(ui::audit))
         .route("/alerts", get(ui::alerts))
         .route("/api/v1/queues", get(api::queues))
@@ -85,7 +101,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/export", get(api::export))
         .route("/api/v1/audit", get(api::audit))
         .route("/metrics", get(scrape))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            authenticate,
+        ));
     Router::new()
         .merge(protected)
         .route("/login", get(ui::login_form).post(ui::login))
@@ -106,7 +125,11 @@ fn wants_json(path: &str) -> bool {
 /// cross-origin writes and, in open mode, non-loopback `Host` names.
 async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     if app.auth.is_open() && !auth::loopback_host(&host) {
         return (StatusCode::FORBIDDEN, "this server has no access token, so it only answers requests for a loopback host name\n")
             .into_response();
@@ -144,11 +167,16 @@ async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next)
         None if wants_json(&path) => {
             let body = serde_json::json!({"error": "authentication required: send Authorization: Bearer TOKEN"});
             let mut resp = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             resp
         }
         None => {
-            let next = if path.starts_with('/') && !path.starts_with("//") { path } else { "/".to_owned() };
+            let next = if path.starts_with('/') && !path.starts_with("//") {
+                path
+            } else {
+                "/".to_owned()
+            };
             Redirect::to(&format!("/login?next={}", ui::url_encode(&next))).into_response()
         }
     }
@@ -162,9 +190,15 @@ async fn security_headers(req: Request, next: Next) -> Response {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     resp
 }
 
@@ -172,7 +206,14 @@ async fn security_headers(req: Request, next: Next) -> Response {
 async fn scrape(State(app): State<Arc<App>>) -> Response {
     refresh_metrics(&app.triage, &app.metrics).await;
     match app.metrics.encode() {
-        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -194,7 +235,14 @@ pub fn metrics_router(triage: Arc<dyn Triage>, metrics: Arc<Metrics>) -> Router 
             async move {
                 refresh_metrics(&triage, &metrics).await;
                 match metrics.encode() {
-                    Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
+                    Ok(text) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
                     Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 }
             }
@@ -228,10 +276,17 @@ pub enum ServeError {
 /// # Errors
 ///
 /// A non-loopback address without tokens, or a bind failure.
-pub async fn bind(app: &App, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+pub async fn bind(
+    app: &App,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
     app.auth.check_bind(addr).map_err(ServeError::Insecure)?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
     Ok((listener, local))
 }
 
@@ -246,8 +301,14 @@ pub async fn serve(
     sample_every: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let sampler = tokio::spawn(history::sample(Arc::clone(&app.triage), Arc::clone(&app.history), sample_every));
-    let result = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await;
+    let sampler = tokio::spawn(history::sample(
+        Arc::clone(&app.triage),
+        Arc::clone(&app.history),
+        sample_every,
+    ));
+    let result = axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await;
     sampler.abort();
     result.map_err(ServeError::Io)
 }

@@ -59,10 +59,16 @@ struct BackendGauges {
 
 impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Ok(snap) = self.snapshot.lock() else { return Ok(()) };
+        let Ok(snap) = self.snapshot.lock() else {
+            return Ok(());
+        };
         let depth_of = |d: &QueueDepths| {
             let mut lanes = vec![("main".to_owned(), d.main)];
-            lanes.extend(d.retry.iter().map(|(t, n)| (Lane::Retry(t.clone()).label(), *n)));
+            lanes.extend(
+                d.retry
+                    .iter()
+                    .map(|(t, n)| (Lane::Retry(t.clone()).label(), *n)),
+            );
             lanes.push(("dlq".to_owned(), d.dlq));
             lanes
         };
@@ -75,15 +81,26 @@ impl Collector for BackendGauges {
         )?;
         for d in &snap.depths {
             for (lane, n) in depth_of(d) {
-                let labels = QueueLane { queue: d.queue.clone(), lane };
-                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+                let labels = QueueLane {
+                    queue: d.queue.clone(),
+                    lane,
+                };
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
             }
         }
-        let mut family =
-            encoder.encode_descriptor("redrive_inflight_messages", "Deliveries leased to a consumer now", None, gauge.metric_type())?;
+        let mut family = encoder.encode_descriptor(
+            "redrive_inflight_messages",
+            "Deliveries leased to a consumer now",
+            None,
+            gauge.metric_type(),
+        )?;
         for d in &snap.depths {
-            let labels = QueueOnly { queue: d.queue.clone() };
-            ConstGauge::new(i64::try_from(d.inflight).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+            let labels = QueueOnly {
+                queue: d.queue.clone(),
+            };
+            ConstGauge::new(i64::try_from(d.inflight).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
         }
         let fgauge = ConstGauge::new(0f64);
         let mut family = encoder.encode_descriptor(
@@ -94,13 +111,25 @@ impl Collector for BackendGauges {
         )?;
         for d in &snap.depths {
             if let Some(age) = d.oldest_main_age_ms {
-                let labels = QueueLane { queue: d.queue.clone(), lane: "main".into() };
+                let labels = QueueLane {
+                    queue: d.queue.clone(),
+                    lane: "main".into(),
+                };
                 ConstGauge::new(age as f64 / 1000.0).encode(family.encode_family(&labels)?)?;
             }
-            let oldest_dead = snap.dead.iter().filter(|s| s.queue == d.queue).filter_map(|s| s.oldest_dead_at_ms).min();
+            let oldest_dead = snap
+                .dead
+                .iter()
+                .filter(|s| s.queue == d.queue)
+                .filter_map(|s| s.oldest_dead_at_ms)
+                .min();
             if let Some(at) = oldest_dead {
-                let labels = QueueLane { queue: d.queue.clone(), lane: "dlq".into() };
-                ConstGauge::new((snap.at_ms - at).max(0) as f64 / 1000.0).encode(family.encode_family(&labels)?)?;
+                let labels = QueueLane {
+                    queue: d.queue.clone(),
+                    lane: "dlq".into(),
+                };
+                ConstGauge::new((snap.at_ms - at).max(0) as f64 / 1000.0)
+                    .encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -110,8 +139,12 @@ impl Collector for BackendGauges {
             gauge.metric_type(),
         )?;
         for s in &snap.dead {
-            let labels = QueueClass { queue: s.queue.clone(), error_class: s.error_class.clone() };
-            ConstGauge::new(i64::try_from(s.dead).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+            let labels = QueueClass {
+                queue: s.queue.clone(),
+                error_class: s.error_class.clone(),
+            };
+            ConstGauge::new(i64::try_from(s.dead).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -171,13 +204,41 @@ impl Metrics {
         };
         let mut m = m;
         let r = &mut m.registry;
-        r.register("redrive_messages_processed", "Deliveries settled by this process", m.processed.clone());
-        r.register("redrive_messages_succeeded", "Deliveries acknowledged by this process", m.succeeded.clone());
-        r.register("redrive_messages_retried", "Deliveries moved to a retry tier, by error class", m.retried.clone());
-        r.register("redrive_messages_dead_lettered", "Deliveries moved to the DLQ, by error class", m.dead_lettered.clone());
-        r.register("redrive_handler_duration_seconds", "How long handlers ran", m.handler_seconds.clone());
-        r.register("redrive_retry_lateness_seconds", "How long after its due time a retry was handed out", m.lateness_seconds.clone());
-        r.register("redrive_replays", "Dead messages replayed by this process", m.replays.clone());
+        r.register(
+            "redrive_messages_processed",
+            "Deliveries settled by this process",
+            m.processed.clone(),
+        );
+        r.register(
+            "redrive_messages_succeeded",
+            "Deliveries acknowledged by this process",
+            m.succeeded.clone(),
+        );
+        r.register(
+            "redrive_messages_retried",
+            "Deliveries moved to a retry tier, by error class",
+            m.retried.clone(),
+        );
+        r.register(
+            "redrive_messages_dead_lettered",
+            "Deliveries moved to the DLQ, by error class",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "redrive_handler_duration_seconds",
+            "How long handlers ran",
+            m.handler_seconds.clone(),
+        );
+        r.register(
+            "redrive_retry_lateness_seconds",
+            "How long after its due time a retry was handed out",
+            m.lateness_seconds.clone(),
+        );
+        r.register(
+            "redrive_replays",
+            "Dead messages replayed by this process",
+            m.replays.clone(),
+        );
         r.register(
             "redrive_alert_notifications",
             "Alert notification attempts by notifier, kind and result (sent, failed, gave_up)",
@@ -189,20 +250,32 @@ impl Metrics {
     /// Records the backend's state for the next scrape.
     pub fn set_backend(&self, depths: Vec<QueueDepths>, dead: Vec<DeadStats>) {
         if let Ok(mut snap) = self.gauges.snapshot.lock() {
-            *snap = Snapshot { depths, dead, at_ms: now_ms() };
+            *snap = Snapshot {
+                depths,
+                dead,
+                at_ms: now_ms(),
+            };
         }
     }
 
     /// Counts replayed messages.
     pub fn replayed(&self, by_queue: &[(String, u64)]) {
         for (queue, n) in by_queue {
-            self.replays.get_or_create(&QueueOnly { queue: queue.clone() }).inc_by(*n);
+            self.replays
+                .get_or_create(&QueueOnly {
+                    queue: queue.clone(),
+                })
+                .inc_by(*n);
         }
     }
 
     /// Counts a notification attempt.
     pub fn notification(&self, notifier: &str, kind: &str, result: &str) {
-        let labels = NotificationLabels { notifier: notifier.to_owned(), kind: kind.to_owned(), result: result.to_owned() };
+        let labels = NotificationLabels {
+            notifier: notifier.to_owned(),
+            kind: kind.to_owned(),
+            result: result.to_owned(),
+        };
         self.notifications.get_or_create(&labels).inc();
     }
 
@@ -221,16 +294,32 @@ impl Metrics {
 impl Observer for Metrics {
     fn delivered(&self, queue: &QueueName, lane: &Lane, lateness_ms: Option<i64>) {
         if let Some(ms) = lateness_ms {
-            let labels = QueueLane { queue: queue.to_string(), lane: lane.label() };
-            self.lateness_seconds.get_or_create(&labels).observe(ms.max(0) as f64 / 1000.0);
+            let labels = QueueLane {
+                queue: queue.to_string(),
+                lane: lane.label(),
+            };
+            self.lateness_seconds
+                .get_or_create(&labels)
+                .observe(ms.max(0) as f64 / 1000.0);
         }
     }
 
-    fn settled(&self, queue: &QueueName, lane: &Lane, settled: Settled<'_>, handler_secs: Option<f64>) {
+    fn settled(
+        &self,
+        queue: &QueueName,
+        lane: &Lane,
+        settled: Settled<'_>,
+        handler_secs: Option<f64>,
+    ) {
         let q = queue.to_string();
-        let ql = QueueLane { queue: q.clone(), lane: lane.label() };
+        let ql = QueueLane {
+            queue: q.clone(),
+            lane: lane.label(),
+        };
         if let Some(secs) = handler_secs {
-            self.handler_seconds.get_or_create(&QueueOnly { queue: q.clone() }).observe(secs);
+            self.handler_seconds
+                .get_or_create(&QueueOnly { queue: q.clone() })
+                .observe(secs);
         }
         match settled {
             Settled::Ok => {
@@ -239,11 +328,21 @@ impl Observer for Metrics {
             }
             Settled::Retried { class, .. } => {
                 self.processed.get_or_create(&ql).inc();
-                self.retried.get_or_create(&QueueClass { queue: q, error_class: class.to_owned() }).inc();
+                self.retried
+                    .get_or_create(&QueueClass {
+                        queue: q,
+                        error_class: class.to_owned(),
+                    })
+                    .inc();
             }
             Settled::Dead { class, .. } => {
                 self.processed.get_or_create(&ql).inc();
-                self.dead_lettered.get_or_create(&QueueClass { queue: q, error_class: class.to_owned() }).inc();
+                self.dead_lettered
+                    .get_or_create(&QueueClass {
+                        queue: q,
+                        error_class: class.to_owned(),
+                    })
+                    .inc();
             }
             Settled::Unsettled => {}
         }

@@ -76,18 +76,29 @@ pub struct SendError {
 
 /// Escapes text for Slack's mrkdwn: the three control characters.
 fn slack_escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn first_line(text: &str, max: usize) -> String {
     let line = text.lines().next().unwrap_or("").trim();
-    if line.chars().count() <= max { line.to_owned() } else { format!("{}…", line.chars().take(max).collect::<String>()) }
+    if line.chars().count() <= max {
+        line.to_owned()
+    } else {
+        format!("{}…", line.chars().take(max).collect::<String>())
+    }
 }
 
 fn summary(n: &Notification) -> String {
     match n.kind {
-        NotificationKind::Trigger => format!("{}: DLQ alert {} ({}), value {}", n.queue, n.rule, n.expr, n.value),
-        NotificationKind::Resolve => format!("{}: DLQ alert {} resolved ({})", n.queue, n.rule, n.expr),
+        NotificationKind::Trigger => format!(
+            "{}: DLQ alert {} ({}), value {}",
+            n.queue, n.rule, n.expr, n.value
+        ),
+        NotificationKind::Resolve => {
+            format!("{}: DLQ alert {} resolved ({})", n.queue, n.rule, n.expr)
+        }
     }
 }
 
@@ -103,17 +114,37 @@ pub fn body(notifier: &Notifier, n: &Notification, ctx: &Context) -> Value {
         Notifier::Slack { .. } => {
             let firing = n.kind == NotificationKind::Trigger;
             let head = if firing {
-                format!(":red_circle: *DLQ alert firing: {}*", slack_escape(&n.queue))
+                format!(
+                    ":red_circle: *DLQ alert firing: {}*",
+                    slack_escape(&n.queue)
+                )
             } else {
-                format!(":large_green_circle: *DLQ alert resolved: {}*", slack_escape(&n.queue))
+                format!(
+                    ":large_green_circle: *DLQ alert resolved: {}*",
+                    slack_escape(&n.queue)
+                )
             };
-            let detail = format!("Rule `{}`: `{}` · {} dead messages now", slack_escape(&n.rule), slack_escape(&n.expr), ctx.dlq_depth);
-            let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("{head}\n{detail}")}})];
+            let detail = format!(
+                "Rule `{}`: `{}` · {} dead messages now",
+                slack_escape(&n.rule),
+                slack_escape(&n.expr),
+                ctx.dlq_depth
+            );
+            let mut blocks = vec![
+                json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("{head}\n{detail}")}}),
+            ];
             if firing && !ctx.top_groups.is_empty() {
                 let lines: Vec<String> = ctx
                     .top_groups
                     .iter()
-                    .map(|g| format!("• {}× `{}` {}", g.count, slack_escape(&g.error_class), slack_escape(&first_line(&g.sample_error, 120))))
+                    .map(|g| {
+                        format!(
+                            "• {}× `{}` {}",
+                            g.count,
+                            slack_escape(&g.error_class),
+                            slack_escape(&first_line(&g.sample_error, 120))
+                        )
+                    })
                     .collect();
                 blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*Top errors*\n{}", lines.join("\n"))}}));
             }
@@ -195,23 +226,48 @@ impl Notifiers {
     /// A [`SendError`] saying whether to try again.
     pub async fn send(&self, n: &Notification, ctx: &Context) -> Result<(), SendError> {
         let Some(notifier) = self.by_name.get(&n.notifier) else {
-            return Err(SendError { retryable: false, message: format!("no notifier named {:?} is configured", n.notifier) });
+            return Err(SendError {
+                retryable: false,
+                message: format!("no notifier named {:?} is configured", n.notifier),
+            });
         };
         let url = match notifier {
-            Notifier::Slack { url } | Notifier::Webhook { url } | Notifier::PagerDuty { url, .. } => url,
+            Notifier::Slack { url }
+            | Notifier::Webhook { url }
+            | Notifier::PagerDuty { url, .. } => url,
         };
-        let response = self.client.post(url).json(&body(notifier, n, ctx)).send().await.map_err(|e| SendError {
-            retryable: true,
-            message: if e.is_timeout() { "timed out".to_owned() } else { "could not connect".to_owned() },
-        })?;
+        let response = self
+            .client
+            .post(url)
+            .json(&body(notifier, n, ctx))
+            .send()
+            .await
+            .map_err(|e| SendError {
+                retryable: true,
+                message: if e.is_timeout() {
+                    "timed out".to_owned()
+                } else {
+                    "could not connect".to_owned()
+                },
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        let text: String = response.text().await.unwrap_or_default().chars().take(300).collect();
+        let text: String = response
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
         Err(SendError {
             retryable: status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408,
-            message: format!("{} answered HTTP {status}: {}", notifier.kind(), text.trim()),
+            message: format!(
+                "{} answered HTTP {status}: {}",
+                notifier.kind(),
+                text.trim()
+            ),
         })
     }
 }

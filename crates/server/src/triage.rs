@@ -7,8 +7,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, LaneStats,
-    MessageId, Pace, QueueDepths, QueueName, ReplayOptions, ReplayReport, Transport, replay, replay_edited,
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    DeadStats, LaneStats, MessageId, Pace, QueueDepths, QueueName, ReplayOptions, ReplayReport,
+    Transport, replay, replay_edited,
 };
 use tokio::time::Instant;
 
@@ -43,7 +44,12 @@ pub trait Triage: Send + Sync + 'static {
     /// Dead-letter counts per queue and class.
     fn stats(&self) -> BoxFuture<'_, Vec<DeadStats>>;
     /// A page of dead messages.
-    fn list(&self, filter: DeadFilter, cursor: Option<Cursor>, limit: usize) -> BoxFuture<'_, Vec<DeadLetter>>;
+    fn list(
+        &self,
+        filter: DeadFilter,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> BoxFuture<'_, Vec<DeadLetter>>;
     /// Groups by fingerprint, largest first, at most `limit`.
     fn groups(&self, filter: DeadFilter, limit: usize) -> BoxFuture<'_, Vec<DeadGroup>>;
     /// How many dead messages match.
@@ -53,7 +59,12 @@ pub trait Triage: Send + Sync + 'static {
     /// Replays a selection.
     fn replay(&self, request: ReplayRequest) -> BoxFuture<'_, ReplayReport>;
     /// Replays one message with a new payload; `None` when it is not dead.
-    fn replay_edited(&self, id: MessageId, payload: Vec<u8>, request: ReplayRequest) -> BoxFuture<'_, Option<ReplayReport>>;
+    fn replay_edited(
+        &self,
+        id: MessageId,
+        payload: Vec<u8>,
+        request: ReplayRequest,
+    ) -> BoxFuture<'_, Option<ReplayReport>>;
     /// Purges a selection.
     fn purge(&self, selection: DeadSelection, actor: String, reason: String) -> BoxFuture<'_, u64>;
     /// The audit log, newest first.
@@ -82,7 +93,8 @@ struct Rate {
 
 impl Pace for Rate {
     async fn pause(&self, replayed: u64) {
-        let due = self.start + Duration::from_secs_f64(replayed as f64 / f64::from(self.per_sec.max(1)));
+        let due =
+            self.start + Duration::from_secs_f64(replayed as f64 / f64::from(self.per_sec.max(1)));
         tokio::time::sleep_until(due).await;
     }
 }
@@ -104,8 +116,18 @@ where
         Box::pin(async move { self.store.stats().await.map_err(boxed) })
     }
 
-    fn list(&self, filter: DeadFilter, cursor: Option<Cursor>, limit: usize) -> BoxFuture<'_, Vec<DeadLetter>> {
-        Box::pin(async move { self.store.list(&filter, cursor.as_ref(), limit).await.map_err(boxed) })
+    fn list(
+        &self,
+        filter: DeadFilter,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> BoxFuture<'_, Vec<DeadLetter>> {
+        Box::pin(async move {
+            self.store
+                .list(&filter, cursor.as_ref(), limit)
+                .await
+                .map_err(boxed)
+        })
     }
 
     fn groups(&self, filter: DeadFilter, limit: usize) -> BoxFuture<'_, Vec<DeadGroup>> {
@@ -128,14 +150,26 @@ where
                 dry_run: r.dry_run,
                 actor: &r.actor,
                 reason: &r.reason,
-                batch: r.rate_per_sec.map_or(500, |rate| rate.clamp(1, 500) as usize),
+                batch: r
+                    .rate_per_sec
+                    .map_or(500, |rate| rate.clamp(1, 500) as usize),
             };
-            let pace = Rate { per_sec: r.rate_per_sec.unwrap_or(u32::MAX), start: Instant::now() };
-            replay(&self.transport, &self.store, &r.selection, &options, &pace).await.map_err(boxed)
+            let pace = Rate {
+                per_sec: r.rate_per_sec.unwrap_or(u32::MAX),
+                start: Instant::now(),
+            };
+            replay(&self.transport, &self.store, &r.selection, &options, &pace)
+                .await
+                .map_err(boxed)
         })
     }
 
-    fn replay_edited(&self, id: MessageId, payload: Vec<u8>, r: ReplayRequest) -> BoxFuture<'_, Option<ReplayReport>> {
+    fn replay_edited(
+        &self,
+        id: MessageId,
+        payload: Vec<u8>,
+        r: ReplayRequest,
+    ) -> BoxFuture<'_, Option<ReplayReport>> {
         Box::pin(async move {
             let options = ReplayOptions {
                 to: r.to.as_ref(),
@@ -145,12 +179,19 @@ where
                 reason: &r.reason,
                 ..ReplayOptions::default()
             };
-            replay_edited(&self.transport, &self.store, &id, payload, &options).await.map_err(boxed)
+            replay_edited(&self.transport, &self.store, &id, payload, &options)
+                .await
+                .map_err(boxed)
         })
     }
 
     fn purge(&self, selection: DeadSelection, actor: String, reason: String) -> BoxFuture<'_, u64> {
-        Box::pin(async move { self.store.purge(&selection, &actor, &reason).await.map_err(boxed) })
+        Box::pin(async move {
+            self.store
+                .purge(&selection, &actor, &reason)
+                .await
+                .map_err(boxed)
+        })
     }
 
     fn audit(&self, limit: usize) -> BoxFuture<'_, Vec<AuditEntry>> {

@@ -9,7 +9,9 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, html};
-use redrive_core::{Cursor, DeadFilter, DeadLetter, DeadSelection, MessageId, QueueName, format_duration, now_ms};
+use redrive_core::{
+    Cursor, DeadFilter, DeadLetter, DeadSelection, MessageId, QueueName, format_duration, now_ms,
+};
 use serde::Deserialize;
 
 use crate::App;
@@ -37,13 +39,25 @@ fn ago(ms: i64) -> String {
         _ => secs / 86_400 * 86_400,
     };
     let d = format_duration(std::time::Duration::from_secs(rounded));
-    let d = if rounded >= 86_400 { format!("{}d", rounded / 86_400) } else { d };
+    let d = if rounded >= 86_400 {
+        format!("{}d", rounded / 86_400)
+    } else {
+        d
+    };
     format!("{d} ago")
 }
 
 fn first_line(text: &str, max: usize) -> String {
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    if line.chars().count() <= max { line.to_owned() } else { format!("{}…", line.chars().take(max).collect::<String>()) }
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if line.chars().count() <= max {
+        line.to_owned()
+    } else {
+        format!("{}…", line.chars().take(max).collect::<String>())
+    }
 }
 
 /// A page in the common layout.
@@ -102,7 +116,12 @@ impl From<crate::triage::BackendError> for UiError {
 impl IntoResponse for UiError {
     fn into_response(self) -> Response {
         let (status, message) = self.0.parts();
-        let body = page("Error", None, None, html! { h1 { "Something went wrong" } p.err { (message) } p { a href="/" { "Back to the overview" } } });
+        let body = page(
+            "Error",
+            None,
+            None,
+            html! { h1 { "Something went wrong" } p.err { (message) } p { a href="/" { "Back to the overview" } } },
+        );
         (status, body).into_response()
     }
 }
@@ -114,10 +133,16 @@ const GROUPS_SHOWN: usize = 200;
 
 fn forbid(caller: &Caller, csrf: &str) -> Result<(), UiError> {
     if caller.role < Role::Operator {
-        return Err(ApiError::Forbidden("this needs the operator role; you are signed in read-only".into()).into());
+        return Err(ApiError::Forbidden(
+            "this needs the operator role; you are signed in read-only".into(),
+        )
+        .into());
     }
     if !caller.csrf_ok(csrf) {
-        return Err(ApiError::Forbidden("the form expired or did not come from this site: reload the page and try again".into()).into());
+        return Err(ApiError::Forbidden(
+            "the form expired or did not come from this site: reload the page and try again".into(),
+        )
+        .into());
     }
     Ok(())
 }
@@ -129,7 +154,13 @@ pub(crate) struct Notice {
 
 /// `GET /static/style.css`.
 pub(crate) async fn stylesheet() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "max-age=300")], include_str!("static/style.css"))
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("static/style.css"),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,7 +177,10 @@ fn safe_next(next: Option<&str>) -> String {
 }
 
 /// `GET /login`.
-pub(crate) async fn login_form(State(app): State<Arc<App>>, Query(q): Query<LoginQuery>) -> Response {
+pub(crate) async fn login_form(
+    State(app): State<Arc<App>>,
+    Query(q): Query<LoginQuery>,
+) -> Response {
     if app.auth.is_open() {
         return Redirect::to("/").into_response();
     }
@@ -193,7 +227,11 @@ pub(crate) struct CsrfForm {
 }
 
 /// `POST /logout`.
-pub(crate) async fn logout(State(app): State<Arc<App>>, headers: axum::http::HeaderMap, Form(form): Form<CsrfForm>) -> Response {
+pub(crate) async fn logout(
+    State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
     let session = headers
         .get_all(header::COOKIE)
         .iter()
@@ -204,7 +242,11 @@ pub(crate) async fn logout(State(app): State<Arc<App>>, headers: axum::http::Hea
         .map(|(_, v)| v.to_owned());
     if let Some(id) = session {
         // Only our own sign-out button (which carries the session's form token) ends it.
-        if app.auth.identify(None, Some(&id)).is_some_and(|c| c.csrf_ok(&form.csrf)) {
+        if app
+            .auth
+            .identify(None, Some(&id))
+            .is_some_and(|c| c.csrf_ok(&form.csrf))
+        {
             app.auth.sign_out(&id);
         }
     }
@@ -221,7 +263,13 @@ fn chart(points: &[(i64, u64)]) -> Markup {
     let coords: Vec<String> = points
         .iter()
         .enumerate()
-        .map(|(i, (_, v))| format!("{:.1},{:.1}", 30.0 + (i as f64 / n) * (W - 40.0), 10.0 + (1.0 - *v as f64 / max) * (H - 30.0)))
+        .map(|(i, (_, v))| {
+            format!(
+                "{:.1},{:.1}",
+                30.0 + (i as f64 / n) * (W - 40.0),
+                10.0 + (1.0 - *v as f64 / max) * (H - 30.0)
+            )
+        })
         .collect();
     let first = points.first().map(|p| ago(p.0)).unwrap_or_default();
     html! {
@@ -236,7 +284,11 @@ fn chart(points: &[(i64, u64)]) -> Markup {
 }
 
 /// `GET /`: every queue's lanes, DLQ depth over time, the biggest error groups.
-pub(crate) async fn overview(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>, Query(n): Query<Notice>) -> UiResult {
+pub(crate) async fn overview(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Query(n): Query<Notice>,
+) -> UiResult {
     let depths = app.triage.depths().await?;
     let groups = app.triage.groups(DeadFilter::default(), 5).await?;
     let samples = app.history.samples();
@@ -364,7 +416,10 @@ fn messages_table(items: &[DeadLetter]) -> Markup {
 }
 
 async fn group_count(app: &App, fp: &str) -> Result<Option<redrive_core::DeadGroup>, UiError> {
-    let filter = DeadFilter { fingerprint: Some(fp.to_owned()), ..DeadFilter::default() };
+    let filter = DeadFilter {
+        fingerprint: Some(fp.to_owned()),
+        ..DeadFilter::default()
+    };
     Ok(app.triage.groups(filter, 1).await?.into_iter().next())
 }
 
@@ -377,9 +432,16 @@ pub(crate) async fn group(
 ) -> UiResult {
     let Some(g) = group_count(&app, &fp).await? else {
         let body = html! { h1 { "Group " span.mono { (fp) } } p.muted { "No dead messages have this fingerprint (any more)." } p { a href="/groups" { "All groups" } } };
-        return Ok((StatusCode::NOT_FOUND, page("Group", Some(&caller), n.notice.as_deref(), body)).into_response());
+        return Ok((
+            StatusCode::NOT_FOUND,
+            page("Group", Some(&caller), n.notice.as_deref(), body),
+        )
+            .into_response());
     };
-    let filter = DeadFilter { fingerprint: Some(fp.clone()), ..DeadFilter::default() };
+    let filter = DeadFilter {
+        fingerprint: Some(fp.clone()),
+        ..DeadFilter::default()
+    };
     let items = app.triage.list(filter, None, 100).await?;
     let body = html! {
         h1 { (g.error_class) span.muted { " · " (g.count) " dead messages" } }
@@ -404,21 +466,42 @@ pub(crate) async fn group(
 }
 
 /// `GET /groups/{fp}/replay`: the confirmation, stating the count.
-pub(crate) async fn group_replay_confirm(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>, Path(fp): Path<String>) -> UiResult {
+pub(crate) async fn group_replay_confirm(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(fp): Path<String>,
+) -> UiResult {
     confirm_group(&app, &caller, &fp, "replay", None).await
 }
 
 /// `GET /groups/{fp}/purge`.
-pub(crate) async fn group_purge_confirm(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>, Path(fp): Path<String>) -> UiResult {
+pub(crate) async fn group_purge_confirm(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(fp): Path<String>,
+) -> UiResult {
     confirm_group(&app, &caller, &fp, "purge", None).await
 }
 
-async fn confirm_group(app: &App, caller: &Caller, fp: &str, action: &str, changed: Option<u64>) -> UiResult {
+async fn confirm_group(
+    app: &App,
+    caller: &Caller,
+    fp: &str,
+    action: &str,
+    changed: Option<u64>,
+) -> UiResult {
     if caller.role < Role::Operator {
-        return Err(ApiError::Forbidden("this needs the operator role; you are signed in read-only".into()).into());
+        return Err(ApiError::Forbidden(
+            "this needs the operator role; you are signed in read-only".into(),
+        )
+        .into());
     }
     let Some(g) = group_count(app, fp).await? else {
-        return Ok(Redirect::to(&format!("/groups?notice={}", url_encode("That group is empty now."))).into_response());
+        return Ok(Redirect::to(&format!(
+            "/groups?notice={}",
+            url_encode("That group is empty now.")
+        ))
+        .into_response());
     };
     let replay = action == "replay";
     let body = html! {
@@ -483,12 +566,24 @@ pub(crate) async fn group_replay(
     if now != form.expected {
         return confirm_group(&app, &caller, &fp, "replay", Some(form.expected)).await;
     }
-    let rate = match form.rate.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-        Some(r) => Some(r.parse::<u32>().ok().filter(|r| *r > 0).ok_or_else(|| ApiError::BadRequest(format!("invalid rate {r:?}: a whole number of messages per second")))?),
+    let rate = match form
+        .rate
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+    {
+        Some(r) => Some(r.parse::<u32>().ok().filter(|r| *r > 0).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid rate {r:?}: a whole number of messages per second"
+            ))
+        })?),
         None => None,
     };
     let request = ReplayRequest {
-        selection: DeadSelection::Filter(DeadFilter { fingerprint: Some(fp.clone()), ..DeadFilter::default() }),
+        selection: DeadSelection::Filter(DeadFilter {
+            fingerprint: Some(fp.clone()),
+            ..DeadFilter::default()
+        }),
         to: target(form.to.as_deref())?,
         dry_run: false,
         rate_per_sec: rate,
@@ -498,9 +593,16 @@ pub(crate) async fn group_replay(
     };
     let report = app.triage.replay(request).await?;
     app.metrics.replayed(&report.by_queue);
-    let mut notice = format!("Replayed {} of {} messages.", report.replayed, report.matched);
+    let mut notice = format!(
+        "Replayed {} of {} messages.",
+        report.replayed, report.matched
+    );
     if !report.over_limit.is_empty() {
-        notice.push_str(&format!(" {} stayed dead: they reached the replay limit ({}).", report.over_limit.len(), app.max_replays));
+        notice.push_str(&format!(
+            " {} stayed dead: they reached the replay limit ({}).",
+            report.over_limit.len(),
+            app.max_replays
+        ));
     }
     Ok(Redirect::to(&format!("/groups?notice={}", url_encode(&notice))).into_response())
 }
@@ -517,9 +619,19 @@ pub(crate) async fn group_purge(
     if now != form.expected {
         return confirm_group(&app, &caller, &fp, "purge", Some(form.expected)).await;
     }
-    let selection = DeadSelection::Filter(DeadFilter { fingerprint: Some(fp), ..DeadFilter::default() });
-    let n = app.triage.purge(selection, caller.actor.clone(), form.reason).await?;
-    Ok(Redirect::to(&format!("/groups?notice={}", url_encode(&format!("Purged {n} messages.")))).into_response())
+    let selection = DeadSelection::Filter(DeadFilter {
+        fingerprint: Some(fp),
+        ..DeadFilter::default()
+    });
+    let n = app
+        .triage
+        .purge(selection, caller.actor.clone(), form.reason)
+        .await?;
+    Ok(Redirect::to(&format!(
+        "/groups?notice={}",
+        url_encode(&format!("Purged {n} messages."))
+    ))
+    .into_response())
 }
 
 /// `GET /messages`: filtered, cursor-paginated.
@@ -531,13 +643,32 @@ pub(crate) async fn messages(
 ) -> UiResult {
     const PAGE: usize = 50;
     let filter = filter_query.to_filter()?;
-    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty()).map(decode_cursor).transpose()?;
+    let cursor = q
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(decode_cursor)
+        .transpose()?;
     let mut items = app.triage.list(filter, cursor, PAGE + 1).await?;
     let more = items.len() > PAGE;
     items.truncate(PAGE);
-    let next = more.then(|| items.last().map(|d| encode_cursor(&Cursor { dead_at_ms: d.dead_at_ms, id: d.envelope.id }))).flatten();
+    let next = more
+        .then(|| {
+            items.last().map(|d| {
+                encode_cursor(&Cursor {
+                    dead_at_ms: d.dead_at_ms,
+                    id: d.envelope.id,
+                })
+            })
+        })
+        .flatten();
     let mut params: Vec<(&str, String)> = Vec::new();
-    for (k, v) in [("queue", &filter_query.queue), ("class", &filter_query.class), ("fingerprint", &filter_query.fingerprint), ("q", &filter_query.q)] {
+    for (k, v) in [
+        ("queue", &filter_query.queue),
+        ("class", &filter_query.class),
+        ("fingerprint", &filter_query.fingerprint),
+        ("q", &filter_query.q),
+    ] {
         if let Some(v) = v.as_ref().filter(|v| !v.is_empty()) {
             params.push((k, v.clone()));
         }
@@ -569,7 +700,10 @@ fn shown_payload(bytes: &[u8]) -> (String, &'static str) {
         Ok(text) => (text.to_owned(), "text"),
         Err(_) => {
             use base64::Engine as _;
-            (base64::engine::general_purpose::STANDARD.encode(bytes), "binary, shown as base64")
+            (
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+                "binary, shown as base64",
+            )
         }
     }
 }
@@ -578,7 +712,10 @@ async fn dead_or_404(app: &App, id: &str) -> Result<(MessageId, DeadLetter), UiE
     let id = crate::api::parse_id(id)?;
     match app.triage.get(id).await? {
         Some(d) => Ok((id, d)),
-        None => Err(ApiError::NotFound(format!("no dead message with id {id}: it may have been replayed or purged")).into()),
+        None => Err(ApiError::NotFound(format!(
+            "no dead message with id {id}: it may have been replayed or purged"
+        ))
+        .into()),
     }
 }
 
@@ -693,8 +830,14 @@ pub(crate) async fn message_preview(
     let is_json = serde_json::from_str::<serde_json::Value>(&new).is_ok();
     // Diff pretty-printed JSON when both sides are JSON, so a one-line payload shows
     // which field changed; the replay sends exactly the edited text.
-    let (old_view, new_view) = match (serde_json::from_str::<serde_json::Value>(&old), serde_json::from_str::<serde_json::Value>(&new)) {
-        (Ok(a), Ok(b)) => (serde_json::to_string_pretty(&a).unwrap_or(old.clone()), serde_json::to_string_pretty(&b).unwrap_or(new.clone())),
+    let (old_view, new_view) = match (
+        serde_json::from_str::<serde_json::Value>(&old),
+        serde_json::from_str::<serde_json::Value>(&new),
+    ) {
+        (Ok(a), Ok(b)) => (
+            serde_json::to_string_pretty(&a).unwrap_or(old.clone()),
+            serde_json::to_string_pretty(&b).unwrap_or(new.clone()),
+        ),
         _ => (old.clone(), new.clone()),
     };
     let body = html! {
@@ -737,27 +880,50 @@ pub(crate) async fn message_replay(
     };
     let report = match (form.unchanged.is_some(), form.payload) {
         (false, Some(payload)) => {
-            let reason = if form.reason.is_empty() { "edited in the UI and replayed".to_owned() } else { form.reason };
-            app.triage.replay_edited(id, payload.replace("\r\n", "\n").into_bytes(), ReplayRequest { reason, ..request }).await?
+            let reason = if form.reason.is_empty() {
+                "edited in the UI and replayed".to_owned()
+            } else {
+                form.reason
+            };
+            app.triage
+                .replay_edited(
+                    id,
+                    payload.replace("\r\n", "\n").into_bytes(),
+                    ReplayRequest { reason, ..request },
+                )
+                .await?
         }
         _ => Some(app.triage.replay(request).await?),
     };
     let Some(report) = report.filter(|r| r.matched > 0) else {
-        return Err(ApiError::NotFound(format!("no dead message with id {id}: it may have been replayed or purged")).into());
+        return Err(ApiError::NotFound(format!(
+            "no dead message with id {id}: it may have been replayed or purged"
+        ))
+        .into());
     };
     app.metrics.replayed(&report.by_queue);
     let notice = if report.replayed == 1 {
         format!("Replayed message {id}.")
     } else {
-        format!("Message {id} stayed dead: it reached the replay limit ({}).", app.max_replays)
+        format!(
+            "Message {id} stayed dead: it reached the replay limit ({}).",
+            app.max_replays
+        )
     };
     Ok(Redirect::to(&format!("/messages?notice={}", url_encode(&notice))).into_response())
 }
 
 /// `GET /messages/{id}/purge`.
-pub(crate) async fn message_purge_confirm(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> UiResult {
+pub(crate) async fn message_purge_confirm(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> UiResult {
     if caller.role < Role::Operator {
-        return Err(ApiError::Forbidden("this needs the operator role; you are signed in read-only".into()).into());
+        return Err(ApiError::Forbidden(
+            "this needs the operator role; you are signed in read-only".into(),
+        )
+        .into());
     }
     let (id, d) = dead_or_404(&app, &id).await?;
     let body = html! {
@@ -790,12 +956,26 @@ pub(crate) async fn message_purge(
 ) -> UiResult {
     forbid(&caller, &form.csrf)?;
     let id = crate::api::parse_id(&id)?;
-    let n = app.triage.purge(DeadSelection::Ids(vec![id]), caller.actor.clone(), form.reason).await?;
-    Ok(Redirect::to(&format!("/messages?notice={}", url_encode(&format!("Purged {n} message.")))).into_response())
+    let n = app
+        .triage
+        .purge(
+            DeadSelection::Ids(vec![id]),
+            caller.actor.clone(),
+            form.reason,
+        )
+        .await?;
+    Ok(Redirect::to(&format!(
+        "/messages?notice={}",
+        url_encode(&format!("Purged {n} message."))
+    ))
+    .into_response())
 }
 
 /// `GET /audit`.
-pub(crate) async fn audit(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> UiResult {
+pub(crate) async fn audit(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+) -> UiResult {
     let entries = app.triage.audit(200).await?;
     let body = html! {
         h1 { "Audit log" }
@@ -814,7 +994,10 @@ pub(crate) async fn audit(State(app): State<Arc<App>>, Extension(caller): Extens
 }
 
 /// `GET /alerts`: rules, open and past alerts, and notification deliveries.
-pub(crate) async fn alerts(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> UiResult {
+pub(crate) async fn alerts(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+) -> UiResult {
     let Some(view) = app.alerts.clone() else {
         let body = html! { h1 { "Alerts" } p.muted { "Alerting is not running in this process." } };
         return Ok(page("Alerts", Some(&caller), None, body).into_response());
@@ -822,7 +1005,10 @@ pub(crate) async fn alerts(State(app): State<Arc<App>>, Extension(caller): Exten
     let open = view.open().await?;
     let past = view.past(50).await?;
     let notes = view.notifications(50).await?;
-    let when = |ms: Option<i64>| ms.map(|m| format!("{} ({})", rfc3339(m), ago(m))).unwrap_or_else(|| "–".to_owned());
+    let when = |ms: Option<i64>| {
+        ms.map(|m| format!("{} ({})", rfc3339(m), ago(m)))
+            .unwrap_or_else(|| "–".to_owned())
+    };
     let body = html! {
         h1 { "Alerts" }
         h2 { "Rules" }

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use redrive_conformance::http_sink::HttpSink;
 use redrive_core::alert::{AlertPhase, AlertStore, Condition, Rule};
-use redrive_core::{DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, Failure, FailureKind, QueueName};
+use redrive_core::{
+    DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, Failure, FailureKind,
+    QueueName,
+};
 use redrive_server::alerting::Alerting;
 use redrive_server::notify::{Notifier, Notifiers};
 use redrive_server::{Backend, Metrics, Triage};
@@ -25,30 +28,78 @@ struct Sinks {
 }
 
 async fn sinks() -> Sinks {
-    Sinks { slack: HttpSink::start().await, pagerduty: HttpSink::start().await, webhook: HttpSink::start().await }
+    Sinks {
+        slack: HttpSink::start().await,
+        pagerduty: HttpSink::start().await,
+        webhook: HttpSink::start().await,
+    }
 }
 
-fn alerting(store: &Sqlite, sinks: &Sinks, rules: Vec<Rule>, metrics: Arc<Metrics>) -> Alerting<Sqlite> {
+fn alerting(
+    store: &Sqlite,
+    sinks: &Sinks,
+    rules: Vec<Rule>,
+    metrics: Arc<Metrics>,
+) -> Alerting<Sqlite> {
     let notifiers = Notifiers::new(BTreeMap::from([
-        ("slack".to_owned(), Notifier::Slack { url: format!("{}/services/T0/B0/secret", sinks.slack.url) }),
-        ("pd".to_owned(), Notifier::PagerDuty { routing_key: "R0UT1NG".into(), url: format!("{}/v2/enqueue", sinks.pagerduty.url) }),
-        ("hook".to_owned(), Notifier::Webhook { url: format!("{}/hook", sinks.webhook.url) }),
+        (
+            "slack".to_owned(),
+            Notifier::Slack {
+                url: format!("{}/services/T0/B0/secret", sinks.slack.url),
+            },
+        ),
+        (
+            "pd".to_owned(),
+            Notifier::PagerDuty {
+                routing_key: "R0UT1NG".into(),
+                url: format!("{}/v2/enqueue", sinks.pagerduty.url),
+            },
+        ),
+        (
+            "hook".to_owned(),
+            Notifier::Webhook {
+                url: format!("{}/hook", sinks.webhook.url),
+            },
+        ),
     ]))
     .unwrap();
     let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
-    Alerting::new(store.clone(), triage, rules, notifiers, "http://triage.example:8080/".into(), metrics)
+    Alerting::new(
+        store.clone(),
+        triage,
+        rules,
+        notifiers,
+        "http://triage.example:8080/".into(),
+        metrics,
+    )
 }
 
 fn default_rule() -> Vec<Rule> {
-    vec![Rule::default_rule(vec!["slack".into(), "pd".into(), "hook".into()])]
+    vec![Rule::default_rule(vec![
+        "slack".into(),
+        "pd".into(),
+        "hook".into(),
+    ])]
 }
 
 async fn kill(store: &Sqlite, queue: &str, n: usize, at: i64) {
     let rows: Vec<DeadLetter> = (0..n)
         .map(|i| {
-            let mut env = Envelope::new(QueueName::new(queue).unwrap(), format!("{{\"task\":{i}}}"));
-            env.record_failure(Failure::new(FailureKind::Retry, "RateLimited", format!("429 <b>slow</b> down {i}"), at), "main");
-            DeadLetter { envelope: env, dead_at_ms: at }
+            let mut env =
+                Envelope::new(QueueName::new(queue).unwrap(), format!("{{\"task\":{i}}}"));
+            env.record_failure(
+                Failure::new(
+                    FailureKind::Retry,
+                    "RateLimited",
+                    format!("429 <b>slow</b> down {i}"),
+                    at,
+                ),
+                "main",
+            );
+            DeadLetter {
+                envelope: env,
+                dead_at_ms: at,
+            }
         })
         .collect();
     store.insert_batch(&rows).await.unwrap();
@@ -73,7 +124,10 @@ async fn the_default_rule_pages_once_after_five_minutes_and_resolves_once_across
         a.deliver(T0 + t).await.unwrap();
     }
     assert!(sinks.pagerduty.received().is_empty());
-    assert_eq!(store.open_alerts().await.unwrap()[0].phase, AlertPhase::Pending);
+    assert_eq!(
+        store.open_alerts().await.unwrap()[0].phase,
+        AlertPhase::Pending
+    );
 
     // A restart while pending: the new process keeps counting from the same start.
     let a = alerting(&store, &sinks, default_rule(), Arc::clone(&metrics));
@@ -87,9 +141,17 @@ async fn the_default_rule_pages_once_after_five_minutes_and_resolves_once_across
     assert_eq!(pd[0]["payload"]["source"], "redrive");
     assert_eq!(pd[0]["payload"]["severity"], "error");
     assert_eq!(pd[0]["payload"]["component"], "agent.tasks");
-    assert!(pd[0]["payload"]["summary"].as_str().unwrap().contains("dlq_depth > 0 for 5m"));
+    assert!(
+        pd[0]["payload"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("dlq_depth > 0 for 5m")
+    );
     assert_eq!(pd[0]["payload"]["custom_details"]["dlq_depth"], 3);
-    assert_eq!(pd[0]["links"][0]["href"], "http://triage.example:8080/groups?queue=agent.tasks");
+    assert_eq!(
+        pd[0]["links"][0]["href"],
+        "http://triage.example:8080/groups?queue=agent.tasks"
+    );
 
     // Another restart while firing, and more evaluations: no second page.
     let a = alerting(&store, &sinks, default_rule(), Arc::clone(&metrics));
@@ -100,7 +162,14 @@ async fn the_default_rule_pages_once_after_five_minutes_and_resolves_once_across
     assert_eq!(sinks.pagerduty.received().len(), 1);
 
     // The DLQ empties: exactly one resolve, same dedup key.
-    store.purge(&DeadSelection::Filter(DeadFilter::default()), "test", "fixed").await.unwrap();
+    store
+        .purge(
+            &DeadSelection::Filter(DeadFilter::default()),
+            "test",
+            "fixed",
+        )
+        .await
+        .unwrap();
     for t in [9, 10] {
         a.evaluate(T0 + t * MIN).await.unwrap();
         a.deliver(T0 + t * MIN).await.unwrap();
@@ -109,17 +178,30 @@ async fn the_default_rule_pages_once_after_five_minutes_and_resolves_once_across
     assert_eq!(pd.len(), 2);
     assert_eq!(pd[1]["event_action"], "resolve");
     assert_eq!(pd[1]["dedup_key"], pd[0]["dedup_key"]);
-    assert_eq!(store.past_alerts(10).await.unwrap()[0].resolved_ms, Some(T0 + 9 * MIN));
+    assert_eq!(
+        store.past_alerts(10).await.unwrap()[0].resolved_ms,
+        Some(T0 + 9 * MIN)
+    );
 
     // Slack and the webhook got the same two events in their own formats.
     let slack = sinks.slack.json_bodies();
     assert_eq!(slack.len(), 2);
     let blocks = slack[0]["blocks"].to_string();
-    assert!(blocks.contains("DLQ alert firing: agent.tasks") && blocks.contains("3× `RateLimited`"), "{blocks}");
-    assert!(blocks.contains("&lt;b&gt;slow&lt;/b&gt;"), "error text is escaped for Slack: {blocks}");
+    assert!(
+        blocks.contains("DLQ alert firing: agent.tasks") && blocks.contains("3× `RateLimited`"),
+        "{blocks}"
+    );
+    assert!(
+        blocks.contains("&lt;b&gt;slow&lt;/b&gt;"),
+        "error text is escaped for Slack: {blocks}"
+    );
     assert!(blocks.contains("<http://triage.example:8080/groups?queue=agent.tasks|Open triage>"));
     assert!(slack[1]["text"].as_str().unwrap().contains("resolved"));
-    assert!(sinks.slack.received()[0].request_line.starts_with("POST /services/T0/B0/secret "));
+    assert!(
+        sinks.slack.received()[0]
+            .request_line
+            .starts_with("POST /services/T0/B0/secret ")
+    );
     let hook = sinks.webhook.json_bodies();
     let events: Vec<&str> = hook.iter().map(|h| h["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["alert.triggered", "alert.resolved"]);
@@ -135,28 +217,62 @@ async fn failed_notifications_are_retried_with_backoff_and_counted() {
     let store = open(dir.path());
     kill(&store, "q", 1, T0).await;
     let metrics = Arc::new(Metrics::new());
-    let rule = Rule { name: "now".into(), condition: Condition::parse("dlq_depth > 0").unwrap(), queue: None, notify: vec!["pd".into()] };
+    let rule = Rule {
+        name: "now".into(),
+        condition: Condition::parse("dlq_depth > 0").unwrap(),
+        queue: None,
+        notify: vec!["pd".into()],
+    };
     let a = alerting(&store, &sinks, vec![rule], Arc::clone(&metrics));
     sinks.pagerduty.answer_next(&[503, 429]);
     a.evaluate(T0).await.unwrap();
     assert_eq!(a.deliver(T0).await.unwrap(), 0);
-    assert_eq!(a.deliver(T0 + 1_000).await.unwrap(), 0, "not due yet: backoff");
-    assert_eq!(a.deliver(T0 + 5_000).await.unwrap(), 0, "second failure (429)");
-    assert_eq!(a.deliver(T0 + 14_000).await.unwrap(), 0, "backoff doubled to 10 s");
+    assert_eq!(
+        a.deliver(T0 + 1_000).await.unwrap(),
+        0,
+        "not due yet: backoff"
+    );
+    assert_eq!(
+        a.deliver(T0 + 5_000).await.unwrap(),
+        0,
+        "second failure (429)"
+    );
+    assert_eq!(
+        a.deliver(T0 + 14_000).await.unwrap(),
+        0,
+        "backoff doubled to 10 s"
+    );
     assert_eq!(a.deliver(T0 + 15_000).await.unwrap(), 1);
     let notes = store.recent_notifications(5).await.unwrap();
-    assert_eq!((notes[0].attempts, notes[0].sent_ms), (3, Some(T0 + 15_000)));
+    assert_eq!(
+        (notes[0].attempts, notes[0].sent_ms),
+        (3, Some(T0 + 15_000))
+    );
     let text = metrics.encode().unwrap();
-    assert!(text.contains(r#"redrive_alert_notifications_total{notifier="pd",kind="trigger",result="failed"} 2"#), "{text}");
-    assert!(text.contains(r#"redrive_alert_notifications_total{notifier="pd",kind="trigger",result="sent"} 1"#));
+    assert!(
+        text.contains(
+            r#"redrive_alert_notifications_total{notifier="pd",kind="trigger",result="failed"} 2"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains(
+        r#"redrive_alert_notifications_total{notifier="pd",kind="trigger",result="sent"} 1"#
+    ));
     // A permanent error (400) is not retried.
     kill(&store, "other", 1, T0).await;
     sinks.pagerduty.answer_next(&[400]);
     a.evaluate(T0 + 20_000).await.unwrap();
     a.deliver(T0 + 20_000).await.unwrap();
     let notes = store.recent_notifications(1).await.unwrap();
-    assert!(notes[0].failed && notes[0].last_error.as_deref().unwrap().contains("HTTP 400"), "{:?}", notes[0]);
-    assert!(!notes[0].last_error.as_deref().unwrap().contains("R0UT1NG"), "no secret in stored errors");
+    assert!(
+        notes[0].failed && notes[0].last_error.as_deref().unwrap().contains("HTTP 400"),
+        "{:?}",
+        notes[0]
+    );
+    assert!(
+        !notes[0].last_error.as_deref().unwrap().contains("R0UT1NG"),
+        "no secret in stored errors"
+    );
 }
 
 #[tokio::test]
@@ -165,25 +281,59 @@ async fn age_and_rate_rules_fire_at_the_right_moment() {
     let sinks = sinks().await;
     let store = open(dir.path());
     let rules = vec![
-        Rule { name: "stale".into(), condition: Condition::parse("oldest_dead_age > 1h").unwrap(), queue: Some("a".into()), notify: vec!["hook".into()] },
-        Rule { name: "burst".into(), condition: Condition::parse("dead_letter_rate > 5 per 10m").unwrap(), queue: None, notify: vec!["hook".into()] },
+        Rule {
+            name: "stale".into(),
+            condition: Condition::parse("oldest_dead_age > 1h").unwrap(),
+            queue: Some("a".into()),
+            notify: vec!["hook".into()],
+        },
+        Rule {
+            name: "burst".into(),
+            condition: Condition::parse("dead_letter_rate > 5 per 10m").unwrap(),
+            queue: None,
+            notify: vec!["hook".into()],
+        },
     ];
     let a = alerting(&store, &sinks, rules, Arc::new(Metrics::new()));
     kill(&store, "a", 1, T0).await;
     a.evaluate(T0 + 59 * MIN).await.unwrap();
     a.deliver(T0 + 59 * MIN).await.unwrap();
-    assert!(sinks.webhook.json_bodies().is_empty(), "59 minutes old is not stale yet");
+    assert!(
+        sinks.webhook.json_bodies().is_empty(),
+        "59 minutes old is not stale yet"
+    );
     a.evaluate(T0 + 61 * MIN).await.unwrap();
     a.deliver(T0 + 61 * MIN).await.unwrap();
-    let events: Vec<(String, String)> = sinks.webhook.json_bodies().iter().map(|b| (b["rule"].as_str().unwrap().into(), b["event"].as_str().unwrap().into())).collect();
+    let events: Vec<(String, String)> = sinks
+        .webhook
+        .json_bodies()
+        .iter()
+        .map(|b| {
+            (
+                b["rule"].as_str().unwrap().into(),
+                b["event"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
     assert_eq!(events, [("stale".to_owned(), "alert.triggered".to_owned())]);
     kill(&store, "b", 6, T0 + 62 * MIN).await;
     a.evaluate(T0 + 63 * MIN).await.unwrap();
     a.deliver(T0 + 63 * MIN).await.unwrap();
     let last: Value = sinks.webhook.json_bodies().pop().unwrap();
-    assert_eq!((last["rule"].as_str(), last["queue"].as_str(), last["value"].as_u64()), (Some("burst"), Some("b"), Some(6)));
+    assert_eq!(
+        (
+            last["rule"].as_str(),
+            last["queue"].as_str(),
+            last["value"].as_u64()
+        ),
+        (Some("burst"), Some("b"), Some(6))
+    );
     a.evaluate(T0 + 73 * MIN).await.unwrap();
     a.deliver(T0 + 73 * MIN).await.unwrap();
     let last: Value = sinks.webhook.json_bodies().pop().unwrap();
-    assert_eq!((last["rule"].as_str(), last["event"].as_str()), (Some("burst"), Some("alert.resolved")), "the burst left the window");
+    assert_eq!(
+        (last["rule"].as_str(), last["event"].as_str()),
+        (Some("burst"), Some("alert.resolved")),
+        "the burst left the window"
+    );
 }

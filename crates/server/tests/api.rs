@@ -7,7 +7,9 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use redrive_core::{DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, LaneStats, QueueName, Transport};
+use redrive_core::{
+    DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, LaneStats, QueueName, Transport,
+};
 use redrive_server::{App, Auth, Backend, Metrics, Tokens, Triage};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use serde_json::Value;
@@ -31,22 +33,62 @@ impl Fixture {
 }
 
 fn dead(queue: &str, payload: &str, class: &str, message: &str, at: i64) -> DeadLetter {
-    let mut env = Envelope::new(QueueName::new(queue).unwrap(), payload).with_header("x-note", XSS_SCRIPT);
-    env.record_failure(Failure::new(FailureKind::Poison, class, message, at), "main");
-    DeadLetter { envelope: env, dead_at_ms: at }
+    let mut env =
+        Envelope::new(QueueName::new(queue).unwrap(), payload).with_header("x-note", XSS_SCRIPT);
+    env.record_failure(
+        Failure::new(FailureKind::Poison, class, message, at),
+        "main",
+    );
+    DeadLetter {
+        envelope: env,
+        dead_at_ms: at,
+    }
 }
 
 async fn fixture(tokens: Tokens, dead_count: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteConfig::new(dir.path().join("api.db")).open().unwrap();
     for i in 0..dead_count {
-        let (class, msg) = if i % 3 == 0 { ("RateLimited", format!("429 for request {i}")) } else { ("SchemaError", format!("missing field in task {i}")) };
-        store.insert(&dead("agent.tasks", &format!("{{\"task\":{i}}}"), class, &msg, 1_000 + i as i64)).await.unwrap();
+        let (class, msg) = if i % 3 == 0 {
+            ("RateLimited", format!("429 for request {i}"))
+        } else {
+            ("SchemaError", format!("missing field in task {i}"))
+        };
+        store
+            .insert(&dead(
+                "agent.tasks",
+                &format!("{{\"task\":{i}}}"),
+                class,
+                &msg,
+                1_000 + i as i64,
+            ))
+            .await
+            .unwrap();
     }
-    store.insert(&dead("other", &format!("{{\"agent\":\"{XSS_SCRIPT}\",\"action\":\"{}\"}}", XSS_IMG.replace('"', "\\\"")), "PromptInjection", &format!("markup: {XSS_SCRIPT}"), 5_000)).await.unwrap();
+    store
+        .insert(&dead(
+            "other",
+            &format!(
+                "{{\"agent\":\"{XSS_SCRIPT}\",\"action\":\"{}\"}}",
+                XSS_IMG.replace('"', "\\\"")
+            ),
+            "PromptInjection",
+            &format!("markup: {XSS_SCRIPT}"),
+            5_000,
+        ))
+        .await
+        .unwrap();
     let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
-    let app = Arc::new(App::new(triage, Auth::new(tokens), Arc::new(Metrics::new())));
-    Fixture { store, app, _dir: dir }
+    let app = Arc::new(App::new(
+        triage,
+        Auth::new(tokens),
+        Arc::new(Metrics::new()),
+    ));
+    Fixture {
+        store,
+        app,
+        _dir: dir,
+    }
 }
 
 fn tokens() -> Tokens {
@@ -57,7 +99,10 @@ async fn send(router: Router, req: Request<Body>) -> (StatusCode, axum::http::He
     let resp = router.oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap().to_vec();
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap()
+        .to_vec();
     (status, headers, body)
 }
 
@@ -70,7 +115,9 @@ fn get(path: &str, token: Option<&str>) -> Request<Body> {
 }
 
 fn post_json(path: &str, token: Option<&str>, body: &Value) -> Request<Body> {
-    let mut b = Request::post(path).header(header::HOST, "127.0.0.1:8080").header(header::CONTENT_TYPE, "application/json");
+    let mut b = Request::post(path)
+        .header(header::HOST, "127.0.0.1:8080")
+        .header(header::CONTENT_TYPE, "application/json");
     if let Some(t) = token {
         b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
@@ -78,23 +125,44 @@ fn post_json(path: &str, token: Option<&str>, body: &Value) -> Request<Body> {
 }
 
 fn json(body: &[u8]) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 #[tokio::test]
 async fn requests_without_a_token_are_refused_before_any_data() {
     let f = fixture(tokens(), 3).await;
-    for path in ["/api/v1/queues", "/api/v1/dead", "/api/v1/groups", "/api/v1/export", "/metrics"] {
+    for path in [
+        "/api/v1/queues",
+        "/api/v1/dead",
+        "/api/v1/groups",
+        "/api/v1/export",
+        "/metrics",
+    ] {
         let (status, headers, body) = send(f.router(), get(path, None)).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(headers.get(header::WWW_AUTHENTICATE).unwrap(), "Bearer");
-        assert!(!String::from_utf8_lossy(&body).contains("agent.tasks"), "{path} leaked data");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("agent.tasks"),
+            "{path} leaked data"
+        );
     }
-    let (status, _, _) = send(f.router(), get("/api/v1/queues", Some("wrong-token-wrong-token"))).await;
+    let (status, _, _) = send(
+        f.router(),
+        get("/api/v1/queues", Some("wrong-token-wrong-token")),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, headers, _) = send(f.router(), get("/groups", None)).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
-    assert!(headers.get(header::LOCATION).unwrap().to_str().unwrap().starts_with("/login?next=%2Fgroups"));
+    assert!(
+        headers
+            .get(header::LOCATION)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("/login?next=%2Fgroups")
+    );
 }
 
 #[tokio::test]
@@ -139,51 +207,138 @@ async fn listing_filters_and_cursor_pages_cover_everything_once() {
     seen.dedup();
     assert_eq!(seen.len(), 120, "no duplicates across pages");
 
-    let (_, _, body) = send(f.router(), get("/api/v1/dead?class=RateLimited&limit=1000", Some(VIEWER))).await;
+    let (_, _, body) = send(
+        f.router(),
+        get("/api/v1/dead?class=RateLimited&limit=1000", Some(VIEWER)),
+    )
+    .await;
     assert_eq!(json(&body)["items"].as_array().unwrap().len(), 40);
-    let (_, _, body) = send(f.router(), get("/api/v1/dead?q=task%207&limit=1000", Some(VIEWER))).await;
-    let texts: Vec<String> = json(&body)["items"].as_array().unwrap().iter().map(|i| i["error"].as_str().unwrap().to_owned()).collect();
-    assert!(!texts.is_empty() && texts.iter().all(|t| t.contains("task 7")), "{texts:?}");
-    let (status, _, body) = send(f.router(), get("/api/v1/dead?cursor=garbage", Some(VIEWER))).await;
+    let (_, _, body) = send(
+        f.router(),
+        get("/api/v1/dead?q=task%207&limit=1000", Some(VIEWER)),
+    )
+    .await;
+    let texts: Vec<String> = json(&body)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !texts.is_empty() && texts.iter().all(|t| t.contains("task 7")),
+        "{texts:?}"
+    );
+    let (status, _, body) =
+        send(f.router(), get("/api/v1/dead?cursor=garbage", Some(VIEWER))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(json(&body)["error"].as_str().unwrap().contains("invalid cursor"));
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid cursor")
+    );
 
-    let (_, _, body) = send(f.router(), get("/api/v1/groups?queue=agent.tasks", Some(VIEWER))).await;
+    let (_, _, body) = send(
+        f.router(),
+        get("/api/v1/groups?queue=agent.tasks", Some(VIEWER)),
+    )
+    .await;
     let groups = json(&body);
-    let counts: Vec<u64> = groups.as_array().unwrap().iter().map(|g| g["count"].as_u64().unwrap()).collect();
-    assert_eq!(counts, [80, 40], "normalized messages group by class and text");
+    let counts: Vec<u64> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        counts,
+        [80, 40],
+        "normalized messages group by class and text"
+    );
 }
 
 #[tokio::test]
 async fn operator_replays_with_dry_run_and_everything_is_audited() {
     let f = fixture(tokens(), 9).await;
-    let lanes = redrive_core::LaneSet { queue: QueueName::new("agent.tasks").unwrap(), tiers: vec![] };
+    let lanes = redrive_core::LaneSet {
+        queue: QueueName::new("agent.tasks").unwrap(),
+        tiers: vec![],
+    };
     let body = serde_json::json!({"filter": {"queue": "agent.tasks", "class": "SchemaError"}, "dry_run": true});
-    let (status, _, resp) = send(f.router(), post_json("/api/v1/replay", Some(OPERATOR), &body)).await;
+    let (status, _, resp) = send(
+        f.router(),
+        post_json("/api/v1/replay", Some(OPERATOR), &body),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let report = json(&resp);
-    assert_eq!((report["matched"].as_u64(), report["replayed"].as_u64(), report["dry_run"].as_bool()), (Some(6), Some(6), Some(true)));
-    assert_eq!(f.store.queue_depths(&lanes).await.unwrap().main, 0, "a dry run moves nothing");
+    assert_eq!(
+        (
+            report["matched"].as_u64(),
+            report["replayed"].as_u64(),
+            report["dry_run"].as_bool()
+        ),
+        (Some(6), Some(6), Some(true))
+    );
+    assert_eq!(
+        f.store.queue_depths(&lanes).await.unwrap().main,
+        0,
+        "a dry run moves nothing"
+    );
 
     let body = serde_json::json!({"filter": {"queue": "agent.tasks", "class": "SchemaError"}, "rate_per_sec": 1000, "reason": "schema fixed"});
-    let (_, _, resp) = send(f.router(), post_json("/api/v1/replay", Some(OPERATOR), &body)).await;
+    let (_, _, resp) = send(
+        f.router(),
+        post_json("/api/v1/replay", Some(OPERATOR), &body),
+    )
+    .await;
     assert_eq!(json(&resp)["replayed"], 6);
     let d = f.store.queue_depths(&lanes).await.unwrap();
     assert_eq!((d.main, d.dlq), (6, 3));
 
-    let (_, _, resp) = send(f.router(), get("/api/v1/dead?class=RateLimited", Some(OPERATOR))).await;
+    let (_, _, resp) = send(
+        f.router(),
+        get("/api/v1/dead?class=RateLimited", Some(OPERATOR)),
+    )
+    .await;
     let id = json(&resp)["items"][0]["id"].as_str().unwrap().to_owned();
     let body = serde_json::json!({"payload": "{\"task\":\"fixed\"}", "to": "agent.fixed"});
-    let (status, _, resp) = send(f.router(), post_json(&format!("/api/v1/dead/{id}/replay"), Some(OPERATOR), &body)).await;
+    let (status, _, resp) = send(
+        f.router(),
+        post_json(&format!("/api/v1/dead/{id}/replay"), Some(OPERATOR), &body),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     assert_eq!(json(&resp)["by_queue"]["agent.fixed"], 1);
-    let fixed = f.store.fetch(&redrive_core::LaneSet { queue: QueueName::new("agent.fixed").unwrap(), tiers: vec![] }, 10, std::time::Duration::from_secs(5)).await.unwrap();
+    let fixed = f
+        .store
+        .fetch(
+            &redrive_core::LaneSet {
+                queue: QueueName::new("agent.fixed").unwrap(),
+                tiers: vec![],
+            },
+            10,
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
     assert_eq!(fixed.deliveries.len(), 1);
-    assert_eq!(fixed.deliveries[0].envelope.payload, b"{\"task\":\"fixed\"}");
-    assert_eq!(fixed.deliveries[0].envelope.id.to_string(), id, "an edited replay keeps the id");
+    assert_eq!(
+        fixed.deliveries[0].envelope.payload,
+        b"{\"task\":\"fixed\"}"
+    );
+    assert_eq!(
+        fixed.deliveries[0].envelope.id.to_string(),
+        id,
+        "an edited replay keeps the id"
+    );
 
     let body = serde_json::json!({"filter": {"class": "RateLimited"}});
-    let (_, _, resp) = send(f.router(), post_json("/api/v1/purge", Some(OPERATOR), &body)).await;
+    let (_, _, resp) = send(
+        f.router(),
+        post_json("/api/v1/purge", Some(OPERATOR), &body),
+    )
+    .await;
     assert_eq!(json(&resp)["purged"], 2);
 
     let (_, _, resp) = send(f.router(), get("/api/v1/audit", Some(VIEWER))).await;
@@ -192,9 +347,22 @@ async fn operator_replays_with_dry_run_and_everything_is_audited() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["action"].as_str().unwrap(), e["count"].as_u64().unwrap(), e["actor"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["count"].as_u64().unwrap(),
+                e["actor"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(actions, [("purge", 2, "api:operator"), ("replay", 1, "api:operator"), ("replay", 6, "api:operator")]);
+    assert_eq!(
+        actions,
+        [
+            ("purge", 2, "api:operator"),
+            ("replay", 1, "api:operator"),
+            ("replay", 6, "api:operator")
+        ]
+    );
     assert_eq!(audit[2]["reason"], "schema fixed");
 }
 
@@ -205,16 +373,42 @@ async fn bad_requests_get_clear_errors() {
         (serde_json::json!({}), "exactly one of"),
         (serde_json::json!({"filter": {}}), "empty filter"),
         (serde_json::json!({"ids": ["nope"]}), "invalid message id"),
-        (serde_json::json!({"all": true, "to": "bad queue"}), "invalid queue name"),
-        (serde_json::json!({"all": true, "rate_per_sec": 0}), "rate_per_sec"),
+        (
+            serde_json::json!({"all": true, "to": "bad queue"}),
+            "invalid queue name",
+        ),
+        (
+            serde_json::json!({"all": true, "rate_per_sec": 0}),
+            "rate_per_sec",
+        ),
     ] {
-        let (status, _, resp) = send(f.router(), post_json("/api/v1/replay", Some(OPERATOR), &body)).await;
+        let (status, _, resp) = send(
+            f.router(),
+            post_json("/api/v1/replay", Some(OPERATOR), &body),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(json(&resp)["error"].as_str().unwrap().contains(needle), "{body}: {}", String::from_utf8_lossy(&resp));
+        assert!(
+            json(&resp)["error"].as_str().unwrap().contains(needle),
+            "{body}: {}",
+            String::from_utf8_lossy(&resp)
+        );
     }
-    let (status, _, resp) = send(f.router(), get("/api/v1/dead/01a21ed2-7110-754d-80d2-085619addb45", Some(VIEWER))).await;
+    let (status, _, resp) = send(
+        f.router(),
+        get(
+            "/api/v1/dead/01a21ed2-7110-754d-80d2-085619addb45",
+            Some(VIEWER),
+        ),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(json(&resp)["error"].as_str().unwrap().contains("no dead message"));
+    assert!(
+        json(&resp)["error"]
+            .as_str()
+            .unwrap()
+            .contains("no dead message")
+    );
     let huge = vec![b'x'; redrive_server::MAX_BODY + 10];
     let req = Request::post("/api/v1/replay")
         .header(header::HOST, "127.0.0.1:8080")
@@ -231,17 +425,41 @@ async fn pages_escape_payloads_headers_and_errors() {
     let f = fixture(tokens(), 0).await;
     let (_, _, resp) = send(f.router(), get("/api/v1/dead?queue=other", Some(VIEWER))).await;
     let id = json(&resp)["items"][0]["id"].as_str().unwrap().to_owned();
-    for path in [format!("/messages/{id}"), "/groups".to_owned(), "/messages?queue=other".to_owned(), "/".to_owned()] {
+    for path in [
+        format!("/messages/{id}"),
+        "/groups".to_owned(),
+        "/messages?queue=other".to_owned(),
+        "/".to_owned(),
+    ] {
         let (status, headers, body) = send(f.router(), get(&path, Some(VIEWER))).await;
         assert_eq!(status, StatusCode::OK, "{path}");
         let html = String::from_utf8(body).unwrap();
-        assert!(!html.contains("<script>alert"), "{path} rendered a raw script tag");
-        assert!(!html.contains("<img src=x"), "{path} rendered a raw img tag");
-        let csp = headers.get(header::CONTENT_SECURITY_POLICY).unwrap().to_str().unwrap();
-        assert!(csp.contains("default-src 'none'") && !csp.contains("unsafe-inline"), "{csp}");
+        assert!(
+            !html.contains("<script>alert"),
+            "{path} rendered a raw script tag"
+        );
+        assert!(
+            !html.contains("<img src=x"),
+            "{path} rendered a raw img tag"
+        );
+        let csp = headers
+            .get(header::CONTENT_SECURITY_POLICY)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
         if path.starts_with("/messages/") {
-            assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "the payload is shown as text");
-            assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;"), "the payload is shown as text");
+            assert!(
+                html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+                "the payload is shown as text"
+            );
+            assert!(
+                html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+                "the payload is shown as text"
+            );
         }
     }
 }
@@ -257,39 +475,79 @@ async fn ui_writes_need_the_session_csrf_token() {
         .unwrap();
     let (status, headers, _) = send(f.router(), req).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
-    let cookie = headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let cookie = headers
+        .get(header::SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     let session = cookie.split(';').next().unwrap().to_owned();
-    let groups = f.store.groups(&redrive_core::DeadFilter::default(), 100).await.unwrap();
+    let groups = f
+        .store
+        .groups(&redrive_core::DeadFilter::default(), 100)
+        .await
+        .unwrap();
     let fp = &groups[0].fingerprint;
     let form = |csrf: &str| {
         Request::post(format!("/groups/{fp}/replay"))
             .header(header::HOST, "127.0.0.1:8080")
             .header(header::COOKIE, &session)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Body::from(format!("csrf={csrf}&expected={}", groups[0].count)))
+            .body(Body::from(format!(
+                "csrf={csrf}&expected={}",
+                groups[0].count
+            )))
             .unwrap()
     };
     let (status, _, _) = send(f.router(), form("forged")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // The real token is in the confirmation page's form.
-    let req = Request::get(format!("/groups/{fp}/replay")).header(header::HOST, "127.0.0.1:8080").header(header::COOKIE, &session).body(Body::empty()).unwrap();
+    let req = Request::get(format!("/groups/{fp}/replay"))
+        .header(header::HOST, "127.0.0.1:8080")
+        .header(header::COOKIE, &session)
+        .body(Body::empty())
+        .unwrap();
     let (_, _, page) = send(f.router(), req).await;
     let page = String::from_utf8(page).unwrap();
-    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
     let cross = Request::post(format!("/groups/{fp}/replay"))
         .header(header::HOST, "127.0.0.1:8080")
         .header(header::ORIGIN, "https://evil.example")
         .header(header::COOKIE, &session)
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(format!("csrf={csrf}&expected={}", groups[0].count)))
+        .body(Body::from(format!(
+            "csrf={csrf}&expected={}",
+            groups[0].count
+        )))
         .unwrap();
     let (status, _, _) = send(f.router(), cross).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "a cross-origin form post is refused");
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a cross-origin form post is refused"
+    );
     let before = f.store.depth(None).await.unwrap();
     let (status, headers, _) = send(f.router(), form(&csrf)).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
-    assert!(headers.get(header::LOCATION).unwrap().to_str().unwrap().contains("Replayed"));
+    assert!(
+        headers
+            .get(header::LOCATION)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("Replayed")
+    );
     assert_eq!(f.store.depth(None).await.unwrap(), before - groups[0].count);
 }
 
@@ -297,8 +555,15 @@ async fn ui_writes_need_the_session_csrf_token() {
 async fn open_mode_answers_only_loopback_host_names() {
     let f = fixture(Tokens::default(), 1).await;
     let (status, _, _) = send(f.router(), get("/api/v1/queues", None)).await;
-    assert_eq!(status, StatusCode::OK, "no token configured: local callers are operators");
-    let rebinding = Request::get("/api/v1/queues").header(header::HOST, "attacker.example:8080").body(Body::empty()).unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "no token configured: local callers are operators"
+    );
+    let rebinding = Request::get("/api/v1/queues")
+        .header(header::HOST, "attacker.example:8080")
+        .body(Body::empty())
+        .unwrap();
     let (status, _, _) = send(f.router(), rebinding).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let form_post = Request::post("/api/v1/purge")
@@ -307,17 +572,31 @@ async fn open_mode_answers_only_loopback_host_names() {
         .body(Body::from("all=true"))
         .unwrap();
     let (status, _, _) = send(f.router(), form_post).await;
-    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "API writes must be JSON, which a cross-site form cannot send");
+    assert_eq!(
+        status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "API writes must be JSON, which a cross-site form cannot send"
+    );
 }
 
 #[tokio::test]
 async fn export_streams_one_json_line_per_dead_message() {
     let f = fixture(tokens(), 1200).await;
-    let (status, headers, body) = send(f.router(), get("/api/v1/export?queue=agent.tasks", Some(VIEWER))).await;
+    let (status, headers, body) = send(
+        f.router(),
+        get("/api/v1/export?queue=agent.tasks", Some(VIEWER)),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(headers.get(header::CONTENT_TYPE).unwrap(), "application/x-ndjson");
+    assert_eq!(
+        headers.get(header::CONTENT_TYPE).unwrap(),
+        "application/x-ndjson"
+    );
     let text = String::from_utf8(body).unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 1200);
     assert!(lines.iter().all(|l| l["queue"] == "agent.tasks"));
 }
@@ -327,25 +606,49 @@ async fn metrics_scrape_parses_and_reports_lanes() {
     let f = fixture(tokens(), 5).await;
     let (status, headers, body) = send(f.router(), get("/metrics", Some(VIEWER))).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(headers.get(header::CONTENT_TYPE).unwrap().to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(
+        headers
+            .get(header::CONTENT_TYPE)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
     let text = String::from_utf8(body).unwrap();
     assert_eq!(text.lines().last(), Some("# EOF"));
     let mut samples = std::collections::HashMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
         assert!(name.starts_with("redrive_"), "{name}");
         samples.insert(name.to_owned(), value);
     }
-    assert_eq!(samples.get(r#"redrive_lane_depth_messages{queue="agent.tasks",lane="dlq"}"#), Some(&5.0));
-    assert_eq!(samples.get(r#"redrive_dlq_messages{queue="agent.tasks",error_class="SchemaError"}"#), Some(&3.0));
-    assert!(samples.contains_key(r#"redrive_lane_oldest_age_seconds{queue="agent.tasks",lane="dlq"}"#));
+    assert_eq!(
+        samples.get(r#"redrive_lane_depth_messages{queue="agent.tasks",lane="dlq"}"#),
+        Some(&5.0)
+    );
+    assert_eq!(
+        samples.get(r#"redrive_dlq_messages{queue="agent.tasks",error_class="SchemaError"}"#),
+        Some(&3.0)
+    );
+    assert!(
+        samples.contains_key(r#"redrive_lane_oldest_age_seconds{queue="agent.tasks",lane="dlq"}"#)
+    );
 }
 
 #[test]
 fn openapi_documents_every_api_route() {
     let doc = redrive_server::openapi::document();
-    let paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
+    let paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     let source = include_str!("../src/lib.rs");
     let routes: Vec<&str> = source
         .lines()
@@ -356,6 +659,9 @@ fn openapi_documents_every_api_route() {
     assert!(routes.len() >= 8, "{routes:?}");
     for route in routes {
         let full = format!("/api/v1/{route}");
-        assert!(paths.contains(&full.as_str()), "{full} is not in openapi.json");
+        assert!(
+            paths.contains(&full.as_str()),
+            "{full} is not in openapi.json"
+        );
     }
 }

@@ -33,7 +33,10 @@ impl ExecHandler {
     /// Runs `command` with `sh -c`.
     #[must_use]
     pub fn new(command: impl Into<String>) -> Self {
-        Self { command: command.into(), shell: "sh".to_owned() }
+        Self {
+            command: command.into(),
+            shell: "sh".to_owned(),
+        }
     }
 
     fn command_for(&self, msg: &Envelope) -> Command {
@@ -60,16 +63,21 @@ impl ExecHandler {
 fn header_env_name(header: &str) -> String {
     let mut name = String::with_capacity(15 + header.len());
     name.push_str("REDRIVE_HEADER_");
-    name.extend(header.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }));
+    name.extend(header.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
     name
 }
 
 impl Handler for ExecHandler {
     async fn handle(&self, msg: Envelope) -> HandlerResult {
-        let mut child = self
-            .command_for(&msg)
-            .spawn()
-            .map_err(|e| HandlerError::retry("spawn", format!("cannot start `{}`: {e}", self.command)))?;
+        let mut child = self.command_for(&msg).spawn().map_err(|e| {
+            HandlerError::retry("spawn", format!("cannot start `{}`: {e}", self.command))
+        })?;
         let mut stdin = child.stdin.take();
         let mut stderr = child.stderr.take();
         let payload = msg.payload;
@@ -96,17 +104,37 @@ impl Handler for ExecHandler {
             tail
         };
         let ((), tail, status) = tokio::join!(feed, drain, child.wait());
-        let status = status.map_err(|e| HandlerError::retry("spawn", format!("waiting for `{}` failed: {e}", self.command)))?;
+        let status = status.map_err(|e| {
+            HandlerError::retry(
+                "spawn",
+                format!("waiting for `{}` failed: {e}", self.command),
+            )
+        })?;
         let stderr = tail.text();
-        let describe = |what: String| if stderr.is_empty() { format!("{what} (no stderr)") } else { stderr.clone() };
+        let describe = |what: String| {
+            if stderr.is_empty() {
+                format!("{what} (no stderr)")
+            } else {
+                stderr.clone()
+            }
+        };
         match status.code() {
             Some(0) => Ok(()),
-            Some(EX_DATAERR) => Err(HandlerError::poison("exit_65", describe("exited with 65 (EX_DATAERR)".into()))),
-            Some(code) => Err(HandlerError::retry(format!("exit_{code}"), describe(format!("exited with {code}")))),
+            Some(EX_DATAERR) => Err(HandlerError::poison(
+                "exit_65",
+                describe("exited with 65 (EX_DATAERR)".into()),
+            )),
+            Some(code) => Err(HandlerError::retry(
+                format!("exit_{code}"),
+                describe(format!("exited with {code}")),
+            )),
             None => {
                 use std::os::unix::process::ExitStatusExt;
                 let signal = status.signal().unwrap_or(0);
-                Err(HandlerError::retry(format!("signal_{signal}"), describe(format!("killed by signal {signal}"))))
+                Err(HandlerError::retry(
+                    format!("signal_{signal}"),
+                    describe(format!("killed by signal {signal}")),
+                ))
             }
         }
     }
@@ -119,7 +147,9 @@ mod tests {
     use super::*;
 
     fn msg(payload: &str) -> Envelope {
-        Envelope::new(QueueName::new("agent.tasks").unwrap(), payload).with_key("k1").with_header("x-tenant.id", "acme")
+        Envelope::new(QueueName::new("agent.tasks").unwrap(), payload)
+            .with_key("k1")
+            .with_header("x-tenant.id", "acme")
     }
 
     async fn run(cmd: &str, payload: &str) -> Outcome {
@@ -140,9 +170,18 @@ mod tests {
     #[tokio::test]
     async fn exit_codes_map_to_outcomes() {
         assert_eq!(class(&run("cat >/dev/null; exit 0", "x").await), None);
-        assert_eq!(class(&run("echo bad json >&2; exit 65", "x").await), Some(("exit_65".into(), true, "bad json".into())));
-        assert_eq!(class(&run("echo busy >&2; exit 75", "x").await), Some(("exit_75".into(), false, "busy".into())));
-        assert_eq!(class(&run("exit 3", "x").await), Some(("exit_3".into(), false, "exited with 3 (no stderr)".into())));
+        assert_eq!(
+            class(&run("echo bad json >&2; exit 65", "x").await),
+            Some(("exit_65".into(), true, "bad json".into()))
+        );
+        assert_eq!(
+            class(&run("echo busy >&2; exit 75", "x").await),
+            Some(("exit_75".into(), false, "busy".into()))
+        );
+        assert_eq!(
+            class(&run("exit 3", "x").await),
+            Some(("exit_3".into(), false, "exited with 3 (no stderr)".into()))
+        );
         let killed = class(&run("kill -9 $$", "x").await).unwrap();
         assert_eq!((killed.0.as_str(), killed.1), ("signal_9", false));
     }
@@ -160,7 +199,11 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_only_the_last_4k_of_stderr() {
-        let o = run("i=0; while [ $i -lt 2000 ]; do echo \"line $i\" >&2; i=$((i+1)); done; exit 1", "").await;
+        let o = run(
+            "i=0; while [ $i -lt 2000 ]; do echo \"line $i\" >&2; i=$((i+1)); done; exit 1",
+            "",
+        )
+        .await;
         let (_, _, message) = class(&o).unwrap();
         assert!(message.len() <= MAX_ERROR_BYTES, "{}", message.len());
         assert!(message.ends_with("line 1999"));

@@ -17,7 +17,10 @@ pub(crate) struct Tail {
 
 impl Tail {
     pub(crate) fn new(max: usize) -> Self {
-        Self { buf: Vec::new(), max }
+        Self {
+            buf: Vec::new(),
+            max,
+        }
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) {
@@ -30,6 +33,8 @@ impl Tail {
 
     pub(crate) fn text(&self) -> String {
         let start = self.buf.len().saturating_sub(self.max);
-        String::from_utf8_lossy(&self.buf[start..]).trim().to_owned()
+        String::from_utf8_lossy(&self.buf[start..])
+            .trim()
+            .to_owned()
     }
 }

@@ -48,23 +48,44 @@ impl WebhookHandler {
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(WebhookError::Url(url.to_owned()));
         }
-        let client = reqwest::Client::builder().timeout(timeout).user_agent(concat!("redrive/", env!("CARGO_PKG_VERSION"))).build()?;
-        let shown = format!("{}://{}/…", parsed.scheme(), parsed.host_str().unwrap_or("?"));
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(concat!("redrive/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let shown = format!(
+            "{}://{}/…",
+            parsed.scheme(),
+            parsed.host_str().unwrap_or("?")
+        );
         let shown = match parsed.port() {
             Some(port) => shown.replacen("/…", &format!(":{port}/…"), 1),
             None => shown,
         };
-        Ok(Self { client, url: parsed, shown })
+        Ok(Self {
+            client,
+            url: parsed,
+            shown,
+        })
     }
 
     fn headers(msg: &Envelope) -> HeaderMap {
         let mut map = HeaderMap::new();
-        let content_type = if serde_json_like(&msg.payload) { "application/json" } else { "application/octet-stream" };
-        map.insert(reqwest::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let content_type = if serde_json_like(&msg.payload) {
+            "application/json"
+        } else {
+            "application/octet-stream"
+        };
+        map.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
         let mut put = |name: &str, value: &str| {
             // Header values cannot hold newlines; such values (multi-line errors) are
             // left out rather than mangled.
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
                 map.append(n, v);
             }
         };
@@ -87,11 +108,18 @@ fn error_chain(e: &reqwest::Error) -> String {
         parts.push(s.to_string());
         source = s.source();
     }
-    if parts.is_empty() { "request failed".to_owned() } else { parts.join(": ") }
+    if parts.is_empty() {
+        "request failed".to_owned()
+    } else {
+        parts.join(": ")
+    }
 }
 
 fn serde_json_like(payload: &[u8]) -> bool {
-    matches!(payload.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
+    matches!(
+        payload.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
 }
 
 /// Reads `Retry-After` in its delay-seconds form.
@@ -103,11 +131,27 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 impl Handler for WebhookHandler {
     async fn handle(&self, msg: Envelope) -> HandlerResult {
         let headers = Self::headers(&msg);
-        let response = self.client.post(self.url.clone()).headers(headers).body(msg.payload).send().await;
+        let response = self
+            .client
+            .post(self.url.clone())
+            .headers(headers)
+            .body(msg.payload)
+            .send()
+            .await;
         let response = match response {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Err(HandlerError::retry("http_timeout", format!("POST {} timed out", self.shown))),
-            Err(e) => return Err(HandlerError::retry("http_connect", format!("POST {} failed: {}", self.shown, error_chain(&e)))),
+            Err(e) if e.is_timeout() => {
+                return Err(HandlerError::retry(
+                    "http_timeout",
+                    format!("POST {} timed out", self.shown),
+                ));
+            }
+            Err(e) => {
+                return Err(HandlerError::retry(
+                    "http_connect",
+                    format!("POST {} failed: {}", self.shown, error_chain(&e)),
+                ));
+            }
         };
         let status = response.status();
         if status.is_success() {
@@ -120,7 +164,11 @@ impl Handler for WebhookHandler {
         }
         let body = tail.text();
         let class = format!("http_{}", status.as_u16());
-        let message = if body.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {body}") };
+        let message = if body.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {body}")
+        };
         let code = status.as_u16();
         Err(match (code, wait) {
             (429 | 503, Some(wait)) => HandlerError::retry_after(wait, class, message),
@@ -164,8 +212,14 @@ mod tests {
     async fn status_codes_map_to_outcomes() {
         let table: [(&'static str, Option<(&str, FailureKind, Option<Duration>)>); 6] = [
             ("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", None),
-            ("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops", Some(("http_500", FailureKind::Retry, None))),
-            ("HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n", Some(("http_408", FailureKind::Retry, None))),
+            (
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+                Some(("http_500", FailureKind::Retry, None)),
+            ),
+            (
+                "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
+                Some(("http_408", FailureKind::Retry, None)),
+            ),
             (
                 "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n",
                 Some(("http_429", FailureKind::Retry, Some(Duration::from_secs(7)))),
@@ -174,14 +228,24 @@ mod tests {
                 "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 0\r\n\r\n",
                 Some(("http_503", FailureKind::Retry, Some(Duration::from_secs(2)))),
             ),
-            ("HTTP/1.1 422 Unprocessable Entity\r\nContent-Length: 9\r\n\r\nbad field", Some(("http_422", FailureKind::Poison, None))),
+            (
+                "HTTP/1.1 422 Unprocessable Entity\r\nContent-Length: 9\r\n\r\nbad field",
+                Some(("http_422", FailureKind::Poison, None)),
+            ),
         ];
         for (response, want) in table {
             let got = match outcome(response).await {
                 Outcome::Ok => None,
-                Outcome::Failed { failure, retry_after } => Some((failure.class, failure.kind, retry_after)),
+                Outcome::Failed {
+                    failure,
+                    retry_after,
+                } => Some((failure.class, failure.kind, retry_after)),
             };
-            assert_eq!(got, want.map(|(c, k, d)| (c.to_owned(), k, d)), "{response}");
+            assert_eq!(
+                got,
+                want.map(|(c, k, d)| (c.to_owned(), k, d)),
+                "{response}"
+            );
         }
     }
 
@@ -191,7 +255,10 @@ mod tests {
         let url = format!("http://{}/", listener.local_addr().unwrap());
         drop(listener);
         let handler = WebhookHandler::new(&url, Duration::from_secs(2)).unwrap();
-        let err = handler.handle(Envelope::new(QueueName::new("q").unwrap(), "x")).await.unwrap_err();
+        let err = handler
+            .handle(Envelope::new(QueueName::new("q").unwrap(), "x"))
+            .await
+            .unwrap_err();
         assert_eq!((err.class(), err.is_poison()), ("http_connect", false));
     }
 
@@ -199,19 +266,28 @@ mod tests {
     async fn error_messages_do_not_carry_the_url_path() {
         // Webhook URLs often embed a secret token in the path; errors are stored.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/services/T000/SECRET-TOKEN?key=hunter2", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/services/T000/SECRET-TOKEN?key=hunter2",
+            listener.local_addr().unwrap()
+        );
         drop(listener);
         let handler = WebhookHandler::new(&url, Duration::from_secs(2)).unwrap();
         let msg = Envelope::new(QueueName::new("q").unwrap(), "x");
         let text = format!("{:?}", Outcome::from_result(handler.handle(msg).await, 0));
-        assert!(!text.contains("SECRET") && !text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains("SECRET") && !text.contains("hunter2"),
+            "{text}"
+        );
         assert!(text.contains("127.0.0.1"), "{text}");
     }
 
     #[test]
     fn refuses_non_http_urls() {
         for url in ["ftp://x", "not a url", "file:///etc/passwd"] {
-            assert!(WebhookHandler::new(url, Duration::from_secs(1)).is_err(), "{url}");
+            assert!(
+                WebhookHandler::new(url, Duration::from_secs(1)).is_err(),
+                "{url}"
+            );
         }
     }
 }

@@ -1,10 +1,10 @@
 //! The embedded [`AlertStore`]: alert state and the notification outbox, in the same
 //! file as the dead letters they are about.
 
+use redrive_core::StoreError;
 use redrive_core::alert::{
     AlertPhase, AlertState, AlertStore, NewNotification, Notification, NotificationKind, Transition,
 };
-use redrive_core::StoreError;
 use rusqlite::{Connection, params};
 
 use crate::db::Sqlite;
@@ -28,7 +28,11 @@ fn notification_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Notification
     Ok(Notification {
         id: r.get(0)?,
         notifier: r.get(1)?,
-        kind: if kind == "resolve" { NotificationKind::Resolve } else { NotificationKind::Trigger },
+        kind: if kind == "resolve" {
+            NotificationKind::Resolve
+        } else {
+            NotificationKind::Trigger
+        },
         rule: r.get(3)?,
         expr: r.get(4)?,
         queue: r.get(5)?,
@@ -42,7 +46,8 @@ fn notification_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Notification
 }
 
 const STATE_COLUMNS: &str = "rule, queue, phase, since_ms, fired_ms, resolved_ms, value";
-const OUTBOX_COLUMNS: &str = "id, notifier, kind, rule, expr, queue, value, at_ms, attempts, last_error, sent_ms, failed";
+const OUTBOX_COLUMNS: &str =
+    "id, notifier, kind, rule, expr, queue, value, at_ms, attempts, last_error, sent_ms, failed";
 
 fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
     let q = SqliteError::query("apply alert transition");
@@ -88,8 +93,11 @@ fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
             .map_err(q)?;
         }
         Transition::Cancelled(s) => {
-            conn.execute("DELETE FROM alerts WHERE rule = ?1 AND queue = ?2 AND phase = 'pending'", params![s.rule, s.queue])
-                .map_err(q)?;
+            conn.execute(
+                "DELETE FROM alerts WHERE rule = ?1 AND queue = ?2 AND phase = 'pending'",
+                params![s.rule, s.queue],
+            )
+            .map_err(q)?;
         }
     }
     Ok(())
@@ -98,9 +106,11 @@ fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
 impl AlertStore for Sqlite {
     async fn open_alerts(&self) -> Result<Vec<AlertState>, StoreError> {
         self.read(|conn| {
-            conn.prepare_cached(&format!("SELECT {STATE_COLUMNS} FROM alerts WHERE phase != 'resolved' ORDER BY since_ms"))
-                .and_then(|mut s| s.query_map([], state_from_row)?.collect())
-                .map_err(SqliteError::query("read open alerts"))
+            conn.prepare_cached(&format!(
+                "SELECT {STATE_COLUMNS} FROM alerts WHERE phase != 'resolved' ORDER BY since_ms"
+            ))
+            .and_then(|mut s| s.query_map([], state_from_row)?.collect())
+            .map_err(SqliteError::query("read open alerts"))
         })
         .await
         .map_err(Into::into)
@@ -119,7 +129,11 @@ impl AlertStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn apply_transitions(&self, transitions: Vec<Transition>, notifications: Vec<NewNotification>) -> Result<(), StoreError> {
+    async fn apply_transitions(
+        &self,
+        transitions: Vec<Transition>,
+        notifications: Vec<NewNotification>,
+    ) -> Result<(), StoreError> {
         self.write(move |conn| {
             for t in &transitions {
                 apply(conn, t)?;
@@ -145,7 +159,11 @@ impl AlertStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn due_notifications(&self, now_ms: i64, limit: usize) -> Result<Vec<Notification>, StoreError> {
+    async fn due_notifications(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Notification>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
             conn.prepare_cached(&format!(
@@ -158,7 +176,11 @@ impl AlertStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn record_delivery(&self, id: i64, result: Result<i64, (String, Option<i64>)>) -> Result<(), StoreError> {
+    async fn record_delivery(
+        &self,
+        id: i64,
+        result: Result<i64, (String, Option<i64>)>,
+    ) -> Result<(), StoreError> {
         self.write(move |conn| {
             match result {
                 Ok(sent_ms) => conn.execute(
@@ -180,9 +202,11 @@ impl AlertStore for Sqlite {
     async fn recent_notifications(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            conn.prepare_cached(&format!("SELECT {OUTBOX_COLUMNS} FROM alert_outbox ORDER BY id DESC LIMIT ?1"))
-                .and_then(|mut s| s.query_map([limit], notification_from_row)?.collect())
-                .map_err(SqliteError::query("read notifications"))
+            conn.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM alert_outbox ORDER BY id DESC LIMIT ?1"
+            ))
+            .and_then(|mut s| s.query_map([limit], notification_from_row)?.collect())
+            .map_err(SqliteError::query("read notifications"))
         })
         .await
         .map_err(Into::into)

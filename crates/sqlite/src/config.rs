@@ -31,7 +31,10 @@ impl SqliteConfig {
     /// A configuration for `path` with full durability.
     #[must_use]
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), durability: Durability::Full }
+        Self {
+            path: path.into(),
+            durability: Durability::Full,
+        }
     }
 
     /// Parses `sqlite://PATH[?durability=full|relaxed]`. `sqlite:///abs/path` and
@@ -42,7 +45,10 @@ impl SqliteConfig {
     /// Returns [`SqliteError::Url`] for another scheme, an empty path, or an unknown
     /// option.
     pub fn from_url(url: &str) -> Result<Self, SqliteError> {
-        let bad = |reason: &str| SqliteError::Url { url: url.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| SqliteError::Url {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
         let rest = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
@@ -56,7 +62,11 @@ impl SqliteConfig {
             match pair.split_once('=') {
                 Some(("durability", "full")) => config.durability = Durability::Full,
                 Some(("durability", "relaxed")) => config.durability = Durability::Relaxed,
-                _ => return Err(bad(&format!("unknown option {pair:?}; the only option is durability=full|relaxed"))),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {pair:?}; the only option is durability=full|relaxed"
+                    )));
+                }
             }
         }
         Ok(config)
@@ -81,15 +91,32 @@ mod tests {
     fn parses_store_urls() {
         let table = [
             ("sqlite://redrive.db", "redrive.db", Durability::Full),
-            ("sqlite:///var/lib/redrive.db", "/var/lib/redrive.db", Durability::Full),
-            ("sqlite://x.db?durability=relaxed", "x.db", Durability::Relaxed),
+            (
+                "sqlite:///var/lib/redrive.db",
+                "/var/lib/redrive.db",
+                Durability::Full,
+            ),
+            (
+                "sqlite://x.db?durability=relaxed",
+                "x.db",
+                Durability::Relaxed,
+            ),
             ("sqlite:x.db?durability=full", "x.db", Durability::Full),
         ];
         for (url, path, durability) in table {
             let c = SqliteConfig::from_url(url).unwrap();
-            assert_eq!((c.path, c.durability), (PathBuf::from(path), durability), "{url}");
+            assert_eq!(
+                (c.path, c.durability),
+                (PathBuf::from(path), durability),
+                "{url}"
+            );
         }
-        for url in ["postgres://x", "sqlite://", "sqlite://x.db?sync=off", "redrive.db"] {
+        for url in [
+            "postgres://x",
+            "sqlite://",
+            "sqlite://x.db?sync=off",
+            "redrive.db",
+        ] {
             let err = SqliteConfig::from_url(url).unwrap_err().to_string();
             assert!(err.contains(url), "{err}");
         }

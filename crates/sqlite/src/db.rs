@@ -178,16 +178,26 @@ pub struct Sqlite {
 
 impl std::fmt::Debug for Sqlite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sqlite").field("path", &self.inner.path).finish_non_exhaustive()
+        f.debug_struct("Sqlite")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
     }
 }
 
 fn connect(path: &Path, durability: Durability) -> Result<Connection, SqliteError> {
-    let open_err = |source| SqliteError::Open { path: path.to_owned(), source };
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let open_err = |source| SqliteError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(open_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(open_err(rusqlite::Error::InvalidParameterName(format!(
             "the file system refused WAL mode (journal_mode={mode})"
@@ -197,7 +207,10 @@ fn connect(path: &Path, durability: Durability) -> Result<Connection, SqliteErro
         Durability::Full => "FULL",
         Durability::Relaxed => "NORMAL",
     };
-    conn.execute_batch(&format!("PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF;")).map_err(open_err)?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF;"
+    ))
+    .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -206,7 +219,11 @@ impl Sqlite {
     pub(crate) fn open(config: &SqliteConfig) -> Result<Self, SqliteError> {
         let path = config.path.clone();
         let conn = connect(&path, config.durability)?;
-        conn.execute_batch(SCHEMA).map_err(|source| SqliteError::Open { path: path.clone(), source })?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|source| SqliteError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let reader = connect(&path, config.durability)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -261,7 +278,9 @@ impl Sqlite {
         let run: Run = Box::new(move |conn| {
             let result = match conn {
                 Some(conn) => f(conn),
-                None => Err(SqliteError::Commit("the transaction could not begin".to_owned())),
+                None => Err(SqliteError::Commit(
+                    "the transaction could not begin".to_owned(),
+                )),
             };
             let ok = result.is_ok();
             let done: Completion = Box::new(move |commit| {
@@ -271,8 +290,16 @@ impl Sqlite {
         });
         let job = Job { run, single };
         {
-            let writer = self.inner.writer.lock().map_err(|_| SqliteError::WriterGone)?;
-            writer.as_ref().ok_or(SqliteError::WriterGone)?.send(job).map_err(|_| SqliteError::WriterGone)?;
+            let writer = self
+                .inner
+                .writer
+                .lock()
+                .map_err(|_| SqliteError::WriterGone)?;
+            writer
+                .as_ref()
+                .ok_or(SqliteError::WriterGone)?
+                .send(job)
+                .map_err(|_| SqliteError::WriterGone)?;
         }
         rx.await.map_err(|_| SqliteError::WriterGone)?
     }
@@ -295,10 +322,16 @@ impl Sqlite {
     /// The retry lanes to fetch from: the consumer's tiers, plus any other retry lane
     /// that holds messages of the queue (left by a consumer with other tiers), looked
     /// up at most every 30 s so no message is stranded when tiers change.
-    pub(crate) async fn retry_lanes(&self, queue: &str, configured: Vec<String>) -> Result<Vec<String>, SqliteError> {
+    pub(crate) async fn retry_lanes(
+        &self,
+        queue: &str,
+        configured: Vec<String>,
+    ) -> Result<Vec<String>, SqliteError> {
         const REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
         let cached = self.inner.lanes.lock().ok().and_then(|c| {
-            c.get(queue).filter(|(at, _)| at.elapsed() < REFRESH).map(|(_, lanes)| lanes.clone())
+            c.get(queue)
+                .filter(|(at, _)| at.elapsed() < REFRESH)
+                .map(|(_, lanes)| lanes.clone())
         });
         let found = match cached {
             Some(found) => found,
@@ -331,7 +364,9 @@ impl Sqlite {
     /// How many group commits this handle's writer has made.
     #[must_use]
     pub fn commit_count(&self) -> u64 {
-        self.inner.commits.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the writer after the operations already queued; later writes fail.
@@ -361,7 +396,9 @@ fn run_group(conn: &Connection, jobs: Vec<Job>) {
         tracing::error!(error = %e, "sqlite group commit could not begin");
         for job in jobs {
             let (_, done) = (job.run)(None);
-            done(Err(SqliteError::Commit(format!("cannot begin a transaction: {e}"))));
+            done(Err(SqliteError::Commit(format!(
+                "cannot begin a transaction: {e}"
+            ))));
         }
         return;
     }

@@ -61,13 +61,19 @@ impl From<SqliteError> for TransportError {
     fn from(e: SqliteError) -> Self {
         match e {
             SqliteError::LeaseLost(id) => Self::LeaseLost { id },
-            other => Self::Backend { context: "embedded store".to_owned(), source: Box::new(other) },
+            other => Self::Backend {
+                context: "embedded store".to_owned(),
+                source: Box::new(other),
+            },
         }
     }
 }
 
 impl From<SqliteError> for StoreError {
     fn from(e: SqliteError) -> Self {
-        Self::Backend { context: "embedded store".to_owned(), source: Box::new(e) }
+        Self::Backend {
+            context: "embedded store".to_owned(),
+            source: Box::new(e),
+        }
     }
 }

@@ -28,22 +28,32 @@ impl RetentionStore for Sqlite {
                          ORDER BY dead_at_ms, id LIMIT ?4",
                     )
                     .and_then(|mut s| {
-                        s.query_map(params![to_ms, after.0, after.1, COMPRESS_BATCH], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                            .collect()
+                        s.query_map(params![to_ms, after.0, after.1, COMPRESS_BATCH], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        })?
+                        .collect()
                     })
                     .map_err(SqliteError::query("read warm payloads"))
                 })
                 .await?;
-            let Some(last) = rows.last() else { return Ok(total) };
+            let Some(last) = rows.last() else {
+                return Ok(total);
+            };
             cursor = (last.1, last.0.clone());
-            let rows: Vec<(String, Vec<u8>)> = rows.into_iter().filter(|r| !r.2).map(|r| (r.0, r.3)).collect();
+            let rows: Vec<(String, Vec<u8>)> = rows
+                .into_iter()
+                .filter(|r| !r.2)
+                .map(|r| (r.0, r.3))
+                .collect();
             if rows.is_empty() {
                 continue;
             }
             // Compress off the async threads and off the writer thread.
             let compressed = tokio::task::spawn_blocking(move || {
                 rows.into_iter()
-                    .map(|(id, payload)| zstd::encode_all(payload.as_slice(), LEVEL).map(|c| (id, c)))
+                    .map(|(id, payload)| {
+                        zstd::encode_all(payload.as_slice(), LEVEL).map(|c| (id, c))
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .await
@@ -73,7 +83,10 @@ impl RetentionStore for Sqlite {
                 "SELECT DISTINCT queue, (dead_at_ms / 86400000) * 86400000 AS day FROM dead_letters
                  WHERE replayed = 0 AND dead_at_ms < ?1 ORDER BY day, queue",
             )
-            .and_then(|mut s| s.query_map([last_day_start], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .and_then(|mut s| {
+                s.query_map([last_day_start], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
             .map_err(SqliteError::query("list archivable days"))
         })
         .await
@@ -104,9 +117,12 @@ impl RetentionStore for Sqlite {
 
     async fn forget_replayed_before(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         self.write(move |conn| {
-            conn.execute("DELETE FROM dead_letters WHERE replayed = 1 AND dead_at_ms < ?1", [cutoff_ms])
-                .map(|n| n as u64)
-                .map_err(SqliteError::query("forget replayed"))
+            conn.execute(
+                "DELETE FROM dead_letters WHERE replayed = 1 AND dead_at_ms < ?1",
+                [cutoff_ms],
+            )
+            .map(|n| n as u64)
+            .map_err(SqliteError::query("forget replayed"))
         })
         .await
         .map_err(Into::into)

@@ -2,8 +2,8 @@
 //! when a message dies and by ingesters, read by the CLI and the triage UI.
 
 use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection, DeadStats, MessageId, QueueName, StoreError,
-    now_ms,
+    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    DeadStats, MessageId, QueueName, StoreError, now_ms,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
@@ -47,21 +47,40 @@ const DEAD_COLUMNS: &str = "queue, dead_at_ms, key, payload, headers, compressed
 type DeadRow = (String, i64, Option<String>, Vec<u8>, String, bool);
 
 fn dead_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
 fn to_dead(row: DeadRow) -> Result<DeadLetter, SqliteError> {
     let (queue, dead_at_ms, key, payload, headers, compressed) = row;
     let payload = if compressed {
-        zstd::decode_all(payload.as_slice())
-            .map_err(|e| SqliteError::Corrupt { id: format!("in queue {queue}"), reason: format!("compressed payload: {e}") })?
+        zstd::decode_all(payload.as_slice()).map_err(|e| SqliteError::Corrupt {
+            id: format!("in queue {queue}"),
+            reason: format!("compressed payload: {e}"),
+        })?
     } else {
         payload
     };
-    Ok(DeadLetter { envelope: envelope_from_row(&queue, key, payload, &headers)?, dead_at_ms })
+    Ok(DeadLetter {
+        envelope: envelope_from_row(&queue, key, payload, &headers)?,
+        dead_at_ms,
+    })
 }
 
-fn audit(conn: &Connection, actor: &str, action: &str, detail: &str, count: u64, reason: &str) -> Result<(), SqliteError> {
+fn audit(
+    conn: &Connection,
+    actor: &str,
+    action: &str,
+    detail: &str,
+    count: u64,
+    reason: &str,
+) -> Result<(), SqliteError> {
     conn.prepare_cached(
         "INSERT INTO audit (at_ms, actor, action, detail, count, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
@@ -80,7 +99,9 @@ fn describe(selection: &DeadSelection) -> String {
 impl DeadLetterStore for Sqlite {
     async fn insert(&self, dead: &DeadLetter) -> Result<bool, StoreError> {
         let dead = dead.clone();
-        self.write(move |conn| insert_dead(conn, &dead.envelope, dead.dead_at_ms)).await.map_err(Into::into)
+        self.write(move |conn| insert_dead(conn, &dead.envelope, dead.dead_at_ms))
+            .await
+            .map_err(Into::into)
     }
 
     async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
@@ -96,7 +117,12 @@ impl DeadLetterStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn list(&self, filter: &DeadFilter, cursor: Option<&Cursor>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    async fn list(
+        &self,
+        filter: &DeadFilter,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let filter = filter.clone();
         let cursor = cursor.cloned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -113,7 +139,10 @@ impl DeadLetterStore for Sqlite {
             args.push(Value::Integer(limit));
             let rows: Vec<_> = conn
                 .prepare_cached(&sql)
-                .and_then(|mut s| s.query_map(params_from_iter(args), dead_from_row)?.collect())
+                .and_then(|mut s| {
+                    s.query_map(params_from_iter(args), dead_from_row)?
+                        .collect()
+                })
                 .map_err(SqliteError::query("list dead letters"))?;
             rows.into_iter().map(to_dead).collect()
         })
@@ -121,7 +150,11 @@ impl DeadLetterStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn groups(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<DeadGroup>, StoreError> {
+    async fn groups(
+        &self,
+        filter: &DeadFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadGroup>, StoreError> {
         let filter = filter.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
@@ -186,7 +219,9 @@ impl DeadLetterStore for Sqlite {
         let id = id.to_string();
         self.read(move |conn| {
             let row = conn
-                .prepare_cached(&format!("SELECT {DEAD_COLUMNS} FROM dead_letters WHERE id = ?1 AND replayed = 0"))
+                .prepare_cached(&format!(
+                    "SELECT {DEAD_COLUMNS} FROM dead_letters WHERE id = ?1 AND replayed = 0"
+                ))
                 .and_then(|mut s| s.query_row([id], dead_from_row).optional())
                 .map_err(SqliteError::query("get dead letter"))?;
             row.map(to_dead).transpose()
@@ -195,16 +230,25 @@ impl DeadLetterStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn mark_replayed(&self, ids: &[MessageId], actor: &str, reason: &str) -> Result<u64, StoreError> {
+    async fn mark_replayed(
+        &self,
+        ids: &[MessageId],
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let (actor, reason) = (actor.to_owned(), reason.to_owned());
         self.write(move |conn| {
             let mut stmt = conn
-                .prepare_cached("UPDATE dead_letters SET replayed = 1 WHERE id = ?1 AND replayed = 0")
+                .prepare_cached(
+                    "UPDATE dead_letters SET replayed = 1 WHERE id = ?1 AND replayed = 0",
+                )
                 .map_err(SqliteError::query("prepare replay mark"))?;
             let mut n = 0u64;
             for id in &ids {
-                n += stmt.execute([id]).map_err(SqliteError::query("mark replayed"))? as u64;
+                n += stmt
+                    .execute([id])
+                    .map_err(SqliteError::query("mark replayed"))? as u64;
             }
             let detail = match ids.as_slice() {
                 [one] => one.clone(),
@@ -217,7 +261,12 @@ impl DeadLetterStore for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn purge(&self, selection: &DeadSelection, actor: &str, reason: &str) -> Result<u64, StoreError> {
+    async fn purge(
+        &self,
+        selection: &DeadSelection,
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         let selection = selection.clone();
         let (actor, reason) = (actor.to_owned(), reason.to_owned());
         self.write(move |conn| {
@@ -228,7 +277,10 @@ impl DeadLetterStore for Sqlite {
                         .map_err(SqliteError::query("prepare purge"))?;
                     let mut n = 0u64;
                     for id in ids {
-                        n += stmt.execute([id.to_string()]).map_err(SqliteError::query("purge"))? as u64;
+                        n += stmt
+                            .execute([id.to_string()])
+                            .map_err(SqliteError::query("purge"))?
+                            as u64;
                     }
                     n
                 }
@@ -236,7 +288,8 @@ impl DeadLetterStore for Sqlite {
                     let mut sql = "DELETE FROM dead_letters WHERE replayed = 0".to_owned();
                     let mut args = Vec::new();
                     push_filter(filter, &mut sql, &mut args);
-                    conn.execute(&sql, params_from_iter(args)).map_err(SqliteError::query("purge"))? as u64
+                    conn.execute(&sql, params_from_iter(args))
+                        .map_err(SqliteError::query("purge"))? as u64
                 }
             };
             audit(conn, &actor, "purge", &describe(&selection), n, &reason)?;

@@ -34,15 +34,23 @@ pub(crate) fn envelope_from_row(
     payload: Vec<u8>,
     headers: &str,
 ) -> Result<Envelope, SqliteError> {
-    let corrupt = |reason: String| SqliteError::Corrupt { id: format!("in queue {queue}"), reason };
+    let corrupt = |reason: String| SqliteError::Corrupt {
+        id: format!("in queue {queue}"),
+        reason,
+    };
     let queue = QueueName::new(queue).map_err(|e| corrupt(e.to_string()))?;
-    let wire: Vec<(String, String)> = serde_json::from_str(headers).map_err(|e| corrupt(e.to_string()))?;
+    let wire: Vec<(String, String)> =
+        serde_json::from_str(headers).map_err(|e| corrupt(e.to_string()))?;
     Envelope::from_wire(&queue, key, payload, wire).map_err(|e| corrupt(e.to_string()))
 }
 
 /// Inserts a dead message; a replayed row of the same id comes back to life, a dead one
 /// is left alone. Returns whether a row was written.
-pub(crate) fn insert_dead(conn: &Connection, env: &Envelope, dead_at_ms: i64) -> Result<bool, SqliteError> {
+pub(crate) fn insert_dead(
+    conn: &Connection,
+    env: &Envelope,
+    dead_at_ms: i64,
+) -> Result<bool, SqliteError> {
     let last = env.last_failure();
     let mut stmt = conn
         .prepare_cached(
@@ -79,14 +87,28 @@ pub(crate) fn insert_dead(conn: &Connection, env: &Envelope, dead_at_ms: i64) ->
 
 type DueRow = (i64, String, i64, bool, Option<String>, Vec<u8>, String);
 
-fn due_rows(conn: &Connection, queue: &str, lane: &str, now: i64, max: i64) -> Result<Vec<DueRow>, SqliteError> {
+fn due_rows(
+    conn: &Connection,
+    queue: &str,
+    lane: &str,
+    now: i64,
+    max: i64,
+) -> Result<Vec<DueRow>, SqliteError> {
     conn.prepare_cached(
         "SELECT seq, lane, due_ms, leased, key, payload, headers FROM messages
          WHERE queue = ?1 AND lane = ?2 AND due_ms <= ?3 ORDER BY due_ms, seq LIMIT ?4",
     )
     .and_then(|mut s| {
         s.query_map(params![queue, lane, now, max], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
         })?
         .collect()
     })
@@ -95,7 +117,11 @@ fn due_rows(conn: &Connection, queue: &str, lane: &str, now: i64, max: i64) -> R
 
 /// When the next message of the queue (any lane, leases included) becomes due: one
 /// index seek per lane.
-fn next_due(conn: &Connection, queue: &str, retry_lanes: &[String]) -> Result<Option<i64>, SqliteError> {
+fn next_due(
+    conn: &Connection,
+    queue: &str,
+    retry_lanes: &[String],
+) -> Result<Option<i64>, SqliteError> {
     let mut next: Option<i64> = None;
     for lane in std::iter::once("main").chain(retry_lanes.iter().map(String::as_str)) {
         let due: Option<i64> = conn
@@ -111,7 +137,11 @@ fn next_due(conn: &Connection, queue: &str, retry_lanes: &[String]) -> Result<Op
 }
 
 fn settle_check(changed: usize, id: &str) -> Result<(), SqliteError> {
-    if changed == 1 { Ok(()) } else { Err(SqliteError::LeaseLost(id.to_owned())) }
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(SqliteError::LeaseLost(id.to_owned()))
+    }
 }
 
 impl Sqlite {
@@ -123,7 +153,12 @@ impl Sqlite {
     /// Fails when the store cannot be written.
     pub async fn register_queue(&self, lanes: &LaneSet) -> Result<(), SqliteError> {
         let name = lanes.queue.to_string();
-        let tiers = lanes.tiers.iter().map(Tier::name).collect::<Vec<_>>().join(",");
+        let tiers = lanes
+            .tiers
+            .iter()
+            .map(Tier::name)
+            .collect::<Vec<_>>()
+            .join(",");
         self.write(move |conn| {
             conn.execute(
                 "INSERT INTO queues (name, tiers, created_ms) VALUES (?1, ?2, ?3)
@@ -144,9 +179,11 @@ impl Transport for Sqlite {
         let queue = queue.clone();
         self.write(move |conn| {
             let now = now_ms();
-            conn.prepare_cached("INSERT INTO queues (name, created_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
-                .and_then(|mut s| s.execute(params![queue.as_str(), now]))
-                .map_err(SqliteError::query("register queue"))?;
+            conn.prepare_cached(
+                "INSERT INTO queues (name, created_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![queue.as_str(), now]))
+            .map_err(SqliteError::query("register queue"))?;
             let mut insert = conn
                 .prepare_cached(
                     "INSERT INTO messages (queue, lane, due_ms, published_ms, key, payload, headers)
@@ -157,7 +194,14 @@ impl Transport for Sqlite {
                 env.queue = queue.clone();
                 let due = env.not_before_ms.map_or(now, |nb| nb.max(now));
                 insert
-                    .execute(params![queue.as_str(), due, now, env.key, env.payload, headers_json(&env)])
+                    .execute(params![
+                        queue.as_str(),
+                        due,
+                        now,
+                        env.key,
+                        env.payload,
+                        headers_json(&env)
+                    ])
                     .map_err(SqliteError::query("publish"))?;
             }
             Ok(())
@@ -166,9 +210,18 @@ impl Transport for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn fetch(&self, lanes: &LaneSet, max: usize, lease: Duration) -> Result<Fetched<Token>, TransportError> {
+    async fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
         let queue = lanes.queue.to_string();
-        let configured = lanes.tiers.iter().map(|t| Lane::Retry(t.name().to_owned()).label()).collect();
+        let configured = lanes
+            .tiers
+            .iter()
+            .map(|t| Lane::Retry(t.name().to_owned()).label())
+            .collect();
         let retry_lanes = self.retry_lanes(&queue, configured).await?;
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
         let max = i64::try_from(max).unwrap_or(i64::MAX);
@@ -251,7 +304,11 @@ impl Transport for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn dead_letter(&self, delivery: &Delivery<Token>, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
         let envelope = envelope.clone();
         self.write(move |conn| {
@@ -272,7 +329,9 @@ impl Transport for Sqlite {
         let id = delivery.envelope.id.to_string();
         self.write_one(move |conn| {
             let changed = conn
-                .prepare_cached("UPDATE messages SET leased = 0, due_ms = ?3 WHERE seq = ?1 AND lease_id = ?2")
+                .prepare_cached(
+                    "UPDATE messages SET leased = 0, due_ms = ?3 WHERE seq = ?1 AND lease_id = ?2",
+                )
                 .and_then(|mut s| s.execute(params![seq, lease_id, now_ms()]))
                 .map_err(SqliteError::query("release"))?;
             settle_check(changed, &id)
@@ -281,7 +340,11 @@ impl Transport for Sqlite {
         .map_err(Into::into)
     }
 
-    async fn extend_lease(&self, delivery: &Delivery<Token>, lease: Duration) -> Result<(), TransportError> {
+    async fn extend_lease(
+        &self,
+        delivery: &Delivery<Token>,
+        lease: Duration,
+    ) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
         let id = delivery.envelope.id.to_string();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
@@ -297,7 +360,11 @@ impl Transport for Sqlite {
     }
 }
 
-fn queue_depths_on(conn: &Connection, queue: &str, tiers: &[String]) -> Result<QueueDepths, SqliteError> {
+fn queue_depths_on(
+    conn: &Connection,
+    queue: &str,
+    tiers: &[String],
+) -> Result<QueueDepths, SqliteError> {
     let now = now_ms();
     let mut depths = QueueDepths {
         queue: queue.to_owned(),
@@ -312,7 +379,12 @@ fn queue_depths_on(conn: &Connection, queue: &str, tiers: &[String]) -> Result<Q
         .map_err(SqliteError::query("prepare depths"))?;
     let rows = stmt
         .query_map(params![queue, now], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(SqliteError::query("depths"))?;
@@ -374,6 +446,8 @@ impl LaneStats for Sqlite {
     async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
         let queue = lanes.queue.to_string();
         let tiers: Vec<String> = lanes.tiers.iter().map(|t| t.name().to_owned()).collect();
-        self.read(move |conn| queue_depths_on(conn, &queue, &tiers)).await.map_err(Into::into)
+        self.read(move |conn| queue_depths_on(conn, &queue, &tiers))
+            .await
+            .map_err(Into::into)
     }
 }

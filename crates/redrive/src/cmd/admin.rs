@@ -13,12 +13,18 @@ use crate::config;
 use crate::output::{json_line, outln};
 
 pub fn config_check(cli: &Cli, file: Option<&PathBuf>, as_json: bool) -> Result<ExitCode> {
-    let path = file.cloned().or_else(|| cli.config.clone()).unwrap_or_else(|| PathBuf::from(config::DEFAULT_FILE));
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let path = file
+        .cloned()
+        .or_else(|| cli.config.clone())
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_FILE));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
     match config::parse(&text, Some(&path)) {
         Ok(c) => {
             if as_json {
-                json_line(&json!({"file": path.display().to_string(), "ok": true, "queues": c.queues.len(), "rules": c.rules.len(), "notifiers": c.notifiers.len()}));
+                json_line(
+                    &json!({"file": path.display().to_string(), "ok": true, "queues": c.queues.len(), "rules": c.rules.len(), "notifiers": c.notifiers.len()}),
+                );
             } else {
                 outln!(
                     "{}: OK ({} queues, {} alert rules, {} notifiers; retention hot {}, warm {})",
@@ -34,8 +40,13 @@ pub fn config_check(cli: &Cli, file: Option<&PathBuf>, as_json: bool) -> Result<
         }
         Err(problems) => {
             if as_json {
-                let list: Vec<_> = problems.iter().map(|p| json!({"line": p.line, "message": p.message})).collect();
-                json_line(&json!({"file": path.display().to_string(), "ok": false, "problems": list}));
+                let list: Vec<_> = problems
+                    .iter()
+                    .map(|p| json!({"line": p.line, "message": p.message}))
+                    .collect();
+                json_line(
+                    &json!({"file": path.display().to_string(), "ok": false, "problems": list}),
+                );
             } else {
                 for p in &problems {
                     eprintln!("{}:{p}", path.display());
@@ -51,16 +62,22 @@ pub async fn retention_run(cli: &Cli, as_json: bool) -> Result<ExitCode> {
     let store = backend::open_any(cli, false).await?;
     match &store {
         backend::Any::Redis(r) => {
-            r.drain().await.context("draining the broker's DLQ before the sweep")?;
+            r.drain()
+                .await
+                .context("draining the broker's DLQ before the sweep")?;
         }
         backend::Any::Nats(n) => {
-            n.drain().await.context("draining the broker's DLQ before the sweep")?;
+            n.drain()
+                .await
+                .context("draining the broker's DLQ before the sweep")?;
         }
         backend::Any::Sqlite(_) => {}
     }
     let store = store.sqlite().clone();
     let retention = &cli.loaded.retention;
-    let report = redrive_retention::sweep(&store, retention, now_ms(), None).await.context("retention sweep")?;
+    let report = redrive_retention::sweep(&store, retention, now_ms(), None)
+        .await
+        .context("retention sweep")?;
     if as_json {
         json_line(&json!({
             "compressed": report.compressed,
@@ -91,9 +108,15 @@ pub async fn archive_import(cli: &Cli, files: &[PathBuf], as_json: bool) -> Resu
     let store = backend::open(cli.store_url(), true)?;
     let (mut read, mut inserted) = (0u64, 0u64);
     for file in files {
-        let (r, i) = redrive_retention::import_file(&store, file).await.with_context(|| format!("importing {}", file.display()))?;
+        let (r, i) = redrive_retention::import_file(&store, file)
+            .await
+            .with_context(|| format!("importing {}", file.display()))?;
         if !as_json {
-            outln!("{}: {r} dead messages, {i} imported ({} already there)", file.display(), r - i);
+            outln!(
+                "{}: {r} dead messages, {i} imported ({} already there)",
+                file.display(),
+                r - i
+            );
         }
         read += r;
         inserted += i;

@@ -13,9 +13,9 @@ use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::{Durability, SqliteConfig};
 use serde::Serialize;
 
-use crate::output::outln;
 use crate::cli::BenchArgs;
 use crate::output::json_line;
+use crate::output::outln;
 
 #[derive(Serialize)]
 struct BenchJson {
@@ -38,9 +38,17 @@ struct BenchJson {
 }
 
 /// Single-row transactions against a scratch file, as many as fit in `for_how_long`.
-fn raw_commit_rate(path: &std::path::Path, durability: Durability, for_how_long: Duration) -> Result<f64> {
+fn raw_commit_rate(
+    path: &std::path::Path,
+    durability: Durability,
+    for_how_long: Duration,
+) -> Result<f64> {
     let conn = rusqlite::Connection::open(path)?;
-    let sync = if durability == Durability::Full { "FULL" } else { "NORMAL" };
+    let sync = if durability == Durability::Full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; CREATE TABLE t (x INTEGER, y BLOB);"
     ))?;
@@ -72,7 +80,10 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 /// The message number in `{"n":123}`.
 fn number(payload: &[u8]) -> u64 {
-    payload.iter().filter(|b| b.is_ascii_digit()).fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
+    payload
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
 }
 
 pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
@@ -99,20 +110,37 @@ pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
     };
     anyhow::ensure!(args.messages > 0, "invalid --messages 0");
     let policy = RetryPolicy::parse(&args.tiers).context("invalid --tiers")?;
-    let dir = tempfile::Builder::new().prefix("redrive-bench-").tempdir().context("creating a scratch directory")?;
+    let dir = tempfile::Builder::new()
+        .prefix("redrive-bench-")
+        .tempdir()
+        .context("creating a scratch directory")?;
     if !args.json {
-        eprintln!("measuring the raw durable commit rate of {} …", dir.path().display());
+        eprintln!(
+            "measuring the raw durable commit rate of {} …",
+            dir.path().display()
+        );
     }
-    let raw = raw_commit_rate(&dir.path().join("raw.db"), durability, Duration::from_secs(2))?;
+    let raw = raw_commit_rate(
+        &dir.path().join("raw.db"),
+        durability,
+        Duration::from_secs(2),
+    )?;
 
-    let store = SqliteConfig { path: dir.path().join("bench.db"), durability }.open()?;
+    let store = SqliteConfig {
+        path: dir.path().join("bench.db"),
+        durability,
+    }
+    .open()?;
     let queue = QueueName::new("bench")?;
     if !args.json {
         eprintln!("publishing {} messages …", args.messages);
     }
     let started = Instant::now();
     for chunk in (0..args.messages).collect::<Vec<_>>().chunks(1000) {
-        let batch = chunk.iter().map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}"))).collect();
+        let batch = chunk
+            .iter()
+            .map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
+            .collect();
         store.publish(&queue, batch).await?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
@@ -135,7 +163,10 @@ pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
             return Err(HandlerError::poison("BenchPoison", "poison by design"));
         }
         if n.is_multiple_of(10) && msg.attempt == 0 {
-            return Err(HandlerError::retry("BenchTransient", "fails once by design"));
+            return Err(HandlerError::retry(
+                "BenchTransient",
+                "fails once by design",
+            ));
         }
         Ok(())
     });
@@ -170,13 +201,38 @@ pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
     if args.json {
         json_line(&result);
     } else {
-        outln!("redrive bench: sqlite, durability {}, {} messages, concurrency {}", result.durability, result.messages, result.concurrency);
-        outln!("  raw SQLite commits/s (1 row per txn)  {:>10.0}", result.raw_commits_per_sec);
-        outln!("  publish msgs/s                        {:>10.0}", result.publish_msgs_per_sec);
-        outln!("  consume msgs/s                        {:>10.0}", result.consume_msgs_per_sec);
-        outln!("  end to end msgs/s (publish+consume)   {:>10.0}", result.end_to_end_msgs_per_sec);
-        outln!("  fsynced commits per message (consume) {:>10.3}", result.consume_commits_per_msg);
-        outln!("  outcomes: {} ok, {} retried, {} dead", result.succeeded, result.retried, result.dead_lettered);
+        outln!(
+            "redrive bench: sqlite, durability {}, {} messages, concurrency {}",
+            result.durability,
+            result.messages,
+            result.concurrency
+        );
+        outln!(
+            "  raw SQLite commits/s (1 row per txn)  {:>10.0}",
+            result.raw_commits_per_sec
+        );
+        outln!(
+            "  publish msgs/s                        {:>10.0}",
+            result.publish_msgs_per_sec
+        );
+        outln!(
+            "  consume msgs/s                        {:>10.0}",
+            result.consume_msgs_per_sec
+        );
+        outln!(
+            "  end to end msgs/s (publish+consume)   {:>10.0}",
+            result.end_to_end_msgs_per_sec
+        );
+        outln!(
+            "  fsynced commits per message (consume) {:>10.3}",
+            result.consume_commits_per_msg
+        );
+        outln!(
+            "  outcomes: {} ok, {} retried, {} dead",
+            result.succeeded,
+            result.retried,
+            result.dead_lettered
+        );
         outln!(
             "  retry lateness ms: p50 {} p99 {} max {} ({} samples)",
             result.retry_lateness_p50_ms,
@@ -196,7 +252,14 @@ mod tests {
     #[test]
     fn percentiles() {
         let v: Vec<u32> = (1..=100).collect();
-        assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (50, 99, 100));
+        assert_eq!(
+            (
+                percentile(&v, 50.0),
+                percentile(&v, 99.0),
+                percentile(&v, 100.0)
+            ),
+            (50, 99, 100)
+        );
         assert_eq!(percentile(&[], 99.0), 0);
         assert_eq!(number(b"{\"n\":1205}"), 1205);
     }

@@ -26,7 +26,9 @@ struct Side {
 
 /// The plain consumer: what a team writes by hand with async-nats.
 async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
-    let client = async_nats::connect(url).await.context("connecting to NATS")?;
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to NATS")?;
     let js = jetstream::new(client);
     let name = format!("{namespace}_plain");
     let subject = format!("{namespace}.plain");
@@ -42,14 +44,23 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
     let started = Instant::now();
     let mut acks = Vec::with_capacity(n);
     for i in 0..n {
-        acks.push(js.publish(subject.clone(), format!("{{\"n\":{i}}}").into()).await?);
+        acks.push(
+            js.publish(subject.clone(), format!("{{\"n\":{i}}}").into())
+                .await?,
+        );
     }
     for a in acks {
         a.await?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
     let consumer: jetstream::consumer::Consumer<pull::Config> = s
-        .get_or_create_consumer("plain", pull::Config { durable_name: Some("plain".into()), ..Default::default() })
+        .get_or_create_consumer(
+            "plain",
+            pull::Config {
+                durable_name: Some("plain".into()),
+                ..Default::default()
+            },
+        )
         .await
         .context("creating the plain consumer")?;
     let started = Instant::now();
@@ -57,13 +68,22 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
     while done < n {
         let mut batch = consumer.fetch().max_messages(256).messages().await?;
         while let Some(m) = next(&mut batch).await {
-            m.map_err(|e| anyhow::anyhow!("{e}"))?.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            m.map_err(|e| anyhow::anyhow!("{e}"))?
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             done += 1;
         }
     }
     let consume_secs = started.elapsed().as_secs_f64();
     let _ = js.delete_stream(&name).await;
-    Ok(Side { tool: "async-nats (plain)", messages: n, publish_secs, consume_secs, consume_msgs_per_sec: n as f64 / consume_secs })
+    Ok(Side {
+        tool: "async-nats (plain)",
+        messages: n,
+        publish_secs,
+        consume_secs,
+        consume_msgs_per_sec: n as f64 / consume_secs,
+    })
 }
 
 async fn next<S: futures_core::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
@@ -71,22 +91,51 @@ async fn next<S: futures_core::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
 }
 
 async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Result<Side> {
-    let transport = NatsConfig::new(&format!("{url}?namespace={namespace}"))?.connect().await.context("--broker")?;
-    let dir = tempfile::Builder::new().prefix("redrive-bench-").tempdir()?;
+    let transport = NatsConfig::new(&format!("{url}?namespace={namespace}"))?
+        .connect()
+        .await
+        .context("--broker")?;
+    let dir = tempfile::Builder::new()
+        .prefix("redrive-bench-")
+        .tempdir()?;
     let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
     let backend = NatsBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
     let started = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        backend.publish(&queue, chunk.iter().map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}"))).collect()).await?;
+        backend
+            .publish(
+                &queue,
+                chunk
+                    .iter()
+                    .map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
+                    .collect(),
+            )
+            .await?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
-    let config = RunnerConfig { concurrency, lease: Duration::from_secs(30), idle_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+    let config = RunnerConfig {
+        concurrency,
+        lease: Duration::from_secs(30),
+        idle_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
     let runner = Runner::new(backend, queue, RetryPolicy::parse("1s")?, config).until_idle();
     let started = Instant::now();
-    runner.run(handler_fn(|_m: Envelope| async { Ok(()) }), std::future::pending()).await?;
+    runner
+        .run(
+            handler_fn(|_m: Envelope| async { Ok(()) }),
+            std::future::pending(),
+        )
+        .await?;
     let consume_secs = started.elapsed().as_secs_f64();
-    Ok(Side { tool: "redrive", messages: n, publish_secs, consume_secs, consume_msgs_per_sec: n as f64 / consume_secs })
+    Ok(Side {
+        tool: "redrive",
+        messages: n,
+        publish_secs,
+        consume_secs,
+        consume_msgs_per_sec: n as f64 / consume_secs,
+    })
 }
 
 pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
@@ -98,7 +147,11 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     // Leave the server as it was.
     if let Ok(client) = async_nats::connect(url).await {
         let js = jetstream::new(client);
-        for s in [format!("{namespace}_bench"), format!("{namespace}_bench_dlq"), format!("KV_{namespace}_history")] {
+        for s in [
+            format!("{namespace}_bench"),
+            format!("{namespace}_bench_dlq"),
+            format!("KV_{namespace}_history"),
+        ] {
             let _ = js.delete_stream(&s).await;
         }
     }
@@ -106,7 +159,13 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
         json_line(&serde_json::json!({ "redrive": mine, "plain": theirs, "ratio": ratio }));
     } else {
         for s in [&mine, &theirs] {
-            outln!("{:<20} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s", s.tool, s.publish_secs, s.consume_secs, s.consume_msgs_per_sec);
+            outln!(
+                "{:<20} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s",
+                s.tool,
+                s.publish_secs,
+                s.consume_secs,
+                s.consume_msgs_per_sec
+            );
         }
         outln!("ratio redrive / plain: {ratio:.2}x");
     }

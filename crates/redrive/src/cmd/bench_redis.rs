@@ -31,14 +31,26 @@ struct RedisBench {
 
 /// The job number in `{"n":123}`.
 fn number(payload: &[u8]) -> u64 {
-    payload.iter().filter(|b| b.is_ascii_digit()).fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
+    payload
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
 }
 
 pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let namespace = format!("bench-{}", redrive_core::now_ms());
-    let url_ns = format!("{url}{}namespace={namespace}", if url.contains('?') { "&" } else { "?" });
-    let transport = RedisConfig::new(url_ns.as_str())?.connect().await.context("--broker")?;
-    let dir = tempfile::Builder::new().prefix("redrive-bench-").tempdir().context("creating a scratch directory")?;
+    let url_ns = format!(
+        "{url}{}namespace={namespace}",
+        if url.contains('?') { "&" } else { "?" }
+    );
+    let transport = RedisConfig::new(url_ns.as_str())?
+        .connect()
+        .await
+        .context("--broker")?;
+    let dir = tempfile::Builder::new()
+        .prefix("redrive-bench-")
+        .tempdir()
+        .context("creating a scratch directory")?;
     let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
     let backend = RedisBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
@@ -46,7 +58,10 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
 
     let started = Instant::now();
     for chunk in (0..args.messages).collect::<Vec<_>>().chunks(1000) {
-        let batch = chunk.iter().map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}"))).collect();
+        let batch = chunk
+            .iter()
+            .map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
+            .collect();
         backend.publish(&queue, batch).await?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
@@ -63,7 +78,10 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let handler = handler_fn(|msg: Envelope| async move {
         let n = number(&msg.payload);
         if n % 100 == 7 {
-            return Err(HandlerError::retry("AlwaysFails", "fails every time by design"));
+            return Err(HandlerError::retry(
+                "AlwaysFails",
+                "fails every time by design",
+            ));
         }
         if n.is_multiple_of(10) && msg.attempt == 0 {
             return Err(HandlerError::retry("FailsOnce", "fails once by design"));
@@ -77,10 +95,20 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let dead = backend.depth(Some(&queue)).await?;
 
     // Leave the shared Redis as it was.
-    let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{namespace}:*")).query_async(&mut conn).await.unwrap_or_default();
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{namespace}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
     if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap_or(0);
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(0);
     }
 
     let result = RedisBench {
@@ -98,9 +126,24 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     if args.json {
         json_line(&result);
     } else {
-        outln!("redrive bench: redis, {} jobs, concurrency {}, tiers {}", result.jobs, result.concurrency, result.tiers);
-        outln!("  publish {:.2}s, process {:.2}s: {:.0} jobs/s", result.publish_secs, result.process_secs, result.jobs_per_sec);
-        outln!("  {} completed, {} dead, {} retries", result.completed, result.dead, result.retried);
+        outln!(
+            "redrive bench: redis, {} jobs, concurrency {}, tiers {}",
+            result.jobs,
+            result.concurrency,
+            result.tiers
+        );
+        outln!(
+            "  publish {:.2}s, process {:.2}s: {:.0} jobs/s",
+            result.publish_secs,
+            result.process_secs,
+            result.jobs_per_sec
+        );
+        outln!(
+            "  {} completed, {} dead, {} retries",
+            result.completed,
+            result.dead,
+            result.retried
+        );
     }
     Ok(())
 }

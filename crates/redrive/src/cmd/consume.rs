@@ -32,12 +32,21 @@ struct SummaryJson<'a> {
 pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     let queue = QueueName::new(&args.queue)?;
     let configured = cli.loaded.queues.get(queue.as_str());
-    let tiers = args.tiers.clone().or_else(|| configured.and_then(|q| q.tiers.clone())).unwrap_or_else(|| "5s,30s,5m".to_owned());
+    let tiers = args
+        .tiers
+        .clone()
+        .or_else(|| configured.and_then(|q| q.tiers.clone()))
+        .unwrap_or_else(|| "5s,30s,5m".to_owned());
     let timeout = match &args.timeout {
         Some(t) => duration_flag("--timeout", t)?,
-        None => configured.and_then(|q| q.timeout).unwrap_or(std::time::Duration::from_secs(60)),
+        None => configured
+            .and_then(|q| q.timeout)
+            .unwrap_or(std::time::Duration::from_secs(60)),
     };
-    let concurrency = args.concurrency.or_else(|| configured.and_then(|q| q.concurrency)).unwrap_or(8);
+    let concurrency = args
+        .concurrency
+        .or_else(|| configured.and_then(|q| q.concurrency))
+        .unwrap_or(8);
     let policy = RetryPolicy::parse(&tiers)
         .context("invalid --tiers")?
         .with_jitter(args.jitter)
@@ -51,16 +60,26 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         idle_poll: duration_flag("--poll", &args.poll)?,
         ..RunnerConfig::default()
     };
-    anyhow::ensure!(config.concurrency > 0, "invalid --concurrency 0: at least one handler must run");
+    anyhow::ensure!(
+        config.concurrency > 0,
+        "invalid --concurrency 0: at least one handler must run"
+    );
     let timeout = config.timeout;
     let store = backend::open_any(cli, true).await?;
     if let backend::Any::Sqlite(sqlite) = &store {
         sqlite
-            .register_queue(&LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() })
+            .register_queue(&LaneSet {
+                queue: queue.clone(),
+                tiers: policy.tiers().to_vec(),
+            })
             .await
             .context("registering the queue")?;
     }
-    let tiers: Vec<&str> = policy.tiers().iter().map(redrive_core::Tier::name).collect();
+    let tiers: Vec<&str> = policy
+        .tiers()
+        .iter()
+        .map(redrive_core::Tier::name)
+        .collect();
     tracing::info!(
         queue = %queue,
         tiers = %tiers.join(","),
@@ -76,18 +95,26 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         let metrics = Arc::new(Metrics::new());
         runner = runner.observe(Arc::clone(&metrics) as Arc<dyn redrive_runner::Observer>);
         let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --metrics-bind {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-bind {addr}"))?;
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "metrics at http://{bound}/metrics");
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, redrive_server::metrics_router(triage, metrics)).await {
+            if let Err(e) =
+                axum::serve(listener, redrive_server::metrics_router(triage, metrics)).await
+            {
                 tracing::error!(error = %e, "the metrics server stopped");
             }
         });
     }
     let stats = runner.stats();
     let summary: Summary = match (&args.exec, &args.webhook) {
-        (Some(cmd), _) => runner.run(ExecHandler::new(cmd.clone()), shutdown_signal()).await?,
+        (Some(cmd), _) => {
+            runner
+                .run(ExecHandler::new(cmd.clone()), shutdown_signal())
+                .await?
+        }
         (None, Some(url)) => {
             let handler = WebhookHandler::new(url, timeout).context("invalid --webhook")?;
             runner.run(handler, shutdown_signal()).await?

@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use redrive_core::{DeadFilter, DeadLetterStore, Envelope, HandlerError, LaneSet, LaneStats, QueueName, RetryPolicy, Transport};
+use redrive_core::{
+    DeadFilter, DeadLetterStore, Envelope, HandlerError, LaneSet, LaneStats, QueueName,
+    RetryPolicy, Transport,
+};
 use redrive_runner::{Runner, RunnerConfig, json_handler};
 use redrive_server::Metrics;
 use serde::Deserialize;
 
-use crate::output::outln;
 use crate::backend;
 use crate::cli::{Cli, DemoArgs};
+use crate::output::outln;
 use crate::output::{one_line, table};
 
 const QUEUE: &str = "agent.tasks";
@@ -83,21 +86,33 @@ async fn agent(task: Task, msg: Envelope) -> Result<(), HandlerError> {
         )),
         Some("tool_timeout") if attempt < task.fail_times => Err(HandlerError::retry(
             "ToolTimeout",
-            format!("tool web_search timed out after {} ms", 30_000 + task.task_id % 7),
+            format!(
+                "tool web_search timed out after {} ms",
+                30_000 + task.task_id % 7
+            ),
         )),
         Some("schema") => Err(HandlerError::poison(
             "SchemaViolation",
-            format!("tool call arguments failed validation: field `url` must be a string, got number {}", task.task_id),
+            format!(
+                "tool call arguments failed validation: field `url` must be a string, got number {}",
+                task.task_id
+            ),
         )),
         Some("upstream_down") => Err(HandlerError::retry(
             "UpstreamUnavailable",
-            format!("vector-db shard {} answered 503 Service Unavailable", task.task_id % 8),
+            format!(
+                "vector-db shard {} answered 503 Service Unavailable",
+                task.task_id % 8
+            ),
         )),
         Some("injection") => Err(HandlerError::poison(
             "PromptInjection",
             format!("refusing task: field `agent` holds markup: {}", task.agent),
         )),
-        Some("panic") => panic!("agent state corrupted: plan step {} out of range", task.task_id),
+        Some("panic") => panic!(
+            "agent state corrupted: plan step {} out of range",
+            task.task_id
+        ),
         _ => Ok(()),
     }
 }
@@ -106,7 +121,11 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
     let url = match &cli.store {
         Some(url) => url.clone(),
         None => {
-            let dir = tempfile::Builder::new().prefix("redrive-demo-").tempdir().context("creating a scratch directory")?.keep();
+            let dir = tempfile::Builder::new()
+                .prefix("redrive-demo-")
+                .tempdir()
+                .context("creating a scratch directory")?
+                .keep();
             format!("sqlite://{}", dir.join("demo.db").display())
         }
     };
@@ -114,18 +133,28 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
     let store = backend::open(&url, true)?;
     let queue = QueueName::new(QUEUE)?;
     let policy = RetryPolicy::parse(TIERS)?.with_jitter(0.1)?;
-    let lanes = LaneSet { queue: queue.clone(), tiers: policy.tiers().to_vec() };
+    let lanes = LaneSet {
+        queue: queue.clone(),
+        tiers: policy.tiers().to_vec(),
+    };
     store.register_queue(&lanes).await?;
 
     let batch: Vec<Envelope> = tasks(args.tasks)
         .into_iter()
         .map(|p| {
             let env = Envelope::new(queue.clone(), p.clone());
-            if p.starts_with(br#"{"task_id":9001"#) { env.with_header("x-note", "<script>alert(1)</script>") } else { env }
+            if p.starts_with(br#"{"task_id":9001"#) {
+                env.with_header("x-note", "<script>alert(1)</script>")
+            } else {
+                env
+            }
         })
         .collect();
     let batch_len = batch.len();
-    store.publish(&queue, batch).await.context("publishing the demo tasks")?;
+    store
+        .publish(&queue, batch)
+        .await
+        .context("publishing the demo tasks")?;
 
     // The triage UI runs during the scenario, so lanes can be watched filling up.
     let metrics = Arc::new(Metrics::new());
@@ -133,21 +162,29 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
         None
     } else {
         let tokens = super::serve::tokens(None)?;
-        let started = match super::serve::start(&store, tokens.clone(), Arc::clone(&metrics), args.bind, 5).await {
-            Ok(s) => s,
-            Err(e) if args.bind.port() == 8080 => {
-                tracing::debug!(error = %e, "port 8080 is taken; using a free port");
-                let any = std::net::SocketAddr::new(args.bind.ip(), 0);
-                super::serve::start(&store, tokens, Arc::clone(&metrics), any, 5).await?
-            }
-            Err(e) => return Err(e),
-        };
+        let started =
+            match super::serve::start(&store, tokens.clone(), Arc::clone(&metrics), args.bind, 5)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) if args.bind.port() == 8080 => {
+                    tracing::debug!(error = %e, "port 8080 is taken; using a free port");
+                    let any = std::net::SocketAddr::new(args.bind.ip(), 0);
+                    super::serve::start(&store, tokens, Arc::clone(&metrics), any, 5).await?
+                }
+                Err(e) => return Err(e),
+            };
         let (app, listener, addr) = started;
         outln!("triage UI: http://{addr}/\n");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(redrive_server::serve(app, listener, Duration::from_secs(1), async move {
-            let _ = stop_rx.await;
-        }));
+        let task = tokio::spawn(redrive_server::serve(
+            app,
+            listener,
+            Duration::from_secs(1),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
         Some((addr, stop_tx, task))
     };
     outln!("published {batch_len} agent tasks; consuming with 8 workers…");
@@ -172,12 +209,20 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
             let tty = std::io::stdout().is_terminal();
-            let mut tick = tokio::time::interval(Duration::from_millis(if tty { 250 } else { 1000 }));
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(if tty { 250 } else { 1000 }));
             loop {
                 tick.tick().await;
-                let Ok(d) = store.queue_depths(&lanes).await else { continue };
+                let Ok(d) = store.queue_depths(&lanes).await else {
+                    continue;
+                };
                 let s = stats.snapshot();
-                let retry = d.retry.iter().map(|(t, n)| format!("{t} {n:>3}")).collect::<Vec<_>>().join(" · ");
+                let retry = d
+                    .retry
+                    .iter()
+                    .map(|(t, n)| format!("{t} {n:>3}"))
+                    .collect::<Vec<_>>()
+                    .join(" · ");
                 let line = format!(
                     "  main {:>4} │ retry {retry} │ dlq {:>3} │ in flight {:>2} │ ok {:>4}",
                     d.main, d.dlq, d.inflight, s.succeeded
@@ -191,7 +236,9 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
             }
         })
     };
-    let summary = runner.run(json_handler(agent), super::shutdown_signal()).await?;
+    let summary = runner
+        .run(json_handler(agent), super::shutdown_signal())
+        .await?;
     progress.abort();
     let s = stats.snapshot();
     let _ = std::panic::take_hook();
@@ -209,12 +256,21 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
     outln!("\nthe DLQ, grouped by error fingerprint:\n");
     let rows: Vec<Vec<String>> = groups
         .iter()
-        .map(|g| vec![g.fingerprint.clone(), g.count.to_string(), g.error_class.clone(), one_line(&g.sample_error, 72)])
+        .map(|g| {
+            vec![
+                g.fingerprint.clone(),
+                g.count.to_string(),
+                g.error_class.clone(),
+                one_line(&g.sample_error, 72),
+            ]
+        })
         .collect();
     table(&["FINGERPRINT", "COUNT", "CLASS", "SAMPLE ERROR"], &rows);
 
     let sample = store.list(&DeadFilter::default(), None, 1).await?;
-    let id = sample.first().map_or_else(|| "ID".to_owned(), |d| d.envelope.id.to_string());
+    let id = sample
+        .first()
+        .map_or_else(|| "ID".to_owned(), |d| d.envelope.id.to_string());
     let fp = groups.first().map_or("FP", |g| g.fingerprint.as_str());
     outln!(
         "\nthe store is kept; look around:\n\

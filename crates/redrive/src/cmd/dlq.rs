@@ -5,15 +5,17 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use redrive_core::{
-    Cursor, DeadFilter, DeadLetterStore, DeadSelection, MessageId, QueueName, ReplayOptions, Unpaced, format_duration, now_ms,
-    replay as replay_messages,
+    Cursor, DeadFilter, DeadLetterStore, DeadSelection, MessageId, QueueName, ReplayOptions,
+    Unpaced, format_duration, now_ms, replay as replay_messages,
 };
 use serde::Serialize;
 
 use super::{actor, duration_flag};
-use crate::output::outln;
 use crate::backend;
-use crate::cli::{Cli, ExportArgs, FilterArgs, ListArgs, PurgeArgs, ReplayArgs, SelectArgs, ShowArgs};
+use crate::cli::{
+    Cli, ExportArgs, FilterArgs, ListArgs, PurgeArgs, ReplayArgs, SelectArgs, ShowArgs,
+};
+use crate::output::outln;
 use crate::output::{DeadJson, GroupJson, json_line, one_line, payload_fields, rfc3339, table};
 
 fn filter_from(queue: Option<&str>, args: &FilterArgs) -> Result<DeadFilter> {
@@ -22,7 +24,10 @@ fn filter_from(queue: Option<&str>, args: &FilterArgs) -> Result<DeadFilter> {
         fingerprint: args.fingerprint.clone(),
         error_class: args.class.clone(),
         since_ms: match &args.since {
-            Some(d) => Some(now_ms() - i64::try_from(duration_flag("--since", d)?.as_millis()).unwrap_or(i64::MAX)),
+            Some(d) => Some(
+                now_ms()
+                    - i64::try_from(duration_flag("--since", d)?.as_millis()).unwrap_or(i64::MAX),
+            ),
             None => None,
         },
         until_ms: None,
@@ -32,29 +37,46 @@ fn filter_from(queue: Option<&str>, args: &FilterArgs) -> Result<DeadFilter> {
 
 fn selection_from(args: &SelectArgs) -> Result<DeadSelection> {
     let f = &args.filter;
-    let narrowed = f.fingerprint.is_some() || f.class.is_some() || f.grep.is_some() || f.since.is_some();
+    let narrowed =
+        f.fingerprint.is_some() || f.class.is_some() || f.grep.is_some() || f.since.is_some();
     if !args.ids.is_empty() {
         if narrowed {
-            bail!("give either message ids or filters (--fingerprint, --class, --grep, --since), not both");
+            bail!(
+                "give either message ids or filters (--fingerprint, --class, --grep, --since), not both"
+            );
         }
         let ids = args
             .ids
             .iter()
-            .map(|id| MessageId::parse(id).map_err(|_| anyhow::anyhow!("invalid message id {id:?}: expected a UUID as shown by `redrive dlq list`")))
+            .map(|id| {
+                MessageId::parse(id).map_err(|_| {
+                    anyhow::anyhow!(
+                        "invalid message id {id:?}: expected a UUID as shown by `redrive dlq list`"
+                    )
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         return Ok(DeadSelection::Ids(ids));
     }
     if args.all || args.queue.is_some() || narrowed {
-        return Ok(DeadSelection::Filter(filter_from(args.queue.as_deref(), f)?));
+        return Ok(DeadSelection::Filter(filter_from(
+            args.queue.as_deref(),
+            f,
+        )?));
     }
-    bail!("say which dead messages: give message ids, --queue QUEUE (optionally with --fingerprint FP), or --all")
+    bail!(
+        "say which dead messages: give message ids, --queue QUEUE (optionally with --fingerprint FP), or --all"
+    )
 }
 
 pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
     let store = backend::open_any(cli, false).await?;
     let filter = filter_from(args.queue.as_deref(), &args.filter)?;
     if args.group {
-        let groups = store.groups(&filter, args.limit).await.context("grouping dead messages")?;
+        let groups = store
+            .groups(&filter, args.limit)
+            .await
+            .context("grouping dead messages")?;
         if args.json {
             groups.iter().for_each(|g| json_line(&GroupJson::from(g)));
         } else if groups.is_empty() {
@@ -73,11 +95,24 @@ pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
                     ]
                 })
                 .collect();
-            table(&["FINGERPRINT", "COUNT", "CLASS", "LAST SEEN", "QUEUES", "SAMPLE ERROR"], &rows);
+            table(
+                &[
+                    "FINGERPRINT",
+                    "COUNT",
+                    "CLASS",
+                    "LAST SEEN",
+                    "QUEUES",
+                    "SAMPLE ERROR",
+                ],
+                &rows,
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let dead = store.list(&filter, None, args.limit.saturating_add(1)).await.context("listing dead messages")?;
+    let dead = store
+        .list(&filter, None, args.limit.saturating_add(1))
+        .await
+        .context("listing dead messages")?;
     let more = dead.len() > args.limit;
     let dead = &dead[..dead.len().min(args.limit)];
     if args.json {
@@ -99,9 +134,15 @@ pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
                 ]
             })
             .collect();
-        table(&["ID", "QUEUE", "ATTEMPTS", "CLASS", "DEAD", "ERROR"], &rows);
+        table(
+            &["ID", "QUEUE", "ATTEMPTS", "CLASS", "DEAD", "ERROR"],
+            &rows,
+        );
         if more {
-            eprintln!("(showing the first {}; use --limit, filters or `dlq export` for more)", args.limit);
+            eprintln!(
+                "(showing the first {}; use --limit, filters or `dlq export` for more)",
+                args.limit
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -109,15 +150,24 @@ pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
 
 fn ago(ms: i64) -> String {
     let secs = u64::try_from((now_ms() - ms).max(0) / 1000).unwrap_or(0);
-    format!("{} ago", format_duration(std::time::Duration::from_secs(secs)).replace("0ms", "0s"))
+    format!(
+        "{} ago",
+        format_duration(std::time::Duration::from_secs(secs)).replace("0ms", "0s")
+    )
 }
 
 pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
-    let id = MessageId::parse(&args.id)
-        .map_err(|_| anyhow::anyhow!("invalid message id {:?}: expected a UUID as shown by `redrive dlq list`", args.id))?;
+    let id = MessageId::parse(&args.id).map_err(|_| {
+        anyhow::anyhow!(
+            "invalid message id {:?}: expected a UUID as shown by `redrive dlq list`",
+            args.id
+        )
+    })?;
     let store = backend::open_any(cli, false).await?;
     let Some(dead) = store.get(&id).await.context("reading the dead message")? else {
-        bail!("no dead message with id {id}: it may have been replayed or purged (see `redrive dlq list`)");
+        bail!(
+            "no dead message with id {id}: it may have been replayed or purged (see `redrive dlq list`)"
+        );
     };
     if args.json {
         json_line(&DeadJson::from(&dead));
@@ -144,20 +194,40 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
         }
     }
     let (payload, encoding) = payload_fields(&env.payload);
-    outln!("\npayload ({} bytes{})", env.payload.len(), if encoding == "base64" { ", not UTF-8, shown as base64" } else { "" });
+    outln!(
+        "\npayload ({} bytes{})",
+        env.payload.len(),
+        if encoding == "base64" {
+            ", not UTF-8, shown as base64"
+        } else {
+            ""
+        }
+    );
     let pretty = serde_json::from_slice::<serde_json::Value>(&env.payload)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok());
     outln!("{}", pretty.unwrap_or(payload));
     outln!("\nhistory");
     for f in &env.history {
-        outln!("  #{} {} {} {} [{}]", f.attempt, rfc3339(f.at_ms), f.lane, f.class, f.kind.as_str());
+        outln!(
+            "  #{} {} {} {} [{}]",
+            f.attempt,
+            rfc3339(f.at_ms),
+            f.lane,
+            f.class,
+            f.kind.as_str()
+        );
         for line in f.message.lines().take(20) {
             outln!("      {line}");
         }
     }
     if let Some(f) = last {
-        outln!("\nreplay with: redrive dlq replay {}    (group: --queue {} --fingerprint {})", env.id, env.queue, f.fingerprint);
+        outln!(
+            "\nreplay with: redrive dlq replay {}    (group: --queue {} --fingerprint {})",
+            env.id,
+            env.queue,
+            f.fingerprint
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -184,19 +254,43 @@ pub async fn replay(cli: &Cli, args: &ReplayArgs) -> Result<ExitCode> {
         reason: &args.reason,
         ..ReplayOptions::default()
     };
-    let report = replay_messages(&store, &store, &selection, &options, &Unpaced).await.context("replaying")?;
+    let report = replay_messages(&store, &store, &selection, &options, &Unpaced)
+        .await
+        .context("replaying")?;
     if args.json {
         json_line(&ReplayJson {
             dry_run: args.dry_run,
             matched: report.matched,
             replayed: report.replayed,
             over_replay_limit: report.over_limit.iter().map(ToString::to_string).collect(),
-            by_queue: report.by_queue.iter().map(|(q, n)| (q.clone(), serde_json::Value::from(*n))).collect(),
+            by_queue: report
+                .by_queue
+                .iter()
+                .map(|(q, n)| (q.clone(), serde_json::Value::from(*n)))
+                .collect(),
         });
     } else {
-        let verb = if args.dry_run { "would replay" } else { "replayed" };
-        let targets = report.by_queue.iter().map(|(q, n)| format!("{n} to {q}")).collect::<Vec<_>>().join(", ");
-        outln!("{verb} {} of {} matching dead messages{}", report.replayed, report.matched, if targets.is_empty() { String::new() } else { format!(" ({targets})") });
+        let verb = if args.dry_run {
+            "would replay"
+        } else {
+            "replayed"
+        };
+        let targets = report
+            .by_queue
+            .iter()
+            .map(|(q, n)| format!("{n} to {q}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        outln!(
+            "{verb} {} of {} matching dead messages{}",
+            report.replayed,
+            report.matched,
+            if targets.is_empty() {
+                String::new()
+            } else {
+                format!(" ({targets})")
+            }
+        );
         if !report.over_limit.is_empty() {
             outln!(
                 "{} stayed dead: already replayed {} times (raise --max-replays to force)",
@@ -232,14 +326,23 @@ pub async fn purge(cli: &Cli, args: &PurgeArgs) -> Result<ExitCode> {
         eprint!("Purge {count} dead messages for good? This cannot be undone. [y/N] ");
         let _ = std::io::stderr().flush();
         let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer).context("reading the confirmation")?;
+        std::io::stdin()
+            .read_line(&mut answer)
+            .context("reading the confirmation")?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
             outln!("nothing purged");
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let reason = if args.reason.is_empty() { "cli purge" } else { args.reason.as_str() };
-    let purged = store.purge(&selection, &actor(), reason).await.context("purging")?;
+    let reason = if args.reason.is_empty() {
+        "cli purge"
+    } else {
+        args.reason.as_str()
+    };
+    let purged = store
+        .purge(&selection, &actor(), reason)
+        .await
+        .context("purging")?;
     if args.json {
         json_line(&serde_json::json!({ "purged": purged }));
     } else {
@@ -256,9 +359,15 @@ pub async fn export(cli: &Cli, args: &ExportArgs) -> Result<ExitCode> {
     let mut cursor: Option<Cursor> = None;
     let mut n = 0u64;
     loop {
-        let page = store.list(&filter, cursor.as_ref(), 1000).await.context("reading dead messages")?;
+        let page = store
+            .list(&filter, cursor.as_ref(), 1000)
+            .await
+            .context("reading dead messages")?;
         let Some(last) = page.last() else { break };
-        cursor = Some(Cursor { dead_at_ms: last.dead_at_ms, id: last.envelope.id });
+        cursor = Some(Cursor {
+            dead_at_ms: last.dead_at_ms,
+            id: last.envelope.id,
+        });
         for dead in &page {
             let line = serde_json::to_string(&DeadJson::from(dead))?;
             if let Err(e) = writeln!(out, "{line}") {

@@ -42,6 +42,8 @@ pub async fn shutdown_signal() {
 
 /// Who is acting, for the audit log.
 pub fn actor() -> String {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".to_owned());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
     format!("cli:{user}")
 }

@@ -7,10 +7,10 @@ use anyhow::{Context, Result, bail};
 use redrive_core::{Envelope, HEADER_PREFIX, QueueName, Transport};
 use serde::Serialize;
 
-use crate::output::outln;
 use crate::backend;
 use crate::cli::{Cli, PublishArgs};
 use crate::output::json_line;
+use crate::output::outln;
 
 /// Messages per durable batch.
 const BATCH: usize = 1000;
@@ -20,7 +20,9 @@ pub fn parse_size(text: &str) -> Result<usize> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: usize = num.parse().with_context(|| format!("invalid size {text:?}: expected e.g. 1MiB, 64KiB or 4096"))?;
+    let n: usize = num
+        .parse()
+        .with_context(|| format!("invalid size {text:?}: expected e.g. 1MiB, 64KiB or 4096"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "k" => 1024,
@@ -29,7 +31,8 @@ pub fn parse_size(text: &str) -> Result<usize> {
         "MB" => 1_000_000,
         _ => bail!("invalid size {text:?}: unknown unit {unit:?}; use B, KiB or MiB"),
     };
-    n.checked_mul(mult).with_context(|| format!("size {text:?} is too large"))
+    n.checked_mul(mult)
+        .with_context(|| format!("size {text:?} is too large"))
 }
 
 fn parse_header(raw: &str) -> Result<(String, String)> {
@@ -41,7 +44,9 @@ fn parse_header(raw: &str) -> Result<(String, String)> {
         bail!("invalid --header {raw:?}: the name must be printable ASCII without spaces or ':'");
     }
     if name.to_ascii_lowercase().starts_with(HEADER_PREFIX) {
-        bail!("invalid --header {raw:?}: names starting with {HEADER_PREFIX:?} are reserved for redrive");
+        bail!(
+            "invalid --header {raw:?}: names starting with {HEADER_PREFIX:?} are reserved for redrive"
+        );
     }
     Ok((name.to_owned(), value.to_owned()))
 }
@@ -55,15 +60,23 @@ struct Published<'a> {
 
 pub async fn run(cli: &Cli, args: &PublishArgs) -> Result<ExitCode> {
     let queue = QueueName::new(&args.queue)?;
-    let headers = args.headers.iter().map(|h| parse_header(h)).collect::<Result<Vec<_>>>()?;
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| parse_header(h))
+        .collect::<Result<Vec<_>>>()?;
     let limit = parse_size(&args.max_payload).context("invalid --max-payload")?;
     let mut input = Vec::new();
     match &args.file {
         Some(path) => {
-            input = std::fs::read(path).with_context(|| format!("cannot read --file {}", path.display()))?;
+            input = std::fs::read(path)
+                .with_context(|| format!("cannot read --file {}", path.display()))?;
         }
         None => {
-            std::io::stdin().lock().read_to_end(&mut input).context("cannot read standard input")?;
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut input)
+                .context("cannot read standard input")?;
         }
     }
     // Validate everything before publishing anything, so a bad line never leaves half
@@ -103,9 +116,17 @@ pub async fn run(cli: &Cli, args: &PublishArgs) -> Result<ExitCode> {
         done += chunk.len();
     }
     if args.json {
-        json_line(&Published { queue: queue.as_str(), published: total, skipped_empty_lines: skipped });
+        json_line(&Published {
+            queue: queue.as_str(),
+            published: total,
+            skipped_empty_lines: skipped,
+        });
     } else {
-        let note = if skipped > 0 { format!(" (skipped {skipped} empty lines)") } else { String::new() };
+        let note = if skipped > 0 {
+            format!(" (skipped {skipped} empty lines)")
+        } else {
+            String::new()
+        };
         outln!("published {total} messages to {queue}{note}");
     }
     Ok(ExitCode::SUCCESS)
@@ -117,7 +138,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        for (text, n) in [("4096", 4096), ("64KiB", 65536), ("1MiB", 1_048_576), ("1MB", 1_000_000), ("10B", 10)] {
+        for (text, n) in [
+            ("4096", 4096),
+            ("64KiB", 65536),
+            ("1MiB", 1_048_576),
+            ("1MB", 1_000_000),
+            ("10B", 10),
+        ] {
             assert_eq!(parse_size(text).unwrap(), n, "{text}");
         }
         for text in ["", "MiB", "1GiB", "-1"] {
@@ -127,8 +154,17 @@ mod tests {
 
     #[test]
     fn headers() {
-        assert_eq!(parse_header("tenant=acme=1").unwrap(), ("tenant".into(), "acme=1".into()));
-        for raw in ["novalue", "=x", "bad name=x", "redrive-id=x", "Redrive-Attempt=3"] {
+        assert_eq!(
+            parse_header("tenant=acme=1").unwrap(),
+            ("tenant".into(), "acme=1".into())
+        );
+        for raw in [
+            "novalue",
+            "=x",
+            "bad name=x",
+            "redrive-id=x",
+            "Redrive-Attempt=3",
+        ] {
             assert!(parse_header(raw).is_err(), "{raw}");
         }
     }

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use redrive_core::LaneStats;
 
-use crate::output::outln;
 use crate::backend;
 use crate::cli::{Cli, QueuesArgs};
+use crate::output::outln;
 use crate::output::{QueueJson, json_line, table};
 
 pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
@@ -26,8 +26,19 @@ pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
     let rows: Vec<Vec<String>> = depths
         .iter()
         .map(|d| {
-            let retry = d.retry.iter().map(|(t, n)| format!("{t}={n}")).collect::<Vec<_>>().join(" ");
-            vec![d.queue.clone(), d.main.to_string(), if retry.is_empty() { "-".into() } else { retry }, d.dlq.to_string(), d.inflight.to_string()]
+            let retry = d
+                .retry
+                .iter()
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            vec![
+                d.queue.clone(),
+                d.main.to_string(),
+                if retry.is_empty() { "-".into() } else { retry },
+                d.dlq.to_string(),
+                d.inflight.to_string(),
+            ]
         })
         .collect();
     table(&["QUEUE", "MAIN", "RETRY", "DLQ", "IN-FLIGHT"], &rows);

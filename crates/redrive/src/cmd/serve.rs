@@ -55,20 +55,45 @@ async fn prepare(
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     let config = &cli.loaded;
-    let token_file = args.token_file.clone().or_else(|| config.token_file.clone());
+    let token_file = args
+        .token_file
+        .clone()
+        .or_else(|| config.token_file.clone());
     let tokens = tokens(token_file.as_deref())?;
     let open = tokens.is_empty();
-    let sample_every = duration_flag("--sample-every", &args.sample_every)?.max(Duration::from_millis(100));
-    let bind = args.bind.or(config.bind).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let sample_every =
+        duration_flag("--sample-every", &args.sample_every)?.max(Duration::from_millis(100));
+    let bind = args
+        .bind
+        .or(config.bind)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let any = backend::open_any(cli, true).await?;
     let store = any.sqlite().clone();
     let metrics = Arc::new(Metrics::new());
     let any_triage: Arc<dyn Triage> = Arc::new(Backend::new(any.clone(), any.clone()));
-    let (mut app, listener, addr) = prepare(any_triage, tokens, Arc::clone(&metrics), bind, args.max_replays).await?;
+    let (mut app, listener, addr) = prepare(
+        any_triage,
+        tokens,
+        Arc::clone(&metrics),
+        bind,
+        args.max_replays,
+    )
+    .await?;
 
-    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
-    let notifiers = Notifiers::new(config.notifiers.clone()).context("building the HTTP client for notifiers")?;
-    let alerting = Arc::new(Alerting::new(store.clone(), Arc::clone(&app.triage), config.rules.clone(), notifiers, public_url, Arc::clone(&metrics)));
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let notifiers = Notifiers::new(config.notifiers.clone())
+        .context("building the HTTP client for notifiers")?;
+    let alerting = Arc::new(Alerting::new(
+        store.clone(),
+        Arc::clone(&app.triage),
+        config.rules.clone(),
+        notifiers,
+        public_url,
+        Arc::clone(&metrics),
+    ));
     app.alerts = Some(Arc::clone(&alerting) as Arc<dyn AlertView>);
     let alert_task = tokio::spawn(Arc::clone(&alerting).run(config.evaluate_every));
 
@@ -80,12 +105,21 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                match redrive_retention::sweep(&store, &retention, redrive_core::now_ms(), None).await {
+                match redrive_retention::sweep(&store, &retention, redrive_core::now_ms(), None)
+                    .await
+                {
                     Ok(r) if r.compressed + r.archived + r.forgotten > 0 => {
-                        tracing::info!(compressed = r.compressed, archived = r.archived, files = r.files.len(), "retention sweep");
+                        tracing::info!(
+                            compressed = r.compressed,
+                            archived = r.archived,
+                            files = r.files.len(),
+                            "retention sweep"
+                        );
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "retention sweep failed; nothing was deleted that is not archived"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "retention sweep failed; nothing was deleted that is not archived")
+                    }
                 }
             }
         })
@@ -106,12 +140,24 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
             }
         }
     });
-    let access = if open { "no token: open to local callers only" } else { "token required" };
-    let rules: Vec<String> = config.rules.iter().map(|r| format!("{} ({})", r.name, r.condition)).collect();
+    let access = if open {
+        "no token: open to local callers only"
+    } else {
+        "token required"
+    };
+    let rules: Vec<String> = config
+        .rules
+        .iter()
+        .map(|r| format!("{} ({})", r.name, r.condition))
+        .collect();
     eprintln!("redrive serve: http://{addr}/  (API /api/v1, metrics /metrics; {access})");
-    let file = config.file.as_ref().map_or_else(|| "none".to_owned(), |f| f.display().to_string());
+    let file = config
+        .file
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), |f| f.display().to_string());
     tracing::info!(%addr, config = %file, rules = %rules.join(", "), notifiers = config.notifiers.len(), "serving");
-    let result = redrive_server::serve(Arc::new(app), listener, sample_every, shutdown_signal()).await;
+    let result =
+        redrive_server::serve(Arc::new(app), listener, sample_every, shutdown_signal()).await;
     alert_task.abort();
     sweeper.abort();
     drainer.abort();
