@@ -331,6 +331,19 @@ fn secret_id() -> String {
     random_secret()
 }
 
+/// The session id from the request's `Cookie` headers, if any.
+#[must_use]
+pub fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned())
+}
+
 /// Whether a `Host` header names a loopback address (open mode accepts no other).
 #[must_use]
 pub fn loopback_host(host: &str) -> bool {

@@ -139,14 +139,7 @@ async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let session = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == auth::COOKIE)
-        .map(|(_, v)| v.to_owned());
+    let session = auth::session_cookie(headers);
     let writes = !matches!(*req.method(), Method::GET | Method::HEAD);
     // A foreign Origin on a write is refused outright. An opaque origin ("null", sent by
     // privacy settings and sandboxed frames) proves nothing either way, so such writes

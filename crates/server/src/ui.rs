@@ -232,14 +232,7 @@ pub(crate) async fn logout(
     headers: axum::http::HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let session = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_owned());
+    let session = crate::auth::session_cookie(&headers);
     if let Some(id) = session {
         // Only our own sign-out button (which carries the session's form token) ends it.
         if app

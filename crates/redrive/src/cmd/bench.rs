@@ -79,7 +79,7 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 }
 
 /// The message number in `{"n":123}`.
-fn number(payload: &[u8]) -> u64 {
+pub(crate) fn number(payload: &[u8]) -> u64 {
     payload
         .iter()
         .filter(|b| b.is_ascii_digit())

@@ -29,14 +29,6 @@ struct RedisBench {
     retried: u64,
 }
 
-/// The job number in `{"n":123}`.
-fn number(payload: &[u8]) -> u64 {
-    payload
-        .iter()
-        .filter(|b| b.is_ascii_digit())
-        .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
-}
-
 pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let namespace = format!("bench-{}", redrive_core::now_ms());
     let url_ns = format!(
@@ -76,7 +68,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let runner = Runner::new(backend.clone(), queue.clone(), policy, config).until_idle();
     let stats = runner.stats();
     let handler = handler_fn(|msg: Envelope| async move {
-        let n = number(&msg.payload);
+        let n = super::bench::number(&msg.payload);
         if n % 100 == 7 {
             return Err(HandlerError::retry(
                 "AlwaysFails",
