@@ -7,6 +7,7 @@
 //! [`Transport`] and [`DeadLetterStore`] traits.
 
 pub mod alert;
+mod brokered;
 mod duration;
 mod envelope;
 mod fingerprint;
@@ -19,6 +20,7 @@ mod store;
 mod time;
 mod transport;
 
+pub use brokered::{Brokered, DlqSource};
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use envelope::{
     Envelope, Failure, FailureKind, HEADER_PREFIX, MAX_ERROR_BYTES, MAX_HISTORY, MessageId,

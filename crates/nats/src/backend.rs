@@ -1,30 +1,16 @@
-//! [`NatsBackend`]: the JetStream lanes plus the dead-letter store of record, as one
-//! backend. Every read of the store first drains the DLQ streams into it; a drained
-//! message is acknowledged in JetStream only after the store has it.
+//! The NATS DLQ stream as a [`DlqSource`]: drained into the dead-letter store, each
+//! message acknowledged in JetStream only after the store has it. [`NatsBackend`] pairs
+//! the transport with the store through the shared [`Brokered`] wrapper.
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
-use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
-    DeadStats, Delivery, Envelope, Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
-    StoreError, Tier, Transport, TransportError,
-};
+use redrive_core::{Brokered, DeadLetter, DeadLetterStore, DlqSource, QueueName, StoreError};
 
-use crate::transport::{NatsError, NatsTransport, Token, envelope_of, futures_like, wire_of};
+use crate::transport::{NatsError, NatsTransport, envelope_of, futures_like, wire_of};
 
 /// JetStream lanes and a dead-letter store, as one backend.
-#[derive(Clone)]
-pub struct NatsBackend<S> {
-    transport: NatsTransport,
-    store: S,
-}
-
-impl<S> std::fmt::Debug for NatsBackend<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NatsBackend")
-    }
-}
+pub type NatsBackend<S> = Brokered<NatsTransport, S>;
 
 fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
     move |e| NatsError::Call {
@@ -33,37 +19,27 @@ fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError 
     }
 }
 
-impl<S: DeadLetterStore + Clone> NatsBackend<S> {
-    /// Pairs a connected transport with a store.
-    pub fn new(transport: NatsTransport, store: S) -> Self {
-        Self { transport, store }
-    }
-
-    /// The store of record.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    /// Moves every dead message waiting in the DLQ streams into the store.
-    ///
-    /// # Errors
-    ///
-    /// Fails when NATS or the store does; messages not yet stored stay in NATS.
-    pub async fn drain(&self) -> Result<u64, NatsError> {
+impl DlqSource for NatsTransport {
+    async fn drain_into<S: DeadLetterStore>(&self, store: &S) -> Result<u64, StoreError> {
         let mut moved = 0;
-        for queue in self.transport.queue_names().await? {
-            moved += self.drain_queue(&queue).await?;
+        for queue in self.queue_names().await? {
+            moved += self.drain_queue(&queue, store).await?;
         }
         Ok(moved)
     }
+}
 
-    async fn drain_queue(&self, queue: &str) -> Result<u64, NatsError> {
+impl NatsTransport {
+    async fn drain_queue<S: DeadLetterStore>(
+        &self,
+        queue: &str,
+        store: &S,
+    ) -> Result<u64, NatsError> {
         let Ok(name) = QueueName::new(queue) else {
             return Ok(0);
         };
-        let n = self.transport.names(queue);
+        let n = self.names(queue);
         let stream = self
-            .transport
             .js()
             .get_stream(&n.dlq_stream)
             .await
@@ -115,7 +91,7 @@ impl<S: DeadLetterStore + Clone> NatsBackend<S> {
                     dead_at_ms,
                 });
             }
-            self.store
+            store
                 .insert_batch(&dead)
                 .await
                 .map_err(|e| NatsError::Call {
@@ -126,8 +102,7 @@ impl<S: DeadLetterStore + Clone> NatsBackend<S> {
             for m in &msgs {
                 if let Some(reply) = m.message.reply.clone() {
                     let ack: bytes::Bytes = async_nats::jetstream::AckKind::Ack.into();
-                    self.transport
-                        .client()
+                    self.client()
                         .request(reply, ack)
                         .await
                         .map_err(call("acknowledge a drained dead letter"))?;
@@ -135,156 +110,5 @@ impl<S: DeadLetterStore + Clone> NatsBackend<S> {
             }
             moved += dead.len() as u64;
         }
-    }
-
-    async fn drained(&self) -> Result<(), StoreError> {
-        self.drain()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Backend {
-                context: "nats".into(),
-                source: Box::new(e),
-            })
-    }
-}
-
-impl<S: DeadLetterStore + Clone> Transport for NatsBackend<S> {
-    type Token = Token;
-
-    async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
-        self.transport.publish(queue, batch).await
-    }
-    async fn fetch(
-        &self,
-        lanes: &LaneSet,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Fetched<Token>, TransportError> {
-        self.transport.fetch(lanes, max, lease).await
-    }
-    async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
-        self.transport.ack(d).await
-    }
-    async fn retry(
-        &self,
-        d: &Delivery<Token>,
-        tier: &Tier,
-        due_ms: i64,
-        envelope: &Envelope,
-    ) -> Result<(), TransportError> {
-        self.transport.retry(d, tier, due_ms, envelope).await
-    }
-    async fn dead_letter(
-        &self,
-        d: &Delivery<Token>,
-        envelope: &Envelope,
-    ) -> Result<(), TransportError> {
-        self.transport.dead_letter(d, envelope).await
-    }
-    async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
-        self.transport.release(d).await
-    }
-    async fn extend_lease(
-        &self,
-        d: &Delivery<Token>,
-        lease: Duration,
-    ) -> Result<(), TransportError> {
-        self.transport.extend_lease(d, lease).await
-    }
-}
-
-fn store_err(e: StoreError) -> TransportError {
-    TransportError::Backend {
-        context: "dead-letter store".into(),
-        source: Box::new(e),
-    }
-}
-
-impl<S: DeadLetterStore + Clone> LaneStats for NatsBackend<S> {
-    async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
-        let mut out = self.transport.depths().await?;
-        for d in &mut out {
-            d.dlq += self
-                .store
-                .depth(QueueName::new(&d.queue).ok().as_ref())
-                .await
-                .map_err(store_err)?;
-        }
-        Ok(out)
-    }
-
-    async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
-        let mut d = self.transport.queue_depths(lanes).await?;
-        // The DLQ stream keeps drained messages (acked by the drain consumer), so the
-        // dead count is the store's, after a drain.
-        self.drained().await.map_err(store_err)?;
-        d.dlq = self
-            .store
-            .depth(Some(&lanes.queue))
-            .await
-            .map_err(store_err)?;
-        Ok(d)
-    }
-}
-
-impl<S: DeadLetterStore + Clone> DeadLetterStore for NatsBackend<S> {
-    async fn insert(&self, dead: &DeadLetter) -> Result<bool, StoreError> {
-        self.store.insert(dead).await
-    }
-    async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
-        self.store.insert_batch(dead).await
-    }
-    async fn list(
-        &self,
-        filter: &DeadFilter,
-        cursor: Option<&Cursor>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.drained().await?;
-        self.store.list(filter, cursor, limit).await
-    }
-    async fn groups(
-        &self,
-        filter: &DeadFilter,
-        limit: usize,
-    ) -> Result<Vec<DeadGroup>, StoreError> {
-        self.drained().await?;
-        self.store.groups(filter, limit).await
-    }
-    async fn count(&self, filter: &DeadFilter) -> Result<u64, StoreError> {
-        self.drained().await?;
-        self.store.count(filter).await
-    }
-    async fn get(&self, id: &MessageId) -> Result<Option<DeadLetter>, StoreError> {
-        self.drained().await?;
-        self.store.get(id).await
-    }
-    async fn mark_replayed(
-        &self,
-        ids: &[MessageId],
-        actor: &str,
-        reason: &str,
-    ) -> Result<u64, StoreError> {
-        self.store.mark_replayed(ids, actor, reason).await
-    }
-    async fn purge(
-        &self,
-        selection: &DeadSelection,
-        actor: &str,
-        reason: &str,
-    ) -> Result<u64, StoreError> {
-        self.drained().await?;
-        self.store.purge(selection, actor, reason).await
-    }
-    async fn stats(&self) -> Result<Vec<DeadStats>, StoreError> {
-        self.drained().await?;
-        self.store.stats().await
-    }
-    async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.store.audit_log(limit).await
-    }
-    async fn depth(&self, queue: Option<&QueueName>) -> Result<u64, StoreError> {
-        self.drained().await?;
-        self.store.depth(queue).await
     }
 }

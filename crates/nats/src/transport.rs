@@ -58,6 +58,15 @@ impl From<NatsError> for TransportError {
     }
 }
 
+impl From<NatsError> for redrive_core::StoreError {
+    fn from(e: NatsError) -> Self {
+        Self::Backend {
+            context: "nats".into(),
+            source: Box::new(e),
+        }
+    }
+}
+
 fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
     move |e| NatsError::Call {
         context,
