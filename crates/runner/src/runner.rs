@@ -178,6 +178,9 @@ impl<T: Transport> Runner<T> {
         // slot's worth per slot) hides the fetch round trip behind running handlers.
         let mut buffer: VecDeque<Delivery<T::Token>> = VecDeque::new();
         let mut fetching: Option<JoinHandle<Result<Fetched<T::Token>, TransportError>>> = None;
+        // An idle check runs beside the loop, so a retry coming due meanwhile is not held
+        // up by it; it counts only if nothing was delivered since it started.
+        let mut probing: Option<(JoinHandle<Result<bool, TransportError>>, u64)> = None;
         let mut fetch_at = Instant::now();
         tokio::pin!(shutdown);
 
@@ -215,12 +218,11 @@ impl<T: Transport> Runner<T> {
                         Ok(fetched) if fetched.deliveries.is_empty() => {
                             fetch_errors = 0;
                             let idle = buffer.is_empty() && permits.available_permits() == concurrency;
-                            if idle && let Some(probe) = &self.idle_probe {
-                                match probe(self.lanes.clone()).await {
-                                    Ok(true) => break "idle",
-                                    Ok(false) => {}
-                                    Err(e) => return Err(RunError::Depths(e)),
-                                }
+                            // A backend that knows when its next message is due is not idle.
+                            if idle && fetched.next_due_ms.is_none() && probing.is_none()
+                                && let Some(probe) = &self.idle_probe
+                            {
+                                probing = Some((tokio::spawn(probe(self.lanes.clone())), delivered));
                             }
                             let poll = Instant::now() + self.config.idle_poll;
                             fetch_at = fetched.next_due_ms.map_or(poll, |due| {
@@ -255,6 +257,16 @@ impl<T: Transport> Runner<T> {
                         released: Arc::clone(&released),
                     };
                     tasks.spawn(job.run(delivery, slot));
+                }
+                probed = async { (&mut probing.as_mut().expect("guarded by the branch condition").0).await }, if probing.is_some() => {
+                    let since = probing.take().map_or(0, |(_, at)| at);
+                    let result = probed.unwrap_or_else(|e| Err(TransportError::Backend { context: "idle check".into(), source: Box::new(e) }));
+                    match result {
+                        Ok(true) if delivered == since && buffer.is_empty()
+                            && permits.available_permits() == concurrency => break "idle",
+                        Ok(_) => {}
+                        Err(e) => return Err(RunError::Depths(e)),
+                    }
                 }
                 // A settle may have freed room or scheduled a retry: look again.
                 () = wake.notified(), if fetching.is_none() => fetch_at = Instant::now(),
