@@ -10,6 +10,7 @@ use redrive_core::{
     DeadStats, Delivery, Envelope, Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
     StoreError, Tier, Transport, TransportError,
 };
+use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
@@ -71,6 +72,8 @@ pub enum Any {
     Redis(RedisBackend<Sqlite>),
     /// NATS JetStream lanes, SQLite dead letters.
     Nats(NatsBackend<Sqlite>),
+    /// Kafka topics, SQLite dead letters.
+    Kafka(KafkaBackend<Sqlite>),
 }
 
 impl Any {
@@ -80,6 +83,17 @@ impl Any {
             Self::Sqlite(s) => s,
             Self::Redis(r) => r.store(),
             Self::Nats(n) => n.store(),
+            Self::Kafka(k) => k.store(),
+        }
+    }
+
+    /// Moves a broker's waiting dead messages into the store; returns how many.
+    pub async fn drain(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(_) => Ok(0),
+            Self::Redis(r) => r.drain().await,
+            Self::Nats(n) => n.drain().await,
+            Self::Kafka(k) => k.drain().await,
         }
     }
 }
@@ -101,10 +115,16 @@ pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
             let store = open(cli.store_url(), true)?;
             Ok(Any::Nats(NatsBackend::new(transport, store)))
         }
+        Some(url) if url.starts_with("kafka://") => {
+            let config = KafkaConfig::new(url)?;
+            let transport = config.connect().await.context("--broker")?;
+            let store = open(cli.store_url(), true)?;
+            Ok(Any::Kafka(KafkaBackend::new(transport, store)))
+        }
         Some(url) => {
             let scheme = url.split("://").next().unwrap_or(url);
             bail!(
-                "unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT and nats://HOST:PORT"
+                "unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT, nats://HOST:PORT and kafka://HOST:PORT[,HOST:PORT…]"
             )
         }
     }
@@ -120,6 +140,8 @@ pub enum AnyToken {
     Redis(redrive_redis::Token),
     /// NATS.
     Nats(redrive_nats::Token),
+    /// Kafka.
+    Kafka(redrive_kafka::Token),
 }
 
 fn with_token<T>(d: &Delivery<AnyToken>, token: T) -> Delivery<T> {
@@ -154,6 +176,10 @@ macro_rules! settle {
                 let $x = with_token($d, t.clone());
                 $call
             }
+            (Any::Kafka($b), AnyToken::Kafka(t)) => {
+                let $x = with_token($d, t.clone());
+                $call
+            }
             _ => Err(mismatch()),
         }
     };
@@ -165,6 +191,7 @@ macro_rules! both {
             Any::Sqlite($b) => $call,
             Any::Redis($b) => $call,
             Any::Nats($b) => $call,
+            Any::Kafka($b) => $call,
         }
     };
 }
@@ -201,6 +228,7 @@ impl Transport for Any {
             Self::Sqlite(s) => Ok(wrap(s.fetch(lanes, max, lease).await?, AnyToken::Sqlite)),
             Self::Redis(r) => Ok(wrap(r.fetch(lanes, max, lease).await?, AnyToken::Redis)),
             Self::Nats(n) => Ok(wrap(n.fetch(lanes, max, lease).await?, AnyToken::Nats)),
+            Self::Kafka(k) => Ok(wrap(k.fetch(lanes, max, lease).await?, AnyToken::Kafka)),
         }
     }
     async fn ack(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {

@@ -25,8 +25,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "REDRIVE_STORE", value_name = "URL")]
     pub store: Option<String>,
 
-    /// A broker for the lanes: redis://HOST:PORT[?namespace=NAME]. Without it, lanes live
-    /// in the --store file. With it, --store holds the dead-letter store of record.
+    /// A broker for the lanes: redis://HOST:PORT[?namespace=NAME],
+    /// nats://HOST:PORT[?namespace=NAME] or kafka://HOST:PORT[,HOST:PORT…][?OPTIONS]
+    /// (OPTIONS: group=, prefix=, partitions=, replication=, and librdkafka settings such
+    /// as security.protocol=SASL_SSL). Without it, lanes live in the --store file. With
+    /// it, --store holds the dead-letter store of record.
     #[arg(long, global = true, env = "REDRIVE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
 

@@ -241,9 +241,9 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         }
     }
     if let Some(url) = &raw.broker.url {
-        match redrive_redis::RedisConfig::new(url.get_ref().as_str()) {
-            Ok(_) => config.broker = Some(url.get_ref().clone()),
-            Err(_) => c.at(&url.span(), "broker.url: expected redis://HOST:PORT[?namespace=NAME] (the brokers this build supports)".into()),
+        match check_broker(url.get_ref()) {
+            Ok(()) => config.broker = Some(url.get_ref().clone()),
+            Err(e) => c.at(&url.span(), format!("broker.url: {e}")),
         }
     }
     if let Some(bind) = &raw.server.bind {
@@ -524,6 +524,29 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Checks a broker URL with the parser of its backend.
+fn check_broker(url: &str) -> Result<(), String> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        redrive_redis::RedisConfig::new(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else if url.starts_with("nats://") {
+        redrive_nats::NatsConfig::new(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else if url.starts_with("kafka://") {
+        redrive_kafka::KafkaConfig::new(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else {
+        Err(format!(
+            "unsupported broker {:?}; this build supports redis://HOST:PORT, nats://HOST:PORT \
+             and kafka://HOST:PORT[,HOST:PORT…]",
+            url.split("://").next().unwrap_or(url)
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,6 +626,18 @@ warm = "7d"
     }
 
     #[test]
+    fn every_supported_broker_is_accepted() {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "nats://127.0.0.1:4222?namespace=a",
+            "kafka://k1:9092,k2:9092?partitions=6",
+        ] {
+            let ok = parse(&format!("[broker]\nurl = \"{url}\"\n"), None).unwrap();
+            assert_eq!(ok.broker.as_deref(), Some(url));
+        }
+    }
+
+    #[test]
     fn the_broker_is_checked() {
         let ok = parse(
             "[broker]\nurl = \"redis://127.0.0.1:6379?namespace=a\"\n",
@@ -613,7 +648,7 @@ warm = "7d"
             ok.broker.as_deref(),
             Some("redis://127.0.0.1:6379?namespace=a")
         );
-        let problems = parse("\n[broker]\nurl = \"kafka://127.0.0.1:9092\"\n", None).unwrap_err();
+        let problems = parse("\n[broker]\nurl = \"amqp://127.0.0.1:5672\"\n", None).unwrap_err();
         assert_eq!(problems[0].line, Some(3));
         assert!(
             problems[0].message.contains("broker.url"),

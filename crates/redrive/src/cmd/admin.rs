@@ -60,19 +60,10 @@ pub fn config_check(cli: &Cli, file: Option<&PathBuf>, as_json: bool) -> Result<
 
 pub async fn retention_run(cli: &Cli, as_json: bool) -> Result<ExitCode> {
     let store = backend::open_any(cli, false).await?;
-    match &store {
-        backend::Any::Redis(r) => {
-            r.drain()
-                .await
-                .context("draining the broker's DLQ before the sweep")?;
-        }
-        backend::Any::Nats(n) => {
-            n.drain()
-                .await
-                .context("draining the broker's DLQ before the sweep")?;
-        }
-        backend::Any::Sqlite(_) => {}
-    }
+    store
+        .drain()
+        .await
+        .context("draining the broker's DLQ before the sweep")?;
     let store = store.sqlite().clone();
     let retention = &cli.loaded.retention;
     let report = redrive_retention::sweep(&store, retention, now_ms(), None)

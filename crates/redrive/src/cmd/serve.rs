@@ -130,12 +130,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let drained = match &any {
-                backend::Any::Redis(r) => r.drain().await.map(|_| ()).map_err(|e| e.to_string()),
-                backend::Any::Nats(n) => n.drain().await.map(|_| ()).map_err(|e| e.to_string()),
-                backend::Any::Sqlite(_) => Ok(()),
-            };
-            if let Err(e) = drained {
+            if let Err(e) = any.drain().await {
                 tracing::warn!(error = %e, "draining the broker's DLQ failed; will retry");
             }
         }

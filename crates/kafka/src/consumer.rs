@@ -1,0 +1,684 @@
+//! One consumer-group member per queue, polled on a thread of its own.
+//!
+//! The thread polls the queue's main and retry topics into a bounded buffer that
+//! `fetch` takes from. Per partition it keeps which offsets are out (buffered, leased,
+//! released) and which are settled; the offset it commits is the first one not settled,
+//! so a record whose next lane is not yet confirmed is never committed past. Commits are
+//! asynchronous and batched (every [`COMMIT_EVERY`]).
+//!
+//! A retry-topic record that is not due yet waits in memory with the records behind it,
+//! each handed out when due (no fetch again at the due time, so no lateness from one).
+//! Past [`HELD_CAP`] waiting records the partition is paused and sought back, and it
+//! resumes as they come due. Other partitions, and main, keep flowing.
+//!
+//! Kafka keeps no delivery count, so leases are recorded in a second consumer group
+//! (`<group>.leased`), used as a durable number per partition: before records are
+//! handed to the runner, that group's offset is raised past them. A member that finds,
+//! at assignment, a leased mark above the committed offset knows the records in between
+//! were leased by a member that died without settling them: each counts a failed
+//! attempt on redelivery, like an expired lease on the other backends.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use redrive_core::{Envelope, Lane, QueueName, now_ms};
+
+/// Most records polled ahead of `fetch`.
+pub(crate) const READY_CAP: usize = 1024;
+/// Most retry records held in memory per partition before it is paused.
+const HELD_CAP: usize = 512;
+/// How often settled offsets are committed.
+pub(crate) const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// Longest a blocking broker call may take.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A topic partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Tp {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+}
+
+/// Where one polled offset stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// In the buffer, not yet taken by `fetch`.
+    Buffered,
+    /// Handed to the runner.
+    Leased,
+    /// Its outcome is durable (acked, or its next lane confirmed).
+    Settled,
+    /// Given back unsettled; delivered again by this member.
+    Released,
+}
+
+/// One assigned partition.
+struct Part {
+    /// Changes with every assignment: settles from an older one are refused.
+    epoch: u64,
+    /// Records below this were leased by a member that never settled them.
+    unfinished_below: i64,
+    /// The leased mark as last written.
+    reserved: i64,
+    /// The offset last committed (-1: none).
+    committed: i64,
+    /// One past the highest offset polled (-1: none yet).
+    next: i64,
+    /// Offsets polled and not yet committed past.
+    pending: BTreeMap<i64, Slot>,
+    /// Retry records polled before they were due, in offset order, each handed out
+    /// when due without being fetched again.
+    held: VecDeque<Polled>,
+    /// Paused because [`HELD_CAP`] records are held.
+    paused: bool,
+    /// Set when a record arrived with [`HELD_CAP`] held: the partition was sought back
+    /// to this offset, and records from it on are fetched again after it resumes.
+    refetch: Option<i64>,
+}
+
+impl Part {
+    /// The offset that may be committed: the first one not settled.
+    fn position(&self) -> i64 {
+        self.pending
+            .iter()
+            .find(|(_, s)| **s != Slot::Settled)
+            .map_or(self.next, |(o, _)| *o)
+    }
+
+    fn prune(&mut self) {
+        while let Some((&o, &s)) = self.pending.first_key_value() {
+            if s != Slot::Settled {
+                break;
+            }
+            self.pending.remove(&o);
+        }
+    }
+}
+
+/// A polled record waiting for `fetch`.
+pub(crate) struct Polled {
+    pub(crate) tp: Tp,
+    pub(crate) offset: i64,
+    pub(crate) epoch: u64,
+    pub(crate) lane: Lane,
+    pub(crate) due_ms: i64,
+    /// Leased before by a member that died holding it.
+    pub(crate) unfinished: bool,
+    /// The envelope, or why its redrive headers do not parse and the raw record.
+    pub(crate) envelope: Result<Envelope, Box<(String, Envelope)>>,
+}
+
+/// A topic the member reads, and its lane.
+pub(crate) struct LaneTopic {
+    pub(crate) topic: Arc<str>,
+    pub(crate) lane: Lane,
+    pub(crate) delay_ms: i64,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    parts: HashMap<Tp, Part>,
+    pub(crate) ready: VecDeque<Polled>,
+    /// Partitions assigned and not yet read from the broker.
+    to_init: Vec<Tp>,
+    /// Seeks the poll thread owes to released records.
+    rewinds: Vec<(Tp, i64)>,
+    epoch: u64,
+    /// Commit everything again (an asynchronous commit failed).
+    recommit: bool,
+}
+
+/// What the poll thread and the transport share.
+pub(crate) struct Shared {
+    pub(crate) queue: QueueName,
+    pub(crate) lanes: Vec<LaneTopic>,
+    state: Mutex<State>,
+    /// Wakes a waiting `fetch`.
+    pub(crate) signal: tokio::sync::Notify,
+    /// Member of `<group>.leased`: its committed offsets are the leased marks.
+    pub(crate) marks: Arc<BaseConsumer>,
+}
+
+impl Shared {
+    pub(crate) fn new(queue: QueueName, lanes: Vec<LaneTopic>, marks: Arc<BaseConsumer>) -> Self {
+        Self {
+            queue,
+            lanes,
+            state: Mutex::default(),
+            signal: tokio::sync::Notify::new(),
+            marks,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; carry on with it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes up to `max` polled records, marking them leased.
+    pub(crate) fn take(&self, max: usize) -> Vec<Polled> {
+        let mut st = self.lock();
+        let n = max.min(st.ready.len());
+        let taken: Vec<Polled> = st.ready.drain(..n).collect();
+        for p in &taken {
+            if let Some(part) = st.parts.get_mut(&p.tp)
+                && part.epoch == p.epoch
+            {
+                part.pending.insert(p.offset, Slot::Leased);
+            }
+        }
+        taken
+    }
+
+    /// Puts taken records back at the front (their leases could not be recorded).
+    pub(crate) fn untake(&self, taken: Vec<Polled>) {
+        let mut st = self.lock();
+        for p in taken.into_iter().rev() {
+            if let Some(part) = st.parts.get_mut(&p.tp)
+                && part.epoch == p.epoch
+            {
+                part.pending.insert(p.offset, Slot::Buffered);
+                st.ready.push_front(p);
+            }
+        }
+    }
+
+    /// The leased marks to raise before `taken` is handed out: per partition, past the
+    /// taken records and everything buffered behind them (one write covers a burst).
+    pub(crate) fn marks_to_raise(&self, taken: &[Polled]) -> Vec<(Tp, i64)> {
+        let st = self.lock();
+        let mut out: HashMap<Tp, i64> = HashMap::new();
+        for p in taken.iter().chain(st.ready.iter()) {
+            let Some(part) = st.parts.get(&p.tp) else {
+                continue;
+            };
+            if part.epoch == p.epoch && p.offset >= part.reserved {
+                let e = out.entry(p.tp.clone()).or_insert(0);
+                *e = (*e).max(p.offset + 1);
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    pub(crate) fn raised(&self, marks: &[(Tp, i64)]) {
+        let mut st = self.lock();
+        for (tp, m) in marks {
+            if let Some(part) = st.parts.get_mut(tp) {
+                part.reserved = part.reserved.max(*m);
+            }
+        }
+    }
+
+    /// Records an outcome; `false` when the partition was reassigned meanwhile.
+    pub(crate) fn settle(&self, tp: &Tp, offset: i64, epoch: u64, slot: Slot) -> bool {
+        let mut st = self.lock();
+        let Some(part) = st.parts.get_mut(tp).filter(|p| p.epoch == epoch) else {
+            return false;
+        };
+        part.pending.insert(offset, slot);
+        part.prune();
+        if slot == Slot::Released {
+            st.rewinds.push((tp.clone(), offset));
+        }
+        true
+    }
+
+    /// When the first held retry record comes due.
+    pub(crate) fn next_due_ms(&self) -> Option<i64> {
+        self.lock()
+            .parts
+            .values()
+            .filter_map(|p| p.held.front().map(|h| h.due_ms))
+            .min()
+    }
+
+    /// What this member knows that the broker may not report yet: per partition, one
+    /// past the highest offset polled; and how many polled records are not settled
+    /// (held retries included).
+    pub(crate) fn local_view(&self) -> (HashMap<(String, i32), i64>, u64) {
+        let st = self.lock();
+        let next = st
+            .parts
+            .iter()
+            .map(|(tp, p)| {
+                let held = p.held.back().map_or(-1, |h| h.offset + 1);
+                ((tp.topic.to_string(), tp.partition), p.next.max(held))
+            })
+            .collect();
+        let unsettled = st
+            .parts
+            .values()
+            .map(|p| {
+                let out = p.pending.values().filter(|s| **s != Slot::Settled).count();
+                (out + p.held.len()) as u64
+            })
+            .sum();
+        (next, unsettled)
+    }
+
+    fn lane_of(&self, topic: &str) -> Option<&LaneTopic> {
+        self.lanes.iter().find(|l| &*l.topic == topic)
+    }
+}
+
+/// The consumer context: rebalances commit what is settled before partitions go.
+pub(crate) struct Ctx {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let gone: Vec<Tp> = tpl
+                .elements()
+                .iter()
+                .map(|e| Tp {
+                    topic: e.topic().into(),
+                    partition: e.partition(),
+                })
+                .collect();
+            hand_back(consumer, &self.shared, &gone);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut st = self.shared.lock();
+            for e in tpl.elements() {
+                st.to_init.push(Tp {
+                    topic: e.topic().into(),
+                    partition: e.partition(),
+                });
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(queue = %self.shared.queue, error = %e, "offset commit failed; it will be retried");
+            self.shared.lock().recommit = true;
+        }
+    }
+}
+
+/// Commits what is settled on partitions this member gives up, synchronously, and
+/// lowers their leased mark when nothing of theirs is still leased (released and
+/// buffered records were never handed to a handler, so they must not count).
+fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
+    let mut commit = TopicPartitionList::new();
+    let mut lower = TopicPartitionList::new();
+    {
+        let mut st = shared.lock();
+        for tp in gone {
+            let Some(part) = st.parts.remove(tp) else {
+                continue;
+            };
+            let pos = part.position();
+            if pos < 0 {
+                continue;
+            }
+            if pos > part.committed {
+                let _ = commit.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos));
+            }
+            if part.reserved > pos && !part.pending.values().any(|s| *s == Slot::Leased) {
+                let _ = lower.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos));
+            }
+        }
+        st.ready.retain(|p| !gone.contains(&p.tp));
+        st.to_init.retain(|tp| !gone.contains(tp));
+    }
+    if commit.count() > 0
+        && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
+    {
+        tracing::warn!(queue = %shared.queue, error = %e, "commit on hand-back failed; settled records will be delivered again");
+    }
+    if lower.count() > 0
+        && let Err(e) = shared.marks.commit(&lower, CommitMode::Sync)
+    {
+        tracing::warn!(queue = %shared.queue, error = %e, "could not clear leased marks; the next member counts them as unfinished");
+    }
+}
+
+/// The member's poll thread.
+pub(crate) struct Member {
+    consumer: Arc<BaseConsumer<Ctx>>,
+    pub(crate) shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Member {
+    /// Subscribes `consumer` to the lanes' topics and starts polling.
+    pub(crate) fn start(consumer: BaseConsumer<Ctx>) -> KafkaResult<Self> {
+        let shared = Arc::clone(&consumer.context().shared);
+        let topics: Vec<&str> = shared.lanes.iter().map(|l| &*l.topic).collect();
+        consumer.subscribe(&topics)?;
+        let consumer = Arc::new(consumer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (consumer, stop) = (Arc::clone(&consumer), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name(format!("redrive-kafka-{}", shared.queue))
+                .spawn(move || poll_loop(&consumer, &stop))
+                .map_err(|e| {
+                    rdkafka::error::KafkaError::ClientCreation(format!(
+                        "cannot start the poll thread: {e}"
+                    ))
+                })?
+        };
+        Ok(Self {
+            consumer,
+            shared,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        let _ = &self.consumer;
+    }
+}
+
+fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
+    let shared = Arc::clone(&consumer.context().shared);
+    let mut committed_at = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        init_assigned(consumer, &shared);
+        rewind(consumer, &shared);
+        resume_due(consumer, &shared);
+        if committed_at.elapsed() >= COMMIT_EVERY {
+            commit(consumer, &shared, CommitMode::Async);
+            committed_at = Instant::now();
+        }
+        if shared.lock().ready.len() >= READY_CAP {
+            // `fetch` is behind: poll again once it has taken some.
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        // Wake for the next held record's due time, or within 50 ms.
+        let wait = shared
+            .next_due_ms()
+            .map_or(50, |due| (due - now_ms()).clamp(0, 50));
+        match consumer.poll(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) {
+            None => {}
+            Some(Ok(msg)) => on_message(consumer, &shared, &msg),
+            Some(Err(e)) => {
+                tracing::warn!(queue = %shared.queue, error = %e, "Kafka consumer error");
+            }
+        }
+    }
+    // Stopping: commit what is settled and give every partition back.
+    let all: Vec<Tp> = shared.lock().parts.keys().cloned().collect();
+    hand_back(consumer, &shared, &all);
+    consumer.unsubscribe();
+}
+
+/// Reads the committed offset and the leased mark of newly assigned partitions.
+fn init_assigned(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
+    let tps = std::mem::take(&mut shared.lock().to_init);
+    if tps.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for tp in &tps {
+        tpl.add_partition(&tp.topic, tp.partition);
+    }
+    let read = |c: KafkaResult<TopicPartitionList>, what: &str| match c {
+        Ok(list) => Some(list),
+        Err(e) => {
+            tracing::warn!(queue = %shared.queue, error = %e, "could not read the {what} offsets");
+            None
+        }
+    };
+    let committed = read(
+        consumer.committed_offsets(tpl.clone(), CALL_TIMEOUT),
+        "committed",
+    );
+    let marks = read(shared.marks.committed_offsets(tpl, CALL_TIMEOUT), "leased");
+    let (Some(committed), Some(marks)) = (committed, marks) else {
+        // Try again on the next turn.
+        shared.lock().to_init.extend(tps);
+        return;
+    };
+    let at = |list: &TopicPartitionList, tp: &Tp| match list
+        .find_partition(&tp.topic, tp.partition)
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(n)) => n,
+        _ => -1,
+    };
+    let mut st = shared.lock();
+    for tp in tps {
+        st.epoch += 1;
+        let (c, m) = (at(&committed, &tp), at(&marks, &tp));
+        let unfinished_below = if m > c { m } else { -1 };
+        if unfinished_below >= 0 {
+            tracing::info!(queue = %shared.queue, topic = %tp.topic, partition = tp.partition, from = c, to = m, "records leased by a member that died: each counts a failed attempt");
+        }
+        let part = Part {
+            epoch: st.epoch,
+            unfinished_below,
+            reserved: m.max(c),
+            committed: c,
+            next: c,
+            pending: BTreeMap::new(),
+            held: VecDeque::new(),
+            paused: false,
+            refetch: None,
+        };
+        st.parts.insert(tp, part);
+    }
+}
+
+fn seek(consumer: &BaseConsumer<Ctx>, tp: &Tp, offset: i64) {
+    if let Err(e) = consumer.seek(
+        &tp.topic,
+        tp.partition,
+        Offset::Offset(offset),
+        Duration::from_secs(1),
+    ) {
+        tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "seek failed");
+    }
+}
+
+fn one(tp: &Tp) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.topic, tp.partition);
+    tpl
+}
+
+/// Seeks back to released records so they are delivered again.
+fn rewind(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
+    let rewinds = std::mem::take(&mut shared.lock().rewinds);
+    let mut lowest: HashMap<Tp, i64> = HashMap::new();
+    for (tp, o) in rewinds {
+        let e = lowest.entry(tp).or_insert(o);
+        *e = (*e).min(o);
+    }
+    for (tp, o) in lowest {
+        seek(consumer, &tp, o);
+    }
+}
+
+/// Hands out held records that are due and resumes their partitions.
+fn resume_due(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
+    let now = now_ms();
+    let due: Vec<Tp> = {
+        let mut st = shared.lock();
+        let mut released = Vec::new();
+        let mut resumed = Vec::new();
+        for (tp, part) in &mut st.parts {
+            if part.held.front().is_none_or(|h| h.due_ms > now) {
+                continue;
+            }
+            while part.held.front().is_some_and(|h| h.due_ms <= now)
+                && let Some(held) = part.held.pop_front()
+            {
+                part.pending.insert(held.offset, Slot::Buffered);
+                part.next = part.next.max(held.offset + 1);
+                released.push(held);
+            }
+            if part.paused && part.held.len() < HELD_CAP / 2 {
+                part.paused = false;
+                part.refetch = None;
+                resumed.push(tp.clone());
+            }
+        }
+        let any = !released.is_empty();
+        st.ready.extend(released);
+        if any {
+            shared.signal.notify_one();
+        }
+        resumed
+    };
+    for tp in due {
+        if let Err(e) = consumer.resume(&one(&tp)) {
+            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "resume failed");
+        }
+    }
+}
+
+/// Commits, per partition, the first offset not settled.
+fn commit(consumer: &BaseConsumer<Ctx>, shared: &Shared, mode: CommitMode) {
+    let mut tpl = TopicPartitionList::new();
+    {
+        let mut st = shared.lock();
+        let all = std::mem::take(&mut st.recommit);
+        for (tp, part) in &mut st.parts {
+            let pos = part.position();
+            if pos >= 0 && (pos > part.committed || (all && pos == part.committed)) {
+                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos));
+                part.committed = pos;
+            }
+        }
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, mode)
+    {
+        tracing::warn!(queue = %shared.queue, error = %e, "offset commit failed; it will be retried");
+        shared.lock().recommit = true;
+    }
+}
+
+fn on_message(consumer: &BaseConsumer<Ctx>, shared: &Shared, msg: &BorrowedMessage<'_>) {
+    let Some(lane) = shared.lane_of(msg.topic()) else {
+        return;
+    };
+    let tp = Tp {
+        topic: Arc::clone(&lane.topic),
+        partition: msg.partition(),
+    };
+    let offset = msg.offset();
+    let envelope = decode(&shared.queue, msg);
+    let mut st = shared.lock();
+    let Some(part) = st.parts.get_mut(&tp) else {
+        // Not (or no longer) this member's partition.
+        return;
+    };
+    match part.pending.get(&offset) {
+        Some(Slot::Released) => {}
+        Some(_) => return,
+        None if offset < part.next => return,
+        None => {}
+    }
+    if part.held.back().is_some_and(|h| offset <= h.offset)
+        || part.refetch.is_some_and(|r| offset >= r)
+    {
+        // Already held, or fetched again after the partition resumes.
+        return;
+    }
+    let env_ref = match &envelope {
+        Ok(e) => e,
+        Err(bad) => &bad.1,
+    };
+    let due_ms = match &lane.lane {
+        Lane::Retry(_) => env_ref
+            .not_before_ms
+            .unwrap_or_else(|| msg.timestamp().to_millis().unwrap_or_else(now_ms) + lane.delay_ms),
+        _ => msg.timestamp().to_millis().unwrap_or_else(now_ms),
+    };
+    let polled = Polled {
+        tp: tp.clone(),
+        offset,
+        epoch: part.epoch,
+        lane: lane.lane.clone(),
+        due_ms,
+        unfinished: offset < part.unfinished_below,
+        envelope,
+    };
+    if matches!(lane.lane, Lane::Retry(_)) {
+        tracing::trace!(topic = %tp.topic, offset, late_ms = now_ms() - due_ms, "retry record polled");
+    }
+    if matches!(lane.lane, Lane::Retry(_)) && (due_ms > now_ms() || !part.held.is_empty()) {
+        // Not due (or behind one that is not): it waits in memory, in offset order
+        // (records of one tier come due in that order). Past HELD_CAP the partition is
+        // paused, and what was fetched beyond is fetched again after it resumes.
+        if part.held.len() >= HELD_CAP {
+            part.refetch = Some(offset);
+            drop(st);
+            seek(consumer, &tp, offset);
+            return;
+        }
+        part.held.push_back(polled);
+        if part.held.len() >= HELD_CAP && !part.paused {
+            part.paused = true;
+            drop(st);
+            if let Err(e) = consumer.pause(&one(&tp)) {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "pause failed");
+            }
+        }
+        return;
+    }
+    part.pending.insert(offset, Slot::Buffered);
+    part.next = part.next.max(offset + 1);
+    st.ready.push_back(polled);
+    drop(st);
+    shared.signal.notify_one();
+}
+
+/// A record as an envelope: Kafka headers are a list (names may repeat), values bytes.
+pub(crate) fn decode(
+    queue: &QueueName,
+    msg: &impl Message,
+) -> Result<Envelope, Box<(String, Envelope)>> {
+    let mut wire = Vec::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            wire.push((header.key.to_owned(), value));
+        }
+    }
+    let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    let payload = msg.payload().unwrap_or_default().to_vec();
+    Envelope::from_wire(queue, key.clone(), payload.clone(), wire.clone()).map_err(|e| {
+        let mut raw = Envelope::new(queue.clone(), payload);
+        raw.key = key;
+        raw.headers = wire;
+        Box::new((e.to_string(), raw))
+    })
+}

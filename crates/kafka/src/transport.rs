@@ -1,0 +1,735 @@
+//! The Kafka [`Transport`]: topics per lane, a consumer-group member per queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use redrive_core::{
+    Delivery, Envelope, Failure, FailureKind, Fetched, Lane, LaneSet, LaneStats, QueueDepths,
+    QueueName, Tier, Transport, TransportError, now_ms,
+};
+
+use crate::config::KafkaConfig;
+use crate::consumer::{CALL_TIMEOUT, Ctx, LaneTopic, Member, Polled, Shared, Slot, Tp};
+use crate::error::{KafkaError, during};
+
+/// The backend's handle on one delivery: its record's partition and offset, and the
+/// assignment it was polled under.
+#[derive(Clone)]
+pub struct Token {
+    shared: Arc<Shared>,
+    tp: Tp,
+    offset: i64,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}[{}]@{}",
+            self.tp.topic, self.tp.partition, self.offset
+        )
+    }
+}
+
+/// Lanes as Kafka topics: `QUEUE`, `QUEUE.retry.<tier>`, `QUEUE.dlq`.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KafkaTransport({})", self.inner.config.shown())
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Metadata and watermarks (no group).
+    pub(crate) meta: BaseConsumer,
+    /// Topics known to exist, with their partition counts.
+    topics: Mutex<HashMap<String, i32>>,
+    /// Consumer-group members, by queue.
+    members: Mutex<HashMap<String, Arc<Member>>>,
+    /// Per queue: a client of its group and one of its leased-marks group, for reading
+    /// committed offsets (neither joins its group).
+    readers: Mutex<HashMap<String, Arc<Readers>>>,
+    /// Reads the DLQ topics for the drain, committing in `<group>.drain`.
+    pub(crate) drainer: BaseConsumer,
+    pub(crate) drain_lock: tokio::sync::Mutex<()>,
+}
+
+struct Readers {
+    group: BaseConsumer,
+    marks: Arc<BaseConsumer>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Test hook: `REDRIVE_KAFKA_FAILPOINT=NAME` aborts the process at that point, so tests
+/// can kill a consumer exactly between two steps.
+fn failpoint(name: &str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("REDRIVE_KAFKA_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("redrive: failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+impl KafkaConfig {
+    /// Creates the clients and checks a broker answers.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::Unreachable`] naming the brokers.
+    pub async fn connect(&self) -> Result<KafkaTransport, KafkaError> {
+        let unreachable = |reason: String| KafkaError::Unreachable {
+            address: self.shown(),
+            reason,
+        };
+        let producer: FutureProducer = self
+            .client_config(&[
+                ("acks", "all"),
+                ("linger.ms", "2"),
+                // A broker that stays down fails a send within 15 s instead of 5 min.
+                ("message.timeout.ms", "15000"),
+            ])
+            .create()
+            .map_err(|e| unreachable(e.to_string()))?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config(&[])
+            .create()
+            .map_err(|e| unreachable(e.to_string()))?;
+        let meta: BaseConsumer = self
+            .client_config(&[("enable.auto.commit", "false")])
+            .create()
+            .map_err(|e| unreachable(e.to_string()))?;
+        let drainer: BaseConsumer = self
+            .client_config(&[
+                ("group.id", &format!("{}.{}drain", self.group, self.prefix)),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                // A drain reads each partition to its end and stops there at once.
+                ("enable.partition.eof", "true"),
+                ("fetch.wait.max.ms", "10"),
+            ])
+            .create()
+            .map_err(|e| unreachable(e.to_string()))?;
+        let transport = KafkaTransport {
+            inner: Arc::new(Inner {
+                config: self.clone(),
+                producer,
+                admin,
+                meta,
+                topics: Mutex::default(),
+                members: Mutex::default(),
+                readers: Mutex::default(),
+                drainer,
+                drain_lock: tokio::sync::Mutex::new(()),
+            }),
+        };
+        transport
+            .blocking(|i| i.meta.fetch_metadata(None, Duration::from_secs(5)))
+            .await?
+            .map_err(|e| unreachable(format!("no broker answered within 5 s ({e})")))?;
+        Ok(transport)
+    }
+}
+
+impl KafkaTransport {
+    /// Runs a blocking librdkafka call off the async threads.
+    pub(crate) async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> R + Send + 'static,
+    ) -> Result<R, KafkaError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(during("blocking Kafka call"))
+    }
+
+    pub(crate) fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn inner_drain_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.drain_lock
+    }
+
+    fn topic(&self, queue: &QueueName, lane: &Lane) -> String {
+        self.inner.config.topic(&queue.lane_name(lane))
+    }
+
+    /// Partition counts of every topic in the cluster.
+    pub(crate) async fn topic_partitions(&self) -> Result<HashMap<String, i32>, KafkaError> {
+        let md = self
+            .blocking(|i| i.meta.fetch_metadata(None, CALL_TIMEOUT))
+            .await?
+            .map_err(during("read topic metadata"))?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| {
+                (
+                    t.name().to_owned(),
+                    i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
+                )
+            })
+            .collect())
+    }
+
+    /// Creates the lanes' topics that are missing, with the main topic's partition
+    /// count, and checks the ones present.
+    async fn ensure_topics(&self, queue: &QueueName, tiers: &[Tier]) -> Result<(), KafkaError> {
+        let mut names = vec![self.topic(queue, &Lane::Main)];
+        names.extend(
+            tiers
+                .iter()
+                .map(|t| self.topic(queue, &Lane::Retry(t.name().to_owned()))),
+        );
+        names.push(self.topic(queue, &Lane::Dlq));
+        if names
+            .iter()
+            .all(|n| lock(&self.inner.topics).contains_key(n))
+        {
+            return Ok(());
+        }
+        let mut present = self.topic_partitions().await?;
+        let main = &names[0];
+        let partitions = present
+            .get(main)
+            .copied()
+            .unwrap_or(self.inner.config.partitions);
+        let missing: Vec<&String> = names.iter().filter(|n| !present.contains_key(*n)).collect();
+        for name in names
+            .iter()
+            .filter(|n| present.get(*n).is_some_and(|p| *p != partitions))
+        {
+            tracing::warn!(topic = %name, partitions = present[name], main_partitions = partitions, "lane topic has a different partition count than {main}; retries still work, but keys spread differently");
+        }
+        if !missing.is_empty() {
+            let new: Vec<NewTopic<'_>> = missing
+                .iter()
+                .map(|n| {
+                    NewTopic::new(
+                        n,
+                        partitions,
+                        TopicReplication::Fixed(self.inner.config.replication),
+                    )
+                })
+                .collect();
+            let results = self
+                .inner
+                .admin
+                .create_topics(
+                    new.iter(),
+                    &AdminOptions::new().request_timeout(Some(CALL_TIMEOUT)),
+                )
+                .await
+                .map_err(during("create topics"))?;
+            for r in results {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => {
+                        return Err(KafkaError::call(format!("create topic {topic}"), code));
+                    }
+                }
+            }
+            // Wait until the metadata shows them, so a consumer subscribing now sees them.
+            for _ in 0..50 {
+                present = self.topic_partitions().await?;
+                if missing.iter().all(|n| present.contains_key(*n)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let mut known = lock(&self.inner.topics);
+        for n in names {
+            let p = present.get(&n).copied().unwrap_or(partitions);
+            known.insert(n, p);
+        }
+        Ok(())
+    }
+
+    fn readers(&self, queue: &QueueName) -> Result<Arc<Readers>, KafkaError> {
+        let mut readers = lock(&self.inner.readers);
+        if let Some(r) = readers.get(queue.as_str()) {
+            return Ok(Arc::clone(r));
+        }
+        let group = self.inner.config.group_of(queue.as_str());
+        let client = |group: &str| -> Result<BaseConsumer, KafkaError> {
+            self.inner
+                .config
+                .client_config(&[("group.id", group), ("enable.auto.commit", "false")])
+                .create()
+                .map_err(during("create a Kafka client"))
+        };
+        let r = Arc::new(Readers {
+            group: client(&group)?,
+            marks: Arc::new(client(&format!("{group}.leased"))?),
+        });
+        readers.insert(queue.as_str().to_owned(), Arc::clone(&r));
+        Ok(r)
+    }
+
+    /// This process's member of the queue's consumer group, started on first use.
+    async fn member(&self, lanes: &LaneSet) -> Result<Arc<Member>, KafkaError> {
+        if let Some(m) = lock(&self.inner.members).get(lanes.queue.as_str()) {
+            return Ok(Arc::clone(m));
+        }
+        self.ensure_topics(&lanes.queue, &lanes.tiers).await?;
+        let mut members = lock(&self.inner.members);
+        if let Some(m) = members.get(lanes.queue.as_str()) {
+            return Ok(Arc::clone(m));
+        }
+        let mut topics = vec![LaneTopic {
+            topic: self.topic(&lanes.queue, &Lane::Main).into(),
+            lane: Lane::Main,
+            delay_ms: 0,
+        }];
+        for t in &lanes.tiers {
+            let lane = Lane::Retry(t.name().to_owned());
+            topics.push(LaneTopic {
+                topic: self.topic(&lanes.queue, &lane).into(),
+                lane,
+                delay_ms: i64::try_from(t.delay().as_millis()).unwrap_or(i64::MAX / 4),
+            });
+        }
+        let marks = Arc::clone(&self.readers(&lanes.queue)?.marks);
+        let shared = Arc::new(Shared::new(lanes.queue.clone(), topics, marks));
+        let group = self.inner.config.group_of(lanes.queue.as_str());
+        let consumer: BaseConsumer<Ctx> = self
+            .inner
+            .config
+            .client_config(&[
+                ("group.id", &group),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                // A member that dies is noticed within 6 s (the broker's usual minimum).
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "1000"),
+                ("max.poll.interval.ms", "600000"),
+                // A resumed partition waits for the fetch in flight: keep it short, so a
+                // retry is handed out within ~50 ms of its due time.
+                ("fetch.wait.max.ms", "50"),
+                ("queued.max.messages.kbytes", "16384"),
+            ])
+            .create_with_context(Ctx { shared })
+            .map_err(during("create the consumer"))?;
+        let member = Arc::new(Member::start(consumer).map_err(during("subscribe"))?);
+        members.insert(lanes.queue.as_str().to_owned(), Arc::clone(&member));
+        Ok(member)
+    }
+
+    fn headers(env: &Envelope, extra: &[(&str, String)]) -> OwnedHeaders {
+        let wire = env.to_wire();
+        let mut h = OwnedHeaders::new_with_capacity(wire.len() + extra.len());
+        for (k, v) in &wire {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        for (k, v) in extra {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        h
+    }
+
+    /// Queues a record for `topic`; the returned future resolves once the broker has it.
+    fn send(
+        &self,
+        topic: &str,
+        env: &Envelope,
+        extra: &[(&str, String)],
+    ) -> Result<DeliveryFuture, (rdkafka::error::KafkaError, bool)> {
+        let mut record = FutureRecord::to(topic)
+            .payload(env.payload.as_slice())
+            .headers(Self::headers(env, extra));
+        if let Some(k) = &env.key {
+            record = record.key(k.as_bytes());
+        }
+        self.inner.producer.send_result(record).map_err(|(e, _)| {
+            let full =
+                e == rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+            (e, full)
+        })
+    }
+
+    async fn confirm(topic: &str, f: DeliveryFuture) -> Result<(), KafkaError> {
+        match f.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(KafkaError::call(format!("produce to {topic}"), e)),
+            Err(_) => Err(KafkaError::call(
+                format!("produce to {topic}"),
+                "the producer was closed",
+            )),
+        }
+    }
+
+    /// Produces one record and waits until the broker has it.
+    async fn produce(
+        &self,
+        topic: &str,
+        env: &Envelope,
+        extra: &[(&str, String)],
+    ) -> Result<(), KafkaError> {
+        loop {
+            match self.send(topic, env, extra) {
+                Ok(f) => return Self::confirm(topic, f).await,
+                Err((_, true)) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((e, false)) => return Err(KafkaError::call(format!("produce to {topic}"), e)),
+            }
+        }
+    }
+
+    /// Dead-letters a record whose redrive headers do not parse, without a handler.
+    async fn quarantine(
+        &self,
+        queue: &QueueName,
+        p: &Polled,
+        why: &str,
+        mut raw: Envelope,
+    ) -> Result<(), TransportError> {
+        raw.record_failure(
+            Failure::new(
+                FailureKind::Poison,
+                "MalformedEnvelope",
+                format!(
+                    "record {}[{}]@{}: {why}",
+                    p.tp.topic, p.tp.partition, p.offset
+                ),
+                now_ms(),
+            ),
+            &p.lane.label(),
+        );
+        let dlq = self.topic(queue, &Lane::Dlq);
+        tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, offset = p.offset, reason = %why, "record with malformed redrive headers: moved to {dlq}");
+        self.produce(&dlq, &raw, &[("redrive-dead-at", now_ms().to_string())])
+            .await?;
+        Ok(())
+    }
+
+    fn settle(d: &Delivery<Token>, slot: Slot) -> Result<(), TransportError> {
+        let t = &d.token;
+        if t.shared.settle(&t.tp, t.offset, t.epoch, slot) {
+            Ok(())
+        } else {
+            Err(TransportError::LeaseLost {
+                id: d.envelope.id.to_string(),
+            })
+        }
+    }
+}
+
+impl Transport for KafkaTransport {
+    type Token = Token;
+
+    async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
+        self.ensure_topics(queue, &[]).await?;
+        let topic = self.topic(queue, &Lane::Main);
+        let mut waiting = std::collections::VecDeque::with_capacity(batch.len());
+        for mut env in batch {
+            env.queue = queue.clone();
+            loop {
+                match self.send(&topic, &env, &[]) {
+                    Ok(f) => {
+                        waiting.push_back(f);
+                        break;
+                    }
+                    // The producer's queue is full: wait for the oldest to be confirmed.
+                    Err((_, true)) => match waiting.pop_front() {
+                        Some(f) => Self::confirm(&topic, f).await?,
+                        None => tokio::time::sleep(Duration::from_millis(5)).await,
+                    },
+                    Err((e, false)) => {
+                        return Err(KafkaError::call(format!("produce to {topic}"), e).into());
+                    }
+                }
+            }
+        }
+        // Published only once the broker has every record.
+        for f in waiting {
+            Self::confirm(&topic, f).await?;
+        }
+        Ok(())
+    }
+
+    async fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        _lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let member = self.member(lanes).await?;
+        let shared = &member.shared;
+        let mut taken = shared.take(max);
+        if taken.is_empty() {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(250), shared.signal.notified()).await;
+            taken = shared.take(max);
+        }
+        if taken.is_empty() {
+            return Ok(Fetched {
+                deliveries: Vec::new(),
+                next_due_ms: shared.next_due_ms(),
+            });
+        }
+        // The leases are durable before anything is handed out.
+        let raise = shared.marks_to_raise(&taken);
+        if !raise.is_empty() {
+            let marks = Arc::clone(&shared.marks);
+            let list = raise.clone();
+            let started = std::time::Instant::now();
+            let written = self
+                .blocking(move |_| {
+                    let mut tpl = TopicPartitionList::new();
+                    for (tp, m) in &list {
+                        let _ =
+                            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*m));
+                    }
+                    marks.commit(&tpl, CommitMode::Sync)
+                })
+                .await
+                .and_then(|r| r.map_err(during("record leases")));
+            if let Err(e) = written {
+                shared.untake(taken);
+                return Err(e.into());
+            }
+            shared.raised(&raise);
+            tracing::trace!(
+                ms = started.elapsed().as_millis() as u64,
+                partitions = raise.len(),
+                "leases recorded"
+            );
+        }
+        let mut deliveries = Vec::with_capacity(taken.len());
+        for p in taken {
+            let token = Token {
+                shared: Arc::clone(shared),
+                tp: p.tp.clone(),
+                offset: p.offset,
+                epoch: p.epoch,
+            };
+            match p.envelope {
+                Ok(ref env) => deliveries.push(Delivery {
+                    envelope: env.clone(),
+                    lane: p.lane.clone(),
+                    due_ms: p.due_ms,
+                    unfinished_before: p.unfinished,
+                    token,
+                }),
+                Err(ref bad) => {
+                    let (why, raw) = (&bad.0, bad.1.clone());
+                    match self.quarantine(&shared.queue, &p, why, raw).await {
+                        Ok(()) => {
+                            shared.settle(&token.tp, token.offset, token.epoch, Slot::Settled);
+                        }
+                        Err(e) => {
+                            shared.settle(&token.tp, token.offset, token.epoch, Slot::Released);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Fetched {
+            deliveries,
+            next_due_ms: None,
+        })
+    }
+
+    async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn retry(
+        &self,
+        d: &Delivery<Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let mut env = envelope.clone();
+        env.not_before_ms = Some(due_ms);
+        let topic = self.topic(&d.token.shared.queue, &Lane::Retry(tier.name().to_owned()));
+        self.produce(&topic, &env, &[]).await?;
+        failpoint("after-next-lane-produce");
+        // Only now may the source offset be committed past.
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let topic = self.topic(&d.token.shared.queue, &Lane::Dlq);
+        self.produce(
+            &topic,
+            envelope,
+            &[("redrive-dead-at", now_ms().to_string())],
+        )
+        .await?;
+        failpoint("after-next-lane-produce");
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        Self::settle(d, Slot::Released)
+    }
+
+    async fn extend_lease(
+        &self,
+        _d: &Delivery<Token>,
+        _lease: Duration,
+    ) -> Result<(), TransportError> {
+        // The group membership is the lease: the poll thread keeps it alive.
+        Ok(())
+    }
+}
+
+impl KafkaTransport {
+    /// Queues in the cluster: topics `Q` that have a `Q.dlq` beside them.
+    pub(crate) async fn queue_names(&self) -> Result<Vec<String>, KafkaError> {
+        let topics = self.topic_partitions().await?;
+        let prefix = &self.inner.config.prefix;
+        let mut out: Vec<String> = topics
+            .keys()
+            .filter_map(|t| t.strip_prefix(prefix.as_str()))
+            .filter_map(|t| t.strip_suffix(".dlq"))
+            .filter(|q| topics.contains_key(&format!("{prefix}{q}")))
+            .map(str::to_owned)
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Depths from offsets, as any process sees them: per partition, records between
+    /// the committed offset and the leased mark are in flight, the rest up to the end
+    /// are waiting (in a retry topic, due or not). A process with a member of the group
+    /// adds what it has polled and not settled.
+    async fn kafka_depths(&self, queue: &str) -> Result<QueueDepths, KafkaError> {
+        let name = QueueName::new(queue).map_err(during("queue name"))?;
+        let topics = self.topic_partitions().await?;
+        let main = self.topic(&name, &Lane::Main);
+        let retry_prefix = format!("{main}.retry.");
+        let mut lanes: Vec<(String, Option<String>, i32)> = Vec::new();
+        for (t, p) in &topics {
+            if *t == main {
+                lanes.push((t.clone(), None, *p));
+            } else if let Some(tier) = t.strip_prefix(&retry_prefix) {
+                lanes.push((t.clone(), Some(tier.to_owned()), *p));
+            }
+        }
+        let readers = self.readers(&name)?;
+        let member = lock(&self.inner.members).get(queue).cloned();
+        let (local_next, local_unsettled) =
+            member.map_or_else(Default::default, |m| m.shared.local_view());
+        let counts = self
+            .blocking(move |inner| -> Result<Vec<(Option<String>, i64, i64)>, KafkaError> {
+                let mut tpl = TopicPartitionList::new();
+                for (t, _, n) in &lanes {
+                    for p in 0..*n {
+                        tpl.add_partition(t, p);
+                    }
+                }
+                let committed = readers
+                    .group
+                    .committed_offsets(tpl.clone(), CALL_TIMEOUT)
+                    .map_err(during("read committed offsets"))?;
+                let marks = readers
+                    .marks
+                    .committed_offsets(tpl, CALL_TIMEOUT)
+                    .map_err(during("read leased marks"))?;
+                let at = |list: &TopicPartitionList, t: &str, p: i32| match list
+                    .find_partition(t, p)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(n)) => n,
+                    _ => -1,
+                };
+                let mut out = Vec::new();
+                for (t, tier, n) in &lanes {
+                    let (mut leased, mut waiting) = (0, 0);
+                    for p in 0..*n {
+                        let (low, high) = inner
+                            .meta
+                            .fetch_watermarks(t, p, CALL_TIMEOUT)
+                            .map_err(during("read watermarks"))?;
+                        // What this process has polled is there, whatever the broker's
+                        // (possibly lagging) end-offset answer says.
+                        let high = high.max(local_next.get(&(t.clone(), p)).copied().unwrap_or(-1));
+                        let c = at(&committed, t, p).max(low);
+                        let m = at(&marks, t, p).clamp(c, high.max(c));
+                        tracing::trace!(topic = %t, partition = p, committed = c, leased_to = m, end = high, "lane partition");
+                        leased += m - c;
+                        waiting += (high - m).max(0);
+                    }
+                    out.push((tier.clone(), leased, waiting));
+                }
+                Ok(out)
+            })
+            .await??;
+        let mut d = QueueDepths {
+            queue: queue.to_owned(),
+            ..QueueDepths::default()
+        };
+        for (tier, leased, waiting) in counts {
+            d.inflight += u64::try_from(leased).unwrap_or(0);
+            let waiting = u64::try_from(waiting).unwrap_or(0);
+            match tier {
+                None => d.main += waiting,
+                Some(t) => d.retry.push((t, waiting)),
+            }
+        }
+        d.inflight = d.inflight.max(local_unsettled);
+        d.retry
+            .sort_by_key(|(t, _)| redrive_core::parse_duration(t).unwrap_or(Duration::MAX));
+        Ok(d)
+    }
+}
+
+impl LaneStats for KafkaTransport {
+    async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
+        let mut out = Vec::new();
+        for q in self.queue_names().await? {
+            out.push(self.kafka_depths(&q).await?);
+        }
+        Ok(out)
+    }
+
+    async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
+        self.ensure_topics(&lanes.queue, &lanes.tiers).await?;
+        let started = std::time::Instant::now();
+        let d = self.kafka_depths(lanes.queue.as_str()).await?;
+        tracing::trace!(
+            ms = started.elapsed().as_millis() as u64,
+            "lane depths read"
+        );
+        Ok(d)
+    }
+}

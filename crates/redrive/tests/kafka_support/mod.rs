@@ -1,0 +1,86 @@
+//! What the Kafka tests share: a per-test topic prefix and group, deleted afterwards.
+
+#![allow(dead_code)] // Each test binary uses part of it.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// The broker under test.
+pub fn kafka_url() -> String {
+    std::env::var("REDRIVE_TEST_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".to_owned())
+}
+
+/// `host:port,…` of [`kafka_url`].
+pub fn bootstrap() -> String {
+    kafka_url().trim_start_matches("kafka://").to_owned()
+}
+
+/// A test's own topics (`<prefix>…`) and groups; its topics are deleted on drop.
+pub struct Scope {
+    pub prefix: String,
+    pub url: String,
+}
+
+impl Scope {
+    #[allow(clippy::new_without_default)] // A fresh, unique scope each call: not a default.
+    pub fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = format!("t{:x}{:x}", std::process::id(), nanos);
+        let prefix = format!("{id}.");
+        // tansu 0.6, the test broker, cannot fetch from an offset inside a batch of
+        // several records, and reports a partition's end as its last batch's first
+        // offset + 1: one record per produce batch keeps both right. It also answers
+        // every fetch only after the fetch's whole max wait, data or not, so the wait
+        // is kept short. Real Kafka needs neither setting.
+        let url = format!(
+            "{}?prefix={prefix}&group={id}&batch.num.messages=1&fetch.wait.max.ms=10",
+            kafka_url()
+        );
+        Self { prefix, url }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let mut config = ClientConfig::new();
+                config.set("bootstrap.servers", bootstrap());
+                let (Ok(meta), Ok(admin)) = (
+                    config.create::<BaseConsumer>(),
+                    config.create::<AdminClient<DefaultClientContext>>(),
+                ) else {
+                    return;
+                };
+                let Ok(md) = meta.fetch_metadata(None, Duration::from_secs(5)) else {
+                    return;
+                };
+                let mine: Vec<String> = md
+                    .topics()
+                    .iter()
+                    .map(|t| t.name().to_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect();
+                let names: Vec<&str> = mine.iter().map(String::as_str).collect();
+                if !names.is_empty() {
+                    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
