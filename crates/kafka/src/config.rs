@@ -119,7 +119,8 @@ impl KafkaConfig {
 
     /// A librdkafka configuration: the brokers, redrive's `defaults`, then the user's
     /// settings (which win).
-    pub(crate) fn client_config(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
+    #[must_use]
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         // Errors are reported through redrive's own messages; librdkafka's log lines

@@ -410,7 +410,7 @@ impl KafkaTransport {
     async fn quarantine(
         &self,
         queue: &QueueName,
-        p: &Polled,
+        (tp, offset, lane): (&Tp, i64, &Lane),
         why: &str,
         mut raw: Envelope,
     ) -> Result<(), TransportError> {
@@ -418,16 +418,13 @@ impl KafkaTransport {
             Failure::new(
                 FailureKind::Poison,
                 "MalformedEnvelope",
-                format!(
-                    "record {}[{}]@{}: {why}",
-                    p.tp.topic, p.tp.partition, p.offset
-                ),
+                format!("record {}[{}]@{offset}: {why}", tp.topic, tp.partition),
                 now_ms(),
             ),
-            &p.lane.label(),
+            &lane.label(),
         );
         let dlq = self.topic(queue, &Lane::Dlq);
-        tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, offset = p.offset, reason = %why, "record with malformed redrive headers: moved to {dlq}");
+        tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, reason = %why, "record with malformed redrive headers: moved to {dlq}");
         self.produce(&dlq, &raw, &[("redrive-dead-at", now_ms().to_string())])
             .await?;
         Ok(())
@@ -528,23 +525,33 @@ impl Transport for KafkaTransport {
         }
         let mut deliveries = Vec::with_capacity(taken.len());
         for p in taken {
+            let Polled {
+                tp,
+                offset,
+                epoch,
+                lane,
+                due_ms,
+                unfinished,
+                envelope,
+            } = p;
             let token = Token {
                 shared: Arc::clone(shared),
-                tp: p.tp.clone(),
-                offset: p.offset,
-                epoch: p.epoch,
+                tp,
+                offset,
+                epoch,
             };
-            match p.envelope {
-                Ok(ref env) => deliveries.push(Delivery {
-                    envelope: env.clone(),
-                    lane: p.lane.clone(),
-                    due_ms: p.due_ms,
-                    unfinished_before: p.unfinished,
+            match envelope {
+                Ok(envelope) => deliveries.push(Delivery {
+                    envelope,
+                    lane,
+                    due_ms,
+                    unfinished_before: unfinished,
                     token,
                 }),
-                Err(ref bad) => {
-                    let (why, raw) = (&bad.0, bad.1.clone());
-                    match self.quarantine(&shared.queue, &p, why, raw).await {
+                Err(bad) => {
+                    let (why, raw) = *bad;
+                    let at = (&token.tp, offset, &lane);
+                    match self.quarantine(&shared.queue, at, &why, raw).await {
                         Ok(()) => {
                             shared.settle(&token.tp, token.offset, token.epoch, Slot::Settled);
                         }

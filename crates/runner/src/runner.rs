@@ -170,6 +170,8 @@ impl<T: Transport> Runner<T> {
         let (abort_tx, abort_rx) = watch::channel(false);
         let released = Arc::new(AtomicU64::new(0));
         let observers: Arc<[Arc<dyn Observer>]> = self.observers.clone().into();
+        let policy = Arc::new(self.policy.clone());
+        let job_config = Arc::new(self.config.clone());
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut delivered: u64 = 0;
         let mut fetch_errors: u32 = 0;
@@ -248,8 +250,8 @@ impl<T: Transport> Runner<T> {
                     let job = Job {
                         transport: Arc::clone(&self.transport),
                         handler: Arc::clone(&handler),
-                        policy: self.policy.clone(),
-                        config: self.config.clone(),
+                        policy: Arc::clone(&policy),
+                        config: Arc::clone(&job_config),
                         observers: Arc::clone(&observers),
                         queue: self.lanes.queue.clone(),
                         wake: Arc::clone(&wake),
@@ -323,8 +325,8 @@ impl<T: Transport + LaneStats> Runner<T> {
 struct Job<T: Transport, H> {
     transport: Arc<T>,
     handler: Arc<H>,
-    policy: RetryPolicy,
-    config: RunnerConfig,
+    policy: Arc<RetryPolicy>,
+    config: Arc<RunnerConfig>,
     observers: Arc<[Arc<dyn Observer>]>,
     queue: QueueName,
     wake: Arc<Notify>,
@@ -364,36 +366,42 @@ impl<T: Transport, H: Handler> Job<T, H> {
 
     /// Runs the handler with a timeout, panic isolation and a lease heartbeat.
     /// `None` means shutdown aborted it.
+    ///
+    /// The handler runs inside this task (a panic is caught where it is polled) under
+    /// one timer that serves both the heartbeat and the deadline: a task and two timers
+    /// per message were most of the runner's own cost.
     async fn handle(&mut self, delivery: &Delivery<T::Token>) -> Option<Outcome> {
         let handler = Arc::clone(&self.handler);
         let message: Envelope = delivery.envelope.clone();
-        let mut task = tokio::spawn(async move { handler.handle(message).await });
-        let deadline = sleep(self.config.timeout);
-        tokio::pin!(deadline);
+        let mut run = CatchPanic(Box::pin(async move { handler.handle(message).await }));
+        let started = Instant::now();
+        let deadline = started + self.config.timeout;
         let beat = (self.config.lease / 3).max(Duration::from_millis(10));
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
+        let mut next_beat = started + beat;
+        let timer = sleep_until(next_beat.min(deadline));
+        tokio::pin!(timer);
         loop {
             tokio::select! {
-                joined = &mut task => {
+                result = &mut run => {
                     let at = now_ms();
-                    return Some(match joined {
+                    return Some(match result {
                         Ok(result) => Outcome::from_result(result, at),
-                        Err(e) if e.is_panic() => Outcome::panic(&panic_message(e.into_panic()), at),
-                        Err(_) => Outcome::panic("the handler task was cancelled", at),
+                        Err(panic) => Outcome::panic(&panic_message(panic), at),
                     });
                 }
-                () = &mut deadline => {
-                    task.abort();
-                    return Some(Outcome::timeout(self.config.timeout, now_ms()));
-                }
-                _ = heartbeat.tick() => {
+                () = &mut timer => {
+                    if Instant::now() >= deadline {
+                        // Dropping the handler's future cancels it.
+                        return Some(Outcome::timeout(self.config.timeout, now_ms()));
+                    }
                     if let Err(e) = self.transport.extend_lease(delivery, self.config.lease).await {
                         tracing::warn!(id = %delivery.envelope.id, error = %e, "lease heartbeat failed");
                     }
+                    next_beat += beat;
+                    timer.as_mut().reset(next_beat.min(deadline));
                 }
                 changed = self.abort.changed() => {
                     if changed.is_ok() && *self.abort.borrow() {
-                        task.abort();
                         return None;
                     }
                 }
@@ -481,6 +489,26 @@ impl<T: Transport, H: Handler> Job<T, H> {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Polls a future and turns a panic inside it into `Err` with the panic's payload, so a
+/// panicking handler fails only its own attempt.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
     }
 }

@@ -90,6 +90,8 @@ pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
     if let Some(url) = broker {
         if url.starts_with("nats://") {
             super::bench_nats::run(url, args).await?;
+        } else if url.starts_with("kafka://") {
+            super::bench_kafka::run(url, args).await?;
         } else {
             super::bench_redis::run(url, args).await?;
         }

@@ -1,0 +1,219 @@
+//! `redrive bench --broker kafka://…`: no-failure throughput of the Kafka backend beside a
+//! plain rdkafka consumer (poll, store the offset, commit in batches) of the same number
+//! of records, on the same broker, with the same client settings, in the same run.
+//!
+//! Both sides join a consumer group first; how long that takes depends on the broker,
+//! not on the consumer, so each side's rate is measured from its first record to its
+//! last (the time including the join is reported beside it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redrive_core::{Envelope, QueueName, RetryPolicy, Transport, now_ms};
+use redrive_kafka::{KafkaBackend, KafkaConfig};
+use redrive_runner::{Runner, RunnerConfig, handler_fn};
+use redrive_sqlite::SqliteConfig;
+use serde::Serialize;
+
+use crate::cli::BenchArgs;
+use crate::output::{json_line, outln};
+
+#[derive(Serialize)]
+struct Side {
+    tool: &'static str,
+    messages: usize,
+    publish_secs: f64,
+    /// From subscribing to the last record settled (group join included).
+    total_secs: f64,
+    /// From the first record handed out to the last settled.
+    consume_secs: f64,
+    consume_msgs_per_sec: f64,
+}
+
+/// The plain consumer: what a team writes by hand with rdkafka.
+async fn plain(config: &KafkaConfig, topic: &str, n: usize) -> Result<Side> {
+    let producer: FutureProducer = config
+        .client_config(&[("acks", "all"), ("linger.ms", "2")])
+        .create()
+        .context("creating the plain producer")?;
+    let admin: AdminClient<DefaultClientContext> = config.client_config(&[]).create()?;
+    let new = NewTopic::new(
+        topic,
+        config.partitions,
+        TopicReplication::Fixed(config.replication),
+    );
+    for r in admin.create_topics([&new], &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    let started = Instant::now();
+    let mut waiting = Vec::with_capacity(n);
+    for i in 0..n {
+        let payload = format!("{{\"n\":{i}}}");
+        loop {
+            match producer.send_result(FutureRecord::<(), _>::to(topic).payload(&payload)) {
+                Ok(f) => {
+                    waiting.push(f);
+                    break;
+                }
+                Err((_, _)) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+    for f in waiting {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let consumer: BaseConsumer = config
+        .client_config(&[
+            ("group.id", &format!("{topic}.plain")),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+        ])
+        .create()
+        .context("creating the plain consumer")?;
+    let topic = topic.to_owned();
+    let (total, first) = tokio::task::spawn_blocking(move || -> Result<(f64, Instant)> {
+        consumer.subscribe(&[&topic])?;
+        let started = Instant::now();
+        let mut first = None;
+        let mut done = 0;
+        while done < n {
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the plain consumer saw {done} of {n} records in 10 minutes");
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    first.get_or_insert_with(Instant::now);
+                    consumer.store_offset_from_message(&m)?;
+                    done += 1;
+                    if done % 1000 == 0 {
+                        consumer.commit_consumer_state(CommitMode::Async)?;
+                    }
+                }
+                Some(Err(e)) => bail!("plain consumer: {e}"),
+                None => {}
+            }
+        }
+        consumer.commit_consumer_state(CommitMode::Sync)?;
+        Ok((
+            started.elapsed().as_secs_f64(),
+            first.unwrap_or_else(Instant::now),
+        ))
+    })
+    .await??;
+    let consume_secs = first.elapsed().as_secs_f64();
+    Ok(Side {
+        tool: "rdkafka (plain)",
+        messages: n,
+        publish_secs,
+        total_secs: total,
+        consume_secs,
+        consume_msgs_per_sec: n as f64 / consume_secs,
+    })
+}
+
+async fn redrive(url: &str, n: usize, concurrency: usize) -> Result<Side> {
+    let transport = KafkaConfig::new(url)?.connect().await.context("--broker")?;
+    let dir = tempfile::Builder::new()
+        .prefix("redrive-bench-")
+        .tempdir()?;
+    let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
+    let backend = KafkaBackend::new(transport, store);
+    let queue = QueueName::new("bench")?;
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        backend
+            .publish(
+                &queue,
+                chunk
+                    .iter()
+                    .map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
+                    .collect(),
+            )
+            .await?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let config = RunnerConfig {
+        concurrency,
+        lease: Duration::from_secs(30),
+        idle_poll: Duration::from_millis(20),
+        max_messages: Some(n as u64),
+        ..RunnerConfig::default()
+    };
+    let first = Arc::new(AtomicI64::new(0));
+    let last = Arc::new(AtomicI64::new(0));
+    let (f, l) = (Arc::clone(&first), Arc::clone(&last));
+    let runner = Runner::new(backend, queue, RetryPolicy::parse("1s")?, config);
+    let started = Instant::now();
+    runner
+        .run(
+            handler_fn(move |_m: Envelope| {
+                let now = now_ms();
+                let _ = f.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                l.fetch_max(now, Ordering::Relaxed);
+                async { Ok(()) }
+            }),
+            std::future::pending(),
+        )
+        .await?;
+    let total_secs = started.elapsed().as_secs_f64();
+    let span_ms = last.load(Ordering::Relaxed) - first.load(Ordering::Relaxed);
+    let consume_secs = (span_ms.max(1) as f64) / 1000.0;
+    Ok(Side {
+        tool: "redrive",
+        messages: n,
+        publish_secs,
+        total_secs,
+        consume_secs,
+        consume_msgs_per_sec: n as f64 / consume_secs,
+    })
+}
+
+pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
+    let run_prefix = format!("bench{}.", now_ms());
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{url}{sep}prefix={run_prefix}&group={}",
+        run_prefix.trim_end_matches('.')
+    );
+    let config = KafkaConfig::new(&url)?;
+    let n = args.messages;
+    let mine = redrive(&url, n, args.concurrency).await?;
+    let theirs = plain(&config, &config.topic("plain"), n).await?;
+    let ratio = mine.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
+    // Leave the broker as it was.
+    if let Ok(admin) = config
+        .client_config(&[])
+        .create::<AdminClient<DefaultClientContext>>()
+    {
+        let topics: Vec<String> = ["bench", "bench.dlq", "bench.retry.1s", "plain"]
+            .iter()
+            .map(|t| config.topic(t))
+            .collect();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+    if args.json {
+        json_line(&serde_json::json!({ "redrive": mine, "plain": theirs, "ratio": ratio }));
+    } else {
+        for s in [&mine, &theirs] {
+            outln!(
+                "{:<16} publish {:.2}s  first→last record {:.2}s  {:>8.0} msgs/s  (with group join {:.2}s)",
+                s.tool,
+                s.publish_secs,
+                s.consume_secs,
+                s.consume_msgs_per_sec,
+                s.total_secs
+            );
+        }
+        outln!("ratio redrive / plain: {ratio:.2}x");
+    }
+    Ok(())
+}
