@@ -78,6 +78,29 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Publishes `{"n":0}` … `{"n":N-1}` to `queue` in batches of `chunk`; returns the
+/// seconds it took.
+pub(crate) async fn publish_numbered<T: redrive_core::Transport>(
+    transport: &T,
+    queue: &redrive_core::QueueName,
+    n: usize,
+    chunk: usize,
+) -> Result<f64> {
+    let started = std::time::Instant::now();
+    for batch in (0..n).collect::<Vec<_>>().chunks(chunk) {
+        transport
+            .publish(
+                queue,
+                batch
+                    .iter()
+                    .map(|i| redrive_core::Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
+                    .collect(),
+            )
+            .await?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// The message number in `{"n":123}`.
 pub(crate) fn number(payload: &[u8]) -> u64 {
     payload

@@ -15,7 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redrive_core::{Envelope, QueueName, RetryPolicy, Transport, now_ms};
+use redrive_core::{Envelope, QueueName, RetryPolicy, now_ms};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
@@ -127,19 +127,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize) -> Result<Side> {
     let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
     let backend = KafkaBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
-    let started = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        backend
-            .publish(
-                &queue,
-                chunk
-                    .iter()
-                    .map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
-                    .collect(),
-            )
-            .await?;
-    }
-    let publish_secs = started.elapsed().as_secs_f64();
+    let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 5000).await?;
     let config = RunnerConfig {
         concurrency,
         lease: Duration::from_secs(30),

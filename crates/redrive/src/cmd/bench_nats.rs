@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, consumer::pull, stream};
-use redrive_core::{Envelope, QueueName, RetryPolicy, Transport};
+use redrive_core::{Envelope, QueueName, RetryPolicy};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
@@ -101,19 +101,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
     let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
     let backend = NatsBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
-    let started = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        backend
-            .publish(
-                &queue,
-                chunk
-                    .iter()
-                    .map(|i| Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
-                    .collect(),
-            )
-            .await?;
-    }
-    let publish_secs = started.elapsed().as_secs_f64();
+    let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 1000).await?;
     let config = RunnerConfig {
         concurrency,
         lease: Duration::from_secs(30),
