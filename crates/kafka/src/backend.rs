@@ -35,7 +35,8 @@ impl DlqSource for KafkaTransport {
         let topics = self.topic_partitions().await?;
         let prefix = self.config().prefix.clone();
         let mut dlqs: Vec<(String, QueueName, i32)> = Vec::new();
-        for q in self.queue_names().await? {
+        // One metadata read serves both the queue list and the partition counts.
+        for q in self.queues_in(&topics) {
             let Ok(name) = QueueName::new(&q) else {
                 continue;
             };

@@ -352,7 +352,6 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
 
 /// The member's poll thread.
 pub(crate) struct Member {
-    consumer: Arc<BaseConsumer<Ctx>>,
     pub(crate) shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -364,10 +363,9 @@ impl Member {
         let shared = Arc::clone(&consumer.context().shared);
         let topics: Vec<&str> = shared.lanes.iter().map(|l| &*l.topic).collect();
         consumer.subscribe(&topics)?;
-        let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (consumer, stop) = (Arc::clone(&consumer), Arc::clone(&stop));
+            let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name(format!("redrive-kafka-{}", shared.queue))
                 .spawn(move || poll_loop(&consumer, &stop))
@@ -378,7 +376,6 @@ impl Member {
                 })?
         };
         Ok(Self {
-            consumer,
             shared,
             stop,
             thread: Mutex::new(Some(thread)),
@@ -397,7 +394,6 @@ impl Drop for Member {
         if let Some(t) = thread {
             let _ = t.join();
         }
-        let _ = &self.consumer;
     }
 }
 

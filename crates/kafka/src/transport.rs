@@ -622,7 +622,11 @@ impl Transport for KafkaTransport {
 impl KafkaTransport {
     /// Queues in the cluster: topics `Q` that have a `Q.dlq` beside them.
     pub(crate) async fn queue_names(&self) -> Result<Vec<String>, KafkaError> {
-        let topics = self.topic_partitions().await?;
+        Ok(self.queues_in(&self.topic_partitions().await?))
+    }
+
+    /// The queues among `topics` (as [`KafkaTransport::topic_partitions`] returns them).
+    pub(crate) fn queues_in(&self, topics: &HashMap<String, i32>) -> Vec<String> {
         let prefix = &self.inner.config.prefix;
         let mut out: Vec<String> = topics
             .keys()
@@ -632,7 +636,7 @@ impl KafkaTransport {
             .map(str::to_owned)
             .collect();
         out.sort();
-        Ok(out)
+        out
     }
 
     /// Depths from offsets, as any process sees them: per partition, records between
