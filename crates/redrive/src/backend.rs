@@ -14,6 +14,7 @@ use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
+use redrive_sqs::{SqsBackend, SqsConfig};
 
 use crate::cli::Cli;
 
@@ -74,6 +75,8 @@ pub enum Any {
     Nats(NatsBackend<Sqlite>),
     /// Kafka topics, SQLite dead letters.
     Kafka(KafkaBackend<Sqlite>),
+    /// SQS queues, SQLite dead letters.
+    Sqs(SqsBackend<Sqlite>),
 }
 
 impl Any {
@@ -84,6 +87,7 @@ impl Any {
             Self::Redis(r) => r.store(),
             Self::Nats(n) => n.store(),
             Self::Kafka(k) => k.store(),
+            Self::Sqs(q) => q.store(),
         }
     }
 
@@ -94,6 +98,7 @@ impl Any {
             Self::Redis(r) => r.drain().await,
             Self::Nats(n) => n.drain().await,
             Self::Kafka(k) => k.drain().await,
+            Self::Sqs(q) => q.drain().await,
         }
     }
 }
@@ -121,10 +126,19 @@ pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
             let store = open(cli.store_url(), true)?;
             Ok(Any::Kafka(KafkaBackend::new(transport, store)))
         }
+        Some(url) if url.starts_with("sqs://") => {
+            let mut config = SqsConfig::new(url)?;
+            if let Some(endpoint) = &cli.sqs_endpoint {
+                config.endpoint = Some(endpoint.clone());
+            }
+            let transport = config.connect().await.context("--broker")?;
+            let store = open(cli.store_url(), true)?;
+            Ok(Any::Sqs(SqsBackend::new(transport, store)))
+        }
         Some(url) => {
             let scheme = url.split("://").next().unwrap_or(url);
             bail!(
-                "unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT, nats://HOST:PORT and kafka://HOST:PORT[,HOST:PORT…]"
+                "unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT, nats://HOST:PORT, kafka://HOST:PORT[,HOST:PORT…] and sqs://REGION"
             )
         }
     }
@@ -142,6 +156,8 @@ pub enum AnyToken {
     Nats(redrive_nats::Token),
     /// Kafka.
     Kafka(redrive_kafka::Token),
+    /// SQS.
+    Sqs(redrive_sqs::Token),
 }
 
 fn with_token<T>(d: &Delivery<AnyToken>, token: T) -> Delivery<T> {
@@ -180,6 +196,10 @@ macro_rules! settle {
                 let $x = with_token($d, t.clone());
                 $call
             }
+            (Any::Sqs($b), AnyToken::Sqs(t)) => {
+                let $x = with_token($d, t.clone());
+                $call
+            }
             _ => Err(mismatch()),
         }
     };
@@ -192,6 +212,7 @@ macro_rules! both {
             Any::Redis($b) => $call,
             Any::Nats($b) => $call,
             Any::Kafka($b) => $call,
+            Any::Sqs($b) => $call,
         }
     };
 }
@@ -229,6 +250,7 @@ impl Transport for Any {
             Self::Redis(r) => Ok(wrap(r.fetch(lanes, max, lease).await?, AnyToken::Redis)),
             Self::Nats(n) => Ok(wrap(n.fetch(lanes, max, lease).await?, AnyToken::Nats)),
             Self::Kafka(k) => Ok(wrap(k.fetch(lanes, max, lease).await?, AnyToken::Kafka)),
+            Self::Sqs(q) => Ok(wrap(q.fetch(lanes, max, lease).await?, AnyToken::Sqs)),
         }
     }
     async fn ack(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {

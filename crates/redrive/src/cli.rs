@@ -26,12 +26,19 @@ pub struct Cli {
     pub store: Option<String>,
 
     /// A broker for the lanes: redis://HOST:PORT[?namespace=NAME],
-    /// nats://HOST:PORT[?namespace=NAME] or kafka://HOST:PORT[,HOST:PORT…][?OPTIONS]
+    /// nats://HOST:PORT[?namespace=NAME], kafka://HOST:PORT[,HOST:PORT…][?OPTIONS]
     /// (OPTIONS: group=, prefix=, partitions=, replication=, and librdkafka settings such
-    /// as security.protocol=SASL_SSL). Without it, lanes live in the --store file. With
-    /// it, --store holds the dead-letter store of record.
+    /// as security.protocol=SASL_SSL) or sqs://REGION[?prefix=NAME&wait=SECONDS] (AWS
+    /// credentials from the standard environment / profile chain; queue agent.tasks is
+    /// the SQS queue agent-tasks). Without it, lanes live in the --store file. With it,
+    /// --store holds the dead-letter store of record.
     #[arg(long, global = true, env = "REDRIVE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
+
+    /// With --broker sqs://…: an SQS-compatible endpoint instead of AWS's (e.g.
+    /// http://127.0.0.1:9324 for a local server). AWS_ENDPOINT_URL works too.
+    #[arg(long, global = true, value_name = "URL")]
+    pub sqs_endpoint: Option<String>,
 
     /// Configuration file [default: ./redrive.toml when it exists]. See redrive.example.toml.
     #[arg(long, global = true, env = "REDRIVE_CONFIG", value_name = "FILE")]

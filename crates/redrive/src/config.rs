@@ -538,10 +538,14 @@ fn check_broker(url: &str) -> Result<(), String> {
         redrive_kafka::KafkaConfig::new(url)
             .map(drop)
             .map_err(|e| e.to_string())
+    } else if url.starts_with("sqs://") {
+        redrive_sqs::SqsConfig::new(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
     } else {
         Err(format!(
-            "unsupported broker {:?}; this build supports redis://HOST:PORT, nats://HOST:PORT \
-             and kafka://HOST:PORT[,HOST:PORT…]",
+            "unsupported broker {:?}; this build supports redis://HOST:PORT, nats://HOST:PORT, \
+             kafka://HOST:PORT[,HOST:PORT…] and sqs://REGION",
             url.split("://").next().unwrap_or(url)
         ))
     }

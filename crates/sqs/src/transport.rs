@@ -1,0 +1,959 @@
+//! The SQS [`Transport`].
+//!
+//! The receive count SQS keeps per message is the attempt count: a retry hides the
+//! received message for its tier's delay (`ChangeMessageVisibility`), so its next
+//! receive is its next attempt, and a consumer that crashes leaves the message to come
+//! back when its lease (the visibility timeout) runs out, one receive later. The queue's
+//! own redrive policy (`maxReceiveCount` = max attempts) moves a message that crashes
+//! every consumer to `QUEUE-dlq` without anyone's help.
+//!
+//! SQS keeps no per-message state besides the receive count, so a failure's details
+//! (class, message, fingerprint) are remembered by the consumer that saw them, until the
+//! message's next receive; a receive that no consumer here recorded an outcome for is
+//! counted as a crash (`lease_expired`). Sub-second parts of a delay are waited in
+//! memory, as SQS counts visibility in whole seconds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+use redrive_core::{
+    Delivery, Envelope, Failure, FailureKind, Fetched, Lane, LaneSet, LaneStats, QueueDepths,
+    QueueName, Tier, Transport, TransportError, now_ms,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::SqsConfig;
+use crate::error::{SqsError, during, is_lease_lost};
+use crate::wire;
+
+/// SQS's largest message (body and attributes), and largest batch.
+pub(crate) const MAX_MESSAGE: usize = 1_048_576;
+/// SQS's longest visibility timeout: 12 hours.
+const MAX_VISIBILITY_SECS: i64 = 43_200;
+/// Messages per receive and per batch call: SQS's maximum.
+pub(crate) const BATCH: usize = 10;
+/// How long an ack waits for others to share its delete call.
+const DELETE_LINGER: Duration = Duration::from_millis(5);
+/// The tag that names the redrive queue an SQS queue belongs to.
+pub(crate) const QUEUE_TAG: &str = "redrive-queue";
+/// Failures remembered between receives, at most (older ones are dropped first).
+const MAX_KNOWN: usize = 100_000;
+
+pub(crate) const UNRECORDED: &str = "an earlier receive ended without an outcome recorded by \
+    this consumer (a consumer crashed, was killed or its lease expired, or it failed on a \
+    consumer that has since stopped)";
+
+/// The backend's handle on a delivery: the receipt handle of one receive.
+#[derive(Clone)]
+pub struct Token {
+    message_id: Arc<str>,
+    receipt: Arc<str>,
+    receives: u32,
+    queue: Arc<Queue>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("message_id", &self.message_id)
+            .field("receives", &self.receives)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this consumer knows of a message between two of its receives.
+#[derive(Clone)]
+struct Known {
+    /// The receive it was settled on.
+    receives: u32,
+    /// Its envelope after that (payload left out: the next receive brings it).
+    envelope: Envelope,
+    lane: Lane,
+    due_ms: i64,
+}
+
+/// One queue's SQS queues and this process's state for them.
+pub(crate) struct Queue {
+    pub(crate) name: QueueName,
+    pub(crate) url: String,
+    pub(crate) dlq_url: String,
+    policy_checked: AtomicBool,
+    lease_secs: AtomicI32,
+    fetch: tokio::sync::Mutex<FetchState>,
+    /// Deliveries waiting in memory for the sub-second part of their delay.
+    held: Mutex<Vec<Delivery<Token>>>,
+    held_changed: Notify,
+    deletes: mpsc::UnboundedSender<(Arc<str>, oneshot::Sender<Result<(), SqsError>>)>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    /// A receive in flight, kept across fetches so none of its messages is dropped.
+    pending: Option<JoinHandle<Result<Vec<Message>, SqsError>>>,
+    /// Deliveries received but not handed out yet (a fetch asked for fewer).
+    ready: VecDeque<Delivery<Token>>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    pub(crate) config: SqsConfig,
+    queues: Mutex<HashMap<QueueName, Arc<Queue>>>,
+    setup: tokio::sync::Mutex<()>,
+    known: Mutex<HashMap<Arc<str>, Known>>,
+    pub(crate) drain_lock: tokio::sync::Mutex<()>,
+    /// SQS queue URL → the redrive queue it belongs to (from its tag), or none.
+    pub(crate) owners: Mutex<HashMap<String, Option<QueueName>>>,
+}
+
+/// SQS queues per redrive queue: `QUEUE` (dots as dashes) and `QUEUE-dlq`.
+#[derive(Clone)]
+pub struct SqsTransport {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SqsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsTransport")
+            .field("region", &self.inner.config.region)
+            .field("prefix", &self.inner.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The lane a message is in after `attempt` failed attempts.
+pub(crate) fn lane_at(attempt: u32, tiers: &[Tier]) -> Lane {
+    match (attempt as usize).checked_sub(1) {
+        None => Lane::Main,
+        Some(_) if tiers.is_empty() => Lane::Main,
+        Some(i) => Lane::Retry(tiers[i.min(tiers.len() - 1)].name().to_owned()),
+    }
+}
+
+fn ceil_secs(ms: i64) -> i64 {
+    (ms.max(0) + 999) / 1000
+}
+
+impl SqsTransport {
+    pub(crate) fn new(client: Client, config: SqsConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                queues: Mutex::default(),
+                setup: tokio::sync::Mutex::default(),
+                known: Mutex::default(),
+                drain_lock: tokio::sync::Mutex::default(),
+                owners: Mutex::default(),
+            }),
+        }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The queue's SQS queues, created when missing (main and DLQ).
+    pub(crate) async fn queue(&self, name: &QueueName) -> Result<Arc<Queue>, SqsError> {
+        if let Some(q) = self.cached(name) {
+            return Ok(q);
+        }
+        let _one_at_a_time = self.inner.setup.lock().await;
+        if let Some(q) = self.cached(name) {
+            return Ok(q);
+        }
+        let config = &self.inner.config;
+        config.check_name(name)?;
+        let url = self.ensure_queue(&config.sqs_name(name), name).await?;
+        let dlq_url = self.ensure_queue(&config.dlq_name(name), name).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(delete_loop(self.inner.client.clone(), url.clone(), rx));
+        let q = Arc::new(Queue {
+            name: name.clone(),
+            url,
+            dlq_url,
+            policy_checked: AtomicBool::new(false),
+            lease_secs: AtomicI32::new(30),
+            fetch: tokio::sync::Mutex::default(),
+            held: Mutex::default(),
+            held_changed: Notify::new(),
+            deletes: tx,
+        });
+        if let Ok(mut qs) = self.inner.queues.lock() {
+            qs.insert(name.clone(), Arc::clone(&q));
+        }
+        Ok(q)
+    }
+
+    fn cached(&self, name: &QueueName) -> Option<Arc<Queue>> {
+        self.inner.queues.lock().ok()?.get(name).cloned()
+    }
+
+    /// The URL of `sqs_name`, created (tagged with `queue`) when missing. An existing
+    /// queue tagged for another redrive queue is refused: two names that differ only in
+    /// `.` and `-` map to the same SQS name.
+    async fn ensure_queue(&self, sqs_name: &str, queue: &QueueName) -> Result<String, SqsError> {
+        let client = &self.inner.client;
+        match client.get_queue_url().queue_name(sqs_name).send().await {
+            Ok(out) => {
+                let url = out.queue_url().unwrap_or_default().to_owned();
+                if let Some(owner) = self.owner(&url).await?
+                    && owner != *queue
+                {
+                    return Err(SqsError::Config(format!(
+                        "the SQS queue {sqs_name} belongs to redrive queue {owner}, not {queue}: \
+                         SQS names write '.' as '-', so the two collide; rename one of them"
+                    )));
+                }
+                Ok(url)
+            }
+            Err(e) => {
+                let e = during("look up the queue")(e);
+                if !matches!(
+                    e.code(),
+                    Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
+                ) {
+                    return Err(e);
+                }
+                let out = client
+                    .create_queue()
+                    .queue_name(sqs_name)
+                    .attributes(
+                        QueueAttributeName::MaximumMessageSize,
+                        MAX_MESSAGE.to_string(),
+                    )
+                    // 14 days, SQS's longest: dead letters wait for a drain.
+                    .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+                    .tags(QUEUE_TAG, queue.as_str())
+                    .send()
+                    .await
+                    .map_err(during("create the queue"))?;
+                let url = out.queue_url().unwrap_or_default().to_owned();
+                if let Ok(mut o) = self.inner.owners.lock() {
+                    o.insert(url.clone(), Some(queue.clone()));
+                }
+                tracing::info!(queue = %queue, sqs = sqs_name, "created SQS queue");
+                Ok(url)
+            }
+        }
+    }
+
+    /// The redrive queue an SQS queue is tagged for (cached).
+    pub(crate) async fn owner(&self, url: &str) -> Result<Option<QueueName>, SqsError> {
+        if let Some(o) = self
+            .inner
+            .owners
+            .lock()
+            .ok()
+            .and_then(|o| o.get(url).cloned())
+        {
+            return Ok(o);
+        }
+        let tags = self
+            .inner
+            .client
+            .list_queue_tags()
+            .queue_url(url)
+            .send()
+            .await
+            .map_err(during("read the queue's tags"))?;
+        let owner = tags
+            .tags()
+            .and_then(|t| t.get(QUEUE_TAG))
+            .and_then(|q| QueueName::new(q).ok());
+        if let Ok(mut o) = self.inner.owners.lock() {
+            o.insert(url.to_owned(), owner.clone());
+        }
+        Ok(owner)
+    }
+
+    /// Sets the main queue's redrive policy to `QUEUE-dlq` with `maxReceiveCount` = max
+    /// attempts, or checks the one it has. A different policy is reported, never changed.
+    async fn check_policy(&self, q: &Queue, lanes: &LaneSet) -> Result<(), SqsError> {
+        if q.policy_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for tier in &lanes.tiers {
+            if tier.delay() > Duration::from_secs(MAX_VISIBILITY_SECS as u64) {
+                return Err(SqsError::Config(format!(
+                    "tier {} is longer than SQS's longest visibility timeout (12h); use tiers up \
+                     to 12h on SQS",
+                    tier.name()
+                )));
+            }
+        }
+        let max = lanes.tiers.len() + 1;
+        let client = &self.inner.client;
+        let arn = client
+            .get_queue_attributes()
+            .queue_url(&q.dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(during("read the DLQ's ARN"))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        let current = client
+            .get_queue_attributes()
+            .queue_url(&q.url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(during("read the queue's redrive policy"))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy).cloned())
+            .filter(|p| !p.trim().is_empty());
+        let sqs_name = self.inner.config.sqs_name(&q.name);
+        let tiers: Vec<&str> = lanes.tiers.iter().map(Tier::name).collect();
+        match current {
+            None => {
+                let policy = serde_json::json!({
+                    "deadLetterTargetArn": arn,
+                    "maxReceiveCount": max.to_string(),
+                });
+                client
+                    .set_queue_attributes()
+                    .queue_url(&q.url)
+                    .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+                    .send()
+                    .await
+                    .map_err(during("set the queue's redrive policy"))?;
+                tracing::info!(queue = %q.name, max_receive_count = max, "set the SQS redrive policy");
+            }
+            Some(policy) => {
+                let parsed: serde_json::Value = serde_json::from_str(&policy).unwrap_or_default();
+                let target = parsed["deadLetterTargetArn"].as_str().unwrap_or_default();
+                let count = match &parsed["maxReceiveCount"] {
+                    serde_json::Value::String(s) => s.parse::<usize>().ok(),
+                    v => v.as_u64().and_then(|n| usize::try_from(n).ok()),
+                };
+                if target != arn || count != Some(max) {
+                    return Err(SqsError::Config(format!(
+                        "the SQS queue {sqs_name} has the redrive policy {policy}, but redrive \
+                         needs maxReceiveCount {max} (max attempts with tiers {}) and the \
+                         dead-letter queue {arn}. redrive does not change an existing policy: \
+                         pass tiers that match, or update it with `aws sqs set-queue-attributes \
+                         --queue-url {} --attributes '{{\"RedrivePolicy\":\"{{\\\"deadLetterTargetArn\\\":\\\"{arn}\\\",\\\"maxReceiveCount\\\":\\\"{max}\\\"}}\"}}'`",
+                        tiers.join(","),
+                        q.url
+                    )));
+                }
+            }
+        }
+        q.policy_checked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn remember(&self, token: &Token, envelope: &Envelope, lane: Lane, due_ms: i64) {
+        let mut envelope = envelope.clone();
+        envelope.payload = Vec::new();
+        if let Ok(mut known) = self.inner.known.lock() {
+            if known.len() >= MAX_KNOWN {
+                // Whatever is due longest ago has most likely been received elsewhere.
+                let mut dues: Vec<i64> = known.values().map(|k| k.due_ms).collect();
+                let cut = dues.len() / 2;
+                let (_, median, _) = dues.select_nth_unstable(cut);
+                let median = *median;
+                known.retain(|_, k| k.due_ms > median);
+            }
+            known.insert(
+                Arc::clone(&token.message_id),
+                Known {
+                    receives: token.receives,
+                    envelope,
+                    lane,
+                    due_ms,
+                },
+            );
+        }
+    }
+
+    fn forget(&self, token: &Token) {
+        if let Ok(mut known) = self.inner.known.lock() {
+            known.remove(&token.message_id);
+        }
+    }
+
+    /// Hides a received message for `secs` seconds from now.
+    async fn hide(&self, token: &Token, secs: i64, id: &str) -> Result<(), TransportError> {
+        let secs = i32::try_from(secs.clamp(0, MAX_VISIBILITY_SECS)).unwrap_or(0);
+        match self
+            .inner
+            .client
+            .change_message_visibility()
+            .queue_url(&token.queue.url)
+            .receipt_handle(token.receipt.as_ref())
+            .visibility_timeout(secs)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = during("change the message's visibility")(e);
+                if is_lease_lost(e.code()) {
+                    Err(TransportError::LeaseLost { id: id.to_owned() })
+                } else {
+                    Err(e.into())
+                }
+            }
+        }
+    }
+
+    /// Deletes a received message, sharing one batch call with other acks.
+    async fn delete(&self, token: &Token, id: &str) -> Result<(), TransportError> {
+        let (tx, rx) = oneshot::channel();
+        token
+            .queue
+            .deletes
+            .send((Arc::clone(&token.receipt), tx))
+            .map_err(|_| SqsError::Call {
+                context: "delete the message".into(),
+                reason: "the delete batcher stopped".into(),
+                code: None,
+            })?;
+        let result = rx.await.unwrap_or_else(|_| {
+            Err(SqsError::Call {
+                context: "delete the message".into(),
+                reason: "the delete batcher stopped".into(),
+                code: None,
+            })
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if is_lease_lost(e.code()) => {
+                Err(TransportError::LeaseLost { id: id.to_owned() })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends `envelope` to the queue's DLQ, marked with the time it died.
+    async fn send_dead(&self, q: &Queue, envelope: &Envelope) -> Result<(), SqsError> {
+        let out = wire::encode(envelope, &[("redrive-dead-at", now_ms().to_string())]);
+        self.inner
+            .client
+            .send_message()
+            .queue_url(&q.dlq_url)
+            .message_body(out.body)
+            .set_message_attributes(Some(out.attributes))
+            .send()
+            .await
+            .map_err(during("send to the DLQ"))?;
+        Ok(())
+    }
+
+    /// Turns a received message into a delivery; `None` when it could not be read and was
+    /// quarantined in the DLQ instead.
+    async fn deliver(
+        &self,
+        q: &Arc<Queue>,
+        lanes: &LaneSet,
+        m: Message,
+    ) -> Result<Option<Delivery<Token>>, SqsError> {
+        let incoming = wire::decode(&lanes.queue, &m);
+        let message_id: Arc<str> = m.message_id().unwrap_or_default().into();
+        let token = Token {
+            message_id: Arc::clone(&message_id),
+            receipt: m.receipt_handle().unwrap_or_default().into(),
+            receives: incoming.receives,
+            queue: Arc::clone(q),
+        };
+        let now = now_ms();
+        let envelope = match incoming.envelope {
+            Ok(env) => env,
+            Err((why, mut raw)) => {
+                tracing::warn!(queue = %lanes.queue, message_id = %message_id, reason = %why, "quarantining an unreadable message in the DLQ");
+                raw.record_failure(
+                    Failure::new(FailureKind::Poison, "MalformedEnvelope", why, now),
+                    "main",
+                );
+                self.send_dead(q, &raw).await?;
+                self.delete(&token, &raw.id.to_string())
+                    .await
+                    .map_err(|e| SqsError::Call {
+                        context: "delete a quarantined message".into(),
+                        reason: e.to_string(),
+                        code: None,
+                    })?;
+                return Ok(None);
+            }
+        };
+        let known = self.inner.known.lock().ok().and_then(|k| {
+            k.get(&message_id)
+                .filter(|k| k.receives < incoming.receives)
+                .cloned()
+        });
+        let (mut envelope, lane, due_ms, base) = match known {
+            Some(k) => {
+                let mut env = k.envelope;
+                env.payload = envelope.payload;
+                (env, k.lane, k.due_ms, k.receives)
+            }
+            None => {
+                let lane = lane_at(envelope.attempt, &lanes.tiers);
+                (envelope, lane, now, 0)
+            }
+        };
+        // Receives since the last outcome this consumer recorded: all but the latest are
+        // counted here; the latest is the runner's to count, as an unfinished delivery.
+        let unrecorded = incoming.receives.saturating_sub(1).saturating_sub(base);
+        for _ in 1..unrecorded {
+            let lane = lane_at(envelope.attempt, &lanes.tiers).label();
+            envelope.record_failure(
+                Failure::new(FailureKind::LeaseExpired, "lease_expired", UNRECORDED, now),
+                &lane,
+            );
+        }
+        let (lane, due_ms) = if unrecorded > 0 {
+            (lane_at(envelope.attempt, &lanes.tiers), now)
+        } else {
+            (lane, due_ms)
+        };
+        Ok(Some(Delivery {
+            envelope,
+            lane,
+            due_ms,
+            unfinished_before: unrecorded > 0,
+            token,
+        }))
+    }
+}
+
+async fn receive(
+    client: Client,
+    url: String,
+    max: usize,
+    wait_secs: i32,
+    visibility_secs: i32,
+) -> Result<Vec<Message>, SqsError> {
+    let out = client
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(i32::try_from(max.clamp(1, BATCH)).unwrap_or(10))
+        .wait_time_seconds(wait_secs)
+        .visibility_timeout(visibility_secs)
+        .message_attribute_names("All")
+        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .send()
+        .await
+        .map_err(during("receive"))?;
+    Ok(out.messages.unwrap_or_default())
+}
+
+/// Deletes received messages in batches of up to ten, answering each ack.
+async fn delete_loop(
+    client: Client,
+    url: String,
+    mut rx: mpsc::UnboundedReceiver<(Arc<str>, oneshot::Sender<Result<(), SqsError>>)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + DELETE_LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                _ => break,
+            }
+        }
+        let entries: Vec<DeleteMessageBatchRequestEntry> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (receipt, _))| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(receipt.as_ref())
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let result = client
+            .delete_message_batch()
+            .queue_url(&url)
+            .set_entries(Some(entries))
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let failed: HashMap<&str, (&str, &str)> = out
+                    .failed()
+                    .iter()
+                    .map(|f| (f.id(), (f.code(), f.message().unwrap_or_default())))
+                    .collect();
+                for (i, (_, tx)) in batch.into_iter().enumerate() {
+                    let answer = match failed.get(i.to_string().as_str()) {
+                        None => Ok(()),
+                        Some((code, message)) => Err(SqsError::Call {
+                            context: "delete the message".into(),
+                            reason: format!("{code}: {message}"),
+                            code: Some((*code).to_owned()),
+                        }),
+                    };
+                    let _ = tx.send(answer);
+                }
+            }
+            Err(e) => {
+                let e = during("delete a batch of messages")(e);
+                for (_, tx) in batch {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl Transport for SqsTransport {
+    type Token = Token;
+
+    async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
+        let q = self.queue(queue).await?;
+        let mut entries: Vec<SendMessageBatchRequestEntry> = Vec::with_capacity(BATCH);
+        let mut bytes = 0;
+        for mut env in batch {
+            env.queue = queue.clone();
+            let out = wire::encode(&env, &[]);
+            if out.size > MAX_MESSAGE {
+                return Err(TransportError::TooLarge {
+                    size: out.size,
+                    limit: MAX_MESSAGE,
+                });
+            }
+            if entries.len() == BATCH || bytes + out.size > MAX_MESSAGE {
+                self.send_batch(&q.url, std::mem::take(&mut entries))
+                    .await?;
+                bytes = 0;
+            }
+            bytes += out.size;
+            let entry = SendMessageBatchRequestEntry::builder()
+                .id(entries.len().to_string())
+                .message_body(out.body)
+                .set_message_attributes(Some(out.attributes))
+                .build()
+                .map_err(|e| SqsError::Call {
+                    context: "build a send batch".into(),
+                    reason: e.to_string(),
+                    code: None,
+                })?;
+            entries.push(entry);
+        }
+        if !entries.is_empty() {
+            self.send_batch(&q.url, entries).await?;
+        }
+        Ok(())
+    }
+
+    async fn fetch(
+        &self,
+        lanes: &LaneSet,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let q = self.queue(&lanes.queue).await?;
+        self.check_policy(&q, lanes).await?;
+        let lease_secs = i32::try_from(ceil_secs(
+            i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+        ))
+        .unwrap_or(i32::MAX)
+        .clamp(1, MAX_VISIBILITY_SECS as i32);
+        q.lease_secs.store(lease_secs, Ordering::Relaxed);
+        let max = max.max(1);
+        let mut st = q.fetch.lock().await;
+        loop {
+            let now = now_ms();
+            let next_due = {
+                let mut held = q.held.lock().map_err(|_| poisoned())?;
+                let mut i = 0;
+                while i < held.len() {
+                    if held[i].due_ms <= now {
+                        st.ready.push_back(held.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                held.iter().map(|d| d.due_ms).min()
+            };
+            if !st.ready.is_empty() {
+                let n = max.min(st.ready.len());
+                return Ok(Fetched {
+                    deliveries: st.ready.drain(..n).collect(),
+                    next_due_ms: next_due,
+                });
+            }
+            let mut receiving = match st.pending.take() {
+                Some(r) => r,
+                None => {
+                    // While something waits in memory, poll without waiting.
+                    let wait = if next_due.is_some() {
+                        0
+                    } else {
+                        self.inner.config.wait_secs
+                    };
+                    tokio::spawn(receive(
+                        self.inner.client.clone(),
+                        q.url.clone(),
+                        BATCH,
+                        wait,
+                        lease_secs,
+                    ))
+                }
+            };
+            let woken = q.held_changed.notified();
+            let until_due = async {
+                match next_due {
+                    Some(due) => {
+                        let ms = u64::try_from(due - now_ms()).unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let received = tokio::select! {
+                r = &mut receiving => Some(r),
+                () = until_due => None,
+                () = woken => None,
+            };
+            let Some(received) = received else {
+                st.pending = Some(receiving);
+                continue;
+            };
+            let messages = received.map_err(|e| SqsError::Call {
+                context: "receive".into(),
+                reason: e.to_string(),
+                code: None,
+            })??;
+            let empty = messages.is_empty();
+            for m in messages {
+                if let Some(d) = self.deliver(&q, lanes, m).await? {
+                    if d.due_ms > now_ms() {
+                        q.held.lock().map_err(|_| poisoned())?.push(d);
+                    } else {
+                        st.ready.push_back(d);
+                    }
+                }
+            }
+            if empty && st.ready.is_empty() {
+                let next_due = q
+                    .held
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .iter()
+                    .map(|d| d.due_ms)
+                    .min();
+                return Ok(Fetched {
+                    deliveries: Vec::new(),
+                    next_due_ms: next_due,
+                });
+            }
+        }
+    }
+
+    async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        self.delete(&d.token, &d.envelope.id.to_string()).await?;
+        self.forget(&d.token);
+        Ok(())
+    }
+
+    async fn retry(
+        &self,
+        d: &Delivery<Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let lane = Lane::Retry(tier.name().to_owned());
+        let id = envelope.id.to_string();
+        // Remembered before it is hidden: the next receive may come from this process.
+        self.remember(&d.token, envelope, lane.clone(), due_ms);
+        let delay = due_ms - now_ms();
+        if delay >= 1000 {
+            // SQS counts in whole seconds; the rest is waited in memory on receive.
+            return self.hide(&d.token, delay / 1000, &id).await;
+        }
+        // Under a second: wait in memory, keeping the message hidden until then.
+        let lease_ms = i64::from(d.token.queue.lease_secs.load(Ordering::Relaxed)) * 1000;
+        self.hide(&d.token, ceil_secs(delay + lease_ms), &id)
+            .await?;
+        let q = &d.token.queue;
+        q.held.lock().map_err(|_| poisoned())?.push(Delivery {
+            envelope: envelope.clone(),
+            lane,
+            due_ms,
+            unfinished_before: false,
+            token: d.token.clone(),
+        });
+        q.held_changed.notify_one();
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        // The DLQ has it before main lets it go.
+        self.send_dead(&d.token.queue, envelope).await?;
+        self.delete(&d.token, &envelope.id.to_string()).await?;
+        self.forget(&d.token);
+        Ok(())
+    }
+
+    async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        // The next receive of this message is not an attempt: say so before it can come.
+        self.remember(&d.token, &d.envelope, d.lane.clone(), d.due_ms);
+        self.hide(&d.token, 0, &d.envelope.id.to_string()).await
+    }
+
+    async fn extend_lease(
+        &self,
+        d: &Delivery<Token>,
+        lease: Duration,
+    ) -> Result<(), TransportError> {
+        let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.hide(&d.token, ceil_secs(ms).max(1), &d.envelope.id.to_string())
+            .await
+    }
+}
+
+fn poisoned() -> SqsError {
+    SqsError::Call {
+        context: "held deliveries".into(),
+        reason: "a lock was poisoned by a panic".into(),
+        code: None,
+    }
+}
+
+impl SqsTransport {
+    async fn send_batch(
+        &self,
+        url: &str,
+        entries: Vec<SendMessageBatchRequestEntry>,
+    ) -> Result<(), SqsError> {
+        let total = entries.len();
+        let out = self
+            .inner
+            .client
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(during("send a batch"))?;
+        if let Some(f) = out.failed().first() {
+            return Err(SqsError::Call {
+                context: "send a batch".into(),
+                reason: format!(
+                    "{} of {total} messages refused, e.g. {}: {}",
+                    out.failed().len(),
+                    f.code(),
+                    f.message().unwrap_or_default()
+                ),
+                code: Some(f.code().to_owned()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Approximate counts of one SQS queue: (visible + delayed, in flight).
+    pub(crate) async fn counts(&self, url: &str) -> Result<(u64, u64), SqsError> {
+        let out = self
+            .inner
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(during("read the queue's counts"))?;
+        let get = |n: QueueAttributeName| -> u64 {
+            out.attributes()
+                .and_then(|a| a.get(&n))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((
+            get(QueueAttributeName::ApproximateNumberOfMessages)
+                + get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        ))
+    }
+
+    async fn depths_of(&self, q: &Queue) -> Result<QueueDepths, SqsError> {
+        let (main, inflight) = self.counts(&q.url).await?;
+        let (dead, dead_inflight) = self.counts(&q.dlq_url).await?;
+        Ok(QueueDepths {
+            queue: q.name.to_string(),
+            main,
+            // A retry waits hidden in main, so it is counted in flight.
+            retry: Vec::new(),
+            dlq: dead + dead_inflight,
+            inflight,
+            oldest_main_age_ms: None,
+        })
+    }
+
+    /// The SQS queue URLs under this prefix (all pages).
+    pub(crate) async fn queue_urls(&self) -> Result<Vec<String>, SqsError> {
+        let mut urls = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let out = self
+                .inner
+                .client
+                .list_queues()
+                .queue_name_prefix(self.inner.config.prefix.clone())
+                .max_results(1000)
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(during("list queues"))?;
+            urls.extend(out.queue_urls().iter().cloned());
+            match out.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+                _ => return Ok(urls),
+            }
+        }
+    }
+}
+
+impl LaneStats for SqsTransport {
+    async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
+        let mut names = Vec::new();
+        for url in self.queue_urls().await? {
+            if url.ends_with("-dlq") {
+                continue;
+            }
+            if let Some(owner) = self.owner(&url).await? {
+                names.push(owner);
+            }
+        }
+        names.sort();
+        names.dedup();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let q = self.queue(&name).await?;
+            out.push(self.depths_of(&q).await?);
+        }
+        Ok(out)
+    }
+
+    async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
+        let q = self.queue(&lanes.queue).await?;
+        let mut d = self.depths_of(&q).await?;
+        // Waiting in this process's memory is still in flight for SQS; nothing to add.
+        d.retry = lanes
+            .tiers
+            .iter()
+            .map(|t| (t.name().to_owned(), 0))
+            .collect();
+        Ok(d)
+    }
+}
