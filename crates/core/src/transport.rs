@@ -33,6 +33,15 @@ pub enum TransportError {
         /// The message id.
         id: String,
     },
+    /// The backend's setup contradicts what the consumer was asked to do (a queue's
+    /// settings, a name collision); retrying cannot help, so the consumer stops.
+    #[error("{backend}: {reason}")]
+    Misconfigured {
+        /// Backend kind.
+        backend: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// A message over the backend's size limit.
     #[error("message is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {

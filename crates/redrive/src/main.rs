@@ -47,7 +47,9 @@ fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Export(args)) => cmd::dlq::export(&cli, args).await,
             Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
-            Command::Bench(args) => cmd::bench::run(cli.broker_url(), args).await,
+            Command::Bench(args) => {
+                cmd::bench::run(cli.broker_url(), cli.sqs_endpoint.as_deref(), args).await
+            }
             Command::Config(ConfigCommand::Check { file, json }) => {
                 cmd::admin::config_check(&cli, file.as_ref(), *json)
             }
@@ -69,9 +71,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &Cli) {
+    // The AWS SDK narrates its credential chain at info and warn; redrive reports what
+    // matters from it as its own error.
     let default = match cli.command {
-        Command::Consume(_) | Command::Serve(_) => "info",
-        _ => "warn",
+        Command::Consume(_) | Command::Serve(_) => "info,aws_config=error,aws_smithy_runtime=warn",
+        _ => "warn,aws_config=error",
     };
     let filter = cli.log.clone().unwrap_or_else(|| default.to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {

@@ -65,6 +65,10 @@ pub enum RunError {
     /// The configuration cannot work.
     #[error("invalid runner configuration: {0}")]
     Config(String),
+    /// The backend refuses this consumer's setup (see
+    /// [`TransportError::Misconfigured`]).
+    #[error("{0}")]
+    Misconfigured(TransportError),
     /// The idle check (`--until-idle`) could not read lane depths.
     #[error("cannot read lane depths: {0}")]
     Depths(TransportError),
@@ -235,6 +239,11 @@ impl<T: Transport> Runner<T> {
                         Ok(fetched) => {
                             fetch_errors = 0;
                             buffer.extend(fetched.deliveries);
+                        }
+                        Err(e @ TransportError::Misconfigured { .. }) => {
+                            // Nothing is in flight yet: backends check their setup on the
+                            // first fetch.
+                            return Err(RunError::Misconfigured(e));
                         }
                         Err(e) => {
                             fetch_errors = fetch_errors.saturating_add(1);

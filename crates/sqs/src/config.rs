@@ -9,6 +9,7 @@ use aws_sdk_sqs::config::ProvideCredentials;
 use redrive_core::QueueName;
 
 use crate::error::{SqsError, during};
+use crate::metrics::CallCount;
 use crate::transport::SqsTransport;
 
 /// SQS's limit on queue names.
@@ -143,17 +144,15 @@ impl SqsConfig {
         }
     }
 
-    /// Loads credentials from the standard chain, builds the client and checks SQS
-    /// answers (one `ListQueues`).
+    /// An SDK client for this configuration, with credentials from the standard chain
+    /// checked, and the counter of HTTP calls it makes (every attempt, retries included).
     ///
     /// # Errors
     ///
-    /// [`SqsError::Unreachable`] when there are no credentials, the endpoint does not
-    /// answer, or SQS refuses the credentials.
-    pub async fn connect(&self) -> Result<SqsTransport, SqsError> {
-        let address = self.address();
+    /// [`SqsError::Unreachable`] when there are no credentials.
+    pub async fn sdk_client(&self) -> Result<(aws_sdk_sqs::Client, CallCount), SqsError> {
         let unreachable = |reason: String| SqsError::Unreachable {
-            address: address.clone(),
+            address: self.address(),
             reason,
         };
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -185,11 +184,30 @@ impl SqsConfig {
         provider.provide_credentials().await.map_err(|e| {
             unreachable(format!(
                 "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
-                 AWS_PROFILE with ~/.aws/credentials, or run with an instance/container role): {}",
-                aws_sdk_sqs::error::DisplayErrorContext(&e)
+                 AWS_PROFILE with ~/.aws/credentials, or run with an instance/container role): {e}"
             ))
         })?;
-        let client = aws_sdk_sqs::Client::new(&shared);
+        let calls = CallCount::default();
+        let config = aws_sdk_sqs::config::Builder::from(&shared)
+            .interceptor(calls.clone())
+            .build();
+        Ok((aws_sdk_sqs::Client::from_conf(config), calls))
+    }
+
+    /// Builds the client ([`Self::sdk_client`]) and checks SQS answers (one
+    /// `ListQueues`).
+    ///
+    /// # Errors
+    ///
+    /// [`SqsError::Unreachable`] when there are no credentials, the endpoint does not
+    /// answer, or SQS refuses the credentials.
+    pub async fn connect(&self) -> Result<SqsTransport, SqsError> {
+        let address = self.address();
+        let unreachable = |reason: String| SqsError::Unreachable {
+            address: address.clone(),
+            reason,
+        };
+        let (client, calls) = self.sdk_client().await?;
         // One quick call: an endpoint that is down fails here, not on the first fetch.
         let probe = client
             .list_queues()
@@ -197,8 +215,11 @@ impl SqsConfig {
             .max_results(1)
             .customize()
             .config_override(
-                aws_sdk_sqs::config::Config::builder()
-                    .retry_config(RetryConfig::standard().with_max_attempts(2)),
+                aws_sdk_sqs::config::Config::builder().retry_config(
+                    RetryConfig::standard()
+                        .with_max_attempts(4)
+                        .with_initial_backoff(Duration::from_millis(50)),
+                ),
             )
             .send();
         match tokio::time::timeout(Duration::from_secs(10), probe).await {
@@ -220,7 +241,7 @@ impl SqsConfig {
             }
             Ok(Ok(_)) => {}
         }
-        Ok(SqsTransport::new(client, self.clone()))
+        Ok(SqsTransport::new(client, self.clone(), calls))
     }
 }
 

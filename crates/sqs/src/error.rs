@@ -79,6 +79,10 @@ impl From<SqsError> for TransportError {
                 address,
                 source: reason.into(),
             },
+            SqsError::Config(reason) => Self::Misconfigured {
+                backend: "sqs",
+                reason,
+            },
             other => Self::Backend {
                 context: "sqs".into(),
                 source: Box::new(other),

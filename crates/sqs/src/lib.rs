@@ -14,10 +14,12 @@
 mod backend;
 mod config;
 mod error;
+mod metrics;
 mod transport;
 mod wire;
 
 pub use backend::SqsBackend;
 pub use config::SqsConfig;
 pub use error::SqsError;
+pub use metrics::CallCount;
 pub use transport::{SqsTransport, Token};

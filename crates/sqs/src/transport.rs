@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::SqsConfig;
 use crate::error::{SqsError, during, is_lease_lost};
+use crate::metrics::CallCount;
 use crate::wire;
 
 /// SQS's largest message (body and attributes), and largest batch.
@@ -104,6 +105,7 @@ struct FetchState {
 
 pub(crate) struct Inner {
     pub(crate) client: Client,
+    calls: CallCount,
     pub(crate) config: SqsConfig,
     queues: Mutex<HashMap<QueueName, Arc<Queue>>>,
     setup: tokio::sync::Mutex<()>,
@@ -142,10 +144,11 @@ fn ceil_secs(ms: i64) -> i64 {
 }
 
 impl SqsTransport {
-    pub(crate) fn new(client: Client, config: SqsConfig) -> Self {
+    pub(crate) fn new(client: Client, config: SqsConfig, calls: CallCount) -> Self {
         Self {
             inner: Arc::new(Inner {
                 client,
+                calls,
                 config,
                 queues: Mutex::default(),
                 setup: tokio::sync::Mutex::default(),
@@ -154,6 +157,12 @@ impl SqsTransport {
                 owners: Mutex::default(),
             }),
         }
+    }
+
+    /// SQS calls this transport has made so far (every attempt, retries included).
+    #[must_use]
+    pub fn api_calls(&self) -> u64 {
+        self.inner.calls.get()
     }
 
     pub(crate) fn client(&self) -> &Client {

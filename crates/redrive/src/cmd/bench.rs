@@ -109,12 +109,18 @@ pub(crate) fn number(payload: &[u8]) -> u64 {
         .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
 }
 
-pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
+pub async fn run(
+    broker: Option<&str>,
+    sqs_endpoint: Option<&str>,
+    args: &BenchArgs,
+) -> Result<ExitCode> {
     if let Some(url) = broker {
         if url.starts_with("nats://") {
             super::bench_nats::run(url, args).await?;
         } else if url.starts_with("kafka://") {
             super::bench_kafka::run(url, args).await?;
+        } else if url.starts_with("sqs://") {
+            super::bench_sqs::run(url, sqs_endpoint, args).await?;
         } else {
             super::bench_redis::run(url, args).await?;
         }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_kafka;
 pub mod bench_nats;
 pub mod bench_redis;
+pub mod bench_sqs;
 pub mod bench_triage;
 pub mod consume;
 pub mod demo;

@@ -1,0 +1,391 @@
+//! What the SQS backend promises beyond the conformance suite: SQS's own redrive policy
+//! catches a message that kills every consumer, and triage shows it with its receive
+//! count; an existing redrive policy is reported, never changed; names map `.` to `-`
+//! and a collision is refused; an unreachable endpoint, missing or refused credentials
+//! give clear errors that never show a secret; throttling is retried with backoff.
+//!
+//! Runs against the local SQS-compatible server `scripts/test` starts (moto).
+
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
+
+mod sqs_support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use redrive_sqs::SqsConfig;
+
+fn redrive(scope_url: &str, store: &std::path::Path, args: &[&str]) -> Output {
+    let (args, input) = match args {
+        ["publish", queue, "--payload", payload] => (vec!["publish", *queue], Some(*payload)),
+        other => (other.to_vec(), None),
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--broker", scope_url])
+        .args(["--store", &format!("sqlite://{}", store.display())])
+        .args(&args)
+        .env("REDRIVE_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(line) = input {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn client(scope_url: &str) -> aws_sdk_sqs::Client {
+    SqsConfig::new(scope_url)
+        .unwrap()
+        .sdk_client()
+        .await
+        .unwrap_or_else(|e| panic!("{e} (run ./scripts/test)"))
+        .0
+}
+
+async fn attribute(c: &aws_sdk_sqs::Client, url: &str, name: QueueAttributeName) -> String {
+    c.get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(name.clone())
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .and_then(|a| a.get(&name).cloned())
+        .unwrap_or_default()
+}
+
+async fn queue_url(c: &aws_sdk_sqs::Client, name: &str) -> String {
+    c.get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killing_message_is_moved_by_sqs_redrive_policy_and_triaged_with_its_receive_count()
+ {
+    let scope = sqs_support::Scope::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("dead.db");
+    ok(&redrive(
+        &scope.url,
+        &store,
+        &[
+            "publish",
+            "agent.tasks",
+            "--payload",
+            "{\"task\":\"kills its consumer\"}",
+        ],
+    ));
+    // Every consumer is killed by its own handler. Tiers 1s,2s: max attempts 3.
+    let args = [
+        "consume",
+        "agent.tasks",
+        "--exec",
+        "kill -9 $PPID; sleep 5",
+        "--lease",
+        "1s",
+        "--tiers",
+        "1s,2s",
+        "--until-idle",
+        "--poll",
+        "50ms",
+    ];
+    let c = client(&scope.url).await;
+    let main = queue_url(&c, &format!("{}agent-tasks", scope.prefix)).await;
+    let dlq = queue_url(&c, &format!("{}agent-tasks-dlq", scope.prefix)).await;
+    let mut finished = false;
+    for _ in 0..10 {
+        let out = redrive(&scope.url, &store, &args);
+        if out.status.success() {
+            finished = true;
+            break;
+        }
+        // Let the dead consumer's lease (1 s) run out.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert!(
+        finished,
+        "a consumer should find the queue empty in the end"
+    );
+    let policy: serde_json::Value =
+        serde_json::from_str(&attribute(&c, &main, QueueAttributeName::RedrivePolicy).await)
+            .unwrap();
+    assert_eq!(policy["maxReceiveCount"].to_string().trim_matches('"'), "3");
+    let out = ok(&redrive(&scope.url, &store, &["dlq", "list", "--json"]));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    let id = rows[0]["id"].as_str().unwrap().to_owned();
+    let shown = ok(&redrive(
+        &scope.url,
+        &store,
+        &["dlq", "show", &id, "--json"],
+    ));
+    let shown: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+    assert_eq!(shown["attempts"], 3, "{shown}");
+    assert_eq!(shown["payload"], "{\"task\":\"kills its consumer\"}");
+    let history = shown["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(
+        history.iter().all(|f| f["kind"] == "lease_expired"),
+        "{history:?}"
+    );
+    // SQS moved it, not redrive (whose consumers all died): a message redrive sends to
+    // the DLQ carries its own failures, one SQS moved is told by its receive count.
+    let last = history[2]["error"].as_str().unwrap();
+    assert!(
+        last.contains("SQS moved it to the dead-letter queue after 3 receives"),
+        "{last}"
+    );
+    // Drained: deleted from SQS once the store had it.
+    let waiting: u64 = attribute(&c, &dlq, QueueAttributeName::ApproximateNumberOfMessages)
+        .await
+        .parse()
+        .unwrap();
+    assert_eq!(waiting, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_redrive_policy_is_reported_never_changed() {
+    let scope = sqs_support::Scope::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("dead.db");
+    let c = client(&scope.url).await;
+    let dlq = c
+        .create_queue()
+        .queue_name(format!("{}orders-dlq", scope.prefix))
+        .send()
+        .await
+        .unwrap();
+    let arn = attribute(&c, dlq.queue_url().unwrap(), QueueAttributeName::QueueArn).await;
+    let theirs = format!("{{\"deadLetterTargetArn\":\"{arn}\",\"maxReceiveCount\":\"9\"}}");
+    let main = c
+        .create_queue()
+        .queue_name(format!("{}orders", scope.prefix))
+        .attributes(QueueAttributeName::RedrivePolicy, theirs)
+        .send()
+        .await
+        .unwrap();
+    let main = main.queue_url().unwrap().to_owned();
+    let out = redrive(
+        &scope.url,
+        &store,
+        &[
+            "consume",
+            "orders",
+            "--exec",
+            "true",
+            "--tiers",
+            "1s,2s",
+            "--until-idle",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs maxReceiveCount 3") && err.contains("does not change"),
+        "{err}"
+    );
+    let policy: serde_json::Value =
+        serde_json::from_str(&attribute(&c, &main, QueueAttributeName::RedrivePolicy).await)
+            .unwrap();
+    assert_eq!(
+        policy["maxReceiveCount"].to_string().trim_matches('"'),
+        "9",
+        "unchanged: {policy}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_names_map_dots_to_dashes_and_collisions_are_refused() {
+    let scope = sqs_support::Scope::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("dead.db");
+    ok(&redrive(
+        &scope.url,
+        &store,
+        &["publish", "agent.tasks", "--payload", "{}"],
+    ));
+    let c = client(&scope.url).await;
+    let url = queue_url(&c, &format!("{}agent-tasks", scope.prefix)).await;
+    let visible = attribute(&c, &url, QueueAttributeName::ApproximateNumberOfMessages).await;
+    assert_eq!(visible, "1");
+    let out = redrive(
+        &scope.url,
+        &store,
+        &["publish", "agent-tasks", "--payload", "{}"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to redrive queue agent.tasks") && err.contains("'.' as '-'"),
+        "{err}"
+    );
+    let listed = ok(&redrive(&scope.url, &store, &["queues", "--json"]));
+    assert!(listed.contains("\"agent.tasks\""), "{listed}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn an_unreachable_endpoint_is_a_clear_error() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = redrive(
+        &format!("sqs://us-east-1?endpoint=http://127.0.0.1:{port}"),
+        &dir.path().join("s.db"),
+        &["publish", "q", "--payload", "{}"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "SQS at http://127.0.0.1:{port} (region us-east-1) is unreachable"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_credentials_are_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--broker", &sqs_support::Scope::new().url])
+        .args([
+            "--store",
+            &format!("sqlite://{}", home.path().join("s.db").display()),
+        ])
+        .args(["publish", "q"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", home.path())
+        .env("AWS_CONFIG_FILE", home.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.path().join("none"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no AWS credentials found"), "{err}");
+}
+
+/// A stand-in for SQS that answers each request from a script (one JSON-protocol
+/// response per request, the last one repeated), counting requests.
+fn scripted_sqs(script: Vec<(u16, &'static str)>) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let (status, json) = script[n.min(script.len() - 1)];
+            let reason = if status == 200 { "OK" } else { "Bad Request" };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/x-amz-json-1.0\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                json.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn throttling_is_retried_with_backoff() {
+    let throttled =
+        r#"{"__type":"com.amazonaws.sqs#ThrottlingException","message":"Rate exceeded"}"#;
+    let (port, seen) = scripted_sqs(vec![(400, throttled), (400, throttled), (200, "{}")]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = redrive(
+        &format!("sqs://us-east-1?endpoint=http://127.0.0.1:{port}"),
+        &dir.path().join("s.db"),
+        &["queues", "--json"],
+    );
+    ok(&out);
+    assert!(
+        seen.load(Ordering::SeqCst) >= 3,
+        "two throttled calls, then the retry that succeeded"
+    );
+}
+
+#[test]
+fn refused_credentials_are_a_clear_error_that_never_shows_the_secret() {
+    let refused = r#"{"__type":"com.amazon.coral.service#UnrecognizedClientException","message":"The security token included in the request is invalid."}"#;
+    let (port, _) = scripted_sqs(vec![(400, refused)]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args([
+            "--broker",
+            &format!("sqs://us-east-1?endpoint=http://127.0.0.1:{port}"),
+        ])
+        .args([
+            "--store",
+            &format!("sqlite://{}", dir.path().join("s.db").display()),
+        ])
+        .args(["publish", "q"])
+        .env("AWS_ACCESS_KEY_ID", "AKIAREDRIVETEST")
+        .env("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-printed")
+        .env("REDRIVE_LOG", "debug")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("credentials were refused"), "{err}");
+    assert!(!err.contains("s3cr3t-never-printed"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cr3t-never-printed"));
+}
