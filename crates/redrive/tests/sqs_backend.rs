@@ -389,3 +389,65 @@ fn refused_credentials_are_a_clear_error_that_never_shows_the_secret() {
     assert!(!err.contains("s3cr3t-never-printed"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cr3t-never-printed"));
 }
+
+/// Whole-second tiers ride on the visibility timeout, rounded up: a retry is never
+/// received before it is due, by this consumer or any other, and is late by about a
+/// second at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_second_tiers_are_never_early() {
+    use redrive_core::{Envelope, HandlerError, QueueName, RetryPolicy, Transport, now_ms};
+    use redrive_runner::{Runner, RunnerConfig, handler_fn};
+
+    let scope = sqs_support::Scope::new();
+    let dir = tempfile::tempdir().unwrap();
+    let transport = SqsConfig::new(&scope.url).unwrap().connect().await.unwrap();
+    let store = redrive_sqlite::SqliteConfig::new(dir.path().join("dead.db"))
+        .open()
+        .unwrap();
+    let backend = redrive_sqs::SqsBackend::new(transport, store);
+    let queue = QueueName::new("tiers").unwrap();
+    backend
+        .publish(&queue, vec![Envelope::new(queue.clone(), b"{}".to_vec())])
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = Arc::clone(&seen);
+    let policy = RetryPolicy::parse("1s,2s").unwrap();
+    let config = RunnerConfig {
+        concurrency: 2,
+        lease: Duration::from_secs(5),
+        idle_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(backend.clone(), queue, policy, config).until_idle();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        runner.run(
+            handler_fn(move |env: Envelope| {
+                rec.lock().unwrap().push((now_ms(), env));
+                async { Err(HandlerError::retry("Flaky", "always")) }
+            }),
+            std::future::pending(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "main, then the 1s and 2s tiers");
+    for (at, env) in seen.iter().filter(|(_, e)| e.attempt > 0) {
+        let due = env.not_before_ms.unwrap();
+        assert!(
+            *at >= due,
+            "attempt {} handed out {} ms early",
+            env.attempt,
+            due - at
+        );
+        assert!(
+            at - due <= 2000,
+            "attempt {} handed out {} ms late",
+            env.attempt,
+            at - due
+        );
+    }
+}

@@ -10,8 +10,8 @@
 //! SQS keeps no per-message state besides the receive count, so a failure's details
 //! (class, message, fingerprint) are remembered by the consumer that saw them, until the
 //! message's next receive; a receive that no consumer here recorded an outcome for is
-//! counted as a crash (`lease_expired`). Sub-second parts of a delay are waited in
-//! memory, as SQS counts visibility in whole seconds.
+//! counted as a crash (`lease_expired`). SQS counts visibility in whole seconds: longer
+//! delays are rounded up (never early), delays under a second are waited in memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -466,7 +466,7 @@ impl SqsTransport {
         q: &Arc<Queue>,
         lanes: &LaneSet,
         m: Message,
-    ) -> Result<Option<Delivery<Token>>, SqsError> {
+    ) -> Option<Delivery<Token>> {
         let incoming = wire::decode(&lanes.queue, &m);
         let message_id: Arc<str> = m.message_id().unwrap_or_default().into();
         let token = Token {
@@ -484,15 +484,19 @@ impl SqsTransport {
                     Failure::new(FailureKind::Poison, "MalformedEnvelope", why, now),
                     "main",
                 );
-                self.send_dead(q, &raw).await?;
-                self.delete(&token, &raw.id.to_string())
-                    .await
-                    .map_err(|e| SqsError::Call {
-                        context: "delete a quarantined message".into(),
-                        reason: e.to_string(),
-                        code: None,
-                    })?;
-                return Ok(None);
+                // If either step fails the message stays in main and comes back after its
+                // visibility timeout, to be quarantined then; the rest of the batch goes on.
+                let moved = match self.send_dead(q, &raw).await {
+                    Ok(()) => self
+                        .delete(&token, &raw.id.to_string())
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = moved {
+                    tracing::warn!(queue = %lanes.queue, message_id = %message_id, error = %e, "could not quarantine an unreadable message; it will come back");
+                }
+                return None;
             }
         };
         let known = self.inner.known.lock().ok().and_then(|k| {
@@ -526,13 +530,13 @@ impl SqsTransport {
         } else {
             (lane, due_ms)
         };
-        Ok(Some(Delivery {
+        Some(Delivery {
             envelope,
             lane,
             due_ms,
             unfinished_before: unrecorded > 0,
             token,
-        }))
+        })
     }
 }
 
@@ -739,7 +743,7 @@ impl Transport for SqsTransport {
             })??;
             let empty = messages.is_empty();
             for m in messages {
-                if let Some(d) = self.deliver(&q, lanes, m).await? {
+                if let Some(d) = self.deliver(&q, lanes, m).await {
                     if d.due_ms > now_ms() {
                         q.held.lock().map_err(|_| poisoned())?.push(d);
                     } else {
@@ -782,8 +786,9 @@ impl Transport for SqsTransport {
         self.remember(&d.token, envelope, lane.clone(), due_ms);
         let delay = due_ms - now_ms();
         if delay >= 1000 {
-            // SQS counts in whole seconds; the rest is waited in memory on receive.
-            return self.hide(&d.token, delay / 1000, &id).await;
+            // SQS counts in whole seconds: rounded up, so that no consumer anywhere
+            // receives it before it is due (late by under a second at most).
+            return self.hide(&d.token, ceil_secs(delay), &id).await;
         }
         // Under a second: wait in memory, keeping the message hidden until then.
         let lease_ms = i64::from(d.token.queue.lease_secs.load(Ordering::Relaxed)) * 1000;
