@@ -633,10 +633,13 @@ impl Transport for NatsTransport {
 }
 
 impl NatsTransport {
-    /// Depths from the stream and consumer counters: undelivered messages are "main";
-    /// delivered ones not yet settled (running, or waiting out a retry delay) are "in
-    /// flight". Work-queue retention removes settled messages, so an empty stream is a
-    /// drained queue.
+    /// Depths from the consumer's counters: undelivered messages are "main"; delivered
+    /// ones not yet acknowledged (running, or waiting out a retry delay) are "in flight".
+    ///
+    /// A server killed mid-run can come back with messages its consumer had already
+    /// acknowledged still in the work-queue stream (nats-server 2.9 restores the ack floor
+    /// but not the removals): nobody will ever be handed them again. Everything below the
+    /// ack floor is acknowledged, so such leftovers are purged here.
     pub(crate) async fn nats_depths(&self, queue: &str) -> Result<QueueDepths, NatsError> {
         let n = self.names(queue);
         let mut stream = self
@@ -650,9 +653,30 @@ impl NatsTransport {
             .map_err(call("stream info"))?
             .state
             .messages;
-        let undelivered = match stream.get_consumer::<pull::Config>("redrive").await {
-            Ok(mut c) => c.info().await.map_err(call("consumer info"))?.num_pending,
-            Err(_) => total,
+        let (undelivered, inflight) = match stream.get_consumer::<pull::Config>("redrive").await {
+            Ok(mut c) => {
+                let info = c.info().await.map_err(call("consumer info"))?;
+                let (pending, acking) = (info.num_pending, info.num_ack_pending as u64);
+                if total > pending + acking {
+                    let floor = info.ack_floor.stream_sequence;
+                    let purged = stream
+                        .purge()
+                        .sequence(floor + 1)
+                        .await
+                        .map_err(call("purge acknowledged leftovers"))?
+                        .purged;
+                    if purged > 0 {
+                        tracing::warn!(
+                            queue,
+                            purged,
+                            ack_floor = floor,
+                            "removed messages the server kept after they were acknowledged (a restart lost their removal)"
+                        );
+                    }
+                }
+                (pending, acking)
+            }
+            Err(_) => (total, 0),
         };
         let mut dlq = self
             .js
@@ -670,7 +694,7 @@ impl NatsTransport {
             main: undelivered,
             retry: Vec::new(),
             dlq: dead,
-            inflight: total.saturating_sub(undelivered),
+            inflight,
             oldest_main_age_ms: None,
         })
     }

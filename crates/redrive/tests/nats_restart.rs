@@ -1,0 +1,163 @@
+//! A NATS restart mid-run loses no acknowledged message. The test starts its own
+//! `nats-server -js` on a free port with its own store directory, kills it (SIGKILL)
+//! after a fifth of the messages are handled, and starts it again on the same store.
+//!
+//! Not yet passing reliably, so ignored (run it with `--ignored`): every message is
+//! handled, but in about half the runs the pull requests sent after the reconnect get
+//! no answer (`fetch: no answer within 5 s`, and the server's consumer shows no waiting
+//! pulls), so the run does not finish. What it found and what was fixed: the restarted
+//! server keeps messages it had already acknowledged in the work-queue stream, which
+//! made the depths report them in flight forever; they are now purged (see
+//! `nats_depths`).
+
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redrive_core::{
+    Envelope, HandlerResult, LaneSet, LaneStats, QueueName, RetryPolicy, Transport,
+};
+use redrive_nats::{NatsBackend, NatsConfig};
+use redrive_runner::{Runner, RunnerConfig, handler_fn};
+use redrive_sqlite::SqliteConfig;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A test-owned nats-server with JetStream on disk.
+struct OwnNats {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl OwnNats {
+    fn start(dir: &Path, port: u16) -> Self {
+        let mut n = Self {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-sd", &self.dir.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "pulls after a reconnect sometimes get no answer (issue 7); run with --ignored"]
+async fn a_nats_restart_mid_run_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = OwnNats::start(&dir.path().join("js"), free_port());
+    let transport = NatsConfig::new(&nats.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let store = SqliteConfig::new(dir.path().join("dead.db"))
+        .open()
+        .unwrap();
+    let backend = NatsBackend::new(transport, store);
+    let queue = QueueName::new("restart.test").unwrap();
+    let policy = RetryPolicy::parse("50ms,100ms,200ms").unwrap();
+    const N: usize = 2000;
+    let mut published = HashSet::new();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<Envelope> = chunk
+            .iter()
+            .map(|i| Envelope::new(queue.clone(), format!("{i}")))
+            .collect();
+        published.extend(batch.iter().map(|e| e.id));
+        backend.publish(&queue, batch).await.unwrap();
+    }
+
+    let handled: Arc<Mutex<HashSet<redrive_core::MessageId>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let config = RunnerConfig {
+        concurrency: 20,
+        // The ack wait: a delivery whose ack was lost with the server comes back after it.
+        lease: Duration::from_secs(2),
+        idle_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(backend.clone(), queue.clone(), policy.clone(), config).until_idle();
+    let run = tokio::spawn(runner.run(
+        handler_fn(move |env: Envelope| {
+            let seen = Arc::clone(&seen);
+            async move {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                seen.lock().unwrap().insert(env.id);
+                HandlerResult::Ok(())
+            }
+        }),
+        std::future::pending(),
+    ));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handled.lock().unwrap().len() < N / 5 {
+        assert!(Instant::now() < deadline, "the consumer did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.spawn();
+    tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the run recovers and finishes")
+        .unwrap()
+        .unwrap();
+    let handled = handled.lock().unwrap().clone();
+    let missing: Vec<_> = published.difference(&handled).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages were never handled",
+        missing.len()
+    );
+    let lanes = LaneSet {
+        queue,
+        tiers: policy.tiers().to_vec(),
+    };
+    let depths = backend.queue_depths(&lanes).await.unwrap();
+    assert!(depths.is_drained() && depths.dlq == 0, "{depths:?}");
+}
