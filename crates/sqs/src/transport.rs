@@ -45,6 +45,8 @@ pub(crate) const BATCH: usize = 10;
 const DELETE_LINGER: Duration = Duration::from_millis(5);
 /// The tag that names the redrive queue an SQS queue belongs to.
 pub(crate) const QUEUE_TAG: &str = "redrive-queue";
+/// Batch sends in flight at once while publishing.
+const PUBLISH_CONCURRENCY: usize = 8;
 /// Failures remembered between receives, at most (older ones are dropped first).
 const MAX_KNOWN: usize = 100_000;
 
@@ -540,6 +542,34 @@ impl SqsTransport {
     }
 }
 
+async fn send_batch(
+    client: Client,
+    url: String,
+    entries: Vec<SendMessageBatchRequestEntry>,
+) -> Result<(), SqsError> {
+    let total = entries.len();
+    let out = client
+        .send_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(during("send a batch"))?;
+    if let Some(f) = out.failed().first() {
+        return Err(SqsError::Call {
+            context: "send a batch".into(),
+            reason: format!(
+                "{} of {total} messages refused, e.g. {}: {}",
+                out.failed().len(),
+                f.code(),
+                f.message().unwrap_or_default()
+            ),
+            code: Some(f.code().to_owned()),
+        });
+    }
+    Ok(())
+}
+
 async fn receive(
     client: Client,
     url: String,
@@ -627,6 +657,7 @@ impl Transport for SqsTransport {
 
     async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
         let q = self.queue(queue).await?;
+        let mut batches: Vec<Vec<SendMessageBatchRequestEntry>> = Vec::new();
         let mut entries: Vec<SendMessageBatchRequestEntry> = Vec::with_capacity(BATCH);
         let mut bytes = 0;
         for mut env in batch {
@@ -639,8 +670,7 @@ impl Transport for SqsTransport {
                 });
             }
             if entries.len() == BATCH || bytes + out.size > MAX_MESSAGE {
-                self.send_batch(&q.url, std::mem::take(&mut entries))
-                    .await?;
+                batches.push(std::mem::take(&mut entries));
                 bytes = 0;
             }
             bytes += out.size;
@@ -657,7 +687,32 @@ impl Transport for SqsTransport {
             entries.push(entry);
         }
         if !entries.is_empty() {
-            self.send_batch(&q.url, entries).await?;
+            batches.push(entries);
+        }
+        // A few batch calls in flight at once: a long publish is bound by round trips.
+        let mut sending = tokio::task::JoinSet::new();
+        for entries in batches {
+            if sending.len() >= PUBLISH_CONCURRENCY
+                && let Some(done) = sending.join_next().await
+            {
+                done.map_err(|e| SqsError::Call {
+                    context: "send a batch".into(),
+                    reason: e.to_string(),
+                    code: None,
+                })??;
+            }
+            sending.spawn(send_batch(
+                self.inner.client.clone(),
+                q.url.clone(),
+                entries,
+            ));
+        }
+        while let Some(done) = sending.join_next().await {
+            done.map_err(|e| SqsError::Call {
+                context: "send a batch".into(),
+                reason: e.to_string(),
+                code: None,
+            })??;
         }
         Ok(())
     }
@@ -844,36 +899,6 @@ fn poisoned() -> SqsError {
 }
 
 impl SqsTransport {
-    async fn send_batch(
-        &self,
-        url: &str,
-        entries: Vec<SendMessageBatchRequestEntry>,
-    ) -> Result<(), SqsError> {
-        let total = entries.len();
-        let out = self
-            .inner
-            .client
-            .send_message_batch()
-            .queue_url(url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .map_err(during("send a batch"))?;
-        if let Some(f) = out.failed().first() {
-            return Err(SqsError::Call {
-                context: "send a batch".into(),
-                reason: format!(
-                    "{} of {total} messages refused, e.g. {}: {}",
-                    out.failed().len(),
-                    f.code(),
-                    f.message().unwrap_or_default()
-                ),
-                code: Some(f.code().to_owned()),
-            });
-        }
-        Ok(())
-    }
-
     /// Approximate counts of one SQS queue: (visible + delayed, in flight).
     pub(crate) async fn counts(&self, url: &str) -> Result<(u64, u64), SqsError> {
         let out = self
