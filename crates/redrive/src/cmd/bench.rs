@@ -101,6 +101,41 @@ pub(crate) async fn publish_numbered<T: redrive_core::Transport>(
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Consumes `n` messages of `queue` with a no-op handler on `concurrency` slots, as the
+/// broker benches do; returns the seconds from the first message handed out to the last.
+pub(crate) async fn consume_noop<T: Transport>(
+    transport: T,
+    queue: QueueName,
+    n: usize,
+    concurrency: usize,
+) -> Result<f64> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let config = RunnerConfig {
+        concurrency,
+        lease: Duration::from_secs(30),
+        idle_poll: Duration::from_millis(20),
+        max_messages: Some(n as u64),
+        ..RunnerConfig::default()
+    };
+    let first = Arc::new(AtomicI64::new(0));
+    let last = Arc::new(AtomicI64::new(0));
+    let (f, l) = (Arc::clone(&first), Arc::clone(&last));
+    Runner::new(transport, queue, RetryPolicy::parse("1s")?, config)
+        .run(
+            handler_fn(move |_m: Envelope| {
+                let now = redrive_core::now_ms();
+                let _ = f.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                l.fetch_max(now, Ordering::Relaxed);
+                async { Ok(()) }
+            }),
+            std::future::pending(),
+        )
+        .await?;
+    let span_ms = last.load(Ordering::Relaxed) - first.load(Ordering::Relaxed);
+    Ok((span_ms.max(1) as f64) / 1000.0)
+}
+
 /// The message number in `{"n":123}`.
 pub(crate) fn number(payload: &[u8]) -> u64 {
     payload

@@ -6,8 +6,6 @@
 //! not on the consumer, so each side's rate is measured from its first record to its
 //! last (the time including the join is reported beside it).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,9 +13,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redrive_core::{Envelope, QueueName, RetryPolicy, now_ms};
+use redrive_core::{QueueName, now_ms};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
-use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
@@ -128,32 +125,9 @@ async fn redrive(url: &str, n: usize, concurrency: usize) -> Result<Side> {
     let backend = KafkaBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
     let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 5000).await?;
-    let config = RunnerConfig {
-        concurrency,
-        lease: Duration::from_secs(30),
-        idle_poll: Duration::from_millis(20),
-        max_messages: Some(n as u64),
-        ..RunnerConfig::default()
-    };
-    let first = Arc::new(AtomicI64::new(0));
-    let last = Arc::new(AtomicI64::new(0));
-    let (f, l) = (Arc::clone(&first), Arc::clone(&last));
-    let runner = Runner::new(backend, queue, RetryPolicy::parse("1s")?, config);
     let started = Instant::now();
-    runner
-        .run(
-            handler_fn(move |_m: Envelope| {
-                let now = now_ms();
-                let _ = f.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-                l.fetch_max(now, Ordering::Relaxed);
-                async { Ok(()) }
-            }),
-            std::future::pending(),
-        )
-        .await?;
+    let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
     let total_secs = started.elapsed().as_secs_f64();
-    let span_ms = last.load(Ordering::Relaxed) - first.load(Ordering::Relaxed);
-    let consume_secs = (span_ms.max(1) as f64) / 1000.0;
     Ok(Side {
         tool: "redrive",
         messages: n,

@@ -5,14 +5,11 @@
 //!
 //! Both sides' queues are made under a per-run prefix and deleted afterwards.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
-use redrive_core::{Envelope, QueueName, RetryPolicy, now_ms};
-use redrive_runner::{Runner, RunnerConfig, handler_fn};
+use redrive_core::{QueueName, now_ms};
 use redrive_sqlite::SqliteConfig;
 use redrive_sqs::{SqsBackend, SqsConfig};
 use serde::Serialize;
@@ -134,36 +131,12 @@ async fn redrive(config: &SqsConfig, n: usize, concurrency: usize) -> Result<Sid
     let queue = QueueName::new("bench")?;
     let setup_calls = transport.api_calls();
     let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 1000).await?;
-    let config = RunnerConfig {
-        concurrency,
-        lease: Duration::from_secs(30),
-        idle_poll: Duration::from_millis(20),
-        max_messages: Some(n as u64),
-        ..RunnerConfig::default()
-    };
-    let first = Arc::new(AtomicI64::new(0));
-    let last = Arc::new(AtomicI64::new(0));
-    let (f, l) = (Arc::clone(&first), Arc::clone(&last));
-    let runner = Runner::new(backend, queue, RetryPolicy::parse("1s")?, config);
-    // The queue exists; its redrive policy is set on the first fetch, outside the count.
     let publish_calls = transport.api_calls() - setup_calls;
     let before = transport.api_calls();
-    runner
-        .run(
-            handler_fn(move |_m: Envelope| {
-                let now = now_ms();
-                let _ = f.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-                l.fetch_max(now, Ordering::Relaxed);
-                async { Ok(()) }
-            }),
-            std::future::pending(),
-        )
-        .await?;
+    let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
     // Three calls set the redrive policy once per queue (read the DLQ's ARN, read and
     // set the policy): setup, not per message.
     let consume_calls = (transport.api_calls() - before).saturating_sub(3);
-    let span_ms = last.load(Ordering::Relaxed) - first.load(Ordering::Relaxed);
-    let consume_secs = (span_ms.max(1) as f64) / 1000.0;
     Ok(Side {
         tool: "redrive",
         messages: n,
