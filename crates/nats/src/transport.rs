@@ -488,11 +488,23 @@ impl Transport for NatsTransport {
             }
             Ok::<_, NatsError>(msgs)
         })
-        .await
-        .map_err(|_| NatsError::Call {
-            context: "fetch",
-            reason: "no answer within 5 s".into(),
-        })??;
+        .await;
+        let msgs = match msgs {
+            Ok(result) => result?,
+            Err(_) => {
+                // After a reconnect a pull may go unanswered: push out what the client
+                // holds and look the consumer up again before the next fetch.
+                if let Ok(mut r) = self.ready.lock() {
+                    r.remove(lanes.queue.as_str());
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+                return Err(NatsError::Call {
+                    context: "fetch",
+                    reason: "no answer within 5 s".into(),
+                }
+                .into());
+            }
+        };
         let mut deliveries = Vec::new();
         for msg in msgs {
             let (delivered, seq, stream_name) = match msg.info() {

@@ -2,13 +2,10 @@
 //! `nats-server -js` on a free port with its own store directory, kills it (SIGKILL)
 //! after a fifth of the messages are handled, and starts it again on the same store.
 //!
-//! Not yet passing reliably, so ignored (run it with `--ignored`): every message is
-//! handled, but in about half the runs the pull requests sent after the reconnect get
-//! no answer (`fetch: no answer within 5 s`, and the server's consumer shows no waiting
-//! pulls), so the run does not finish. What it found and what was fixed: the restarted
-//! server keeps messages it had already acknowledged in the work-queue stream, which
-//! made the depths report them in flight forever; they are now purged (see
-//! `nats_depths`).
+//! Two things it found, both fixed: the restarted server keeps messages it had already
+//! acknowledged in the work-queue stream (they were counted in flight forever; now
+//! purged, see `nats_depths`), and a pull sent around the reconnect can go unanswered
+//! (the fetch now gives up after 5 s, flushes and looks the consumer up again).
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
@@ -86,7 +83,6 @@ impl Drop for OwnNats {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pulls after a reconnect sometimes get no answer (issue 7); run with --ignored"]
 async fn a_nats_restart_mid_run_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = OwnNats::start(&dir.path().join("js"), free_port());
