@@ -129,7 +129,7 @@ pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
         Some(url) if url.starts_with("sqs://") => {
             let mut config = SqsConfig::new(url)?;
             if let Some(endpoint) = &cli.sqs_endpoint {
-                config.endpoint = Some(endpoint.clone());
+                config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
             let transport = config.connect().await.context("--broker")?;
             let store = open(cli.store_url(), true)?;

@@ -77,8 +77,8 @@ impl SqsConfig {
                     }
                     p.clone_into(&mut config.prefix);
                 }
-                Some(("endpoint", e)) if e.starts_with("http://") || e.starts_with("https://") => {
-                    config.endpoint = Some(e.to_owned());
+                Some(("endpoint", e)) => {
+                    config.set_endpoint(e).map_err(|e| bad(e.to_string()))?;
                 }
                 Some(("wait", w)) => {
                     config.wait_secs = w
@@ -89,12 +89,32 @@ impl SqsConfig {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {pair:?}; options are prefix=, endpoint=http(s)://… and wait=SECONDS"
+                        "unknown option {pair:?}; options are prefix=, endpoint=URL and wait=SECONDS"
                     )));
                 }
             }
         }
         Ok(config)
+    }
+
+    /// Points the client at another endpoint than AWS's (`endpoint=`, `--sqs-endpoint`).
+    ///
+    /// # Errors
+    ///
+    /// [`SqsError::Config`] unless it is an `http://` or `https://` URL with a host.
+    pub fn set_endpoint(&mut self, url: &str) -> Result<(), SqsError> {
+        let host = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .unwrap_or_default();
+        if host.is_empty() || host.starts_with('/') {
+            return Err(SqsError::Config(format!(
+                "SQS endpoint {url:?} is not an http:// or https:// URL with a host \
+                 (e.g. http://127.0.0.1:9324)"
+            )));
+        }
+        self.endpoint = Some(url.to_owned());
+        Ok(())
     }
 
     /// The SQS name of `queue`'s main lane: the prefix, then the queue name with each

@@ -30,6 +30,15 @@ pub enum SqsError {
 }
 
 impl SqsError {
+    /// A failed step that the service did not report (no error code).
+    pub(crate) fn call(context: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self::Call {
+            context: context.into(),
+            reason: reason.to_string(),
+            code: None,
+        }
+    }
+
     /// The service's error code, when the failure is one the service reported.
     #[must_use]
     pub fn code(&self) -> Option<&str> {
@@ -50,10 +59,26 @@ where
         let code = aws_sdk_sqs::error::ProvideErrorMetadata::code(&e).map(str::to_owned);
         SqsError::Call {
             context: context.to_owned(),
-            reason: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+            reason: chain(&e),
             code,
         }
     }
+}
+
+/// An error and its causes, each by its message, joined with `: ` (the SDK's own
+/// `DisplayErrorContext` appends a Debug dump of the request and response).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !out.ends_with(&next) {
+            out.push_str(": ");
+            out.push_str(&next);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// The receipt handle no longer names an in-flight message: its lease expired and it was

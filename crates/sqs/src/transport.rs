@@ -97,6 +97,14 @@ pub(crate) struct Queue {
     deletes: mpsc::UnboundedSender<(Arc<str>, oneshot::Sender<Result<(), SqsError>>)>,
 }
 
+impl Queue {
+    /// When the first delivery waiting in memory is due.
+    fn next_due(&self) -> Result<Option<i64>, SqsError> {
+        let held = self.held.lock().map_err(|_| poisoned())?;
+        Ok(held.iter().map(|d| d.due_ms).min())
+    }
+}
+
 #[derive(Default)]
 struct FetchState {
     /// A receive in flight, kept across fetches so none of its messages is dropped.
@@ -425,17 +433,12 @@ impl SqsTransport {
             .queue
             .deletes
             .send((Arc::clone(&token.receipt), tx))
-            .map_err(|_| SqsError::Call {
-                context: "delete the message".into(),
-                reason: "the delete batcher stopped".into(),
-                code: None,
-            })?;
+            .map_err(|_| SqsError::call("delete the message", "the delete batcher stopped"))?;
         let result = rx.await.unwrap_or_else(|_| {
-            Err(SqsError::Call {
-                context: "delete the message".into(),
-                reason: "the delete batcher stopped".into(),
-                code: None,
-            })
+            Err(SqsError::call(
+                "delete the message",
+                "the delete batcher stopped",
+            ))
         });
         match result {
             Ok(()) => Ok(()),
@@ -679,11 +682,7 @@ impl Transport for SqsTransport {
                 .message_body(out.body)
                 .set_message_attributes(Some(out.attributes))
                 .build()
-                .map_err(|e| SqsError::Call {
-                    context: "build a send batch".into(),
-                    reason: e.to_string(),
-                    code: None,
-                })?;
+                .map_err(|e| SqsError::call("build a send batch", e))?;
             entries.push(entry);
         }
         if !entries.is_empty() {
@@ -695,11 +694,7 @@ impl Transport for SqsTransport {
             if sending.len() >= PUBLISH_CONCURRENCY
                 && let Some(done) = sending.join_next().await
             {
-                done.map_err(|e| SqsError::Call {
-                    context: "send a batch".into(),
-                    reason: e.to_string(),
-                    code: None,
-                })??;
+                done.map_err(|e| SqsError::call("send a batch", e))??;
             }
             sending.spawn(send_batch(
                 self.inner.client.clone(),
@@ -708,11 +703,7 @@ impl Transport for SqsTransport {
             ));
         }
         while let Some(done) = sending.join_next().await {
-            done.map_err(|e| SqsError::Call {
-                context: "send a batch".into(),
-                reason: e.to_string(),
-                code: None,
-            })??;
+            done.map_err(|e| SqsError::call("send a batch", e))??;
         }
         Ok(())
     }
@@ -735,18 +726,13 @@ impl Transport for SqsTransport {
         let mut st = q.fetch.lock().await;
         loop {
             let now = now_ms();
-            let next_due = {
-                let mut held = q.held.lock().map_err(|_| poisoned())?;
-                let mut i = 0;
-                while i < held.len() {
-                    if held[i].due_ms <= now {
-                        st.ready.push_back(held.swap_remove(i));
-                    } else {
-                        i += 1;
-                    }
-                }
-                held.iter().map(|d| d.due_ms).min()
-            };
+            st.ready.extend(
+                q.held
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .extract_if(.., |d| d.due_ms <= now),
+            );
+            let next_due = q.next_due()?;
             if !st.ready.is_empty() {
                 let n = max.min(st.ready.len());
                 return Ok(Fetched {
@@ -791,11 +777,7 @@ impl Transport for SqsTransport {
                 st.pending = Some(receiving);
                 continue;
             };
-            let messages = received.map_err(|e| SqsError::Call {
-                context: "receive".into(),
-                reason: e.to_string(),
-                code: None,
-            })??;
+            let messages = received.map_err(|e| SqsError::call("receive", e))??;
             let empty = messages.is_empty();
             for m in messages {
                 if let Some(d) = self.deliver(&q, lanes, m).await {
@@ -807,16 +789,9 @@ impl Transport for SqsTransport {
                 }
             }
             if empty && st.ready.is_empty() {
-                let next_due = q
-                    .held
-                    .lock()
-                    .map_err(|_| poisoned())?
-                    .iter()
-                    .map(|d| d.due_ms)
-                    .min();
                 return Ok(Fetched {
                     deliveries: Vec::new(),
-                    next_due_ms: next_due,
+                    next_due_ms: q.next_due()?,
                 });
             }
         }
@@ -891,11 +866,7 @@ impl Transport for SqsTransport {
 }
 
 fn poisoned() -> SqsError {
-    SqsError::Call {
-        context: "held deliveries".into(),
-        reason: "a lock was poisoned by a panic".into(),
-        code: None,
-    }
+    SqsError::call("held deliveries", "a lock was poisoned by a panic")
 }
 
 impl SqsTransport {

@@ -166,7 +166,7 @@ async fn clean_up(config: &SqsConfig) -> Result<()> {
 pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<()> {
     let mut config = SqsConfig::new(url)?;
     if let Some(e) = endpoint {
-        config.endpoint = Some(e.to_owned());
+        config.set_endpoint(e).context("--sqs-endpoint")?;
     }
     config.prefix = format!("{}bench{}-", config.prefix, now_ms());
     let n = args.messages;
