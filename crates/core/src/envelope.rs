@@ -206,11 +206,15 @@ impl Envelope {
     /// A new message for `queue` with a fresh id.
     #[must_use]
     pub fn new(queue: QueueName, payload: impl Into<Vec<u8>>) -> Self {
+        Self::new_with_id(queue, payload.into(), MessageId::new())
+    }
+
+    fn new_with_id(queue: QueueName, payload: Vec<u8>, id: MessageId) -> Self {
         Self {
-            id: MessageId::new(),
+            id,
             queue,
             key: None,
-            payload: payload.into(),
+            payload,
             headers: Vec::new(),
             attempt: 0,
             replays: 0,
@@ -315,8 +319,6 @@ impl Envelope {
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> Result<Self, WireError> {
-        let mut env = Self::new(queue.clone(), payload);
-        env.key = key;
         let find = |name: &str| {
             headers
                 .iter()
@@ -325,6 +327,8 @@ impl Envelope {
         };
         let versioned = find("redrive-version").is_some();
         if !versioned {
+            let mut env = Self::new(queue.clone(), payload);
+            env.key = key;
             return Ok(Self::from_foreign(env, headers));
         }
         let version: u32 =
@@ -333,13 +337,18 @@ impl Envelope {
         if version > WIRE_VERSION {
             return Err(WireError::Version(version));
         }
-        if let Some(id) = find("redrive-id") {
-            env.id = MessageId::parse(id).map_err(|_| WireError::Header {
+        // The id read here spares drawing a fresh one (a random-number syscall) per
+        // message consumed.
+        let id = match find("redrive-id") {
+            Some(id) => MessageId::parse(id).map_err(|_| WireError::Header {
                 header: "redrive-id",
                 value: id.to_owned(),
                 expected: "a UUID",
-            })?;
-        }
+            })?,
+            None => MessageId::new(),
+        };
+        let mut env = Self::new_with_id(queue.clone(), payload, id);
+        env.key = key;
         if let Some(origin) = find("redrive-origin") {
             env.queue = QueueName::new(origin)?;
         }

@@ -168,14 +168,21 @@ impl<T: Transport> Runner<T> {
                 "the lease must be at least 30ms".to_owned(),
             ));
         }
-        let handler = Arc::new(handler);
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
-        let wake = Arc::new(Notify::new());
         let (abort_tx, abort_rx) = watch::channel(false);
-        let released = Arc::new(AtomicU64::new(0));
-        let observers: Arc<[Arc<dyn Observer>]> = self.observers.clone().into();
-        let policy = Arc::new(self.policy.clone());
-        let job_config = Arc::new(self.config.clone());
+        // What every delivery's task shares: one reference count per message.
+        let ctx = Arc::new(JobContext {
+            transport: Arc::clone(&self.transport),
+            handler,
+            policy: self.policy.clone(),
+            config: self.config.clone(),
+            observers: self.observers.clone(),
+            queue: self.lanes.queue.clone(),
+            wake: Notify::new(),
+            released: AtomicU64::new(0),
+        });
+        let wake = &ctx.wake;
+        let released = &ctx.released;
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut delivered: u64 = 0;
         let mut fetch_errors: u32 = 0;
@@ -203,7 +210,12 @@ impl<T: Transport> Runner<T> {
                 .saturating_sub(inflight + buffer.len())
                 .min(self.config.fetch_batch)
                 .min(remaining.saturating_sub(buffer.len()));
-            if fetching.is_none() && room > 0 && Instant::now() >= fetch_at {
+            // Fetch once a worthwhile batch fits, not as soon as one slot frees: with fast
+            // handlers that would be one broker round trip (or one lease write) per
+            // message or two.
+            let worth = (concurrency.min(self.config.fetch_batch) / 2)
+                .clamp(1, remaining.saturating_sub(buffer.len()).max(1));
+            if fetching.is_none() && room >= worth && Instant::now() >= fetch_at {
                 let transport = Arc::clone(&self.transport);
                 let lanes = self.lanes.clone();
                 let lease = self.config.lease;
@@ -257,15 +269,8 @@ impl<T: Transport> Runner<T> {
                     let (Ok(slot), Some(delivery)) = (permit, buffer.pop_front()) else { break "shutdown" };
                     delivered += 1;
                     let job = Job {
-                        transport: Arc::clone(&self.transport),
-                        handler: Arc::clone(&handler),
-                        policy: Arc::clone(&policy),
-                        config: Arc::clone(&job_config),
-                        observers: Arc::clone(&observers),
-                        queue: self.lanes.queue.clone(),
-                        wake: Arc::clone(&wake),
+                        ctx: Arc::clone(&ctx),
                         abort: abort_rx.clone(),
-                        released: Arc::clone(&released),
                     };
                     tasks.spawn(job.run(delivery, slot));
                 }
@@ -330,17 +335,32 @@ impl<T: Transport + LaneStats> Runner<T> {
     }
 }
 
+/// What the deliveries' tasks of one run share.
+struct JobContext<T: Transport, H> {
+    transport: Arc<T>,
+    handler: H,
+    policy: RetryPolicy,
+    config: RunnerConfig,
+    observers: Vec<Arc<dyn Observer>>,
+    queue: QueueName,
+    /// A settle may have freed room or scheduled a retry.
+    wake: Notify,
+    /// Deliveries released unfinished.
+    released: AtomicU64,
+}
+
 /// Everything one delivery's task needs.
 struct Job<T: Transport, H> {
-    transport: Arc<T>,
-    handler: Arc<H>,
-    policy: Arc<RetryPolicy>,
-    config: Arc<RunnerConfig>,
-    observers: Arc<[Arc<dyn Observer>]>,
-    queue: QueueName,
-    wake: Arc<Notify>,
+    ctx: Arc<JobContext<T, H>>,
     abort: watch::Receiver<bool>,
-    released: Arc<AtomicU64>,
+}
+
+impl<T: Transport, H> std::ops::Deref for Job<T, H> {
+    type Target = JobContext<T, H>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.ctx
+    }
 }
 
 impl<T: Transport, H: Handler> Job<T, H> {
@@ -380,9 +400,9 @@ impl<T: Transport, H: Handler> Job<T, H> {
     /// one timer that serves both the heartbeat and the deadline: a task and two timers
     /// per message were most of the runner's own cost.
     async fn handle(&mut self, delivery: &Delivery<T::Token>) -> Option<Outcome> {
-        let handler = Arc::clone(&self.handler);
+        let ctx = Arc::clone(&self.ctx);
         let message: Envelope = delivery.envelope.clone();
-        let mut run = CatchPanic(Box::pin(async move { handler.handle(message).await }));
+        let mut run = CatchPanic(Box::pin(async move { ctx.handler.handle(message).await }));
         let started = Instant::now();
         let deadline = started + self.config.timeout;
         let beat = (self.config.lease / 3).max(Duration::from_millis(10));
