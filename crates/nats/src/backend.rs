@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use redrive_core::{Brokered, DeadLetter, DeadLetterStore, DlqSource, QueueName, StoreError};
 
+use crate::exhausted::quarantined;
 use crate::transport::{NatsError, NatsTransport, envelope_of, futures_like, wire_of};
 
 /// JetStream lanes and a dead-letter store, as one backend.
@@ -38,6 +39,8 @@ impl NatsTransport {
         let Ok(name) = QueueName::new(queue) else {
             return Ok(0);
         };
+        // Messages that reached max_deliver join the DLQ stream first.
+        self.sweep_exhausted(&name).await?;
         let n = self.names(queue);
         let stream = self
             .js()
@@ -79,13 +82,16 @@ impl NatsTransport {
                     .find(|(k, _)| k == "redrive-dead-at")
                     .and_then(|(_, v)| v.parse().ok())
                     .unwrap_or_else(redrive_core::now_ms);
-                let envelope = envelope_of(&name, wire, m.payload.to_vec()).map_err(|reason| {
-                    NatsError::Malformed {
-                        stream: n.dlq_stream.clone(),
-                        seq: 0,
-                        reason,
-                    }
-                })?;
+                // Whatever was published to the DLQ subject is kept, readable or not.
+                let envelope =
+                    envelope_of(&name, wire.clone(), m.payload.to_vec()).unwrap_or_else(|why| {
+                        quarantined(
+                            &name,
+                            wire,
+                            m.payload.to_vec(),
+                            &format!("in {}: {why}", n.dlq_stream),
+                        )
+                    });
                 dead.push(DeadLetter {
                     envelope,
                     dead_at_ms,

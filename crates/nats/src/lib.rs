@@ -10,10 +10,14 @@
 //! JetStream keeps a delivery count but not why a delivery ended, so the history bucket
 //! records each failure and each release: a redelivery with more deliveries than
 //! recorded outcomes followed a crash, and counts as a failed attempt. `max_deliver` is
-//! a backstop above max attempts. Every delay is an explicit `Nak` delay: the
+//! a backstop above max attempts: a message that reaches it anyway (its consumer died
+//! before it could settle even the delivery that revealed the crash) is announced in a
+//! MAX_DELIVERIES advisory, kept by the stream `<ns>_<queue>_exhausted`, and moved to the
+//! DLQ stream from there (see `exhausted`). Every delay is an explicit `Nak` delay: the
 //! consumer's own backoff (ignored by `Nak` without a delay) is not used.
 
 mod backend;
+mod exhausted;
 mod transport;
 
 pub use backend::NatsBackend;

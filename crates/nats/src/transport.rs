@@ -74,24 +74,37 @@ fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError 
     }
 }
 
-/// How to reach NATS.
+/// How to reach NATS, and the settings of the streams and consumers redrive creates.
 #[derive(Clone, Debug)]
 pub struct NatsConfig {
     /// `nats://host:port`.
     pub url: String,
     /// Prefix of stream, subject and bucket names (default `redrive`).
     pub namespace: String,
+    /// Replicas of every stream redrive creates (default 1; 3 or 5 on a cluster).
+    pub replicas: usize,
+    /// Where the streams keep messages (default file storage).
+    pub storage: stream::StorageType,
+    /// The consumer's `max_deliver`. Default: twice the policy's max attempts plus 10,
+    /// a backstop above redrive's own counting; a message that reaches it is moved to the
+    /// DLQ stream through the server's MAX_DELIVERIES advisory.
+    pub max_deliver: Option<i64>,
 }
 
+const OPTIONS: &str = "namespace=NAME, replicas=1..5, storage=file|memory, max_deliver=N";
+
 impl NatsConfig {
-    /// Parses `nats://host:port[?namespace=NAME]`.
+    /// Parses `nats://host:port[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N]`.
+    /// The settings apply to the streams and the consumer redrive creates; existing ones
+    /// are used as they are.
     ///
     /// # Errors
     ///
-    /// Another scheme or an unknown option.
+    /// Another scheme, an unknown option or a value out of range.
     pub fn new(url: &str) -> Result<Self, NatsError> {
+        let shown = url.split_once('?').map_or(url, |(base, _)| base);
         let bad = |reason: &str| NatsError::Unreachable {
-            address: url.to_owned(),
+            address: shown.to_owned(),
             reason: reason.to_owned(),
         };
         if !url.starts_with("nats://") {
@@ -100,28 +113,58 @@ impl NatsConfig {
             ));
         }
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut namespace = "redrive".to_owned();
+        let mut config = Self {
+            url: base.to_owned(),
+            namespace: "redrive".to_owned(),
+            replicas: 1,
+            storage: stream::StorageType::File,
+            max_deliver: None,
+        };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("namespace", ns))
-                    if !ns.is_empty()
-                        && ns
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let invalid = |rule: &str| bad(&format!("option {pair:?}: {rule}"));
+            match key {
+                "namespace" => {
+                    if value.is_empty()
+                        || !value
                             .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
-                {
-                    namespace = ns.to_owned();
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return Err(invalid("letters, digits, '_' and '-' only"));
+                    }
+                    value.clone_into(&mut config.namespace);
+                }
+                "replicas" => {
+                    config.replicas = value
+                        .parse()
+                        .ok()
+                        .filter(|r| (1..=5).contains(r))
+                        .ok_or_else(|| invalid("a number from 1 to 5"))?;
+                }
+                "storage" => {
+                    config.storage = match value {
+                        "file" => stream::StorageType::File,
+                        "memory" => stream::StorageType::Memory,
+                        _ => return Err(invalid("file or memory")),
+                    };
+                }
+                "max_deliver" => {
+                    config.max_deliver = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|n| *n >= 1)
+                            .ok_or_else(|| invalid("a number of deliveries, at least 1"))?,
+                    );
                 }
                 _ => {
                     return Err(bad(&format!(
-                        "unknown option {pair:?}; the only option is namespace=NAME"
+                        "unknown option {pair:?}; the options are {OPTIONS}"
                     )));
                 }
             }
         }
-        Ok(Self {
-            url: base.to_owned(),
-            namespace,
-        })
+        Ok(config)
     }
 
     /// Connects and checks JetStream answers.
@@ -157,6 +200,8 @@ impl NatsConfig {
             .create_key_value(jetstream::kv::Config {
                 bucket: format!("{}_history", self.namespace),
                 history: 1,
+                num_replicas: self.replicas,
+                storage: self.storage,
                 ..Default::default()
             })
             .await
@@ -170,7 +215,13 @@ impl NatsConfig {
             js,
             history,
             ns: self.namespace.clone(),
+            settings: Settings {
+                replicas: self.replicas,
+                storage: self.storage,
+                max_deliver: self.max_deliver,
+            },
             ready: Arc::default(),
+            upkeep: Arc::default(),
         })
     }
 }
@@ -197,16 +248,26 @@ pub struct NatsTransport {
     js: jetstream::Context,
     history: jetstream::kv::Store,
     ns: String,
+    pub(crate) settings: Settings,
     ready: Arc<Mutex<std::collections::HashMap<String, Consumer>>>,
+    pub(crate) upkeep: Arc<Mutex<std::collections::HashMap<String, crate::exhausted::Upkeep>>>,
+}
+
+/// What the streams and the consumer are created with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    pub(crate) replicas: usize,
+    pub(crate) storage: stream::StorageType,
+    pub(crate) max_deliver: Option<i64>,
 }
 
 type Consumer = jetstream::consumer::Consumer<pull::Config>;
 
 /// What the history bucket keeps per message between deliveries.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
-struct Record {
+pub(crate) struct Record {
     /// The envelope's wire headers after its last failure (history included).
-    h: Vec<(String, String)>,
+    pub(crate) h: Vec<(String, String)>,
     /// The lane label of the retry it is waiting in.
     lane: String,
     /// When it is due.
@@ -217,13 +278,26 @@ struct Record {
     crashes: u32,
 }
 
+impl Record {
+    /// Deliveries whose end is accounted for.
+    pub(crate) fn settled(&self) -> u64 {
+        u64::from(self.naks) + u64::from(self.crashes)
+    }
+}
+
 /// Names for one queue.
 pub(crate) struct Names {
     pub(crate) stream: String,
     pub(crate) subject: String,
     pub(crate) dlq_stream: String,
     pub(crate) dlq_subject: String,
+    /// Captures the server's MAX_DELIVERIES advisories for the main stream's consumer.
+    pub(crate) exhausted_stream: String,
+    pub(crate) exhausted_subject: String,
 }
+
+/// The durable consumer of every main stream.
+pub(crate) const CONSUMER: &str = "redrive";
 
 fn sanitize(queue: &str) -> String {
     queue
@@ -300,10 +374,14 @@ impl NatsTransport {
     pub(crate) fn names(&self, queue: &str) -> Names {
         let base = format!("{}_{}", self.ns, sanitize(queue));
         Names {
-            stream: base.clone(),
             subject: format!("{}.{queue}", self.ns),
+            exhausted_stream: format!("{base}_exhausted"),
+            exhausted_subject: format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{base}.{CONSUMER}"
+            ),
             dlq_stream: format!("{base}_dlq"),
             dlq_subject: format!("{}-dlq.{queue}", self.ns),
+            stream: base,
         }
     }
 
@@ -313,6 +391,10 @@ impl NatsTransport {
 
     pub(crate) fn js(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    pub(crate) fn history(&self) -> &jetstream::kv::Store {
+        &self.history
     }
 
     /// Creates the queue's streams if missing. The queue name travels in the stream's
@@ -325,7 +407,8 @@ impl NatsTransport {
                 subjects: vec![n.subject.clone()],
                 description: Some(queue.to_owned()),
                 retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
+                storage: self.settings.storage,
+                num_replicas: self.settings.replicas,
                 ..Default::default()
             })
             .await
@@ -335,11 +418,27 @@ impl NatsTransport {
                 name: n.dlq_stream.clone(),
                 subjects: vec![n.dlq_subject.clone()],
                 description: Some(format!("{queue} (dead letters)")),
-                storage: stream::StorageType::File,
+                storage: self.settings.storage,
+                num_replicas: self.settings.replicas,
                 ..Default::default()
             })
             .await
             .map_err(call("create the DLQ stream"))?;
+        // The server announces a message that reached the consumer's max_deliver only to
+        // whoever listens at that moment; a stream keeps the announcements until they
+        // are handled (see `exhausted`).
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: n.exhausted_stream.clone(),
+                subjects: vec![n.exhausted_subject.clone()],
+                description: Some(format!("{queue} (max-deliveries advisories)")),
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: self.settings.storage,
+                num_replicas: self.settings.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(call("create the advisory stream"))?;
         Ok(n)
     }
 
@@ -357,13 +456,14 @@ impl NatsTransport {
         let max_attempts = i64::try_from(lanes.tiers.len()).unwrap_or(16) + 1;
         let consumer: Consumer = stream
             .get_or_create_consumer(
-                "redrive",
+                CONSUMER,
                 pull::Config {
-                    durable_name: Some("redrive".into()),
+                    durable_name: Some(CONSUMER.into()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: lease,
-                    // A backstop: redrive dead-letters at max attempts itself.
-                    max_deliver: max_attempts * 2 + 10,
+                    // A backstop: redrive dead-letters at max attempts itself. A message
+                    // that reaches it anyway is moved by `exhausted`.
+                    max_deliver: self.settings.max_deliver.unwrap_or(max_attempts * 2 + 10),
                     max_ack_pending: 10_000,
                     ..Default::default()
                 },
@@ -376,7 +476,7 @@ impl NatsTransport {
         Ok(consumer)
     }
 
-    async fn record(&self, id: &str) -> Result<Option<Record>, NatsError> {
+    pub(crate) async fn record(&self, id: &str) -> Result<Option<Record>, NatsError> {
         let v = self
             .history
             .get(id)
@@ -434,6 +534,34 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// Moves a message whose redrive headers do not parse to the DLQ stream without a
+    /// handler, then terminates it in main. If either step fails it stays in main and is
+    /// quarantined at its next delivery; the rest of the batch goes on.
+    async fn quarantine(
+        &self,
+        queue: &QueueName,
+        msg: &jetstream::Message,
+        wire: Vec<(String, String)>,
+        why: &str,
+    ) {
+        let raw = crate::exhausted::quarantined(queue, wire, msg.payload.to_vec(), why);
+        tracing::warn!(%queue, reason = %why, "quarantining an unreadable message in the DLQ stream");
+        let n = self.names(queue.as_str());
+        let headers = to_headers(&raw, &[("redrive-dead-at", now_ms().to_string())]);
+        let moved = async {
+            self.js
+                .publish_with_headers(n.dlq_subject, headers, raw.payload.clone().into())
+                .await
+                .map_err(call("publish to the DLQ stream"))?
+                .await
+                .map_err(call("DLQ publish acknowledgement"))?;
+            self.confirm(msg, AckKind::Term, "terminate").await
+        };
+        if let Err(e) = moved.await {
+            tracing::warn!(%queue, error = %e, "could not quarantine an unreadable message; it will be delivered again");
+        }
+    }
+
     async fn forget(&self, d: &Delivery<Token>) {
         if d.token.delivered > 1
             && let Err(e) = self.history.delete(d.envelope.id.to_string()).await
@@ -473,6 +601,7 @@ impl Transport for NatsTransport {
         lease: Duration,
     ) -> Result<Fetched<Token>, TransportError> {
         let consumer = self.consumer(lanes, lease).await?;
+        self.sweep_soon(&lanes.queue);
         // A fetch whose reply was lost to a reconnect would wait forever; give up and let
         // the runner fetch again.
         let msgs = tokio::time::timeout(Duration::from_secs(5), async {
@@ -512,14 +641,19 @@ impl Transport for NatsTransport {
                 Err(e) => return Err(call("message info")(e).into()),
             };
             let wire = wire_of(msg.headers.as_ref());
-            let mut envelope =
-                envelope_of(&lanes.queue, wire, msg.payload.to_vec()).map_err(|reason| {
-                    NatsError::Malformed {
-                        stream: stream_name.clone(),
-                        seq,
-                        reason,
-                    }
-                })?;
+            let mut envelope = match envelope_of(&lanes.queue, wire.clone(), msg.payload.to_vec()) {
+                Ok(env) => env,
+                Err(why) => {
+                    self.quarantine(
+                        &lanes.queue,
+                        &msg,
+                        wire,
+                        &format!("message {seq} of {stream_name}: {why}"),
+                    )
+                    .await;
+                    continue;
+                }
+            };
             let mut lane = Lane::Main;
             let mut due_ms = now_ms();
             let mut accounted = 0;
@@ -665,12 +799,16 @@ impl NatsTransport {
             .map_err(call("stream info"))?
             .state
             .messages;
-        let (undelivered, inflight) = match stream.get_consumer::<pull::Config>("redrive").await {
+        let (undelivered, inflight) = match stream.get_consumer::<pull::Config>(CONSUMER).await {
             Ok(mut c) => {
                 let info = c.info().await.map_err(call("consumer info"))?;
                 let (pending, acking) = (info.num_pending, info.num_ack_pending as u64);
-                if total > pending + acking {
-                    let floor = info.ack_floor.stream_sequence;
+                if total > pending + acking
+                    && let Ok(name) = QueueName::new(queue)
+                    && let Some(floor) = self
+                        .leftovers_to_purge(&name, info.ack_floor.stream_sequence)
+                        .await?
+                {
                     let purged = stream
                         .purge()
                         .sequence(floor + 1)
@@ -718,9 +856,12 @@ impl NatsTransport {
         let prefix = format!("{}_", self.ns);
         while let Some(info) = futures_like::next(&mut names).await {
             let info = info.map_err(call("list streams"))?;
+            // A main stream's description is its queue's name (the DLQ and advisory
+            // streams have longer ones).
             if info.config.name.starts_with(&prefix)
-                && !info.config.name.ends_with("_dlq")
                 && let Some(q) = info.config.description
+                && QueueName::new(q.as_str()).is_ok()
+                && self.names(&q).stream == info.config.name
             {
                 out.push(q);
             }

@@ -82,6 +82,7 @@ impl Drop for Cleanup {
                 for name in [
                     format!("{ns}_conformance_tasks"),
                     format!("{ns}_conformance_tasks_dlq"),
+                    format!("{ns}_conformance_tasks_exhausted"),
                     format!("KV_{ns}_history"),
                 ] {
                     let _ = js.delete_stream(&name).await;
