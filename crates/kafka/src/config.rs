@@ -7,7 +7,8 @@ use crate::error::KafkaError;
 /// Options: `group=NAME` (prefix of the consumer groups, default `redrive`),
 /// `prefix=P` (prepended to every topic name, default none),
 /// `partitions=N` (for main topics redrive creates, default 3), `replication=N`
-/// (default: the broker's own default), and any librdkafka client setting, recognised by
+/// (default: the broker's own default), `ordered=true` (retry in place, see
+/// [`KafkaConfig::ordered`]), and any librdkafka client setting, recognised by
 /// the dot in its name (`security.protocol=SASL_SSL`, `sasl.mechanism=PLAIN`,
 /// `sasl.username=…`, `sasl.password=…`, `ssl.ca.location=…`).
 #[derive(Clone)]
@@ -24,6 +25,11 @@ pub struct KafkaConfig {
     pub prefix: String,
     /// Extra librdkafka settings, passed to every client.
     pub client: Vec<(String, String)>,
+    /// Strict per-partition order (so per-key order): a partition hands out one record
+    /// at a time, and a failed record is retried in place after its tier's delay,
+    /// blocking its partition, instead of going to a retry topic. Off by default: retry
+    /// topics keep a partition flowing past a failing record, at the cost of order.
+    pub ordered: bool,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -33,6 +39,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("group", &self.group)
             .field("partitions", &self.partitions)
+            .field("ordered", &self.ordered)
             .field(
                 "client",
                 &self.client.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -74,6 +81,7 @@ impl KafkaConfig {
             replication: -1,
             prefix: String::new(),
             client: Vec::new(),
+            ordered: false,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let Some((key, value)) = pair.split_once('=') else {
@@ -99,11 +107,18 @@ impl KafkaConfig {
                 }
                 "partitions" => config.partitions = number("partitions")?,
                 "replication" => config.replication = number("replication")?,
+                "ordered" => {
+                    config.ordered = match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad(format!("ordered={value:?}: expected true or false"))),
+                    };
+                }
                 _ if key.contains('.') => config.client.push((key.to_owned(), decode(value))),
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {key:?}; options are group=, prefix=, partitions=, replication= \
-                         and librdkafka settings such as security.protocol="
+                        "unknown option {key:?}; options are group=, prefix=, partitions=, replication=, \
+                         ordered= and librdkafka settings such as security.protocol="
                     )));
                 }
             }
@@ -181,6 +196,12 @@ mod tests {
         assert_eq!(c.brokers, "k1:9092,k2:9093");
         assert_eq!((c.group.as_str(), c.partitions), ("agents", 6));
         assert_eq!(c.group_of("agent.tasks"), "agents.agent.tasks");
+        assert!(!c.ordered);
+        assert!(
+            KafkaConfig::new("kafka://k:1?ordered=true")
+                .expect("valid")
+                .ordered
+        );
         assert_eq!(
             c.client,
             vec![
@@ -203,6 +224,7 @@ mod tests {
             ("kafka://h:1?partitions=0", "partitions"),
             ("kafka://h:1?colour=blue", "unknown option \"colour\""),
             ("kafka://h:1?group", "no value"),
+            ("kafka://h:1?ordered=yes", "expected true or false"),
         ] {
             let e = KafkaConfig::new(url).expect_err(url).to_string();
             assert!(e.contains(needle), "{url}: {e}");

@@ -11,6 +11,10 @@
 //! Past [`HELD_CAP`] waiting records the partition is paused and sought back, and it
 //! resumes as they come due. Other partitions, and main, keep flowing.
 //!
+//! In ordered mode a partition hands out only its first unsettled record, and a failed
+//! record goes back to the front of the line with its tier's due time instead of to a
+//! retry topic: the partition waits for it, so records of one key are handled in order.
+//!
 //! Kafka keeps no delivery count, so leases are recorded in a second consumer group
 //! (`<group>.leased`), used as a durable number per partition: before records are
 //! handed to the runner, that group's offset is raised past them. A member that finds,
@@ -83,6 +87,35 @@ struct Part {
     refetch: Option<i64>,
 }
 
+impl State {
+    /// Ordered mode: per partition, only the first unsettled record, once it is due.
+    /// Records of partitions this member no longer owns are dropped.
+    fn take_in_order(&mut self, max: usize) -> Vec<Polled> {
+        let now = now_ms();
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < self.ready.len() && taken.len() < max {
+            let p = &self.ready[i];
+            let Some(part) = self
+                .parts
+                .get_mut(&p.tp)
+                .filter(|part| part.epoch == p.epoch)
+            else {
+                self.ready.remove(i);
+                continue;
+            };
+            let first = part.pending.iter().find(|(_, s)| **s != Slot::Settled);
+            if first == Some((&p.offset, &Slot::Buffered)) && p.due_ms <= now {
+                part.pending.insert(p.offset, Slot::Leased);
+                taken.extend(self.ready.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        taken
+    }
+}
+
 impl Part {
     /// The offset that may be committed: the first one not settled.
     fn position(&self) -> i64 {
@@ -144,16 +177,24 @@ pub(crate) struct Shared {
     pub(crate) signal: tokio::sync::Notify,
     /// Member of `<group>.leased`: its committed offsets are the leased marks.
     pub(crate) marks: Arc<BaseConsumer>,
+    /// One record at a time per partition, retried in place.
+    pub(crate) ordered: bool,
 }
 
 impl Shared {
-    pub(crate) fn new(queue: QueueName, lanes: Vec<LaneTopic>, marks: Arc<BaseConsumer>) -> Self {
+    pub(crate) fn new(
+        queue: QueueName,
+        lanes: Vec<LaneTopic>,
+        marks: Arc<BaseConsumer>,
+        ordered: bool,
+    ) -> Self {
         Self {
             queue,
             lanes,
             state: Mutex::default(),
             signal: tokio::sync::Notify::new(),
             marks,
+            ordered,
         }
     }
 
@@ -167,6 +208,9 @@ impl Shared {
     /// Takes up to `max` polled records, marking them leased.
     pub(crate) fn take(&self, max: usize) -> Vec<Polled> {
         let mut st = self.lock();
+        if self.ordered {
+            return st.take_in_order(max);
+        }
         let n = max.min(st.ready.len());
         let taken: Vec<Polled> = st.ready.drain(..n).collect();
         for p in &taken {
@@ -229,16 +273,46 @@ impl Shared {
         if slot == Slot::Released {
             st.rewinds.push((tp.clone(), offset));
         }
+        drop(st);
+        if self.ordered {
+            // The partition's next record may go now.
+            self.signal.notify_one();
+        }
         true
     }
 
-    /// When the first held retry record comes due.
+    /// Ordered mode: puts a failed record back at the front of its partition's line,
+    /// handed out again at `due_ms`; `false` when the partition was reassigned.
+    pub(crate) fn retry_in_place(&self, taken: Polled) -> bool {
+        let mut st = self.lock();
+        let Some(part) = st
+            .parts
+            .get_mut(&taken.tp)
+            .filter(|p| p.epoch == taken.epoch)
+        else {
+            return false;
+        };
+        part.pending.insert(taken.offset, Slot::Buffered);
+        st.ready.push_front(taken);
+        drop(st);
+        self.signal.notify_one();
+        true
+    }
+
+    /// When the first record waiting for its due time comes due.
     pub(crate) fn next_due_ms(&self) -> Option<i64> {
-        self.lock()
+        let st = self.lock();
+        let held = st
             .parts
             .values()
-            .filter_map(|p| p.held.front().map(|h| h.due_ms))
-            .min()
+            .filter_map(|p| p.held.front().map(|h| h.due_ms));
+        let now = now_ms();
+        let in_place = st
+            .ready
+            .iter()
+            .map(|p| p.due_ms)
+            .filter(|due| self.ordered && *due > now);
+        held.chain(in_place).min()
     }
 
     /// What this member knows that the broker may not report yet: per partition, one

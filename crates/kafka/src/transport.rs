@@ -315,7 +315,12 @@ impl KafkaTransport {
             });
         }
         let marks = Arc::clone(&self.readers(&lanes.queue)?.marks);
-        let shared = Arc::new(Shared::new(lanes.queue.clone(), topics, marks));
+        let shared = Arc::new(Shared::new(
+            lanes.queue.clone(),
+            topics,
+            marks,
+            self.inner.config.ordered,
+        ));
         let group = self.inner.config.group_of(lanes.queue.as_str());
         let consumer: BaseConsumer<Ctx> = self
             .inner
@@ -582,7 +587,28 @@ impl Transport for KafkaTransport {
     ) -> Result<(), TransportError> {
         let mut env = envelope.clone();
         env.not_before_ms = Some(due_ms);
-        let topic = self.topic(&d.token.shared.queue, &Lane::Retry(tier.name().to_owned()));
+        let lane = Lane::Retry(tier.name().to_owned());
+        let t = &d.token;
+        if t.shared.ordered {
+            // In place: the partition waits for it (its offset stays uncommitted).
+            let again = Polled {
+                tp: t.tp.clone(),
+                offset: t.offset,
+                epoch: t.epoch,
+                lane,
+                due_ms,
+                unfinished: false,
+                envelope: Ok(env),
+            };
+            return if t.shared.retry_in_place(again) {
+                Ok(())
+            } else {
+                Err(TransportError::LeaseLost {
+                    id: d.envelope.id.to_string(),
+                })
+            };
+        }
+        let topic = self.topic(&d.token.shared.queue, &lane);
         self.produce(&topic, &env, &[]).await?;
         failpoint("after-next-lane-produce");
         // Only now may the source offset be committed past.
