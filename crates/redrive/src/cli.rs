@@ -26,9 +26,10 @@ pub struct Cli {
     pub store: Option<String>,
 
     /// A broker for the lanes: redis://HOST:PORT[?namespace=NAME],
-    /// nats://HOST:PORT[?namespace=NAME], kafka://HOST:PORT[,HOST:PORT…][?OPTIONS]
-    /// (OPTIONS: group=, prefix=, partitions=, replication=, and librdkafka settings such
-    /// as security.protocol=SASL_SSL) or sqs://REGION[?prefix=NAME&wait=SECONDS] (AWS
+    /// nats://HOST:PORT[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N],
+    /// kafka://HOST:PORT[,HOST:PORT…][?OPTIONS] (OPTIONS: group=, prefix=, partitions=,
+    /// replication=, ordered=true for strict per-key order with retries in place, and
+    /// librdkafka settings such as security.protocol=SASL_SSL) or sqs://REGION[?prefix=NAME&wait=SECONDS] (AWS
     /// credentials from the standard environment / profile chain; queue agent.tasks is
     /// the SQS queue agent-tasks). Without it, lanes live in the --store file. With it,
     /// --store holds the dead-letter store of record.

@@ -2,13 +2,12 @@
 //! plain async-nats pull consumer doing publish + fetch + ack of the same number of
 //! messages, on the same server, in the same run.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, consumer::pull, stream};
-use redrive_core::{Envelope, QueueName, RetryPolicy};
+use redrive_core::QueueName;
 use redrive_nats::{NatsBackend, NatsConfig};
-use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
@@ -63,19 +62,19 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
         )
         .await
         .context("creating the plain consumer")?;
-    let started = Instant::now();
+    // Timed like redrive's side: from the first message received to the last acked.
+    let mut started = None;
     let mut done = 0;
     while done < n {
         let mut batch = consumer.fetch().max_messages(256).messages().await?;
         while let Some(m) = next(&mut batch).await {
-            m.map_err(|e| anyhow::anyhow!("{e}"))?
-                .ack()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            started.get_or_insert_with(Instant::now);
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
             done += 1;
         }
     }
-    let consume_secs = started.elapsed().as_secs_f64();
+    let consume_secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
     let _ = js.delete_stream(&name).await;
     Ok(Side {
         tool: "async-nats (plain)",
@@ -102,21 +101,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
     let backend = NatsBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
     let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 1000).await?;
-    let config = RunnerConfig {
-        concurrency,
-        lease: Duration::from_secs(30),
-        idle_poll: Duration::from_millis(20),
-        ..RunnerConfig::default()
-    };
-    let runner = Runner::new(backend, queue, RetryPolicy::parse("1s")?, config).until_idle();
-    let started = Instant::now();
-    runner
-        .run(
-            handler_fn(|_m: Envelope| async { Ok(()) }),
-            std::future::pending(),
-        )
-        .await?;
-    let consume_secs = started.elapsed().as_secs_f64();
+    let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
     Ok(Side {
         tool: "redrive",
         messages: n,
@@ -138,6 +123,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
         for s in [
             format!("{namespace}_bench"),
             format!("{namespace}_bench_dlq"),
+            format!("{namespace}_bench_exhausted"),
             format!("KV_{namespace}_history"),
         ] {
             let _ = js.delete_stream(&s).await;
