@@ -257,6 +257,19 @@ impl Envelope {
         }
     }
 
+    /// Records `deliveries` attempts that ended without an outcome (the consumer died
+    /// or its lease expired), each a `lease_expired` failure with `message`: how a
+    /// broker's own count of lost deliveries joins the history.
+    pub fn record_lost_deliveries(&mut self, deliveries: u64, message: &str, at_ms: i64) {
+        for _ in 0..deliveries {
+            let lane = if self.attempt == 0 { "main" } else { "retry" };
+            self.record_failure(
+                Failure::new(FailureKind::LeaseExpired, "lease_expired", message, at_ms),
+                lane,
+            );
+        }
+    }
+
     /// The envelope as wire headers: redrive's own, then the user's.
     #[must_use]
     pub fn to_wire(&self) -> Vec<(String, String)> {

@@ -186,18 +186,7 @@ impl NatsTransport {
                      or its lease expired)",
                     a.deliveries
                 );
-                for _ in 0..unsettled {
-                    let lane = if env.attempt == 0 { "main" } else { "retry" };
-                    env.record_failure(
-                        Failure::new(
-                            FailureKind::LeaseExpired,
-                            "lease_expired",
-                            message.clone(),
-                            now,
-                        ),
-                        lane,
-                    );
-                }
+                env.record_lost_deliveries(unsettled, &message, now);
                 env
             }
             Err(why) => quarantined(queue, wire, payload, &why),

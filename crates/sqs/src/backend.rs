@@ -36,22 +36,7 @@ fn dead_letter(queue: &QueueName, m: &Message) -> DeadLetter {
                 "SQS moved it to the dead-letter queue after {receives} receives \
                  (maxReceiveCount); {UNRECORDED}"
             );
-            for _ in 0..receives {
-                let lane = if envelope.attempt == 0 {
-                    "main"
-                } else {
-                    "retry"
-                };
-                envelope.record_failure(
-                    Failure::new(
-                        FailureKind::LeaseExpired,
-                        "lease_expired",
-                        message.clone(),
-                        now,
-                    ),
-                    lane,
-                );
-            }
+            envelope.record_lost_deliveries(u64::from(receives), &message, now);
             DeadLetter {
                 envelope,
                 dead_at_ms: now,
