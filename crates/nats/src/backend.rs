@@ -4,21 +4,16 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::AckKind;
 use redrive_core::{Brokered, DeadLetter, DeadLetterStore, DlqSource, QueueName, StoreError};
 
 use crate::exhausted::quarantined;
-use crate::transport::{NatsError, NatsTransport, envelope_of, futures_like, wire_of};
+use crate::transport::{
+    NatsError, NatsTransport, call, durable, envelope_of, fetch_batch, wire_of,
+};
 
 /// JetStream lanes and a dead-letter store, as one backend.
 pub type NatsBackend<S> = Brokered<NatsTransport, S>;
-
-fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
-    move |e| NatsError::Call {
-        context,
-        reason: e.to_string(),
-    }
-}
 
 impl DlqSource for NatsTransport {
     async fn drain_into<S: DeadLetterStore>(&self, store: &S) -> Result<u64, StoreError> {
@@ -47,30 +42,16 @@ impl NatsTransport {
             .get_stream(&n.dlq_stream)
             .await
             .map_err(call("open the DLQ stream"))?;
-        let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(
-                "redrive-drain",
-                pull::Config {
-                    durable_name: Some("redrive-drain".into()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(call("create the drain consumer"))?;
+        let consumer = durable(
+            &stream,
+            "redrive-drain",
+            Duration::from_secs(30),
+            "create the drain consumer",
+        )
+        .await?;
         let mut moved = 0;
         loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(500)
-                .messages()
-                .await
-                .map_err(call("read the DLQ stream"))?;
-            let mut msgs = Vec::new();
-            while let Some(m) = futures_like::next(&mut batch).await {
-                msgs.push(m.map_err(call("read the DLQ stream"))?);
-            }
+            let msgs = fetch_batch(&consumer, 500, "read the DLQ stream").await?;
             if msgs.is_empty() {
                 return Ok(moved);
             }
@@ -106,13 +87,8 @@ impl NatsTransport {
                 })?;
             // Only now that the store has them are they acknowledged.
             for m in &msgs {
-                if let Some(reply) = m.message.reply.clone() {
-                    let ack: bytes::Bytes = async_nats::jetstream::AckKind::Ack.into();
-                    self.client()
-                        .request(reply, ack)
-                        .await
-                        .map_err(call("acknowledge a drained dead letter"))?;
-                }
+                self.confirm(m, AckKind::Ack, "acknowledge a drained dead letter")
+                    .await?;
             }
             moved += dead.len() as u64;
         }

@@ -15,12 +15,13 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use redrive_core::{Envelope, Failure, FailureKind, QueueName, now_ms};
 
-use crate::transport::{NatsError, NatsTransport, envelope_of, futures_like, to_headers, wire_of};
+use crate::transport::{
+    NatsError, NatsTransport, call, durable, envelope_of, fetch_batch, wire_of,
+};
 
 /// How often a consumer looks for exhausted messages while it fetches.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -43,13 +44,6 @@ pub(crate) struct Upkeep {
 struct Advisory {
     stream_seq: u64,
     deliveries: u64,
-}
-
-fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
-    move |e| NatsError::Call {
-        context,
-        reason: e.to_string(),
-    }
 }
 
 impl NatsTransport {
@@ -93,18 +87,13 @@ impl NatsTransport {
             .get_stream(&n.exhausted_stream)
             .await
             .map_err(call("open the advisory stream"))?;
-        let consumer: jetstream::consumer::Consumer<pull::Config> = advisories
-            .get_or_create_consumer(
-                "redrive-sweep",
-                pull::Config {
-                    durable_name: Some("redrive-sweep".into()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(60),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(call("create the advisory consumer"))?;
+        let consumer = durable(
+            &advisories,
+            "redrive-sweep",
+            Duration::from_secs(60),
+            "create the advisory consumer",
+        )
+        .await?;
         let main = self
             .js()
             .get_stream(&n.stream)
@@ -112,26 +101,14 @@ impl NatsTransport {
             .map_err(call("open the main stream"))?;
         let mut moved = 0;
         loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(100)
-                .messages()
-                .await
-                .map_err(call("read the advisory stream"))?;
-            let mut msgs = Vec::new();
-            while let Some(m) = futures_like::next(&mut batch).await {
-                msgs.push(m.map_err(call("read the advisory stream"))?);
-            }
+            let msgs = fetch_batch(&consumer, 100, "read the advisory stream").await?;
             if msgs.is_empty() {
                 return Ok(moved);
             }
             for m in msgs {
                 match serde_json::from_slice::<Advisory>(&m.payload) {
                     Ok(a) => {
-                        if self
-                            .move_exhausted(queue, &main, &n.dlq_subject, &a)
-                            .await?
-                        {
+                        if self.move_exhausted(queue, &main, &a).await? {
                             moved += 1;
                         }
                     }
@@ -140,13 +117,8 @@ impl NatsTransport {
                     }
                 }
                 // The message is in the DLQ stream (or was settled meanwhile): done.
-                if let Some(reply) = m.message.reply.clone() {
-                    let ack: bytes::Bytes = AckKind::Ack.into();
-                    self.client()
-                        .request(reply, ack)
-                        .await
-                        .map_err(call("acknowledge an advisory"))?;
-                }
+                self.confirm(&m, AckKind::Ack, "acknowledge an advisory")
+                    .await?;
             }
         }
     }
@@ -157,7 +129,6 @@ impl NatsTransport {
         &self,
         queue: &QueueName,
         main: &jetstream::stream::Stream,
-        dlq_subject: &str,
         a: &Advisory,
     ) -> Result<bool, NatsError> {
         let raw = match main.get_raw_message(a.stream_seq).await {
@@ -192,13 +163,7 @@ impl NatsTransport {
             Err(why) => quarantined(queue, wire, payload, &why),
         };
         envelope.queue = queue.clone();
-        let headers = to_headers(&envelope, &[("redrive-dead-at", now.to_string())]);
-        let ack = self
-            .js()
-            .publish_with_headers(dlq_subject.to_owned(), headers, envelope.payload.into())
-            .await
-            .map_err(call("publish to the DLQ stream"))?;
-        ack.await.map_err(call("DLQ publish acknowledgement"))?;
+        self.publish_dead(&envelope).await?;
         // Only once the DLQ stream has it is it removed from main.
         main.delete_message(a.stream_seq)
             .await

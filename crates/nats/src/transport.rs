@@ -67,7 +67,7 @@ impl From<NatsError> for redrive_core::StoreError {
     }
 }
 
-fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
+pub(crate) fn call<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> NatsError {
     move |e| NatsError::Call {
         context,
         reason: e.to_string(),
@@ -261,7 +261,7 @@ pub(crate) struct Settings {
     pub(crate) max_deliver: Option<i64>,
 }
 
-type Consumer = jetstream::consumer::Consumer<pull::Config>;
+pub(crate) type Consumer = jetstream::consumer::Consumer<pull::Config>;
 
 /// What the history bucket keeps per message between deliveries.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -383,10 +383,6 @@ impl NatsTransport {
             dlq_subject: format!("{}-dlq.{queue}", self.ns),
             stream: base,
         }
-    }
-
-    pub(crate) fn client(&self) -> &async_nats::Client {
-        &self.client
     }
 
     pub(crate) fn js(&self) -> &jetstream::Context {
@@ -514,7 +510,7 @@ impl NatsTransport {
     }
 
     /// Sends an ack of `kind` and waits for the server to confirm it.
-    async fn confirm(
+    pub(crate) async fn confirm(
         &self,
         msg: &jetstream::Message,
         kind: AckKind,
@@ -534,6 +530,20 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// Publishes a dead envelope to its queue's DLQ stream (marked with the time it
+    /// died) and waits until the stream has stored it.
+    pub(crate) async fn publish_dead(&self, envelope: &Envelope) -> Result<(), NatsError> {
+        let n = self.names(envelope.queue.as_str());
+        let headers = to_headers(envelope, &[("redrive-dead-at", now_ms().to_string())]);
+        self.js
+            .publish_with_headers(n.dlq_subject, headers, envelope.payload.clone().into())
+            .await
+            .map_err(call("publish to the DLQ stream"))?
+            .await
+            .map_err(call("DLQ publish acknowledgement"))?;
+        Ok(())
+    }
+
     /// Moves a message whose redrive headers do not parse to the DLQ stream without a
     /// handler, then terminates it in main. If either step fails it stays in main and is
     /// quarantined at its next delivery; the rest of the batch goes on.
@@ -546,15 +556,8 @@ impl NatsTransport {
     ) {
         let raw = crate::exhausted::quarantined(queue, wire, msg.payload.to_vec(), why);
         tracing::warn!(%queue, reason = %why, "quarantining an unreadable message in the DLQ stream");
-        let n = self.names(queue.as_str());
-        let headers = to_headers(&raw, &[("redrive-dead-at", now_ms().to_string())]);
         let moved = async {
-            self.js
-                .publish_with_headers(n.dlq_subject, headers, raw.payload.clone().into())
-                .await
-                .map_err(call("publish to the DLQ stream"))?
-                .await
-                .map_err(call("DLQ publish acknowledgement"))?;
+            self.publish_dead(&raw).await?;
             self.confirm(msg, AckKind::Term, "terminate").await
         };
         if let Err(e) = moved.await {
@@ -604,20 +607,9 @@ impl Transport for NatsTransport {
         self.sweep_soon(&lanes.queue);
         // A fetch whose reply was lost to a reconnect would wait forever; give up and let
         // the runner fetch again.
-        let msgs = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(max)
-                .messages()
-                .await
-                .map_err(call("fetch"))?;
-            let mut msgs = Vec::new();
-            while let Some(msg) = futures_like::next(&mut batch).await {
-                msgs.push(msg.map_err(call("fetch"))?);
-            }
-            Ok::<_, NatsError>(msgs)
-        })
-        .await;
+        let msgs =
+            tokio::time::timeout(Duration::from_secs(5), fetch_batch(&consumer, max, "fetch"))
+                .await;
         let msgs = match msgs {
             Ok(result) => result?,
             Err(_) => {
@@ -729,14 +721,7 @@ impl Transport for NatsTransport {
         d: &Delivery<Token>,
         envelope: &Envelope,
     ) -> Result<(), TransportError> {
-        let n = self.names(envelope.queue.as_str());
-        let headers = to_headers(envelope, &[("redrive-dead-at", now_ms().to_string())]);
-        let ack = self
-            .js
-            .publish_with_headers(n.dlq_subject, headers, envelope.payload.clone().into())
-            .await
-            .map_err(call("publish to the DLQ stream"))?;
-        ack.await.map_err(call("DLQ publish acknowledgement"))?;
+        self.publish_dead(envelope).await?;
         // Only once the DLQ stream has it is the message terminated in main.
         self.confirm(&d.token.msg, AckKind::Term, "terminate")
             .await?;
@@ -884,6 +869,46 @@ impl LaneStats for NatsTransport {
         self.ensure_streams(lanes.queue.as_str()).await?;
         Ok(self.nats_depths(lanes.queue.as_str()).await?)
     }
+}
+
+/// What a pull consumer has ready, up to `max` messages, without waiting for more.
+pub(crate) async fn fetch_batch(
+    consumer: &Consumer,
+    max: usize,
+    context: &'static str,
+) -> Result<Vec<jetstream::Message>, NatsError> {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(max)
+        .messages()
+        .await
+        .map_err(call(context))?;
+    let mut msgs = Vec::new();
+    while let Some(msg) = futures_like::next(&mut batch).await {
+        msgs.push(msg.map_err(call(context))?);
+    }
+    Ok(msgs)
+}
+
+/// A durable pull consumer with explicit acks, created if missing.
+pub(crate) async fn durable(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    ack_wait: Duration,
+    context: &'static str,
+) -> Result<Consumer, NatsError> {
+    stream
+        .get_or_create_consumer(
+            name,
+            pull::Config {
+                durable_name: Some(name.into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(call(context))
 }
 
 /// `StreamExt::next` without a futures dependency.

@@ -33,6 +33,29 @@ struct Side {
     calls_per_msg: f64,
 }
 
+impl Side {
+    /// The rates of one side from its counts.
+    fn new(
+        tool: &'static str,
+        messages: usize,
+        (publish_secs, publish_calls): (f64, u64),
+        (consume_secs, consume_calls): (f64, u64),
+    ) -> Self {
+        let n = messages as f64;
+        Self {
+            tool,
+            messages,
+            publish_secs,
+            publish_calls,
+            consume_secs,
+            consume_msgs_per_sec: n / consume_secs,
+            consume_calls,
+            consume_calls_per_msg: consume_calls as f64 / n,
+            calls_per_msg: (publish_calls + consume_calls) as f64 / n,
+        }
+    }
+}
+
 /// The plain loop: what a team writes by hand with aws-sdk-sqs.
 async fn plain(config: &SqsConfig, n: usize) -> Result<Side> {
     let (client, calls) = config.sdk_client().await?;
@@ -108,17 +131,12 @@ async fn plain(config: &SqsConfig, n: usize) -> Result<Side> {
     }
     let consume_secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-3);
     let consume_calls = calls.get() - publish_calls;
-    Ok(Side {
-        tool: "aws-sdk-sqs (plain)",
-        messages: n,
-        publish_secs,
-        publish_calls,
-        consume_secs,
-        consume_msgs_per_sec: n as f64 / consume_secs,
-        consume_calls,
-        consume_calls_per_msg: consume_calls as f64 / n as f64,
-        calls_per_msg: calls.get() as f64 / n as f64,
-    })
+    Ok(Side::new(
+        "aws-sdk-sqs (plain)",
+        n,
+        (publish_secs, publish_calls),
+        (consume_secs, consume_calls),
+    ))
 }
 
 async fn redrive(config: &SqsConfig, n: usize, concurrency: usize) -> Result<Side> {
@@ -137,17 +155,12 @@ async fn redrive(config: &SqsConfig, n: usize, concurrency: usize) -> Result<Sid
     // Three calls set the redrive policy once per queue (read the DLQ's ARN, read and
     // set the policy): setup, not per message.
     let consume_calls = (transport.api_calls() - before).saturating_sub(3);
-    Ok(Side {
-        tool: "redrive",
-        messages: n,
-        publish_secs,
-        publish_calls,
-        consume_secs,
-        consume_msgs_per_sec: n as f64 / consume_secs,
-        consume_calls,
-        consume_calls_per_msg: consume_calls as f64 / n as f64,
-        calls_per_msg: (publish_calls + consume_calls) as f64 / n as f64,
-    })
+    Ok(Side::new(
+        "redrive",
+        n,
+        (publish_secs, publish_calls),
+        (consume_secs, consume_calls),
+    ))
 }
 
 async fn clean_up(config: &SqsConfig) -> Result<()> {
