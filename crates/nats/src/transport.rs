@@ -628,21 +628,21 @@ impl Transport for NatsTransport {
         };
         let mut deliveries = Vec::new();
         for msg in msgs {
-            let (delivered, seq, stream_name) = match msg.info() {
-                Ok(i) => (i.delivered, i.stream_sequence, i.stream.to_owned()),
+            let (delivered, seq) = match msg.info() {
+                Ok(i) => (i.delivered, i.stream_sequence),
                 Err(e) => return Err(call("message info")(e).into()),
             };
             let wire = wire_of(msg.headers.as_ref());
-            let mut envelope = match envelope_of(&lanes.queue, wire.clone(), msg.payload.to_vec()) {
+            let mut envelope = match envelope_of(&lanes.queue, wire, msg.payload.to_vec()) {
                 Ok(env) => env,
                 Err(why) => {
-                    self.quarantine(
-                        &lanes.queue,
-                        &msg,
-                        wire,
-                        &format!("message {seq} of {stream_name}: {why}"),
-                    )
-                    .await;
+                    // Read again: the common path gives its copy to the envelope.
+                    let wire = wire_of(msg.headers.as_ref());
+                    let why = format!(
+                        "message {seq} of {}: {why}",
+                        msg.info().map_or("?", |i| i.stream)
+                    );
+                    self.quarantine(&lanes.queue, &msg, wire, &why).await;
                     continue;
                 }
             };
@@ -655,7 +655,9 @@ impl Transport for NatsTransport {
                 let payload = std::mem::take(&mut envelope.payload);
                 envelope = envelope_of(&lanes.queue, r.h, payload).map_err(|reason| {
                     NatsError::Malformed {
-                        stream: stream_name.clone(),
+                        stream: msg
+                            .info()
+                            .map_or_else(|_| "?".to_owned(), |i| i.stream.to_owned()),
                         seq,
                         reason,
                     }
@@ -685,7 +687,11 @@ impl Transport for NatsTransport {
         // A plain ack is not waited for: if it is lost, the message is delivered again
         // (at least once still holds), and waiting would halve throughput.
         d.token.msg.ack().await.map_err(call("ack"))?;
-        self.forget(d).await;
+        if d.token.delivered > 1 {
+            // Boxed: the history delete is rare, and inline it would make every
+            // delivery's task several kilobytes larger.
+            Box::pin(self.forget(d)).await;
+        }
         Ok(())
     }
 

@@ -1,22 +1,22 @@
 //! The consume loop.
 //!
-//! One fetch loop leases as many deliveries as there are free handler slots, and one
-//! task per delivery runs the handler and settles the outcome. Shutdown stops the
-//! fetch loop, lets in-flight handlers finish within a grace period, then releases
-//! what is left so it is delivered again without counting an attempt.
+//! One fetch loop leases deliveries into a line as handler slots free up, and one
+//! worker per slot takes them from it, runs the handler and settles the outcome.
+//! Shutdown stops the fetch loop, lets in-flight handlers finish within a grace period,
+//! then releases what is left so it is delivered again without counting an attempt.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use redrive_core::{
     Delivery, Envelope, FailureKind, Fetched, LaneSet, LaneStats, Outcome, QueueName, RetryPolicy,
     Step, Transport, TransportError, now_ms,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -168,9 +168,8 @@ impl<T: Transport> Runner<T> {
                 "the lease must be at least 30ms".to_owned(),
             ));
         }
-        let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let (abort_tx, abort_rx) = watch::channel(false);
-        // What every delivery's task shares: one reference count per message.
+        // What every worker shares.
         let ctx = Arc::new(JobContext {
             transport: Arc::clone(&self.transport),
             handler,
@@ -180,41 +179,70 @@ impl<T: Transport> Runner<T> {
             queue: self.lanes.queue.clone(),
             wake: Notify::new(),
             released: AtomicU64::new(0),
+            line: Line::default(),
         });
+        let concurrency = self.config.concurrency;
+        // One long-lived worker per handler slot takes leased deliveries from the line:
+        // a task spawned per delivery cost more than a fast handler itself.
+        let mut workers: JoinSet<()> = JoinSet::new();
+        let worker = |workers: &mut JoinSet<()>| {
+            let job = Job {
+                ctx: Arc::clone(&ctx),
+                abort: abort_rx.clone(),
+            };
+            workers.spawn(job.work());
+        };
+        for _ in 0..concurrency {
+            worker(&mut workers);
+        }
         let wake = &ctx.wake;
         let released = &ctx.released;
-        let mut tasks: JoinSet<()> = JoinSet::new();
-        let mut delivered: u64 = 0;
+        let line = &ctx.line;
         let mut fetch_errors: u32 = 0;
-        let concurrency = self.config.concurrency;
-        // Leased deliveries waiting for a free handler slot. Fetching ahead (up to one
-        // slot's worth per slot) hides the fetch round trip behind running handlers.
-        let mut buffer: VecDeque<Delivery<T::Token>> = VecDeque::new();
         let mut fetching: Option<JoinHandle<Result<Fetched<T::Token>, TransportError>>> = None;
         // An idle check runs beside the loop, so a retry coming due meanwhile is not held
         // up by it; it counts only if nothing was delivered since it started.
         let mut probing: Option<(JoinHandle<Result<bool, TransportError>>, u64)> = None;
         let mut fetch_at = Instant::now();
+        let mut pace = Pace::new();
         tokio::pin!(shutdown);
 
         let reason = loop {
-            if self.config.max_messages.is_some_and(|max| delivered >= max) {
+            // A worker that panicked (in a transport, not a handler: those are caught)
+            // is replaced, so the run keeps its concurrency.
+            while let Some(ended) = workers.try_join_next() {
+                if let Err(e) = ended {
+                    tracing::error!(queue = %self.lanes.queue, error = %e, "a worker stopped; starting another");
+                    worker(&mut workers);
+                }
+            }
+            let Counts {
+                waiting,
+                busy,
+                started,
+            } = line.counts();
+            if self.config.max_messages.is_some_and(|max| started >= max) {
                 break "max-messages";
             }
-            while tasks.try_join_next().is_some() {}
-            let inflight = concurrency - permits.available_permits();
             let remaining = self.config.max_messages.map_or(usize::MAX, |m| {
-                usize::try_from(m - delivered).unwrap_or(usize::MAX)
+                usize::try_from(m - started).unwrap_or(usize::MAX)
             });
-            let room = (2 * concurrency)
-                .saturating_sub(inflight + buffer.len())
+            // Leased deliveries wait in the line for a free worker: fetching ahead hides
+            // the fetch round trip behind running handlers. How far ahead follows the
+            // pace: one slot's worth per slot at least, and up to a fetch batch when
+            // handlers are fast enough to start that many within a second (and a
+            // quarter of the lease, which only running deliveries renew).
+            pace.update(started);
+            let ahead = pace.ahead(concurrency, self.config.fetch_batch, self.config.lease);
+            let room = (concurrency + ahead)
+                .saturating_sub(busy + waiting)
                 .min(self.config.fetch_batch)
-                .min(remaining.saturating_sub(buffer.len()));
+                .min(remaining.saturating_sub(waiting));
             // Fetch once a worthwhile batch fits, not as soon as one slot frees: with fast
             // handlers that would be one broker round trip (or one lease write) per
             // message or two.
-            let worth = (concurrency.min(self.config.fetch_batch) / 2)
-                .clamp(1, remaining.saturating_sub(buffer.len()).max(1));
+            let worth = (ahead.min(self.config.fetch_batch) / 2)
+                .clamp(1, remaining.saturating_sub(waiting).max(1));
             if fetching.is_none() && room >= worth && Instant::now() >= fetch_at {
                 let transport = Arc::clone(&self.transport);
                 let lanes = self.lanes.clone();
@@ -235,12 +263,12 @@ impl<T: Transport> Runner<T> {
                     match result {
                         Ok(fetched) if fetched.deliveries.is_empty() => {
                             fetch_errors = 0;
-                            let idle = buffer.is_empty() && permits.available_permits() == concurrency;
+                            let idle = line.counts().is_empty();
                             // A backend that knows when its next message is due is not idle.
                             if idle && fetched.next_due_ms.is_none() && probing.is_none()
                                 && let Some(probe) = &self.idle_probe
                             {
-                                probing = Some((tokio::spawn(probe(self.lanes.clone())), delivered));
+                                probing = Some((tokio::spawn(probe(self.lanes.clone())), started));
                             }
                             let poll = Instant::now() + self.config.idle_poll;
                             fetch_at = fetched.next_due_ms.map_or(poll, |due| {
@@ -250,11 +278,12 @@ impl<T: Transport> Runner<T> {
                         }
                         Ok(fetched) => {
                             fetch_errors = 0;
-                            buffer.extend(fetched.deliveries);
+                            line.push(fetched.deliveries);
                         }
                         Err(e @ TransportError::Misconfigured { .. }) => {
                             // Nothing is in flight yet: backends check their setup on the
                             // first fetch.
+                            line.close();
                             return Err(RunError::Misconfigured(e));
                         }
                         Err(e) => {
@@ -265,23 +294,21 @@ impl<T: Transport> Runner<T> {
                         }
                     }
                 }
-                permit = Arc::clone(&permits).acquire_owned(), if !buffer.is_empty() => {
-                    let (Ok(slot), Some(delivery)) = (permit, buffer.pop_front()) else { break "shutdown" };
-                    delivered += 1;
-                    let job = Job {
-                        ctx: Arc::clone(&ctx),
-                        abort: abort_rx.clone(),
-                    };
-                    tasks.spawn(job.run(delivery, slot));
-                }
                 probed = async { (&mut probing.as_mut().expect("guarded by the branch condition").0).await }, if probing.is_some() => {
                     let since = probing.take().map_or(0, |(_, at)| at);
                     let result = probed.unwrap_or_else(|e| Err(TransportError::Backend { context: "idle check".into(), source: Box::new(e) }));
                     match result {
-                        Ok(true) if delivered == since && buffer.is_empty()
-                            && permits.available_permits() == concurrency => break "idle",
-                        Ok(_) => {}
-                        Err(e) => return Err(RunError::Depths(e)),
+                        Ok(true) => {
+                            let now = line.counts();
+                            if now.started == since && now.is_empty() {
+                                break "idle";
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            line.close();
+                            return Err(RunError::Depths(e));
+                        }
                     }
                 }
                 // A settle may have freed room or scheduled a retry: look again.
@@ -291,12 +318,13 @@ impl<T: Transport> Runner<T> {
         };
 
         // Deliveries fetched but never started go back uncounted.
+        let mut unstarted = line.close();
         if let Some(pending) = fetching.take()
             && let Ok(Ok(fetched)) = pending.await
         {
-            buffer.extend(fetched.deliveries);
+            unstarted.extend(fetched.deliveries);
         }
-        for delivery in buffer.drain(..) {
+        for delivery in unstarted {
             if let Err(e) = self.transport.release(&delivery).await {
                 tracing::warn!(id = %delivery.envelope.id, error = %e, "release failed; the lease will expire instead");
             }
@@ -305,16 +333,16 @@ impl<T: Transport> Runner<T> {
 
         // Graceful drain: in-flight handlers get the grace period, then are released.
         let drained = timeout(self.config.grace, async {
-            while tasks.join_next().await.is_some() {}
+            while workers.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(queue = %self.lanes.queue, in_flight = tasks.len(), "grace period over: releasing in-flight deliveries");
+            tracing::warn!(queue = %self.lanes.queue, in_flight = line.counts().busy, "grace period over: releasing in-flight deliveries");
             let _ = abort_tx.send(true);
-            while tasks.join_next().await.is_some() {}
+            while workers.join_next().await.is_some() {}
         }
         Ok(Summary {
-            delivered,
+            delivered: line.counts().started,
             released: released.load(Ordering::Relaxed),
             reason,
         })
@@ -335,7 +363,43 @@ impl<T: Transport + LaneStats> Runner<T> {
     }
 }
 
-/// What the deliveries' tasks of one run share.
+/// How fast deliveries start, measured over the last quarter second or so.
+struct Pace {
+    since: Instant,
+    started_then: u64,
+    per_sec: f64,
+}
+
+impl Pace {
+    const WINDOW: Duration = Duration::from_millis(250);
+
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            started_then: 0,
+            per_sec: 0.0,
+        }
+    }
+
+    fn update(&mut self, started: u64) {
+        let elapsed = self.since.elapsed();
+        if elapsed >= Self::WINDOW {
+            self.per_sec = (started - self.started_then) as f64 / elapsed.as_secs_f64();
+            self.since = Instant::now();
+            self.started_then = started;
+        }
+    }
+
+    /// Deliveries to hold beyond the running ones: what starts within a second (and
+    /// a quarter of the lease), between one per slot and one fetch batch.
+    fn ahead(&self, concurrency: usize, fetch_batch: usize, lease: Duration) -> usize {
+        let horizon = (lease / 4).min(Duration::from_secs(1)).as_secs_f64();
+        let paced = (self.per_sec * horizon) as usize;
+        paced.clamp(concurrency, fetch_batch.max(concurrency))
+    }
+}
+
+/// What the workers of one run share.
 struct JobContext<T: Transport, H> {
     transport: Arc<T>,
     handler: H,
@@ -347,9 +411,149 @@ struct JobContext<T: Transport, H> {
     wake: Notify,
     /// Deliveries released unfinished.
     released: AtomicU64,
+    /// Leased deliveries waiting for a worker.
+    line: Line<Delivery<T::Token>>,
 }
 
-/// Everything one delivery's task needs.
+/// Leased deliveries waiting for a worker, shared by the fetch loop and the workers.
+/// One lock guards the deliveries and the counts the fetch loop sizes its fetches by,
+/// so a delivery is always either waiting or counted busy.
+struct Line<D> {
+    state: Mutex<LineState<D>>,
+    /// Deliveries were added, or the line closed.
+    ready: Notify,
+}
+
+struct LineState<D> {
+    waiting: VecDeque<D>,
+    /// Deliveries taken by a worker and not yet finished.
+    busy: usize,
+    /// Deliveries taken by workers since the run started.
+    started: u64,
+    /// Workers waiting for a delivery.
+    idle: usize,
+    /// Shutdown: nothing more is taken.
+    closed: bool,
+}
+
+impl<D> Default for Line<D> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(LineState {
+                waiting: VecDeque::new(),
+                busy: 0,
+                started: 0,
+                idle: 0,
+                closed: false,
+            }),
+            ready: Notify::new(),
+        }
+    }
+}
+
+/// What the line holds at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    waiting: usize,
+    busy: usize,
+    started: u64,
+}
+
+impl Counts {
+    fn is_empty(self) -> bool {
+        self.waiting == 0 && self.busy == 0
+    }
+}
+
+/// What a worker is told to do next.
+enum Next<D> {
+    Run(D),
+    Wait,
+    Stop,
+}
+
+impl<D> Line<D> {
+    fn lock(&self) -> MutexGuard<'_, LineState<D>> {
+        // The lock is never held across a call that can panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn counts(&self) -> Counts {
+        let st = self.lock();
+        Counts {
+            waiting: st.waiting.len(),
+            busy: st.busy,
+            started: st.started,
+        }
+    }
+
+    /// Adds deliveries and wakes as many idle workers as there are new deliveries.
+    fn push(&self, deliveries: Vec<D>) {
+        let wakes = {
+            let mut st = self.lock();
+            let wakes = deliveries.len().min(st.idle);
+            st.waiting.extend(deliveries);
+            wakes
+        };
+        for _ in 0..wakes {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The next delivery for a worker; `waiting` says whether the worker waited for
+    /// it (and is idle no more).
+    fn take(&self, waited: bool) -> Next<D> {
+        let mut st = self.lock();
+        if waited {
+            st.idle = st.idle.saturating_sub(1);
+        }
+        if st.closed {
+            return Next::Stop;
+        }
+        match st.waiting.pop_front() {
+            Some(d) => {
+                st.busy += 1;
+                st.started += 1;
+                // A wake-up meant for another worker may have been taken by this one.
+                if !st.waiting.is_empty() && st.idle > 0 {
+                    self.ready.notify_one();
+                }
+                Next::Run(d)
+            }
+            None => {
+                st.idle += 1;
+                Next::Wait
+            }
+        }
+    }
+
+    /// A worker finished a delivery.
+    fn done(&self) {
+        self.lock().busy -= 1;
+    }
+
+    /// Stops the workers taking deliveries and returns those still waiting.
+    fn close(&self) -> Vec<D> {
+        let left = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.waiting.drain(..).collect()
+        };
+        self.ready.notify_waiters();
+        left
+    }
+}
+
+/// Counts a delivery finished even when its worker unwinds.
+struct Busy<'a, D>(&'a Line<D>);
+
+impl<D> Drop for Busy<'_, D> {
+    fn drop(&mut self) {
+        self.0.done();
+    }
+}
+
+/// One worker: runs deliveries from the line, one at a time.
 struct Job<T: Transport, H> {
     ctx: Arc<JobContext<T, H>>,
     abort: watch::Receiver<bool>,
@@ -364,7 +568,37 @@ impl<T: Transport, H> std::ops::Deref for Job<T, H> {
 }
 
 impl<T: Transport, H: Handler> Job<T, H> {
-    async fn run(mut self, delivery: Delivery<T::Token>, _slot: OwnedSemaphorePermit) {
+    async fn work(mut self) {
+        let ctx = Arc::clone(&self.ctx);
+        let mut waited = false;
+        loop {
+            let next = {
+                // Registered before the line is looked at, so no wake-up is missed; and
+                // dropped before a delivery runs, so none is held by a busy worker.
+                let ready = ctx.line.ready.notified();
+                tokio::pin!(ready);
+                ready.as_mut().enable();
+                match ctx.line.take(waited) {
+                    Next::Wait => {
+                        ready.await;
+                        waited = true;
+                        continue;
+                    }
+                    next => next,
+                }
+            };
+            waited = false;
+            let Next::Run(delivery) = next else { return };
+            let busy = Busy(&ctx.line);
+            self.run(&delivery).await;
+            drop(busy);
+            // A settle may have freed room or scheduled a retry.
+            self.wake.notify_one();
+        }
+    }
+
+    /// Handles and settles one delivery (or, when shutdown aborts it, releases it).
+    async fn run(&mut self, delivery: &Delivery<T::Token>) {
         let lateness = matches!(delivery.lane, redrive_core::Lane::Retry(_))
             .then(|| now_ms() - delivery.due_ms);
         for o in self.observers.iter() {
@@ -375,13 +609,13 @@ impl<T: Transport, H: Handler> Job<T, H> {
             Outcome::lease_expired(now_ms())
         } else {
             let started = Instant::now();
-            let outcome = self.handle(&delivery).await;
+            let outcome = self.handle(delivery).await;
             handler_secs = Some(started.elapsed().as_secs_f64());
             match outcome {
                 Some(outcome) => outcome,
                 None => {
                     // Shutdown's grace period ran out: give the message back unsettled.
-                    if let Err(e) = self.transport.release(&delivery).await {
+                    if let Err(e) = Box::pin(self.transport.release(delivery)).await {
                         tracing::warn!(id = %delivery.envelope.id, error = %e, "release failed; the lease will expire instead");
                     }
                     self.released.fetch_add(1, Ordering::Relaxed);
@@ -390,7 +624,6 @@ impl<T: Transport, H: Handler> Job<T, H> {
             }
         };
         self.settle(delivery, outcome, handler_secs).await;
-        self.wake.notify_one();
     }
 
     /// Runs the handler with a timeout, panic isolation and a lease heartbeat.
@@ -423,7 +656,7 @@ impl<T: Transport, H: Handler> Job<T, H> {
                         // Dropping the handler's future cancels it.
                         return Some(Outcome::timeout(self.config.timeout, now_ms()));
                     }
-                    if let Err(e) = self.transport.extend_lease(delivery, self.config.lease).await {
+                    if let Err(e) = Box::pin(self.transport.extend_lease(delivery, self.config.lease)).await {
                         tracing::warn!(id = %delivery.envelope.id, error = %e, "lease heartbeat failed");
                     }
                     next_beat += beat;
@@ -446,7 +679,7 @@ impl<T: Transport, H: Handler> Job<T, H> {
 
     async fn settle(
         &self,
-        delivery: Delivery<T::Token>,
+        delivery: &Delivery<T::Token>,
         outcome: Outcome,
         handler_secs: Option<f64>,
     ) {
@@ -455,7 +688,7 @@ impl<T: Transport, H: Handler> Job<T, H> {
         let mut attempt = 0u32;
         loop {
             let result = match &outcome {
-                Outcome::Ok => self.transport.ack(&delivery).await.map(|()| None),
+                Outcome::Ok => self.transport.ack(delivery).await.map(|()| None),
                 Outcome::Failed {
                     failure,
                     retry_after,
@@ -468,14 +701,13 @@ impl<T: Transport, H: Handler> Job<T, H> {
                             let due =
                                 now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
                             env.not_before_ms = Some(due);
-                            self.transport
-                                .retry(&delivery, &tier, due, &env)
+                            // Boxed, like every rare path: inline, it would make each
+                            // worker's future several kilobytes larger.
+                            Box::pin(self.transport.retry(delivery, &tier, due, &env))
                                 .await
                                 .map(|()| Some((failure, false, env)))
                         }
-                        Step::Dead => self
-                            .transport
-                            .dead_letter(&delivery, &env)
+                        Step::Dead => Box::pin(self.transport.dead_letter(delivery, &env))
                             .await
                             .map(|()| Some((failure, true, env))),
                     }
