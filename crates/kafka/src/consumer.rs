@@ -387,7 +387,7 @@ impl ConsumerContext for Ctx {
 }
 
 /// Commits what is settled on partitions this member gives up, synchronously, and
-/// lowers their leased mark when nothing of theirs is still leased (released and
+/// lowers their leased mark to just past the last record still leased (released and
 /// buffered records were never handed to a handler, so they must not count).
 fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
     let mut commit = TopicPartitionList::new();
@@ -405,8 +405,17 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
             if pos > part.committed {
                 let _ = commit.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos));
             }
-            if part.reserved > pos && !part.pending.values().any(|s| *s == Slot::Leased) {
-                let _ = lower.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos));
+            // Only records handed out and not settled may count as unfinished on the
+            // next member: the mark, raised past whole bursts, comes down to just past
+            // the last of them.
+            let keep = part
+                .pending
+                .iter()
+                .rev()
+                .find(|(_, slot)| **slot == Slot::Leased)
+                .map_or(pos, |(offset, _)| (offset + 1).max(pos));
+            if part.reserved > keep {
+                let _ = lower.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(keep));
             }
         }
         st.ready.retain(|p| !gone.contains(&p.tp));
