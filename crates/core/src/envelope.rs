@@ -59,6 +59,15 @@ impl MessageId {
         Self(Uuid::now_v7())
     }
 
+    /// An id derived from 16 bytes that already identify the message (a UUID version 8,
+    /// whose version and variant bits overwrite six of them): the same bytes always
+    /// give the same id, so a message whose producer gave it none keeps one across
+    /// redeliveries.
+    #[must_use]
+    pub fn derived(bytes: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
+
     /// Parses an id from its text form.
     ///
     /// # Errors

@@ -20,7 +20,8 @@ use async_nats::jetstream::{self, AckKind};
 use redrive_core::{Envelope, Failure, FailureKind, QueueName, now_ms};
 
 use crate::transport::{
-    NatsError, NatsTransport, call, durable, envelope_of, fetch_batch, wire_of,
+    NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, has_id,
+    id_in_stream, wire_of,
 };
 
 /// How often a consumer looks for exhausted messages while it fetches.
@@ -139,8 +140,17 @@ impl NatsTransport {
         let payload = raw.payload.to_vec();
         let wire = wire_of(Some(&raw.headers));
         let now = now_ms();
+        let known_id = has_id(&wire);
         let mut envelope = match envelope_of(queue, wire.clone(), payload.clone()) {
             Ok(mut env) => {
+                if !known_id {
+                    // As `fetch` named it, so its history is found.
+                    env.id = id_in_stream(
+                        &main.cached_info().config.name,
+                        created_ms(main),
+                        a.stream_seq,
+                    );
+                }
                 // Its failures so far, as the history bucket has them.
                 let id = env.id.to_string();
                 let mut settled = 0;

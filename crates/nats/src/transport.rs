@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use redrive_core::{
-    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport,
-    TransportError, now_ms,
+    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, Tier,
+    Transport, TransportError, now_ms,
 };
 
 /// A JetStream backend error.
@@ -249,7 +249,7 @@ pub struct NatsTransport {
     history: jetstream::kv::Store,
     ns: String,
     pub(crate) settings: Settings,
-    ready: Arc<Mutex<std::collections::HashMap<String, Consumer>>>,
+    ready: Arc<Mutex<std::collections::HashMap<String, (Consumer, i64)>>>,
     pub(crate) upkeep: Arc<Mutex<std::collections::HashMap<String, crate::exhausted::Upkeep>>>,
 }
 
@@ -358,6 +358,34 @@ pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
     out
 }
 
+/// When the stream was created (ms since the epoch).
+pub(crate) fn created_ms(stream: &jetstream::stream::Stream) -> i64 {
+    i64::try_from(stream.cached_info().created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// The id of a message that carries no `redrive-id` (its producer is not redrive),
+/// derived from where it sits — its stream, when that stream was created, and its
+/// sequence — so every delivery of it is the same message: its history is found again
+/// and its retries count. (A random id per delivery made each retry look like a crash.)
+pub(crate) fn id_in_stream(stream: &str, created_ms: i64, seq: u64) -> MessageId {
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&created_ms.to_be_bytes()[2..]);
+    // FNV-1a of the stream name, folded to 16 bits: queues whose streams were created
+    // in the same millisecond still differ.
+    let hash = stream.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    bytes[6..8].copy_from_slice(&((hash >> 16) ^ (hash & 0xffff)).to_be_bytes()[2..]);
+    bytes[8..].copy_from_slice(&seq.to_be_bytes());
+    MessageId::derived(bytes)
+}
+
+/// Whether redrive's headers name the message's id.
+pub(crate) fn has_id(wire: &[(String, String)]) -> bool {
+    wire.iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("redrive-id"))
+}
+
 pub(crate) fn envelope_of(
     queue: &QueueName,
     wire: Vec<(String, String)>,
@@ -438,7 +466,12 @@ impl NatsTransport {
         Ok(n)
     }
 
-    async fn consumer(&self, lanes: &LaneSet, lease: Duration) -> Result<Consumer, NatsError> {
+    /// The queue's durable consumer, and when its main stream was created (ms).
+    async fn consumer(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<(Consumer, i64), NatsError> {
         let queue = lanes.queue.as_str();
         if let Some(c) = self.ready.lock().ok().and_then(|r| r.get(queue).cloned()) {
             return Ok(c);
@@ -466,10 +499,11 @@ impl NatsTransport {
             )
             .await
             .map_err(call("create the durable consumer"))?;
+        let created = created_ms(&stream);
         if let Ok(mut r) = self.ready.lock() {
-            r.insert(queue.to_owned(), consumer.clone());
+            r.insert(queue.to_owned(), (consumer.clone(), created));
         }
-        Ok(consumer)
+        Ok((consumer, created))
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<Option<Record>, NatsError> {
@@ -603,7 +637,7 @@ impl Transport for NatsTransport {
         max: usize,
         lease: Duration,
     ) -> Result<Fetched<Token>, TransportError> {
-        let consumer = self.consumer(lanes, lease).await?;
+        let (consumer, created) = self.consumer(lanes, lease).await?;
         self.sweep_soon(&lanes.queue);
         // A fetch whose reply was lost to a reconnect would wait forever; give up and let
         // the runner fetch again.
@@ -628,13 +662,23 @@ impl Transport for NatsTransport {
         };
         let mut deliveries = Vec::new();
         for msg in msgs {
-            let (delivered, seq) = match msg.info() {
-                Ok(i) => (i.delivered, i.stream_sequence),
+            let (delivered, seq, own_id) = match msg.info() {
+                Ok(i) => (
+                    i.delivered,
+                    i.stream_sequence,
+                    id_in_stream(i.stream, created, i.stream_sequence),
+                ),
                 Err(e) => return Err(call("message info")(e).into()),
             };
             let wire = wire_of(msg.headers.as_ref());
+            let known_id = has_id(&wire);
             let mut envelope = match envelope_of(&lanes.queue, wire, msg.payload.to_vec()) {
-                Ok(env) => env,
+                Ok(mut env) => {
+                    if !known_id {
+                        env.id = own_id;
+                    }
+                    env
+                }
                 Err(why) => {
                     // Read again: the common path gives its copy to the envelope.
                     let wire = wire_of(msg.headers.as_ref());
@@ -925,5 +969,24 @@ pub(crate) mod futures_like {
 
     pub(crate) async fn next<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
         std::future::poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_in_stream;
+
+    #[test]
+    fn a_message_without_an_id_is_named_by_where_it_sits() {
+        let id = id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 42);
+        assert_eq!(id, id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 42));
+        for other in [
+            id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 43),
+            id_in_stream("redrive_agent_other", 1_764_000_000_000, 42),
+            // The stream deleted and created again: sequences start over.
+            id_in_stream("redrive_agent_tasks", 1_764_000_000_001, 42),
+        ] {
+            assert_ne!(id, other);
+        }
     }
 }

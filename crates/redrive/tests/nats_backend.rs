@@ -255,6 +255,70 @@ async fn an_unreadable_message_is_quarantined_and_the_others_are_handled() {
     f.cleanup().await;
 }
 
+/// A message from a plain NATS producer (no redrive headers) keeps one identity across
+/// redeliveries: its retry is handled with attempt 1, not counted as a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_producers_message_is_retried_like_any_other() {
+    let f = Fixture::new("").await;
+    let queue = QueueName::new("agent.tasks").unwrap();
+    // Streams exist once redrive has published to the queue.
+    f.backend.publish(&queue, Vec::new()).await.unwrap();
+    f.js.publish(
+        format!("{}.agent.tasks", f.namespace),
+        "from elsewhere".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let handled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&handled);
+    let runner = Runner::new(
+        f.backend.clone(),
+        queue.clone(),
+        RetryPolicy::parse("50ms,100ms").unwrap(),
+        RunnerConfig {
+            idle_poll: Duration::from_millis(20),
+            ..RunnerConfig::default()
+        },
+    )
+    .until_idle();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(20),
+        runner.run(
+            handler_fn(move |env: Envelope| {
+                seen.lock()
+                    .unwrap()
+                    .push((env.id, env.attempt, env.payload.clone()));
+                let first = env.attempt == 0;
+                async move {
+                    if first {
+                        HandlerResult::Err(redrive_core::HandlerError::retry("Flaky", "once"))
+                    } else {
+                        HandlerResult::Ok(())
+                    }
+                }
+            }),
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("the run ends")
+    .unwrap();
+    assert_eq!(summary.reason, "idle");
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled.iter().map(|(_, a, _)| *a).collect::<Vec<_>>(),
+        vec![0, 1],
+        "{handled:?}"
+    );
+    assert_eq!(handled[0].0, handled[1].0, "one identity across deliveries");
+    assert!(handled.iter().all(|(_, _, p)| p == b"from elsewhere"));
+    assert_eq!(f.backend.count(&DeadFilter::default()).await.unwrap(), 0);
+    f.cleanup().await;
+}
+
 #[test]
 fn broker_url_options_are_checked() {
     for (url, expected) in [
