@@ -14,7 +14,7 @@ use redrive_core::{
     LaneStats, QueueName, RetryPolicy, Transport,
 };
 use redrive_nats::{NatsBackend, NatsConfig, NatsTransport};
-use redrive_runner::{Runner, RunnerConfig, handler_fn};
+use redrive_runner::{Handler, Runner, RunnerConfig, Summary, handler_fn};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
 fn nats_url() -> String {
@@ -75,6 +75,27 @@ impl Fixture {
     async fn stream_messages(&self, name: &str) -> u64 {
         let mut s = self.js.get_stream(name).await.unwrap();
         s.info().await.unwrap().state.messages
+    }
+
+    /// Consumes `queue` with `tiers` until it is idle (20 s at most).
+    async fn drain(&self, queue: &QueueName, tiers: &str, handler: impl Handler) -> Summary {
+        let runner = Runner::new(
+            self.backend.clone(),
+            queue.clone(),
+            RetryPolicy::parse(tiers).unwrap(),
+            RunnerConfig {
+                idle_poll: Duration::from_millis(20),
+                ..RunnerConfig::default()
+            },
+        )
+        .until_idle();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            runner.run(handler, std::future::pending()),
+        )
+        .await
+        .expect("the run ends within 20 s (a stuck consumer would not)")
+        .unwrap()
     }
 
     async fn cleanup(self) {
@@ -207,29 +228,16 @@ async fn an_unreadable_message_is_quarantined_and_the_others_are_handled() {
 
     let handled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = std::sync::Arc::clone(&handled);
-    let runner = Runner::new(
-        f.backend.clone(),
-        queue.clone(),
-        RetryPolicy::parse("50ms").unwrap(),
-        RunnerConfig {
-            idle_poll: Duration::from_millis(20),
-            ..RunnerConfig::default()
-        },
-    )
-    .until_idle();
-    let summary = tokio::time::timeout(
-        Duration::from_secs(20),
-        runner.run(
+    let summary = f
+        .drain(
+            &queue,
+            "50ms",
             handler_fn(move |env: Envelope| {
                 seen.lock().unwrap().push(env.id);
                 async { HandlerResult::Ok(()) }
             }),
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the consumer must not get stuck on the unreadable message")
-    .unwrap();
+        )
+        .await;
     assert_eq!(summary.reason, "idle");
     assert_eq!(*handled.lock().unwrap(), vec![good_id]);
 
@@ -274,19 +282,10 @@ async fn a_plain_producers_message_is_retried_like_any_other() {
 
     let handled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = std::sync::Arc::clone(&handled);
-    let runner = Runner::new(
-        f.backend.clone(),
-        queue.clone(),
-        RetryPolicy::parse("50ms,100ms").unwrap(),
-        RunnerConfig {
-            idle_poll: Duration::from_millis(20),
-            ..RunnerConfig::default()
-        },
-    )
-    .until_idle();
-    let summary = tokio::time::timeout(
-        Duration::from_secs(20),
-        runner.run(
+    let summary = f
+        .drain(
+            &queue,
+            "50ms,100ms",
             handler_fn(move |env: Envelope| {
                 seen.lock()
                     .unwrap()
@@ -300,12 +299,8 @@ async fn a_plain_producers_message_is_retried_like_any_other() {
                     }
                 }
             }),
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the run ends")
-    .unwrap();
+        )
+        .await;
     assert_eq!(summary.reason, "idle");
     let handled = handled.lock().unwrap().clone();
     assert_eq!(
