@@ -10,8 +10,7 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,71 +21,23 @@ use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod own_server;
+use own_server::{OwnServer, free_port};
 
-/// A test-owned nats-server with JetStream on disk.
-struct OwnNats {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl OwnNats {
-    fn start(dir: &Path, port: u16) -> Self {
-        let mut n = Self {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-        };
-        n.spawn();
-        n
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-sd", &self.dir.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server is installed (scripts/test installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A test-owned nats-server with JetStream on disk in `dir`.
+fn own_nats(dir: &Path) -> OwnServer {
+    let port = free_port();
+    let port_arg = port.to_string();
+    let dir_arg = dir.display().to_string();
+    let args = ["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd", &dir_arg];
+    OwnServer::start("nats-server", args.map(String::from).to_vec(), port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_mid_run_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nats = OwnNats::start(&dir.path().join("js"), free_port());
-    let transport = NatsConfig::new(&nats.url())
+    let mut nats = own_nats(&dir.path().join("js"));
+    let transport = NatsConfig::new(&format!("nats://127.0.0.1:{}", nats.port))
         .unwrap()
         .connect()
         .await

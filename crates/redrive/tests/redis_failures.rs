@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,80 +15,30 @@ use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod own_server;
+use own_server::{OwnServer, free_port};
 
-/// A test-owned redis-server with an fsync-always append-only file.
-struct OwnRedis {
-    child: Option<Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start(dir: &Path, port: u16) -> Self {
-        let mut r = Self {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-        };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                &self.dir.display().to_string(),
-            ])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the server the way a crash or a restart would (SIGKILL); with
-    /// `appendfsync always`, everything Redis acknowledged is on disk.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A test-owned redis-server with an fsync-always append-only file in `dir`: killed,
+/// it keeps everything it acknowledged.
+fn own_redis(dir: &Path) -> OwnServer {
+    let port = free_port();
+    let port_arg = port.to_string();
+    let dir_arg = dir.display().to_string();
+    let args = [
+        "--port",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        &dir_arg,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ];
+    OwnServer::start("redis-server", args.map(String::from).to_vec(), port)
 }
 
 #[test]
@@ -117,8 +67,8 @@ fn redis_down_at_start_is_a_clear_error_naming_the_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_run_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let mut redis = OwnRedis::start(dir.path(), free_port());
-    let transport = RedisConfig::new(redis.url())
+    let mut redis = own_redis(dir.path());
+    let transport = RedisConfig::new(format!("redis://127.0.0.1:{}", redis.port))
         .unwrap()
         .connect()
         .await
