@@ -979,7 +979,10 @@ mod tests {
     #[test]
     fn a_message_without_an_id_is_named_by_where_it_sits() {
         let id = id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 42);
-        assert_eq!(id, id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 42));
+        assert_eq!(
+            id,
+            id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 42)
+        );
         for other in [
             id_in_stream("redrive_agent_tasks", 1_764_000_000_000, 43),
             id_in_stream("redrive_agent_other", 1_764_000_000_000, 42),
