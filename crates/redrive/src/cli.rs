@@ -386,7 +386,12 @@ pub struct BenchArgs {
     /// full (fsync every commit, the default) or relaxed.
     #[arg(long, default_value = "full", value_name = "MODE")]
     pub durability: String,
-    /// Print the result as one JSON object.
+    /// With `--broker` nats://, kafka:// or sqs://: run redrive and the plain client
+    /// this many times, alternating, and print the median ratio as well.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub rounds: usize,
+    /// Print the result as one JSON object (with `--rounds`, one per round, then the
+    /// median).
     #[arg(long)]
     pub json: bool,
 }

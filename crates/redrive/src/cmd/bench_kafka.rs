@@ -145,7 +145,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize) -> Result<Side> {
     })
 }
 
-pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
+pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
     let run_prefix = format!("bench{}.", now_ms());
     let sep = if url.contains('?') { '&' } else { '?' };
     let url = format!(
@@ -184,5 +184,5 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
         }
         outln!("ratio redrive / plain: {ratio:.2}x");
     }
-    Ok(())
+    Ok(ratio)
 }

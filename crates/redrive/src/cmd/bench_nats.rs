@@ -111,7 +111,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
     })
 }
 
-pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
+pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
     let namespace = format!("bench{}", redrive_core::now_ms());
     let n = args.messages;
     let mine = redrive(url, n, args.concurrency, &namespace).await?;
@@ -143,5 +143,5 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
         }
         outln!("ratio redrive / plain: {ratio:.2}x");
     }
-    Ok(())
+    Ok(ratio)
 }

@@ -176,7 +176,7 @@ async fn clean_up(config: &SqsConfig) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<()> {
+pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<f64> {
     let mut config = SqsConfig::new(url)?;
     if let Some(e) = endpoint {
         config.set_endpoint(e).context("--sqs-endpoint")?;
@@ -213,5 +213,5 @@ pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<
         }
         outln!("ratio redrive / plain: {ratio:.2}x");
     }
-    Ok(())
+    Ok(ratio)
 }
