@@ -662,12 +662,8 @@ impl Transport for NatsTransport {
         };
         let mut deliveries = Vec::new();
         for msg in msgs {
-            let (delivered, seq, own_id) = match msg.info() {
-                Ok(i) => (
-                    i.delivered,
-                    i.stream_sequence,
-                    id_in_stream(i.stream, created, i.stream_sequence),
-                ),
+            let (delivered, seq) = match msg.info() {
+                Ok(i) => (i.delivered, i.stream_sequence),
                 Err(e) => return Err(call("message info")(e).into()),
             };
             let wire = wire_of(msg.headers.as_ref());
@@ -675,7 +671,8 @@ impl Transport for NatsTransport {
             let mut envelope = match envelope_of(&lanes.queue, wire, msg.payload.to_vec()) {
                 Ok(mut env) => {
                     if !known_id {
-                        env.id = own_id;
+                        let stream = msg.info().map_or("", |i| i.stream);
+                        env.id = id_in_stream(stream, created, seq);
                     }
                     env
                 }
