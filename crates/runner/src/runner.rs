@@ -170,7 +170,7 @@ impl<T: Transport> Runner<T> {
         }
         let (abort_tx, abort_rx) = watch::channel(false);
         // What every worker shares.
-        let ctx = Arc::new(JobContext {
+        let ctx = Arc::new(WorkerContext {
             transport: Arc::clone(&self.transport),
             handler,
             policy: self.policy.clone(),
@@ -185,15 +185,15 @@ impl<T: Transport> Runner<T> {
         // One long-lived worker per handler slot takes leased deliveries from the line:
         // a task spawned per delivery cost more than a fast handler itself.
         let mut workers: JoinSet<()> = JoinSet::new();
-        let worker = |workers: &mut JoinSet<()>| {
-            let job = Job {
+        let start_worker = |workers: &mut JoinSet<()>| {
+            let worker = Worker {
                 ctx: Arc::clone(&ctx),
                 abort: abort_rx.clone(),
             };
-            workers.spawn(job.work());
+            workers.spawn(worker.work());
         };
         for _ in 0..concurrency {
-            worker(&mut workers);
+            start_worker(&mut workers);
         }
         let wake = &ctx.wake;
         let released = &ctx.released;
@@ -213,7 +213,7 @@ impl<T: Transport> Runner<T> {
             while let Some(ended) = workers.try_join_next() {
                 if let Err(e) = ended {
                     tracing::error!(queue = %self.lanes.queue, error = %e, "a worker stopped; starting another");
-                    worker(&mut workers);
+                    start_worker(&mut workers);
                 }
             }
             let Counts {
@@ -400,7 +400,7 @@ impl Pace {
 }
 
 /// What the workers of one run share.
-struct JobContext<T: Transport, H> {
+struct WorkerContext<T: Transport, H> {
     transport: Arc<T>,
     handler: H,
     policy: RetryPolicy,
@@ -500,7 +500,7 @@ impl<D> Line<D> {
         }
     }
 
-    /// The next delivery for a worker; `waiting` says whether the worker waited for
+    /// The next delivery for a worker; `waited` says whether the worker waited for
     /// it (and is idle no more).
     fn take(&self, waited: bool) -> Next<D> {
         let mut st = self.lock();
@@ -554,20 +554,20 @@ impl<D> Drop for Busy<'_, D> {
 }
 
 /// One worker: runs deliveries from the line, one at a time.
-struct Job<T: Transport, H> {
-    ctx: Arc<JobContext<T, H>>,
+struct Worker<T: Transport, H> {
+    ctx: Arc<WorkerContext<T, H>>,
     abort: watch::Receiver<bool>,
 }
 
-impl<T: Transport, H> std::ops::Deref for Job<T, H> {
-    type Target = JobContext<T, H>;
+impl<T: Transport, H> std::ops::Deref for Worker<T, H> {
+    type Target = WorkerContext<T, H>;
 
     fn deref(&self) -> &Self::Target {
         &self.ctx
     }
 }
 
-impl<T: Transport, H: Handler> Job<T, H> {
+impl<T: Transport, H: Handler> Worker<T, H> {
     async fn work(mut self) {
         let ctx = Arc::clone(&self.ctx);
         let mut waited = false;
