@@ -388,8 +388,8 @@ pub struct BenchArgs {
     pub durability: String,
     /// With `--broker` nats://, kafka:// or sqs://: run redrive and the plain client
     /// this many times, alternating, and print the median ratio as well.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub rounds: usize,
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub rounds: u16,
     /// Print the result as one JSON object (with `--rounds`, one per round, then the
     /// median).
     #[arg(long)]

@@ -152,13 +152,19 @@ pub async fn run(
     if let Some(url) = broker {
         if !(url.starts_with("nats://") || url.starts_with("kafka://") || url.starts_with("sqs://"))
         {
+            if args.rounds > 1 {
+                bail!(
+                    "--rounds applies to the nats://, kafka:// and sqs:// benches; the Redis \
+                     bench is compared with BullMQ by bench/redis-vs-bullmq.sh"
+                );
+            }
             super::bench_redis::run(url, args).await?;
             return Ok(ExitCode::SUCCESS);
         }
         // Both sides run once per round, one after the other: on a shared machine one
         // round's ratio is noise-prone, the median of several alternating rounds less so.
-        let mut ratios = Vec::with_capacity(args.rounds);
-        for _ in 0..args.rounds.max(1) {
+        let mut ratios = Vec::with_capacity(usize::from(args.rounds));
+        for _ in 0..args.rounds {
             ratios.push(if url.starts_with("nats://") {
                 super::bench_nats::run(url, args).await?
             } else if url.starts_with("kafka://") {
