@@ -151,12 +151,18 @@ impl<T: Transport> Runner<T> {
     }
 
     /// Runs until `shutdown` resolves (or a limit is reached), then drains gracefully.
+    /// Dropping the returned future stops the run the same way, in the background.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
     ///
     /// # Errors
     ///
-    /// Fails on an unusable configuration, or when the idle check cannot read depths.
-    /// Transport errors while fetching are logged and retried, not returned: a broker
-    /// that is down for a while must not stop the consumer.
+    /// Fails on an unusable configuration, when the idle check cannot read depths, or
+    /// when the runtime shuts down under the run ([`RunError::Cancelled`]). Transport
+    /// errors while fetching are logged and retried, not returned: a broker that is down
+    /// for a while must not stop the consumer.
     pub async fn run<H: Handler>(
         self,
         handler: H,
