@@ -57,6 +57,26 @@ impl Fixture {
         }
     }
 
+    /// Publishes to `queue`'s main subject as another producer would (with redrive's
+    /// headers only if `headers` carry them) and waits until the stream has it.
+    async fn publish_foreign(
+        &self,
+        queue: &str,
+        headers: Option<async_nats::HeaderMap>,
+        payload: &'static str,
+    ) {
+        let subject = format!("{}.{queue}", self.namespace);
+        let ack = match headers {
+            Some(h) => {
+                self.js
+                    .publish_with_headers(subject, h, payload.into())
+                    .await
+            }
+            None => self.js.publish(subject, payload.into()).await,
+        };
+        ack.unwrap().await.unwrap();
+    }
+
     /// Reads the store (which drains the broker's DLQ first) until `id` is there.
     async fn dead(&self, id: redrive_core::MessageId, within: Duration) -> DeadLetter {
         let deadline = Instant::now() + within;
@@ -216,15 +236,8 @@ async fn an_unreadable_message_is_quarantined_and_the_others_are_handled() {
         r#"[["redrive-version","1"],["redrive-attempt","not a number"]]"#,
     );
     headers.insert("trace", "t-1");
-    f.js.publish_with_headers(
-        format!("{}.agent.tasks", f.namespace),
-        headers,
-        "broken but kept".into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    f.publish_foreign("agent.tasks", Some(headers), "broken but kept")
+        .await;
 
     let handled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = std::sync::Arc::clone(&handled);
@@ -271,14 +284,8 @@ async fn a_plain_producers_message_is_retried_like_any_other() {
     let queue = QueueName::new("agent.tasks").unwrap();
     // Streams exist once redrive has published to the queue.
     f.backend.publish(&queue, Vec::new()).await.unwrap();
-    f.js.publish(
-        format!("{}.agent.tasks", f.namespace),
-        "from elsewhere".into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    f.publish_foreign("agent.tasks", None, "from elsewhere")
+        .await;
 
     let handled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = std::sync::Arc::clone(&handled);
