@@ -176,7 +176,12 @@ pub async fn run(
         if ratios.len() > 1 {
             let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             ratios.sort_by(f64::total_cmp);
-            let median = ratios[ratios.len() / 2];
+            let mid = ratios.len() / 2;
+            let median = if ratios.len() % 2 == 0 {
+                f64::midpoint(ratios[mid - 1], ratios[mid])
+            } else {
+                ratios[mid]
+            };
             if args.json {
                 json_line(&serde_json::json!({ "rounds": ratios.len(), "median_ratio": median }));
             } else {
@@ -188,6 +193,12 @@ pub async fn run(
             }
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if args.rounds > 1 {
+        bail!(
+            "--rounds applies to the nats://, kafka:// and sqs:// benches (with --broker); \
+             the embedded bench runs once"
+        );
     }
     match args.scenario.as_str() {
         "consume" => {}
