@@ -120,6 +120,9 @@ impl<T: Transport + DlqSource, S: DeadLetterStore + Clone> Transport for Brokere
     ) -> Result<(), TransportError> {
         self.transport.extend_lease(d, lease).await
     }
+    fn max_fetch(&self) -> usize {
+        self.transport.max_fetch()
+    }
 }
 
 /// Lane depths come from the broker; the DLQ depth is the store's after a drain.

@@ -175,6 +175,12 @@ pub trait Transport: Send + Sync + 'static {
         delivery: &Delivery<Self::Token>,
         lease: Duration,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// The most deliveries this backend serves well from one fetch: a runner asks for
+    /// no more at a time than this and its own `fetch_batch`. Default: no limit.
+    fn max_fetch(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Depth of each lane of one queue.

@@ -282,6 +282,9 @@ impl Transport for Any {
     ) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.extend_lease(&x, lease).await)
     }
+    fn max_fetch(&self) -> usize {
+        both!(self, |b| b.max_fetch())
+    }
 }
 
 impl LaneStats for Any {

@@ -41,7 +41,9 @@ pub struct RunnerConfig {
     pub max_messages: Option<u64>,
     /// How often an idle runner looks for new messages published by other processes.
     pub idle_poll: Duration,
-    /// Most deliveries leased in one fetch.
+    /// Most deliveries leased in one fetch (and held ahead of the handlers). Reached
+    /// only by handlers fast enough to start that many within a second: slower ones
+    /// fetch less at a time.
     pub fetch_batch: usize,
 }
 
@@ -54,7 +56,9 @@ impl Default for RunnerConfig {
             grace: Duration::from_secs(10),
             max_messages: None,
             idle_poll: Duration::from_millis(100),
-            fetch_batch: 256,
+            // Per-fetch costs (a broker round trip, a lease transaction) add up: at 256
+            // the NATS bench's median ratio was 0.64x, at 1024 0.71-0.75x (BENCHMARKS.md).
+            fetch_batch: 1024,
         }
     }
 }
@@ -222,6 +226,11 @@ impl<T: Transport> Runner<T> {
             line: Line::default(),
         });
         let concurrency = self.config.concurrency;
+        let fetch_batch = self
+            .config
+            .fetch_batch
+            .min(self.transport.max_fetch())
+            .max(1);
         // One long-lived worker per handler slot takes leased deliveries from the line:
         // a task spawned per delivery cost more than a fast handler itself.
         let mut workers: JoinSet<()> = JoinSet::new();
@@ -244,6 +253,7 @@ impl<T: Transport> Runner<T> {
         // up by it; it counts only if nothing was delivered since it started.
         let mut probing: Option<(JoinHandle<Result<bool, TransportError>>, u64)> = None;
         let mut fetch_at = Instant::now();
+        let mut came_back_empty = false;
         let mut pace = Pace::new();
         tokio::pin!(shutdown);
 
@@ -273,16 +283,30 @@ impl<T: Transport> Runner<T> {
             // handlers are fast enough to start that many within a second (and a
             // quarter of the lease, which only running deliveries renew).
             pace.update(started);
-            let ahead = pace.ahead(concurrency, self.config.fetch_batch, self.config.lease);
+            let ahead = pace.ahead(concurrency, fetch_batch, self.config.lease);
             let room = (concurrency + ahead)
                 .saturating_sub(busy + waiting)
-                .min(self.config.fetch_batch)
+                .min(fetch_batch)
                 .min(remaining.saturating_sub(waiting));
             // Fetch once a worthwhile batch fits, not as soon as one slot frees: with fast
             // handlers that would be one broker round trip (or one lease write) per
             // message or two.
-            let worth = (ahead.min(self.config.fetch_batch) / 2)
-                .clamp(1, remaining.saturating_sub(waiting).max(1));
+            let worth =
+                (ahead.min(fetch_batch) / 2).clamp(1, remaining.saturating_sub(waiting).max(1));
+            // Settles wake this loop only once a worthwhile fetch fits again: a wake-up
+            // per settled delivery cost more than fast handlers themselves. Every settle
+            // wakes it while the last fetch found nothing (what it settles may have made
+            // more ready, a Kafka partition's next records say) and, with everything
+            // left to run already leased, to see the end.
+            let every_settle = came_back_empty || remaining.saturating_sub(waiting) == 0;
+            let settles_wake = if every_settle {
+                Some(usize::MAX)
+            } else {
+                (concurrency + ahead).checked_sub(worth)
+            };
+            if fetching.is_none() && (room < worth || every_settle) && line.wake_at(settles_wake) {
+                continue;
+            }
             if fetching.is_none() && room >= worth && Instant::now() >= fetch_at {
                 let transport = Arc::clone(&self.transport);
                 let lanes = self.lanes.clone();
@@ -303,6 +327,7 @@ impl<T: Transport> Runner<T> {
                     match result {
                         Ok(fetched) if fetched.deliveries.is_empty() => {
                             fetch_errors = 0;
+                            came_back_empty = true;
                             let idle = line.counts().is_empty();
                             // A backend that knows when its next message is due is not idle.
                             if idle && fetched.next_due_ms.is_none() && probing.is_none()
@@ -318,6 +343,7 @@ impl<T: Transport> Runner<T> {
                         }
                         Ok(fetched) => {
                             fetch_errors = 0;
+                            came_back_empty = false;
                             line.push(fetched.deliveries);
                         }
                         Err(e @ TransportError::Misconfigured { .. }) => {
@@ -351,7 +377,7 @@ impl<T: Transport> Runner<T> {
                         }
                     }
                 }
-                // A settle may have freed room or scheduled a retry: look again.
+                // A settle freed room, or scheduled a retry: look again.
                 () = wake.notified(), if fetching.is_none() => fetch_at = Instant::now(),
                 () = sleep_until(fetch_at), if fetching.is_none() && Instant::now() < fetch_at => {}
             }
@@ -447,7 +473,8 @@ struct WorkerContext<T: Transport, H> {
     config: RunnerConfig,
     observers: Vec<Arc<dyn Observer>>,
     queue: QueueName,
-    /// A settle may have freed room or scheduled a retry.
+    /// Wakes the fetch loop: settles freed the room it waits for, or one scheduled
+    /// a retry.
     wake: Notify,
     /// Deliveries released unfinished.
     released: AtomicU64,
@@ -474,6 +501,9 @@ struct LineState<D> {
     idle: usize,
     /// Shutdown: nothing more is taken.
     closed: bool,
+    /// The fetch loop waits for busy + waiting to fall to this (`usize::MAX`: for any
+    /// settle); `None` when it is not waiting for settles.
+    wake_at: Option<usize>,
 }
 
 impl<D> Default for Line<D> {
@@ -485,6 +515,7 @@ impl<D> Default for Line<D> {
                 started: 0,
                 idle: 0,
                 closed: false,
+                wake_at: None,
             }),
             ready: Notify::new(),
         }
@@ -567,9 +598,31 @@ impl<D> Line<D> {
         }
     }
 
-    /// A worker finished a delivery.
-    fn done(&self) {
-        self.lock().busy -= 1;
+    /// Asks a settle to wake the fetch loop once busy + waiting falls to `at`; `true`
+    /// when it already has (the loop should look again instead of waiting).
+    fn wake_at(&self, at: Option<usize>) -> bool {
+        let mut st = self.lock();
+        match at {
+            Some(at) if at == usize::MAX || st.busy + st.waiting.len() > at => {
+                st.wake_at = Some(at);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// A worker finished a delivery; `true` when the fetch loop asked to be woken now.
+    fn done(&self) -> bool {
+        let mut st = self.lock();
+        st.busy -= 1;
+        let wake = st
+            .wake_at
+            .is_some_and(|at| at == usize::MAX || st.busy + st.waiting.len() <= at);
+        if wake {
+            st.wake_at = None;
+        }
+        wake
     }
 
     /// Stops the workers taking deliveries and returns those still waiting.
@@ -584,12 +637,31 @@ impl<D> Line<D> {
     }
 }
 
-/// Counts a delivery finished even when its worker unwinds.
-struct Busy<'a, D>(&'a Line<D>);
+/// Counts a delivery finished, even when its worker unwinds, and wakes the fetch loop
+/// if it asked for it.
+struct Busy<'a, D> {
+    line: &'a Line<D>,
+    wake: &'a Notify,
+    finished: bool,
+}
+
+impl<D> Busy<'_, D> {
+    /// Counts the delivery finished; `true` when that woke the fetch loop.
+    fn finish(mut self) -> bool {
+        self.finished = true;
+        let woke = self.line.done();
+        if woke {
+            self.wake.notify_one();
+        }
+        woke
+    }
+}
 
 impl<D> Drop for Busy<'_, D> {
     fn drop(&mut self) {
-        self.0.done();
+        if !self.finished && self.line.done() {
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -629,11 +701,19 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             };
             waited = false;
             let Next::Run(delivery) = next else { return };
-            let busy = Busy(&ctx.line);
+            let busy = Busy {
+                line: &ctx.line,
+                wake: &ctx.wake,
+                finished: false,
+            };
             self.run(&delivery).await;
-            drop(busy);
-            // A settle may have freed room or scheduled a retry.
-            self.wake.notify_one();
+            if busy.finish() {
+                // Let the fetch loop run now. With fast handlers a worker finds the next
+                // delivery ready and never waits, so the loop, woken onto this thread,
+                // would run only once the line is empty: every fetch round trip would
+                // then stall all workers instead of overlapping their work.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -724,7 +804,6 @@ impl<T: Transport, H: Handler> Worker<T, H> {
         handler_secs: Option<f64>,
     ) {
         let id = delivery.envelope.id;
-        let lane = delivery.lane.label();
         let mut attempt = 0u32;
         loop {
             let result = match &outcome {
@@ -734,7 +813,7 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                     retry_after,
                 } => {
                     let mut env = delivery.envelope.clone();
-                    env.record_failure(failure.clone(), &lane);
+                    env.record_failure(failure.clone(), &delivery.lane.label());
                     let poison = failure.kind == FailureKind::Poison;
                     match self.policy.decide(env.attempt, poison, *retry_after) {
                         Step::Retry { tier, delay } => {
@@ -756,7 +835,7 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             match result {
                 Ok(None) => {
                     self.report(&delivery.lane, Settled::Ok, handler_secs);
-                    tracing::debug!(%id, lane, "ok");
+                    tracing::debug!(%id, lane = %delivery.lane.label(), "ok");
                     return;
                 }
                 Ok(Some((failure, dead, env))) => {
@@ -767,6 +846,9 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                         Settled::Retried { class, kind }
                     };
                     self.report(&delivery.lane, settled, handler_secs);
+                    // A retry was scheduled (or a DLQ written): the fetch loop may need
+                    // to look sooner than it planned.
+                    self.wake.notify_one();
                     if dead {
                         tracing::info!(%id, queue = %env.queue, attempts = env.attempt, class = %failure.class, fingerprint = %failure.fingerprint, "dead-lettered");
                     } else {
@@ -813,10 +895,11 @@ impl<F: Future> Future for CatchPanic<F> {
 
 /// The outcome of a handler's run (or of its panic).
 fn outcome_of(result: Result<HandlerResult, Box<dyn std::any::Any + Send>>) -> Outcome {
-    let at = now_ms();
     match result {
-        Ok(result) => Outcome::from_result(result, at),
-        Err(panic) => Outcome::panic(&panic_message(panic), at),
+        // The clock is read only for a failure's time.
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(result) => Outcome::from_result(result, now_ms()),
+        Err(panic) => Outcome::panic(&panic_message(panic), now_ms()),
     }
 }
 
