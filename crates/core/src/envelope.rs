@@ -218,7 +218,10 @@ impl Envelope {
         Self::new_with_id(queue, payload.into(), MessageId::new())
     }
 
-    fn new_with_id(queue: QueueName, payload: Vec<u8>, id: MessageId) -> Self {
+    /// A message for `queue` that already has its id (a backend reading back one that
+    /// never failed, without the full header parse).
+    #[must_use]
+    pub fn new_with_id(queue: QueueName, payload: Vec<u8>, id: MessageId) -> Self {
         Self {
             id,
             queue,

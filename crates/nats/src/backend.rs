@@ -87,8 +87,12 @@ impl NatsTransport {
                 })?;
             // Only now that the store has them are they acknowledged.
             for m in &msgs {
-                self.confirm(m, AckKind::Ack, "acknowledge a drained dead letter")
-                    .await?;
+                self.confirm(
+                    m.reply.as_ref(),
+                    AckKind::Ack,
+                    "acknowledge a drained dead letter",
+                )
+                .await?;
             }
             moved += dead.len() as u64;
         }

@@ -118,7 +118,7 @@ impl NatsTransport {
                     }
                 }
                 // The message is in the DLQ stream (or was settled meanwhile): done.
-                self.confirm(&m, AckKind::Ack, "acknowledge an advisory")
+                self.confirm(m.reply.as_ref(), AckKind::Ack, "acknowledge an advisory")
                     .await?;
             }
         }

@@ -226,10 +226,13 @@ impl NatsConfig {
     }
 }
 
-/// The backend's handle on a delivery: the JetStream message and its delivery count.
+/// The backend's handle on a delivery: where its acks go, and its delivery count.
+///
+/// Only the ack subject is kept, not the JetStream message: the message carries a copy
+/// of the client's context, several hundred bytes moved with every delivery.
 #[derive(Clone)]
 pub struct Token {
-    msg: jetstream::Message,
+    reply: async_nats::Subject,
     delivered: i64,
 }
 
@@ -314,7 +317,30 @@ fn sanitize(queue: &str) -> String {
 
 /// The envelope as NATS headers: redrive's own in one JSON header (NATS header values
 /// cannot hold newlines, error messages can), user headers as they are.
+///
+/// A message that has never failed (what every publish sends) carries only a
+/// `redrive-id` header instead: a header costs the server and both clients per byte,
+/// and this is most of the traffic. [`wire_of`] reads either form.
 pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let fresh = extra.is_empty()
+        && env.attempt == 0
+        && env.replays == 0
+        && env.not_before_ms.is_none()
+        && env.first_failed_ms.is_none()
+        && env.history.is_empty()
+        && env
+            .key
+            .as_deref()
+            .is_none_or(|k| !k.is_empty() && !k.contains(['\r', '\n']));
+    if fresh {
+        h.insert(ID, env.id.to_string().as_str());
+        if let Some(k) = &env.key {
+            h.insert(KEY, k.as_str());
+        }
+        append_user(&mut h, env);
+        return h;
+    }
     let mut wire: Vec<(String, String)> = env
         .to_wire()
         .into_iter()
@@ -326,36 +352,76 @@ pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap 
     for (k, v) in extra {
         wire.push(((*k).to_owned(), v.clone()));
     }
-    let mut h = HeaderMap::new();
     h.insert(
-        "redrive-wire",
+        WIRE,
         serde_json::to_string(&wire).unwrap_or_default().as_str(),
     );
+    append_user(&mut h, env);
+    h
+}
+
+/// redrive's headers in full, as JSON pairs.
+const WIRE: &str = "redrive-wire";
+/// The compact form of a message that has never failed: its id, and its key if any.
+const ID: &str = "redrive-id";
+const KEY: &str = "redrive-key";
+
+fn append_user(h: &mut HeaderMap, env: &Envelope) {
     for (k, v) in &env.headers {
         if !v.contains(['\r', '\n']) {
             h.append(k.as_str(), v.as_str());
         }
     }
-    h
 }
 
-/// Reads what [`to_headers`] wrote (or any NATS message's headers).
+/// Reads what [`to_headers`] wrote, in either form (or any NATS message's headers).
 pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let Some(h) = headers else { return out };
+    let full = h.get(WIRE).is_some();
     for (name, values) in h.iter() {
-        let name = name.to_string();
+        let name: &str = name.as_ref();
         for v in values {
-            if name == "redrive-wire" {
+            if name == WIRE {
                 if let Ok(pairs) = serde_json::from_str::<Vec<(String, String)>>(v.as_str()) {
                     out.extend(pairs);
                 }
             } else {
-                out.push((name.clone(), v.to_string()));
+                if name == ID && !full {
+                    // The compact form: a message redrive published that never failed.
+                    out.push(("redrive-version".to_owned(), "1".to_owned()));
+                }
+                out.push((name.to_owned(), v.to_string()));
             }
         }
     }
     out
+}
+
+/// The envelope of a message in the compact form (only `redrive-id`, and `redrive-key`,
+/// beside user headers), read without building the list of wire headers; `None` when the
+/// headers are in another form (or the id does not parse: the full path reports it).
+fn compact_of(queue: &QueueName, headers: Option<&HeaderMap>, payload: &[u8]) -> Option<Envelope> {
+    let h = headers?;
+    if h.get(WIRE).is_some() {
+        return None;
+    }
+    let id = MessageId::parse(h.get(ID)?.as_str()).ok()?;
+    let mut env = Envelope::new_with_id(queue.clone(), payload.to_vec(), id);
+    for (name, values) in h.iter() {
+        let name: &str = name.as_ref();
+        if name == ID {
+            continue;
+        }
+        for v in values {
+            if name == KEY {
+                env.key = Some(v.to_string());
+            } else {
+                env.headers.push((name.to_owned(), v.to_string()));
+            }
+        }
+    }
+    Some(env)
 }
 
 /// When the stream was created (ms since the epoch).
@@ -543,14 +609,15 @@ impl NatsTransport {
         Ok((naks, crashes))
     }
 
-    /// Sends an ack of `kind` and waits for the server to confirm it.
+    /// Sends an ack of `kind` to a message's ack subject (`reply`) and waits for the
+    /// server to confirm it.
     pub(crate) async fn confirm(
         &self,
-        msg: &jetstream::Message,
+        reply: Option<&async_nats::Subject>,
         kind: AckKind,
         context: &'static str,
     ) -> Result<(), NatsError> {
-        let Some(reply) = msg.message.reply.clone() else {
+        let Some(reply) = reply.cloned() else {
             return Err(NatsError::Call {
                 context,
                 reason: "the message has no reply subject".into(),
@@ -584,15 +651,15 @@ impl NatsTransport {
     async fn quarantine(
         &self,
         queue: &QueueName,
-        msg: &jetstream::Message,
-        wire: Vec<(String, String)>,
+        reply: &async_nats::Subject,
+        (wire, payload): (Vec<(String, String)>, Vec<u8>),
         why: &str,
     ) {
-        let raw = crate::exhausted::quarantined(queue, wire, msg.payload.to_vec(), why);
+        let raw = crate::exhausted::quarantined(queue, wire, payload, why);
         tracing::warn!(%queue, reason = %why, "quarantining an unreadable message in the DLQ stream");
         let moved = async {
             self.publish_dead(&raw).await?;
-            self.confirm(msg, AckKind::Term, "terminate").await
+            self.confirm(Some(reply), AckKind::Term, "terminate").await
         };
         if let Err(e) = moved.await {
             tracing::warn!(%queue, error = %e, "could not quarantine an unreadable message; it will be delivered again");
@@ -660,35 +727,48 @@ impl Transport for NatsTransport {
                 .into());
             }
         };
-        let mut deliveries = Vec::new();
+        let mut deliveries = Vec::with_capacity(msgs.len());
+        let now = now_ms();
+        let stream = &consumer.cached_info().stream_name;
         for msg in msgs {
             let (delivered, seq) = match msg.info() {
                 Ok(i) => (i.delivered, i.stream_sequence),
                 Err(e) => return Err(call("message info")(e).into()),
             };
-            let wire = wire_of(msg.headers.as_ref());
-            let known_id = has_id(&wire);
-            let mut envelope = match envelope_of(&lanes.queue, wire, msg.payload.to_vec()) {
-                Ok(mut env) => {
-                    if !known_id {
-                        let stream = msg.info().map_or("", |i| i.stream);
-                        env.id = id_in_stream(stream, created, seq);
-                    }
-                    env
+            let async_nats::Message {
+                reply,
+                payload,
+                headers,
+                ..
+            } = msg.message;
+            // Present: `info` was read from it.
+            let Some(reply) = reply else { continue };
+            let decoded = match compact_of(&lanes.queue, headers.as_ref(), &payload) {
+                Some(env) => Ok(env),
+                None => {
+                    let wire = wire_of(headers.as_ref());
+                    let known_id = has_id(&wire);
+                    envelope_of(&lanes.queue, wire, payload.to_vec()).map(|mut env| {
+                        if !known_id {
+                            env.id = id_in_stream(stream, created, seq);
+                        }
+                        env
+                    })
                 }
+            };
+            let mut envelope = match decoded {
+                Ok(env) => env,
                 Err(why) => {
                     // Read again: the common path gives its copy to the envelope.
-                    let wire = wire_of(msg.headers.as_ref());
-                    let why = format!(
-                        "message {seq} of {}: {why}",
-                        msg.info().map_or("?", |i| i.stream)
-                    );
-                    self.quarantine(&lanes.queue, &msg, wire, &why).await;
+                    let wire = wire_of(headers.as_ref());
+                    let why = format!("message {seq} of {stream}: {why}");
+                    self.quarantine(&lanes.queue, &reply, (wire, payload.to_vec()), &why)
+                        .await;
                     continue;
                 }
             };
             let mut lane = Lane::Main;
-            let mut due_ms = now_ms();
+            let mut due_ms = now;
             let mut accounted = 0;
             if delivered > 1
                 && let Some(r) = self.record(&envelope.id.to_string()).await?
@@ -696,9 +776,7 @@ impl Transport for NatsTransport {
                 let payload = std::mem::take(&mut envelope.payload);
                 envelope = envelope_of(&lanes.queue, r.h, payload).map_err(|reason| {
                     NatsError::Malformed {
-                        stream: msg
-                            .info()
-                            .map_or_else(|_| "?".to_owned(), |i| i.stream.to_owned()),
+                        stream: stream.clone(),
                         seq,
                         reason,
                     }
@@ -715,7 +793,7 @@ impl Transport for NatsTransport {
                 lane,
                 due_ms,
                 unfinished_before,
-                token: Token { msg, delivered },
+                token: Token { reply, delivered },
             });
         }
         Ok(Fetched {
@@ -727,7 +805,10 @@ impl Transport for NatsTransport {
     async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
         // A plain ack is not waited for: if it is lost, the message is delivered again
         // (at least once still holds), and waiting would halve throughput.
-        d.token.msg.ack().await.map_err(call("ack"))?;
+        self.client
+            .publish(d.token.reply.clone(), bytes::Bytes::new())
+            .await
+            .map_err(call("ack"))?;
         if d.token.delivered > 1 {
             // Boxed: the history delete is rare, and inline it would make every
             // delivery's task several kilobytes larger.
@@ -758,8 +839,12 @@ impl Transport for NatsTransport {
         // The history is durable before the delivery is given back with its delay.
         self.put_record(&envelope.id.to_string(), &record).await?;
         let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0).max(1));
-        self.confirm(&d.token.msg, AckKind::Nak(Some(delay)), "nak with delay")
-            .await?;
+        self.confirm(
+            Some(&d.token.reply),
+            AckKind::Nak(Some(delay)),
+            "nak with delay",
+        )
+        .await?;
         Ok(())
     }
 
@@ -770,7 +855,7 @@ impl Transport for NatsTransport {
     ) -> Result<(), TransportError> {
         self.publish_dead(envelope).await?;
         // Only once the DLQ stream has it is the message terminated in main.
-        self.confirm(&d.token.msg, AckKind::Term, "terminate")
+        self.confirm(Some(&d.token.reply), AckKind::Term, "terminate")
             .await?;
         self.forget(d).await;
         Ok(())
@@ -791,7 +876,7 @@ impl Transport for NatsTransport {
             crashes,
         };
         self.put_record(&id, &record).await?;
-        self.confirm(&d.token.msg, AckKind::Nak(None), "release")
+        self.confirm(Some(&d.token.reply), AckKind::Nak(None), "release")
             .await?;
         Ok(())
     }
@@ -801,9 +886,8 @@ impl Transport for NatsTransport {
         d: &Delivery<Token>,
         _lease: Duration,
     ) -> Result<(), TransportError> {
-        d.token
-            .msg
-            .ack_with(AckKind::Progress)
+        self.client
+            .publish(d.token.reply.clone(), AckKind::Progress.into())
             .await
             .map_err(call("extend the lease"))?;
         Ok(())
@@ -930,7 +1014,7 @@ pub(crate) async fn fetch_batch(
         .messages()
         .await
         .map_err(call(context))?;
-    let mut msgs = Vec::new();
+    let mut msgs = Vec::with_capacity(max);
     while let Some(msg) = futures_like::next(&mut batch).await {
         msgs.push(msg.map_err(call(context))?);
     }
@@ -971,7 +1055,56 @@ pub(crate) mod futures_like {
 
 #[cfg(test)]
 mod tests {
-    use super::id_in_stream;
+    use redrive_core::{Envelope, Failure, FailureKind, QueueName};
+
+    use super::{WIRE, compact_of, envelope_of, id_in_stream, to_headers, wire_of};
+
+    #[test]
+    fn a_message_that_never_failed_travels_with_its_id_alone_and_reads_back_whole() {
+        let queue = QueueName::new("agent.tasks").unwrap();
+        let mut env = Envelope::new(queue.clone(), "payload").with_key("user-7");
+        env.headers.push(("trace".into(), "t-1".into()));
+        let h = to_headers(&env, &[]);
+        assert!(h.get(WIRE).is_none());
+        assert_eq!(h.get("redrive-id").unwrap().as_str(), env.id.to_string());
+        assert_eq!(h.get("redrive-key").unwrap().as_str(), "user-7");
+
+        let fast = compact_of(&queue, Some(&h), b"payload").unwrap();
+        let full = envelope_of(&queue, wire_of(Some(&h)), b"payload".to_vec()).unwrap();
+        for read in [fast, full] {
+            assert_eq!(read.id, env.id);
+            assert_eq!(read.key.as_deref(), Some("user-7"));
+            assert_eq!(read.headers, env.headers);
+            assert_eq!(read.payload, b"payload");
+            assert_eq!((read.attempt, read.queue.as_str()), (0, "agent.tasks"));
+        }
+    }
+
+    #[test]
+    fn a_message_that_failed_keeps_the_full_headers() {
+        let queue = QueueName::new("agent.tasks").unwrap();
+        let mut env = Envelope::new(queue.clone(), "payload");
+        env.record_failure(
+            Failure::new(FailureKind::Retry, "Timeout", "upstream slow", 1),
+            "main",
+        );
+        let h = to_headers(&env, &[]);
+        assert!(h.get(WIRE).is_some());
+        assert!(compact_of(&queue, Some(&h), b"payload").is_none());
+        let read = envelope_of(&queue, wire_of(Some(&h)), b"payload".to_vec()).unwrap();
+        assert_eq!((read.id, read.attempt), (env.id, 1));
+        assert_eq!(read.history[0].class, "Timeout");
+    }
+
+    #[test]
+    fn a_compact_id_that_does_not_parse_is_reported_not_replaced() {
+        let queue = QueueName::new("agent.tasks").unwrap();
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("redrive-id", "not-a-uuid");
+        assert!(compact_of(&queue, Some(&h), b"x").is_none());
+        let err = envelope_of(&queue, wire_of(Some(&h)), b"x".to_vec()).unwrap_err();
+        assert!(err.contains("redrive-id"), "{err}");
+    }
 
     #[test]
     fn a_message_without_an_id_is_named_by_where_it_sits() {
