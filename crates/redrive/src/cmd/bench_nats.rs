@@ -21,6 +21,8 @@ struct Side {
     publish_secs: f64,
     consume_secs: f64,
     consume_msgs_per_sec: f64,
+    /// This process's CPU time while consuming, per message (Linux only).
+    consume_cpu_us_per_msg: Option<f64>,
 }
 
 /// The plain consumer: what a team writes by hand with async-nats.
@@ -52,6 +54,7 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
         a.await?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
+    let cpu = super::bench::cpu_secs();
     let consumer: jetstream::consumer::Consumer<pull::Config> = s
         .get_or_create_consumer(
             "plain",
@@ -75,6 +78,7 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
         }
     }
     let consume_secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let consume_cpu_us_per_msg = super::bench::cpu_us_per_msg(cpu, super::bench::cpu_secs(), n);
     let _ = js.delete_stream(&name).await;
     Ok(Side {
         tool: "async-nats (plain)",
@@ -82,6 +86,7 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
         publish_secs,
         consume_secs,
         consume_msgs_per_sec: n as f64 / consume_secs,
+        consume_cpu_us_per_msg,
     })
 }
 
@@ -101,13 +106,16 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
     let backend = NatsBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
     let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 1000).await?;
+    let cpu = super::bench::cpu_secs();
     let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
+    let consume_cpu_us_per_msg = super::bench::cpu_us_per_msg(cpu, super::bench::cpu_secs(), n);
     Ok(Side {
         tool: "redrive",
         messages: n,
         publish_secs,
         consume_secs,
         consume_msgs_per_sec: n as f64 / consume_secs,
+        consume_cpu_us_per_msg,
     })
 }
 
@@ -133,8 +141,12 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         json_line(&serde_json::json!({ "redrive": mine, "plain": theirs, "ratio": ratio }));
     } else {
         for s in [&mine, &theirs] {
+            let cpu = s
+                .consume_cpu_us_per_msg
+                .map(|us| format!("  {us:.1} µs CPU/msg"))
+                .unwrap_or_default();
             outln!(
-                "{:<20} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s",
+                "{:<20} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s{cpu}",
                 s.tool,
                 s.publish_secs,
                 s.consume_secs,
