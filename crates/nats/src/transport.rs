@@ -652,7 +652,8 @@ impl NatsTransport {
         &self,
         queue: &QueueName,
         reply: &async_nats::Subject,
-        (wire, payload): (Vec<(String, String)>, Vec<u8>),
+        wire: Vec<(String, String)>,
+        payload: Vec<u8>,
         why: &str,
     ) {
         let raw = crate::exhausted::quarantined(queue, wire, payload, why);
@@ -762,7 +763,7 @@ impl Transport for NatsTransport {
                     // Read again: the common path gives its copy to the envelope.
                     let wire = wire_of(headers.as_ref());
                     let why = format!("message {seq} of {stream}: {why}");
-                    self.quarantine(&lanes.queue, &reply, (wire, payload.to_vec()), &why)
+                    self.quarantine(&lanes.queue, &reply, wire, payload.to_vec(), &why)
                         .await;
                     continue;
                 }

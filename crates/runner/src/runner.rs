@@ -299,12 +299,12 @@ impl<T: Transport> Runner<T> {
             // more ready, a Kafka partition's next records say) and, with everything
             // left to run already leased, to see the end.
             let every_settle = came_back_empty || remaining.saturating_sub(waiting) == 0;
-            let settles_wake = if every_settle {
-                Some(usize::MAX)
+            let wake_on = if every_settle {
+                WakeOn::AnySettle
             } else {
-                (concurrency + ahead).checked_sub(worth)
+                WakeOn::AtMost((concurrency + ahead).saturating_sub(worth))
             };
-            if fetching.is_none() && (room < worth || every_settle) && line.wake_at(settles_wake) {
+            if fetching.is_none() && (room < worth || every_settle) && line.wake_on(wake_on) {
                 continue;
             }
             if fetching.is_none() && room >= worth && Instant::now() >= fetch_at {
@@ -501,9 +501,17 @@ struct LineState<D> {
     idle: usize,
     /// Shutdown: nothing more is taken.
     closed: bool,
-    /// The fetch loop waits for busy + waiting to fall to this (`usize::MAX`: for any
-    /// settle); `None` when it is not waiting for settles.
-    wake_at: Option<usize>,
+    /// When a settle should wake the fetch loop; `None` when it is not waiting for one.
+    wake_on: Option<WakeOn>,
+}
+
+/// When a settle wakes the fetch loop.
+#[derive(Debug, Clone, Copy)]
+enum WakeOn {
+    /// The next settle, whatever it leaves.
+    AnySettle,
+    /// A settle that leaves at most this many deliveries busy or waiting.
+    AtMost(usize),
 }
 
 impl<D> Default for Line<D> {
@@ -515,7 +523,7 @@ impl<D> Default for Line<D> {
                 started: 0,
                 idle: 0,
                 closed: false,
-                wake_at: None,
+                wake_on: None,
             }),
             ready: Notify::new(),
         }
@@ -598,29 +606,30 @@ impl<D> Line<D> {
         }
     }
 
-    /// Asks a settle to wake the fetch loop once busy + waiting falls to `at`; `true`
-    /// when it already has (the loop should look again instead of waiting).
-    fn wake_at(&self, at: Option<usize>) -> bool {
+    /// Asks the settles to wake the fetch loop `on` that condition; `true` when the
+    /// line already meets it (settles since the loop counted): look again, do not wait.
+    fn wake_on(&self, on: WakeOn) -> bool {
         let mut st = self.lock();
-        match at {
-            Some(at) if at == usize::MAX || st.busy + st.waiting.len() > at => {
-                st.wake_at = Some(at);
-                false
-            }
-            Some(_) => true,
-            None => false,
+        if let WakeOn::AtMost(n) = on
+            && st.busy + st.waiting.len() <= n
+        {
+            return true;
         }
+        st.wake_on = Some(on);
+        false
     }
 
     /// A worker finished a delivery; `true` when the fetch loop asked to be woken now.
     fn done(&self) -> bool {
         let mut st = self.lock();
         st.busy -= 1;
-        let wake = st
-            .wake_at
-            .is_some_and(|at| at == usize::MAX || st.busy + st.waiting.len() <= at);
+        let wake = match st.wake_on {
+            Some(WakeOn::AnySettle) => true,
+            Some(WakeOn::AtMost(n)) => st.busy + st.waiting.len() <= n,
+            None => false,
+        };
         if wake {
-            st.wake_at = None;
+            st.wake_on = None;
         }
         wake
     }
