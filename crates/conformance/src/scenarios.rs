@@ -293,7 +293,7 @@ pub async fn handler_panic_is_a_failed_attempt<H: Harness>(h: &H) {
         handler_fn(move |env: Envelope| {
             rec.record(&env);
             async move {
-                assert!(env.payload != b"boom", "handler exploded on purpose");
+                assert!(env.payload != b"boom"[..], "handler exploded on purpose");
                 Ok(())
             }
         }),
@@ -302,7 +302,7 @@ pub async fn handler_panic_is_a_failed_attempt<H: Harness>(h: &H) {
     let fine = seen
         .all()
         .iter()
-        .filter(|(_, e)| e.payload == b"fine")
+        .filter(|(_, e)| e.payload == b"fine"[..])
         .count();
     assert_eq!(fine, 1, "the healthy message was handled once");
     let dead = dead(&b.store).await;
@@ -467,7 +467,7 @@ pub async fn sigkill_mid_handler_loses_nothing<H: Harness>(h: &H) {
     assert_eq!(again.len(), 1, "delivered again after the crash");
     let env = &again[0].1;
     assert_eq!(
-        (env.id, env.payload.as_slice()),
+        (env.id, &env.payload[..]),
         (sent[0].id, b"survivor".as_slice())
     );
     assert_eq!(env.attempt, 1, "the crash counted as an attempt");
@@ -517,7 +517,7 @@ pub async fn crash_looping_message_reaches_the_dlq<H: Harness>(h: &H) {
         "{:?}",
         env.history
     );
-    assert_eq!(env.payload, b"kills its consumer");
+    assert_eq!(env.payload, b"kills its consumer"[..]);
 }
 
 /// Replay puts a dead message back in main with the same id and its history; it is
@@ -674,7 +674,11 @@ pub async fn payloads_are_carried_byte_exact<H: Harness>(h: &H) {
         }),
     )
     .await;
-    let mut got: Vec<Vec<u8>> = seen.all().into_iter().map(|(_, e)| e.payload).collect();
+    let mut got: Vec<Vec<u8>> = seen
+        .all()
+        .into_iter()
+        .map(|(_, e)| e.payload.to_vec())
+        .collect();
     got.sort();
     let mut want = vec![binary, large];
     want.sort();

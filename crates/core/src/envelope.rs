@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -183,8 +184,9 @@ pub struct Envelope {
     pub queue: QueueName,
     /// Partitioning / ordering key, if any.
     pub key: Option<String>,
-    /// The payload, byte-exact.
-    pub payload: Vec<u8>,
+    /// The payload, byte-exact. Shared, not copied, when the envelope is cloned (each
+    /// delivery's handler gets a clone) or read from a broker's buffer.
+    pub payload: Bytes,
     /// User headers, passed through untouched (W3C `traceparent` included).
     pub headers: Vec<(String, String)>,
     /// Failed attempts so far: 0 on the first delivery.
@@ -214,19 +216,19 @@ struct WireFailure {
 impl Envelope {
     /// A new message for `queue` with a fresh id.
     #[must_use]
-    pub fn new(queue: QueueName, payload: impl Into<Vec<u8>>) -> Self {
+    pub fn new(queue: QueueName, payload: impl Into<Bytes>) -> Self {
         Self::new_with_id(queue, payload.into(), MessageId::new())
     }
 
     /// A message for `queue` that already has its id (a backend reading back one that
     /// never failed, without the full header parse).
     #[must_use]
-    pub fn new_with_id(queue: QueueName, payload: Vec<u8>, id: MessageId) -> Self {
+    pub fn new_with_id(queue: QueueName, payload: impl Into<Bytes>, id: MessageId) -> Self {
         Self {
             id,
             queue,
             key: None,
-            payload,
+            payload: payload.into(),
             headers: Vec::new(),
             attempt: 0,
             replays: 0,
@@ -341,7 +343,7 @@ impl Envelope {
     pub fn from_wire(
         queue: &QueueName,
         key: Option<String>,
-        payload: Vec<u8>,
+        payload: impl Into<Bytes>,
         headers: Vec<(String, String)>,
     ) -> Result<Self, WireError> {
         let find = |name: &str| {

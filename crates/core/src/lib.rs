@@ -21,6 +21,8 @@ mod time;
 mod transport;
 
 pub use brokered::{Brokered, DlqSource};
+/// The payload type of [`Envelope`], re-exported so users need no `bytes` dependency.
+pub use bytes::Bytes;
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use envelope::{
     Envelope, Failure, FailureKind, HEADER_PREFIX, MAX_ERROR_BYTES, MAX_HISTORY, MessageId,

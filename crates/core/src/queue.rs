@@ -1,6 +1,7 @@
 //! Queue names and lanes: `agent.tasks`, `agent.tasks.retry.5s`, `agent.tasks.dlq`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::policy::Tier;
 
@@ -25,9 +26,10 @@ pub enum QueueError {
     },
 }
 
-/// A validated queue name, such as `agent.tasks`.
+/// A validated queue name, such as `agent.tasks`. Shared, not copied: every delivery
+/// carries one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueName(String);
+pub struct QueueName(Arc<str>);
 
 impl QueueName {
     /// Validates a queue name.
@@ -64,7 +66,7 @@ impl QueueName {
         if name.ends_with(".dlq") || name.contains(".retry.") || name.ends_with(".retry") {
             return Err(invalid("it ends in a lane suffix (.dlq or .retry.<tier>)"));
         }
-        Ok(Self(name))
+        Ok(Self(name.into()))
     }
 
     /// The name as text.
@@ -77,7 +79,7 @@ impl QueueName {
     #[must_use]
     pub fn lane_name(&self, lane: &Lane) -> String {
         match lane {
-            Lane::Main => self.0.clone(),
+            Lane::Main => self.0.to_string(),
             Lane::Retry(tier) => format!("{}.retry.{tier}", self.0),
             Lane::Dlq => format!("{}.dlq", self.0),
         }

@@ -162,7 +162,7 @@ pub async fn replay_edited<T: Transport, S: DeadLetterStore>(
     let Some(mut dead) = store.get(id).await? else {
         return Ok(None);
     };
-    dead.envelope.payload = payload;
+    dead.envelope.payload = payload.into();
     let mut report = ReplayReport::default();
     replay_batch(transport, store, vec![dead], options, &mut report).await?;
     Ok(Some(report))

@@ -372,7 +372,7 @@ impl KafkaTransport {
         extra: &[(&str, String)],
     ) -> Result<DeliveryFuture, (rdkafka::error::KafkaError, bool)> {
         let mut record = FutureRecord::to(topic)
-            .payload(env.payload.as_slice())
+            .payload(&env.payload[..])
             .headers(Self::headers(env, extra));
         if let Some(k) = &env.key {
             record = record.key(k.as_bytes());

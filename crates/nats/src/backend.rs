@@ -65,11 +65,11 @@ impl NatsTransport {
                     .unwrap_or_else(redrive_core::now_ms);
                 // Whatever was published to the DLQ subject is kept, readable or not.
                 let envelope =
-                    envelope_of(&name, wire.clone(), m.payload.to_vec()).unwrap_or_else(|why| {
+                    envelope_of(&name, wire.clone(), m.payload.clone()).unwrap_or_else(|why| {
                         quarantined(
                             &name,
                             wire,
-                            m.payload.to_vec(),
+                            m.payload.clone(),
                             &format!("in {}: {why}", n.dlq_stream),
                         )
                     });

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
 use redrive_core::{Envelope, Failure, FailureKind, QueueName, now_ms};
 
 use crate::transport::{
@@ -137,7 +138,7 @@ impl NatsTransport {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(false),
             Err(e) => return Err(call("read a message that reached max_deliver")(e)),
         };
-        let payload = raw.payload.to_vec();
+        let payload = raw.payload.clone();
         let wire = wire_of(Some(&raw.headers));
         let now = now_ms();
         let known_id = has_id(&wire);
@@ -224,7 +225,7 @@ impl NatsTransport {
 pub(crate) fn quarantined(
     queue: &QueueName,
     wire: Vec<(String, String)>,
-    payload: Vec<u8>,
+    payload: Bytes,
     why: &str,
 ) -> Envelope {
     let mut raw = Envelope::new(queue.clone(), payload);

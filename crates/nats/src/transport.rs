@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use bytes::Bytes;
 use redrive_core::{
     Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, Tier,
     Transport, TransportError, now_ms,
@@ -401,26 +402,24 @@ pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
 /// The envelope of a message in the compact form (only `redrive-id`, and `redrive-key`,
 /// beside user headers), read without building the list of wire headers; `None` when the
 /// headers are in another form (or the id does not parse: the full path reports it).
-fn compact_of(queue: &QueueName, headers: Option<&HeaderMap>, payload: &[u8]) -> Option<Envelope> {
-    let h = headers?;
-    if h.get(WIRE).is_some() {
-        return None;
-    }
-    let id = MessageId::parse(h.get(ID)?.as_str()).ok()?;
-    let mut env = Envelope::new_with_id(queue.clone(), payload.to_vec(), id);
-    for (name, values) in h.iter() {
+fn compact_of(queue: &QueueName, headers: Option<&HeaderMap>, payload: &Bytes) -> Option<Envelope> {
+    // One pass over the headers: `HeaderMap::get` would build (and allocate) a header
+    // name per lookup and hash it, which showed per message in profiles.
+    let mut id = None;
+    let mut key = None;
+    let mut user = Vec::new();
+    for (name, values) in headers?.iter() {
         let name: &str = name.as_ref();
-        if name == ID {
-            continue;
-        }
-        for v in values {
-            if name == KEY {
-                env.key = Some(v.to_string());
-            } else {
-                env.headers.push((name.to_owned(), v.to_string()));
-            }
+        match name {
+            WIRE => return None,
+            ID => id = Some(MessageId::parse(values.first()?.as_str()).ok()?),
+            KEY => key = values.first().map(|v| v.to_string()),
+            _ => user.extend(values.iter().map(|v| (name.to_owned(), v.to_string()))),
         }
     }
+    let mut env = Envelope::new_with_id(queue.clone(), payload.clone(), id?);
+    env.key = key;
+    env.headers = user;
     Some(env)
 }
 
@@ -455,7 +454,7 @@ pub(crate) fn has_id(wire: &[(String, String)]) -> bool {
 pub(crate) fn envelope_of(
     queue: &QueueName,
     wire: Vec<(String, String)>,
-    payload: Vec<u8>,
+    payload: Bytes,
 ) -> Result<Envelope, String> {
     let key = wire
         .iter()
@@ -637,7 +636,7 @@ impl NatsTransport {
         let n = self.names(envelope.queue.as_str());
         let headers = to_headers(envelope, &[("redrive-dead-at", now_ms().to_string())]);
         self.js
-            .publish_with_headers(n.dlq_subject, headers, envelope.payload.clone().into())
+            .publish_with_headers(n.dlq_subject, headers, envelope.payload.clone())
             .await
             .map_err(call("publish to the DLQ stream"))?
             .await
@@ -653,7 +652,7 @@ impl NatsTransport {
         queue: &QueueName,
         reply: &async_nats::Subject,
         wire: Vec<(String, String)>,
-        payload: Vec<u8>,
+        payload: Bytes,
         why: &str,
     ) {
         let raw = crate::exhausted::quarantined(queue, wire, payload, why);
@@ -687,7 +686,7 @@ impl Transport for NatsTransport {
             let headers = to_headers(&env, &[]);
             let ack = self
                 .js
-                .publish_with_headers(n.subject.clone(), headers, env.payload.into())
+                .publish_with_headers(n.subject.clone(), headers, env.payload)
                 .await
                 .map_err(call("publish"))?;
             acks.push(ack);
@@ -749,7 +748,7 @@ impl Transport for NatsTransport {
                 None => {
                     let wire = wire_of(headers.as_ref());
                     let known_id = has_id(&wire);
-                    envelope_of(&lanes.queue, wire, payload.to_vec()).map(|mut env| {
+                    envelope_of(&lanes.queue, wire, payload.clone()).map(|mut env| {
                         if !known_id {
                             env.id = id_in_stream(stream, created, seq);
                         }
@@ -763,7 +762,7 @@ impl Transport for NatsTransport {
                     // Read again: the common path gives its copy to the envelope.
                     let wire = wire_of(headers.as_ref());
                     let why = format!("message {seq} of {stream}: {why}");
-                    self.quarantine(&lanes.queue, &reply, wire, payload.to_vec(), &why)
+                    self.quarantine(&lanes.queue, &reply, wire, payload, &why)
                         .await;
                     continue;
                 }
@@ -1056,6 +1055,7 @@ pub(crate) mod futures_like {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use redrive_core::{Envelope, Failure, FailureKind, QueueName};
 
     use super::{WIRE, compact_of, envelope_of, id_in_stream, to_headers, wire_of};
@@ -1070,13 +1070,13 @@ mod tests {
         assert_eq!(h.get("redrive-id").unwrap().as_str(), env.id.to_string());
         assert_eq!(h.get("redrive-key").unwrap().as_str(), "user-7");
 
-        let fast = compact_of(&queue, Some(&h), b"payload").unwrap();
-        let full = envelope_of(&queue, wire_of(Some(&h)), b"payload".to_vec()).unwrap();
+        let fast = compact_of(&queue, Some(&h), &Bytes::from_static(b"payload")).unwrap();
+        let full = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"payload")).unwrap();
         for read in [fast, full] {
             assert_eq!(read.id, env.id);
             assert_eq!(read.key.as_deref(), Some("user-7"));
             assert_eq!(read.headers, env.headers);
-            assert_eq!(read.payload, b"payload");
+            assert_eq!(read.payload, b"payload"[..]);
             assert_eq!((read.attempt, read.queue.as_str()), (0, "agent.tasks"));
         }
     }
@@ -1091,8 +1091,8 @@ mod tests {
         );
         let h = to_headers(&env, &[]);
         assert!(h.get(WIRE).is_some());
-        assert!(compact_of(&queue, Some(&h), b"payload").is_none());
-        let read = envelope_of(&queue, wire_of(Some(&h)), b"payload".to_vec()).unwrap();
+        assert!(compact_of(&queue, Some(&h), &Bytes::from_static(b"payload")).is_none());
+        let read = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"payload")).unwrap();
         assert_eq!((read.id, read.attempt), (env.id, 1));
         assert_eq!(read.history[0].class, "Timeout");
     }
@@ -1102,8 +1102,8 @@ mod tests {
         let queue = QueueName::new("agent.tasks").unwrap();
         let mut h = async_nats::HeaderMap::new();
         h.insert("redrive-id", "not-a-uuid");
-        assert!(compact_of(&queue, Some(&h), b"x").is_none());
-        let err = envelope_of(&queue, wire_of(Some(&h)), b"x".to_vec()).unwrap_err();
+        assert!(compact_of(&queue, Some(&h), &Bytes::from_static(b"x")).is_none());
+        let err = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"x")).unwrap_err();
         assert!(err.contains("redrive-id"), "{err}");
     }
 

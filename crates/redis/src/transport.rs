@@ -360,7 +360,7 @@ impl Transport for RedisTransport {
                 .arg(&keys.main)
                 .arg("*")
                 .arg("payload")
-                .arg(&env.payload)
+                .arg(&env.payload[..])
                 .arg("h")
                 .arg(wire(&env));
             cmd.arg("lane").arg("main").arg("due").arg(due);

@@ -66,7 +66,7 @@ async fn ordered_mode_retries_in_place_and_keeps_per_key_order() {
         Duration::from_secs(90),
         runner.run(
             handler_fn(move |env: Envelope| {
-                let payload = String::from_utf8(env.payload.clone()).unwrap();
+                let payload = String::from_utf8(env.payload.to_vec()).unwrap();
                 let fail = payload == "a2" && env.attempt < 2;
                 rec.lock()
                     .unwrap()

@@ -67,7 +67,7 @@ fn run(
         runner
             .run(
                 handler_fn(move |env: Envelope| {
-                    let payload = String::from_utf8(env.payload.clone()).unwrap();
+                    let payload = String::from_utf8(env.payload.to_vec()).unwrap();
                     log.lock().unwrap().push((name, payload, env.attempt));
                     async {
                         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -183,7 +183,7 @@ async fn a_member_joining_mid_run_shares_the_partitions_and_nothing_is_lost() {
             handler_fn(move |env: Envelope| {
                 rec.lock().unwrap().push((
                     "c",
-                    String::from_utf8(env.payload.clone()).unwrap(),
+                    String::from_utf8(env.payload.to_vec()).unwrap(),
                     env.attempt,
                 ));
                 async { Ok(()) }

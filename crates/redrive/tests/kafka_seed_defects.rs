@@ -276,7 +276,11 @@ async fn unparseable_records_are_quarantined_and_the_loop_goes_on() {
             .contains("redrive-attempt"),
         "the reason names the header"
     );
-    assert_eq!(headers.envelope.payload, b"{\"n\":3}", "kept byte for byte");
+    assert_eq!(
+        headers.envelope.payload,
+        b"{\"n\":3}"[..],
+        "kept byte for byte"
+    );
 }
 
 /// Defect 3: headers are a list: the hand-written pattern's `attempt` / `error` / `trace`
@@ -403,7 +407,7 @@ async fn a_crash_between_next_lane_produce_and_commit_loses_nothing() {
     let seen = seen.all();
     assert!(
         seen.iter()
-            .any(|(_, e)| e.id == id && e.payload == b"survives the crash"),
+            .any(|(_, e)| e.id == id && e.payload == b"survives the crash"[..]),
         "delivered again after the crash: {seen:?}"
     );
     assert!(

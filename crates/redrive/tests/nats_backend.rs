@@ -261,7 +261,7 @@ async fn an_unreadable_message_is_quarantined_and_the_others_are_handled() {
         .unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     let d = &dead[0].envelope;
-    assert_eq!(d.payload, b"broken but kept");
+    assert_eq!(d.payload, b"broken but kept"[..]);
     assert_eq!(d.headers, vec![("trace".to_owned(), "t-1".to_owned())]);
     let failure = d.history.last().unwrap();
     assert_eq!(
@@ -316,7 +316,11 @@ async fn a_plain_producers_message_is_retried_like_any_other() {
         "{handled:?}"
     );
     assert_eq!(handled[0].0, handled[1].0, "one identity across deliveries");
-    assert!(handled.iter().all(|(_, _, p)| p == b"from elsewhere"));
+    assert!(
+        handled
+            .iter()
+            .all(|(_, _, p)| p[..] == b"from elsewhere"[..])
+    );
     assert_eq!(f.backend.count(&DeadFilter::default()).await.unwrap(), 0);
     f.cleanup().await;
 }

@@ -764,7 +764,10 @@ impl<T: Transport, H: Handler> Worker<T, H> {
     async fn handle(&mut self, delivery: &Delivery<T::Token>) -> Option<Outcome> {
         let ctx = Arc::clone(&self.ctx);
         let message: Envelope = delivery.envelope.clone();
-        let mut run = CatchPanic(Box::pin(async move { ctx.handler.handle(message).await }));
+        // Pinned in place: the worker's task, allocated once, holds it (a box per
+        // delivery showed in profiles).
+        let run = std::pin::pin!(ctx.handler.handle(message));
+        let mut run = CatchPanic(run);
         // A handler that finishes on its first poll (a fast one, or one that fails at
         // once) needs no timer: arming and dropping one per delivery showed in profiles.
         let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut run).poll(cx))).await;
@@ -887,9 +890,9 @@ impl<T: Transport, H: Handler> Worker<T, H> {
 
 /// Polls a future and turns a panic inside it into `Err` with the panic's payload, so a
 /// panicking handler fails only its own attempt.
-struct CatchPanic<F>(Pin<Box<F>>);
+struct CatchPanic<'a, F>(Pin<&'a mut F>);
 
-impl<F: Future> Future for CatchPanic<F> {
+impl<F: Future> Future for CatchPanic<'_, F> {
     type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {

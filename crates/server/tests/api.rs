@@ -33,8 +33,8 @@ impl Fixture {
 }
 
 fn dead(queue: &str, payload: &str, class: &str, message: &str, at: i64) -> DeadLetter {
-    let mut env =
-        Envelope::new(QueueName::new(queue).unwrap(), payload).with_header("x-note", XSS_SCRIPT);
+    let mut env = Envelope::new(QueueName::new(queue).unwrap(), payload.to_owned())
+        .with_header("x-note", XSS_SCRIPT);
     env.record_failure(
         Failure::new(FailureKind::Poison, class, message, at),
         "main",
@@ -325,7 +325,7 @@ async fn operator_replays_with_dry_run_and_everything_is_audited() {
     assert_eq!(fixed.deliveries.len(), 1);
     assert_eq!(
         fixed.deliveries[0].envelope.payload,
-        b"{\"task\":\"fixed\"}"
+        b"{\"task\":\"fixed\"}"[..]
     );
     assert_eq!(
         fixed.deliveries[0].envelope.id.to_string(),

@@ -147,7 +147,7 @@ mod tests {
     use super::*;
 
     fn msg(payload: &str) -> Envelope {
-        Envelope::new(QueueName::new("agent.tasks").unwrap(), payload)
+        Envelope::new(QueueName::new("agent.tasks").unwrap(), payload.to_owned())
             .with_key("k1")
             .with_header("x-tenant.id", "acme")
     }

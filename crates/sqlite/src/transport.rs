@@ -78,7 +78,7 @@ pub(crate) fn insert_dead(
             env.first_failed_ms,
             last.map(|f| f.at_ms),
             env.key,
-            env.payload,
+            &env.payload[..],
             headers_json(env),
         ])
         .map_err(SqliteError::query("insert dead letter"))?;
@@ -199,7 +199,7 @@ impl Transport for Sqlite {
                         due,
                         now,
                         env.key,
-                        env.payload,
+                        &env.payload[..],
                         headers_json(&env)
                     ])
                     .map_err(SqliteError::query("publish"))?;

@@ -373,7 +373,7 @@ impl SqsTransport {
 
     fn remember(&self, token: &Token, envelope: &Envelope, lane: Lane, due_ms: i64) {
         let mut envelope = envelope.clone();
-        envelope.payload = Vec::new();
+        envelope.payload = redrive_core::Bytes::new();
         if let Ok(mut known) = self.inner.known.lock() {
             if known.len() >= MAX_KNOWN {
                 // Whatever is due longest ago has most likely been received elsewhere.

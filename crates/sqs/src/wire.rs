@@ -306,7 +306,7 @@ mod tests {
             env.attempt, 2,
             "the hand-written pattern's attempt header is read"
         );
-        assert_eq!(env.payload, b"plain text");
+        assert_eq!(env.payload, b"plain text"[..]);
     }
 
     #[test]
@@ -318,6 +318,6 @@ mod tests {
             .build();
         let (why, raw) = decode(&queue(), &m).envelope.expect_err("malformed");
         assert!(why.contains("redrive"), "{why}");
-        assert_eq!(raw.payload, b"keep me");
+        assert_eq!(raw.payload, b"keep me"[..]);
     }
 }
