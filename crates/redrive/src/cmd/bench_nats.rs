@@ -1,6 +1,10 @@
 //! `redrive bench --broker nats://…`: no-failure throughput of the NATS backend beside a
 //! plain async-nats pull consumer doing publish + fetch + ack of the same number of
 //! messages, on the same server, in the same run.
+//!
+//! The plain consumer runs twice: on bare payloads (the ratio's baseline) and on messages
+//! that carry the one header redrive puts on a message that never failed (`redrive-id`),
+//! which separates what the runner costs from what carrying an id costs in the client.
 
 use std::time::Instant;
 
@@ -25,14 +29,16 @@ struct Side {
     consume_cpu_us_per_msg: Option<f64>,
 }
 
-/// The plain consumer: what a team writes by hand with async-nats.
-async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
+/// The plain consumer: what a team writes by hand with async-nats. With `id_header`, each
+/// message carries a `redrive-id` header as redrive's do.
+async fn plain(url: &str, n: usize, namespace: &str, id_header: bool) -> Result<Side> {
     let client = async_nats::connect(url)
         .await
         .context("connecting to NATS")?;
     let js = jetstream::new(client);
-    let name = format!("{namespace}_plain");
-    let subject = format!("{namespace}.plain");
+    let suffix = if id_header { "plain_id" } else { "plain" };
+    let name = format!("{namespace}_{suffix}");
+    let subject = format!("{namespace}.{suffix}");
     let s = js
         .get_or_create_stream(stream::Config {
             name: name.clone(),
@@ -45,10 +51,18 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
     let started = Instant::now();
     let mut acks = Vec::with_capacity(n);
     for i in 0..n {
-        acks.push(
-            js.publish(subject.clone(), format!("{{\"n\":{i}}}").into())
-                .await?,
-        );
+        let payload = format!("{{\"n\":{i}}}").into();
+        let ack = if id_header {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(
+                "redrive-id",
+                redrive_core::MessageId::new().to_string().as_str(),
+            );
+            js.publish_with_headers(subject.clone(), h, payload).await?
+        } else {
+            js.publish(subject.clone(), payload).await?
+        };
+        acks.push(ack);
     }
     for a in acks {
         a.await?;
@@ -81,7 +95,11 @@ async fn plain(url: &str, n: usize, namespace: &str) -> Result<Side> {
     let consume_cpu_us_per_msg = super::bench::cpu_us_per_msg(cpu, super::bench::cpu_secs(), n);
     let _ = js.delete_stream(&name).await;
     Ok(Side {
-        tool: "async-nats (plain)",
+        tool: if id_header {
+            "async-nats (id header)"
+        } else {
+            "async-nats (plain)"
+        },
         messages: n,
         publish_secs,
         consume_secs,
@@ -123,8 +141,10 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
     let namespace = format!("bench{}", redrive_core::now_ms());
     let n = args.messages;
     let mine = redrive(url, n, args.concurrency, &namespace).await?;
-    let theirs = plain(url, n, &namespace).await?;
+    let theirs = plain(url, n, &namespace, false).await?;
+    let with_id = plain(url, n, &namespace, true).await?;
     let ratio = mine.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
+    let ratio_with_id = mine.consume_msgs_per_sec / with_id.consume_msgs_per_sec;
     // Leave the server as it was.
     if let Ok(client) = async_nats::connect(url).await {
         let js = jetstream::new(client);
@@ -138,22 +158,30 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         }
     }
     if args.json {
-        json_line(&serde_json::json!({ "redrive": mine, "plain": theirs, "ratio": ratio }));
+        json_line(&serde_json::json!({
+            "redrive": mine,
+            "plain": theirs,
+            "plain_id_header": with_id,
+            "ratio": ratio,
+            "ratio_id_header": ratio_with_id,
+        }));
     } else {
-        for s in [&mine, &theirs] {
+        for s in [&mine, &theirs, &with_id] {
             let cpu = s
                 .consume_cpu_us_per_msg
                 .map(|us| format!("  {us:.1} µs CPU/msg"))
                 .unwrap_or_default();
             outln!(
-                "{:<20} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s{cpu}",
+                "{:<22} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s{cpu}",
                 s.tool,
                 s.publish_secs,
                 s.consume_secs,
                 s.consume_msgs_per_sec
             );
         }
-        outln!("ratio redrive / plain: {ratio:.2}x");
+        outln!(
+            "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id header: {ratio_with_id:.2}x)"
+        );
     }
     Ok(ratio)
 }
