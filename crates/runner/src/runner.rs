@@ -762,11 +762,10 @@ impl<T: Transport, H: Handler> Worker<T, H> {
     /// one timer that serves both the heartbeat and the deadline: a task and two timers
     /// per message were most of the runner's own cost.
     async fn handle(&mut self, delivery: &Delivery<T::Token>) -> Option<Outcome> {
-        let ctx = Arc::clone(&self.ctx);
         let message: Envelope = delivery.envelope.clone();
         // Pinned in place: the worker's task, allocated once, holds it (a box per
         // delivery showed in profiles).
-        let run = std::pin::pin!(ctx.handler.handle(message));
+        let run = std::pin::pin!(self.ctx.handler.handle(message));
         let mut run = CatchPanic(run);
         // A handler that finishes on its first poll (a fast one, or one that fails at
         // once) needs no timer: arming and dropping one per delivery showed in profiles.
