@@ -123,6 +123,10 @@ impl<T: Transport + DlqSource, S: DeadLetterStore + Clone> Transport for Brokere
     fn max_fetch(&self) -> usize {
         self.transport.max_fetch()
     }
+
+    fn fetches_in_flight(&self) -> usize {
+        self.transport.fetches_in_flight()
+    }
 }
 
 /// Lane depths come from the broker; the DLQ depth is the store's after a drain.

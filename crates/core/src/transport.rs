@@ -181,6 +181,13 @@ pub trait Transport: Send + Sync + 'static {
     fn max_fetch(&self) -> usize {
         usize::MAX
     }
+
+    /// How many fetches a runner may have waiting on this backend at once. A broker
+    /// that answers each fetch with its own round trip stays busy when the next fetch
+    /// is already queued behind the one it is serving. Default: one at a time.
+    fn fetches_in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// Depth of each lane of one queue.

@@ -892,6 +892,13 @@ impl Transport for NatsTransport {
             .map_err(call("extend the lease"))?;
         Ok(())
     }
+
+    fn fetches_in_flight(&self) -> usize {
+        // The server serves pull requests in turn; with the next one already waiting it
+        // goes on sending while the runner takes in the batch it just answered (bench:
+        // BENCHMARKS.md, eighth session).
+        2
+    }
 }
 
 impl NatsTransport {

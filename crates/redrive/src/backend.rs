@@ -285,6 +285,10 @@ impl Transport for Any {
     fn max_fetch(&self) -> usize {
         both!(self, |b| b.max_fetch())
     }
+
+    fn fetches_in_flight(&self) -> usize {
+        both!(self, |b| b.fetches_in_flight())
+    }
 }
 
 impl LaneStats for Any {

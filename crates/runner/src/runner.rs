@@ -248,7 +248,12 @@ impl<T: Transport> Runner<T> {
         let released = &ctx.released;
         let line = &ctx.line;
         let mut fetch_errors: u32 = 0;
-        let mut fetching: Option<JoinHandle<Result<Fetched<T::Token>, TransportError>>> = None;
+        // Fetches in flight, with how many deliveries each asked for. A transport that
+        // serves each fetch from its own broker round trip may take a second while the
+        // first is answered, so the broker always has the next one waiting.
+        let overlap = self.transport.fetches_in_flight().max(1);
+        let mut fetching: JoinSet<Result<Fetched<T::Token>, TransportError>> = JoinSet::new();
+        let mut asked: Vec<(tokio::task::Id, usize)> = Vec::with_capacity(overlap);
         // An idle check runs beside the loop, so a retry coming due meanwhile is not held
         // up by it; it counts only if nothing was delivered since it started.
         let mut probing: Option<(JoinHandle<Result<bool, TransportError>>, u64)> = None;
@@ -284,51 +289,66 @@ impl<T: Transport> Runner<T> {
             // quarter of the lease, which only running deliveries renew).
             pace.update(started);
             let ahead = pace.ahead(concurrency, fetch_batch, self.config.lease);
+            let incoming: usize = asked.iter().map(|(_, n)| n).sum();
+            // Still to lease before `--max-messages` is reached.
+            let left = remaining.saturating_sub(waiting + incoming);
             let room = (concurrency + ahead)
-                .saturating_sub(busy + waiting)
+                .saturating_sub(busy + waiting + incoming)
                 .min(fetch_batch)
-                .min(remaining.saturating_sub(waiting));
+                .min(left);
             // Fetch once a worthwhile batch fits, not as soon as one slot frees: with fast
             // handlers that would be one broker round trip (or one lease write) per
             // message or two.
-            let worth =
-                (ahead.min(fetch_batch) / 2).clamp(1, remaining.saturating_sub(waiting).max(1));
+            let worth = (ahead.min(fetch_batch) / 2).clamp(1, left.max(1));
             // Settles wake this loop only once a worthwhile fetch fits again: a wake-up
             // per settled delivery cost more than fast handlers themselves. Every settle
             // wakes it while the last fetch found nothing (what it settles may have made
             // more ready, a Kafka partition's next records say) and, with everything
             // left to run already leased, to see the end.
-            let every_settle = came_back_empty || remaining.saturating_sub(waiting) == 0;
+            // With fetches in flight and the pace fallen, no settle may make room: then
+            // only a fetch coming back wakes the loop.
+            let every_settle = came_back_empty || left == 0;
             let wake_on = if every_settle {
-                WakeOn::AnySettle
+                Some(WakeOn::AnySettle)
             } else {
-                WakeOn::AtMost((concurrency + ahead).saturating_sub(worth))
+                (concurrency + ahead)
+                    .checked_sub(worth + incoming)
+                    .map(WakeOn::AtMost)
             };
-            if fetching.is_none() && (room < worth || every_settle) && line.wake_on(wake_on) {
+            let may_fetch = fetching.len() < overlap;
+            if may_fetch
+                && (room < worth || every_settle)
+                && wake_on.is_some_and(|on| line.wake_on(on))
+            {
                 continue;
             }
-            if fetching.is_none() && room >= worth && Instant::now() >= fetch_at {
+            if may_fetch && room >= worth && Instant::now() >= fetch_at {
                 let transport = Arc::clone(&self.transport);
                 let lanes = self.lanes.clone();
                 let lease = self.config.lease;
                 // A spawned fetch is never abandoned half-way: even at shutdown it is
                 // awaited and what it leased is released, so no lease expires unseen
                 // (which would count an attempt).
-                fetching = Some(tokio::spawn(async move {
-                    transport.fetch(&lanes, room, lease).await
-                }));
+                let task =
+                    fetching.spawn(async move { transport.fetch(&lanes, room, lease).await });
+                asked.push((task.id(), room));
+                continue;
             }
             tokio::select! {
                 biased;
                 () = &mut shutdown => break "shutdown",
-                joined = async { fetching.as_mut().expect("guarded by the branch condition").await }, if fetching.is_some() => {
-                    fetching = None;
-                    let result = joined.unwrap_or_else(|e| Err(TransportError::Backend { context: "fetch task".into(), source: Box::new(e) }));
+                Some(joined) = fetching.join_next_with_id() => {
+                    let id = match &joined {
+                        Ok((id, _)) => *id,
+                        Err(e) => e.id(),
+                    };
+                    asked.retain(|(task, _)| *task != id);
+                    let result = joined.map_or_else(|e| Err(TransportError::Backend { context: "fetch task".into(), source: Box::new(e) }), |(_, r)| r);
                     match result {
                         Ok(fetched) if fetched.deliveries.is_empty() => {
                             fetch_errors = 0;
                             came_back_empty = true;
-                            let idle = line.counts().is_empty();
+                            let idle = line.counts().is_empty() && fetching.is_empty();
                             // A backend that knows when its next message is due is not idle.
                             if idle && fetched.next_due_ms.is_none() && probing.is_none()
                                 && let Some(probe) = &self.idle_probe
@@ -344,12 +364,16 @@ impl<T: Transport> Runner<T> {
                         Ok(fetched) => {
                             fetch_errors = 0;
                             came_back_empty = false;
+                            // The other fetch in flight may have come back empty and set
+                            // an idle wait: this one found messages, so look again now.
+                            fetch_at = Instant::now();
                             line.push(fetched.deliveries);
                         }
                         Err(e @ TransportError::Misconfigured { .. }) => {
-                            // Nothing is in flight yet: backends check their setup on the
+                            // Nothing has run yet: backends check their setup on the
                             // first fetch.
-                            line.close();
+                            let unstarted = line.close();
+                            self.release_unstarted(unstarted, &mut fetching, released).await;
                             return Err(RunError::Misconfigured(e));
                         }
                         Err(e) => {
@@ -366,36 +390,27 @@ impl<T: Transport> Runner<T> {
                     match result {
                         Ok(true) => {
                             let now = line.counts();
-                            if now.started == since && now.is_empty() {
+                            if now.started == since && now.is_empty() && fetching.is_empty() {
                                 break "idle";
                             }
                         }
                         Ok(false) => {}
                         Err(e) => {
-                            line.close();
+                            let unstarted = line.close();
+                            self.release_unstarted(unstarted, &mut fetching, released).await;
                             return Err(RunError::Depths(e));
                         }
                     }
                 }
                 // A settle freed room, or scheduled a retry: look again.
-                () = wake.notified(), if fetching.is_none() => fetch_at = Instant::now(),
-                () = sleep_until(fetch_at), if fetching.is_none() && Instant::now() < fetch_at => {}
+                () = wake.notified(), if may_fetch => fetch_at = Instant::now(),
+                () = sleep_until(fetch_at), if may_fetch && Instant::now() < fetch_at => {}
             }
         };
 
-        // Deliveries fetched but never started go back uncounted.
-        let mut unstarted = line.close();
-        if let Some(pending) = fetching.take()
-            && let Ok(Ok(fetched)) = pending.await
-        {
-            unstarted.extend(fetched.deliveries);
-        }
-        for delivery in unstarted {
-            if let Err(e) = self.transport.release(&delivery).await {
-                tracing::warn!(id = %delivery.envelope.id, error = %e, "release failed; the lease will expire instead");
-            }
-            released.fetch_add(1, Ordering::Relaxed);
-        }
+        let unstarted = line.close();
+        self.release_unstarted(unstarted, &mut fetching, released)
+            .await;
 
         // Graceful drain: in-flight handlers get the grace period, then are released.
         let drained = timeout(self.config.grace, async {
@@ -412,6 +427,29 @@ impl<T: Transport> Runner<T> {
             released: released.load(Ordering::Relaxed),
             reason,
         })
+    }
+}
+
+impl<T: Transport> Runner<T> {
+    /// Deliveries fetched but never started go back uncounted: those waiting in the
+    /// line, and those the fetches still in flight lease (awaited, never abandoned).
+    async fn release_unstarted(
+        &self,
+        mut unstarted: Vec<Delivery<T::Token>>,
+        fetching: &mut JoinSet<Result<Fetched<T::Token>, TransportError>>,
+        released: &AtomicU64,
+    ) {
+        while let Some(pending) = fetching.join_next().await {
+            if let Ok(Ok(fetched)) = pending {
+                unstarted.extend(fetched.deliveries);
+            }
+        }
+        for delivery in unstarted {
+            if let Err(e) = self.transport.release(&delivery).await {
+                tracing::warn!(id = %delivery.envelope.id, error = %e, "release failed; the lease will expire instead");
+            }
+            released.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
