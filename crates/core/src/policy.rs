@@ -176,7 +176,7 @@ impl RetryPolicy {
     /// Decides where a message goes after its `failed`-th failed attempt (1-based).
     ///
     /// `poison` sends it to the DLQ at once. `retry_after` replaces the tier's delay
-    /// (capped at [`MAX_RETRY_AFTER`]) when the handler asked for a specific wait.
+    /// (capped at 12 hours, `MAX_RETRY_AFTER`) when the handler asked for a specific wait.
     #[must_use]
     pub fn decide(&self, failed: u32, poison: bool, retry_after: Option<Duration>) -> Step {
         if poison || failed >= self.max_attempts() || failed == 0 {

@@ -184,7 +184,10 @@ pub trait Transport: Send + Sync + 'static {
 
     /// How many fetches a runner may have waiting on this backend at once. A broker
     /// that answers each fetch with its own round trip stays busy when the next fetch
-    /// is already queued behind the one it is serving. Default: one at a time.
+    /// is already queued behind the one it is serving. A backend that says more than
+    /// one must serve concurrent `fetch` calls without handing one message to both
+    /// (a JetStream consumer never gives a message pending an ack to a second pull).
+    /// Default: one at a time.
     fn fetches_in_flight(&self) -> usize {
         1
     }

@@ -1,10 +1,11 @@
 //! The redrive consume loop, shared by the `redrive consume` sidecar and by Rust agents
 //! that use redrive as a library.
 //!
-//! A [`Runner`] pulls due deliveries from a [`Transport`], hands each to a [`Handler`]
-//! under a concurrency limit, a timeout and panic isolation, keeps long handlers'
-//! leases alive, and settles every delivery by the [`RetryPolicy`]: ack, next retry
-//! tier, or the DLQ. Settling returns only once the next place is durable.
+//! A [`Runner`] pulls due deliveries from a [`Transport`](redrive_core::Transport),
+//! hands each to a [`Handler`] under a concurrency limit, a timeout and panic
+//! isolation, keeps long handlers' leases alive, and settles every delivery by the
+//! [`RetryPolicy`](redrive_core::RetryPolicy): ack, next retry tier, or the DLQ.
+//! Settling returns only once the next place is durable.
 //!
 //! ```no_run
 //! # async fn demo(transport: redrive_sqlite::Sqlite) {
