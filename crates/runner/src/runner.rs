@@ -428,9 +428,7 @@ impl<T: Transport> Runner<T> {
             reason,
         })
     }
-}
 
-impl<T: Transport> Runner<T> {
     /// Deliveries fetched but never started go back uncounted: those waiting in the
     /// line, and those the fetches still in flight lease (awaited, never abandoned).
     async fn release_unstarted(
