@@ -177,6 +177,9 @@ pub(crate) struct Shared {
     pub(crate) signal: tokio::sync::Notify,
     /// Member of `<group>.leased`: its committed offsets are the leased marks.
     pub(crate) marks: Arc<BaseConsumer>,
+    /// Held while a fetch writes leased marks: one write at a time, each worked out
+    /// after the last one landed, so a mark never goes down under a later write.
+    pub(crate) marks_write: tokio::sync::Mutex<()>,
     /// One record at a time per partition, retried in place.
     pub(crate) ordered: bool,
 }
@@ -194,6 +197,7 @@ impl Shared {
             state: Mutex::default(),
             signal: tokio::sync::Notify::new(),
             marks,
+            marks_write: tokio::sync::Mutex::new(()),
             ordered,
         }
     }
@@ -742,22 +746,29 @@ pub(crate) fn decode(
     queue: &QueueName,
     msg: &impl Message,
 ) -> Result<Envelope, Box<(String, Envelope)>> {
-    let mut wire = Vec::new();
-    if let Some(h) = msg.headers() {
-        for header in h.iter() {
-            let value = header
-                .value
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            wire.push((header.key.to_owned(), value));
-        }
-    }
-    let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
-    let payload = msg.payload().unwrap_or_default().to_vec();
-    Envelope::from_wire(queue, key.clone(), payload.clone(), wire.clone()).map_err(|e| {
-        let mut raw = Envelope::new(queue.clone(), payload);
-        raw.key = key;
-        raw.headers = wire;
+    let payload = || msg.payload().unwrap_or_default().to_vec();
+    let key = || msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    Envelope::from_wire(queue, key(), payload(), headers_of(msg)).map_err(|e| {
+        // Read again from the record on this rare path, rather than copying every
+        // record's payload and headers ahead in case it is needed.
+        let mut raw = Envelope::new(queue.clone(), payload());
+        raw.key = key();
+        raw.headers = headers_of(msg);
         Box::new((e.to_string(), raw))
     })
+}
+
+fn headers_of(msg: &impl Message) -> Vec<(String, String)> {
+    let Some(h) = msg.headers() else {
+        return Vec::new();
+    };
+    h.iter()
+        .map(|header| {
+            let value = header
+                .value
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            (header.key.to_owned(), value.into_owned())
+        })
+        .collect()
 }

@@ -347,6 +347,22 @@ impl KafkaTransport {
     }
 
     fn headers(env: &Envelope, extra: &[(&str, String)]) -> OwnedHeaders {
+        if extra.is_empty() && env.is_fresh() {
+            // The compact form: every header is bytes in each record and in every fetch
+            // of it, and most records never fail (bench: BENCHMARKS.md, ninth session).
+            let mut h = OwnedHeaders::new_with_capacity(1 + env.headers.len());
+            h = h.insert(Header {
+                key: "redrive-id",
+                value: Some(env.id.to_string().as_bytes()),
+            });
+            for (k, v) in &env.headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            return h;
+        }
         let wire = env.to_wire();
         let mut h = OwnedHeaders::new_with_capacity(wire.len() + extra.len());
         for (k, v) in &wire {
@@ -500,7 +516,10 @@ impl Transport for KafkaTransport {
                 next_due_ms: shared.next_due_ms(),
             });
         }
-        // The leases are durable before anything is handed out.
+        // The leases are durable before anything is handed out. Two fetches may be in
+        // flight: the second takes its records while the first's write is out, then
+        // writes after it (often nothing, the first having covered what was buffered).
+        let writing = shared.marks_write.lock().await;
         let raise = shared.marks_to_raise(&taken);
         if !raise.is_empty() {
             let marks = Arc::clone(&shared.marks);
@@ -528,6 +547,7 @@ impl Transport for KafkaTransport {
                 "leases recorded"
             );
         }
+        drop(writing);
         let mut deliveries = Vec::with_capacity(taken.len());
         for p in taken {
             let Polled {
@@ -642,6 +662,12 @@ impl Transport for KafkaTransport {
     ) -> Result<(), TransportError> {
         // The group membership is the lease: the poll thread keeps it alive.
         Ok(())
+    }
+
+    fn fetches_in_flight(&self) -> usize {
+        // A fetch waits for its lease write; with a second one in flight the runner has
+        // the next records while it does (lease writes stay one at a time, in order).
+        2
     }
 
     fn max_fetch(&self) -> usize {

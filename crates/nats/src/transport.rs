@@ -325,11 +325,7 @@ fn sanitize(queue: &str) -> String {
 pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     let fresh = extra.is_empty()
-        && env.attempt == 0
-        && env.replays == 0
-        && env.not_before_ms.is_none()
-        && env.first_failed_ms.is_none()
-        && env.history.is_empty()
+        && env.is_fresh()
         && env
             .key
             .as_deref()
