@@ -2,6 +2,10 @@
 //! plain rdkafka consumer (poll, store the offset, commit in batches) of the same number
 //! of records, on the same broker, with the same client settings, in the same run.
 //!
+//! The plain consumer runs twice: on bare records (the ratio's baseline) and on records
+//! that carry the one header redrive puts on a record that never failed (`redrive-id`),
+//! which separates what the runner costs from what carrying an id costs the broker.
+//!
 //! Both sides join a consumer group first; how long that takes depends on the broker,
 //! not on the consumer, so each side's rate is measured from its first record to its
 //! last (the time including the join is reported beside it).
@@ -12,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redrive_core::{QueueName, now_ms};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
@@ -33,8 +38,9 @@ struct Side {
     consume_msgs_per_sec: f64,
 }
 
-/// The plain consumer: what a team writes by hand with rdkafka.
-async fn plain(config: &KafkaConfig, topic: &str, n: usize) -> Result<Side> {
+/// The plain consumer: what a team writes by hand with rdkafka. With `id_header`, each
+/// record carries a `redrive-id` header as redrive's do.
+async fn plain(config: &KafkaConfig, topic: &str, n: usize, id_header: bool) -> Result<Side> {
     let producer: FutureProducer = config
         .client_config(&[("acks", "all"), ("linger.ms", "2")])
         .create()
@@ -52,8 +58,16 @@ async fn plain(config: &KafkaConfig, topic: &str, n: usize) -> Result<Side> {
     let mut waiting = Vec::with_capacity(n);
     for i in 0..n {
         let payload = format!("{{\"n\":{i}}}");
+        let id = redrive_core::MessageId::new().to_string();
         loop {
-            match producer.send_result(FutureRecord::<(), _>::to(topic).payload(&payload)) {
+            let mut record = FutureRecord::<(), _>::to(topic).payload(&payload);
+            if id_header {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: "redrive-id",
+                    value: Some(id.as_bytes()),
+                }));
+            }
+            match producer.send_result(record) {
                 Ok(f) => {
                     waiting.push(f);
                     break;
@@ -114,7 +128,11 @@ async fn plain(config: &KafkaConfig, topic: &str, n: usize) -> Result<Side> {
     .await??;
     let consume_secs = first.elapsed().as_secs_f64();
     Ok(Side {
-        tool: "rdkafka (plain)",
+        tool: if id_header {
+            "rdkafka (id header)"
+        } else {
+            "rdkafka (plain)"
+        },
         messages: n,
         publish_secs,
         total_secs: total,
@@ -155,14 +173,16 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
     let config = KafkaConfig::new(&url)?;
     let n = args.messages;
     let mine = redrive(&url, n, args.concurrency).await?;
-    let theirs = plain(&config, &config.topic("plain"), n).await?;
+    let theirs = plain(&config, &config.topic("plain"), n, false).await?;
+    let with_id = plain(&config, &config.topic("plain_id"), n, true).await?;
     let ratio = mine.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
+    let ratio_with_id = mine.consume_msgs_per_sec / with_id.consume_msgs_per_sec;
     // Leave the broker as it was.
     if let Ok(admin) = config
         .client_config(&[])
         .create::<AdminClient<DefaultClientContext>>()
     {
-        let topics: Vec<String> = ["bench", "bench.dlq", "bench.retry.1s", "plain"]
+        let topics: Vec<String> = ["bench", "bench.dlq", "bench.retry.1s", "plain", "plain_id"]
             .iter()
             .map(|t| config.topic(t))
             .collect();
@@ -170,11 +190,17 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
     if args.json {
-        json_line(&serde_json::json!({ "redrive": mine, "plain": theirs, "ratio": ratio }));
+        json_line(&serde_json::json!({
+            "redrive": mine,
+            "plain": theirs,
+            "plain_id_header": with_id,
+            "ratio": ratio,
+            "ratio_id_header": ratio_with_id,
+        }));
     } else {
-        for s in [&mine, &theirs] {
+        for s in [&mine, &theirs, &with_id] {
             outln!(
-                "{:<16} publish {:.2}s  first→last record {:.2}s  {:>8.0} msgs/s  (with group join {:.2}s)",
+                "{:<20} publish {:.2}s  first→last record {:.2}s  {:>8.0} msgs/s  (with group join {:.2}s)",
                 s.tool,
                 s.publish_secs,
                 s.consume_secs,
@@ -182,7 +208,9 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
                 s.total_secs
             );
         }
-        outln!("ratio redrive / plain: {ratio:.2}x");
+        outln!(
+            "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id header: {ratio_with_id:.2}x)"
+        );
     }
     Ok(ratio)
 }
