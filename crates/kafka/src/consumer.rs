@@ -177,9 +177,6 @@ pub(crate) struct Shared {
     pub(crate) signal: tokio::sync::Notify,
     /// Member of `<group>.leased`: its committed offsets are the leased marks.
     pub(crate) marks: Arc<BaseConsumer>,
-    /// Held while a fetch writes leased marks: one write at a time, each worked out
-    /// after the last one landed, so a mark never goes down under a later write.
-    pub(crate) marks_write: tokio::sync::Mutex<()>,
     /// One record at a time per partition, retried in place.
     pub(crate) ordered: bool,
 }
@@ -197,7 +194,6 @@ impl Shared {
             state: Mutex::default(),
             signal: tokio::sync::Notify::new(),
             marks,
-            marks_write: tokio::sync::Mutex::new(()),
             ordered,
         }
     }

@@ -516,10 +516,7 @@ impl Transport for KafkaTransport {
                 next_due_ms: shared.next_due_ms(),
             });
         }
-        // The leases are durable before anything is handed out. Two fetches may be in
-        // flight: the second takes its records while the first's write is out, then
-        // writes after it (often nothing, the first having covered what was buffered).
-        let writing = shared.marks_write.lock().await;
+        // The leases are durable before anything is handed out.
         let raise = shared.marks_to_raise(&taken);
         if !raise.is_empty() {
             let marks = Arc::clone(&shared.marks);
@@ -547,7 +544,6 @@ impl Transport for KafkaTransport {
                 "leases recorded"
             );
         }
-        drop(writing);
         let mut deliveries = Vec::with_capacity(taken.len());
         for p in taken {
             let Polled {
@@ -662,12 +658,6 @@ impl Transport for KafkaTransport {
     ) -> Result<(), TransportError> {
         // The group membership is the lease: the poll thread keeps it alive.
         Ok(())
-    }
-
-    fn fetches_in_flight(&self) -> usize {
-        // A fetch waits for its lease write; with a second one in flight the runner has
-        // the next records while it does (lease writes stay one at a time, in order).
-        2
     }
 
     fn max_fetch(&self) -> usize {
