@@ -297,6 +297,16 @@ impl Envelope {
             && self.history.is_empty()
     }
 
+    /// The compact wire form of a fresh envelope ([`Self::is_fresh`]): `redrive-id`,
+    /// then the user's headers.
+    #[must_use]
+    pub fn to_compact_wire(&self) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(1 + self.headers.len());
+        out.push(("redrive-id".to_owned(), self.id.to_string()));
+        out.extend(self.headers.iter().cloned());
+        out
+    }
+
     /// The envelope as wire headers: redrive's own, then the user's.
     #[must_use]
     pub fn to_wire(&self) -> Vec<(String, String)> {
@@ -609,10 +619,14 @@ mod tests {
             .with_header("tenant", "acme");
         assert!(env.is_fresh());
         assert!(!failed_twice().is_fresh());
-        let compact = vec![
-            ("redrive-id".to_owned(), env.id.to_string()),
-            ("tenant".to_owned(), "acme".to_owned()),
-        ];
+        let compact = env.to_compact_wire();
+        assert_eq!(
+            compact,
+            vec![
+                ("redrive-id".to_owned(), env.id.to_string()),
+                ("tenant".to_owned(), "acme".to_owned()),
+            ]
+        );
         let back =
             Envelope::from_wire(&queue(), env.key.clone(), env.payload.clone(), compact).unwrap();
         assert_eq!(back, env);

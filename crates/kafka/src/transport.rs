@@ -347,23 +347,13 @@ impl KafkaTransport {
     }
 
     fn headers(env: &Envelope, extra: &[(&str, String)]) -> OwnedHeaders {
-        if extra.is_empty() && env.is_fresh() {
-            // The compact form: every header is bytes in each record and in every fetch
-            // of it, and most records never fail (bench: BENCHMARKS.md, ninth session).
-            let mut h = OwnedHeaders::new_with_capacity(1 + env.headers.len());
-            h = h.insert(Header {
-                key: "redrive-id",
-                value: Some(env.id.to_string().as_bytes()),
-            });
-            for (k, v) in &env.headers {
-                h = h.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            return h;
-        }
-        let wire = env.to_wire();
+        // A record that never failed carries its id alone: every header is bytes in each
+        // record and in every fetch of it (bench: BENCHMARKS.md, ninth session).
+        let wire = if extra.is_empty() && env.is_fresh() {
+            env.to_compact_wire()
+        } else {
+            env.to_wire()
+        };
         let mut h = OwnedHeaders::new_with_capacity(wire.len() + extra.len());
         for (k, v) in &wire {
             h = h.insert(Header {

@@ -158,6 +158,24 @@ pub(crate) async fn consume_noop<T: Transport>(
     Ok(ended.duration_since(started).as_secs_f64().max(0.001))
 }
 
+/// The JSON line of a bench with a plain client run twice, on bare messages and on
+/// messages carrying redrive's id header (NATS, Kafka): one shape for both.
+pub(crate) fn json_three_sides<S: serde::Serialize>(
+    mine: &S,
+    plain: &S,
+    plain_id_header: &S,
+    ratio: f64,
+    ratio_id_header: f64,
+) {
+    crate::output::json_line(&serde_json::json!({
+        "redrive": mine,
+        "plain": plain,
+        "plain_id_header": plain_id_header,
+        "ratio": ratio,
+        "ratio_id_header": ratio_id_header,
+    }));
+}
+
 /// The message number in `{"n":123}`.
 pub(crate) fn number(payload: &[u8]) -> u64 {
     payload

@@ -24,7 +24,7 @@ use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
-use crate::output::{json_line, outln};
+use crate::output::outln;
 
 #[derive(Serialize)]
 struct Side {
@@ -190,13 +190,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
     if args.json {
-        json_line(&serde_json::json!({
-            "redrive": mine,
-            "plain": theirs,
-            "plain_id_header": with_id,
-            "ratio": ratio,
-            "ratio_id_header": ratio_with_id,
-        }));
+        super::bench::json_three_sides(&mine, &theirs, &with_id, ratio, ratio_with_id);
     } else {
         for s in [&mine, &theirs, &with_id] {
             outln!(

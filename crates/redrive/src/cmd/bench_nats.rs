@@ -16,7 +16,7 @@ use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
-use crate::output::{json_line, outln};
+use crate::output::outln;
 
 #[derive(Serialize)]
 struct Side {
@@ -158,13 +158,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         }
     }
     if args.json {
-        json_line(&serde_json::json!({
-            "redrive": mine,
-            "plain": theirs,
-            "plain_id_header": with_id,
-            "ratio": ratio,
-            "ratio_id_header": ratio_with_id,
-        }));
+        super::bench::json_three_sides(&mine, &theirs, &with_id, ratio, ratio_with_id);
     } else {
         for s in [&mine, &theirs, &with_id] {
             let cpu = s
