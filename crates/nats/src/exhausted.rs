@@ -22,7 +22,7 @@ use redrive_core::{Envelope, Failure, FailureKind, QueueName, now_ms};
 
 use crate::transport::{
     NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, has_id,
-    id_in_stream, wire_of,
+    id_in_stream, id_of_subject, wire_of,
 };
 
 /// How often a consumer looks for exhausted messages while it fetches.
@@ -142,15 +142,19 @@ impl NatsTransport {
         let wire = wire_of(Some(&raw.headers));
         let now = now_ms();
         let known_id = has_id(&wire);
+        let subject_id =
+            id_of_subject(&raw.subject, &self.names(queue.as_str()).id_prefix).and_then(Result::ok);
         let mut envelope = match envelope_of(queue, wire.clone(), payload.clone()) {
             Ok(mut env) => {
                 if !known_id {
                     // As `fetch` named it, so its history is found.
-                    env.id = id_in_stream(
-                        &main.cached_info().config.name,
-                        created_ms(main),
-                        a.stream_seq,
-                    );
+                    env.id = subject_id.unwrap_or_else(|| {
+                        id_in_stream(
+                            &main.cached_info().config.name,
+                            created_ms(main),
+                            a.stream_seq,
+                        )
+                    });
                 }
                 // Its failures so far, as the history bucket has them.
                 let id = env.id.to_string();

@@ -2,7 +2,7 @@
 //!
 //! | lane | JetStream |
 //! |---|---|
-//! | main | stream `<ns>_<queue>` (work-queue retention) on subject `<ns>.<queue>`, durable pull consumer `redrive`, explicit acks |
+//! | main | stream `<ns>_<queue>` (work-queue retention) on subject `<ns>.<queue>` (and `<ns>-id.<queue>.*` with `ids=subject`), durable pull consumer `redrive`, explicit acks |
 //! | retry tier | the same message, `Nak` with the tier's delay; its failure history is kept in the KV bucket `<ns>_history` until it is settled |
 //! | lease | the consumer's ack wait (set from the first consumer's lease), extended with in-progress acks while a handler runs |
 //! | DLQ | stream `<ns>_<queue>_dlq`, drained into the dead-letter store, acked only after the store has it |
@@ -21,4 +21,4 @@ mod exhausted;
 mod transport;
 
 pub use backend::NatsBackend;
-pub use transport::{NatsConfig, NatsError, NatsTransport, Token};
+pub use transport::{IdPlacement, NatsConfig, NatsError, NatsTransport, Token};

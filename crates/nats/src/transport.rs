@@ -90,9 +90,26 @@ pub struct NatsConfig {
     /// a backstop above redrive's own counting; a message that reaches it is moved to the
     /// DLQ stream through the server's MAX_DELIVERIES advisory.
     pub max_deliver: Option<i64>,
+    /// Where a message that never failed carries its id: in a `redrive-id` header (the
+    /// default) or in its subject, which spares both clients a header per message but
+    /// costs the server memory per message waiting (ARCHITECTURE.md has the figures).
+    pub ids: IdPlacement,
 }
 
-const OPTIONS: &str = "namespace=NAME, replicas=1..5, storage=file|memory, max_deliver=N";
+/// Where a message that never failed carries its id. Either is read whatever the
+/// setting, so producers and consumers may differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdPlacement {
+    /// In a `redrive-id` header, on the subject `<namespace>.<queue>`.
+    Header,
+    /// As the last token of its subject, `<namespace>-id.<queue>.<id>`: no header to
+    /// parse, but JetStream keeps an index entry per subject, in memory, for every
+    /// message waiting in the stream.
+    Subject,
+}
+
+const OPTIONS: &str =
+    "namespace=NAME, replicas=1..5, storage=file|memory, max_deliver=N, ids=subject|header";
 
 impl NatsConfig {
     /// Parses `nats://host:port[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N]`.
@@ -120,6 +137,7 @@ impl NatsConfig {
             replicas: 1,
             storage: stream::StorageType::File,
             max_deliver: None,
+            ids: IdPlacement::Header,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -157,6 +175,13 @@ impl NatsConfig {
                             .filter(|n| *n >= 1)
                             .ok_or_else(|| invalid("a number of deliveries, at least 1"))?,
                     );
+                }
+                "ids" => {
+                    config.ids = match value {
+                        "subject" => IdPlacement::Subject,
+                        "header" => IdPlacement::Header,
+                        _ => return Err(invalid("subject or header")),
+                    };
                 }
                 _ => {
                     return Err(bad(&format!(
@@ -220,6 +245,7 @@ impl NatsConfig {
                 replicas: self.replicas,
                 storage: self.storage,
                 max_deliver: self.max_deliver,
+                ids: self.ids,
             },
             ready: Arc::default(),
             upkeep: Arc::default(),
@@ -263,6 +289,7 @@ pub(crate) struct Settings {
     pub(crate) replicas: usize,
     pub(crate) storage: stream::StorageType,
     pub(crate) max_deliver: Option<i64>,
+    pub(crate) ids: IdPlacement,
 }
 
 pub(crate) type Consumer = jetstream::consumer::Consumer<pull::Config>;
@@ -293,6 +320,11 @@ impl Record {
 pub(crate) struct Names {
     pub(crate) stream: String,
     pub(crate) subject: String,
+    /// With `ids=subject`, messages that never failed are published to `<id_prefix>.<id>`.
+    pub(crate) id_prefix: String,
+    /// Whether publishes put ids in subjects: asked for, and the main stream takes
+    /// `<id_prefix>.*` (set by `ensure_streams`).
+    pub(crate) ids_in_subject: bool,
     pub(crate) dlq_stream: String,
     pub(crate) dlq_subject: String,
     /// Captures the server's MAX_DELIVERIES advisories for the main stream's consumer.
@@ -323,21 +355,13 @@ fn sanitize(queue: &str) -> String {
 /// `redrive-id` header instead: a header costs the server and both clients per byte,
 /// and this is most of the traffic. [`wire_of`] reads either form.
 pub(crate) fn to_headers(env: &Envelope, extra: &[(&str, String)]) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let fresh = extra.is_empty()
-        && env.is_fresh()
-        && env
-            .key
-            .as_deref()
-            .is_none_or(|k| !k.is_empty() && !k.contains(['\r', '\n']));
-    if fresh {
+    if extra.is_empty() && is_compact(env) {
+        let mut h = HeaderMap::new();
         h.insert(ID, env.id.to_string().as_str());
-        if let Some(k) = &env.key {
-            h.insert(KEY, k.as_str());
-        }
-        append_user(&mut h, env);
+        append_compact(&mut h, env);
         return h;
     }
+    let mut h = HeaderMap::new();
     let mut wire: Vec<(String, String)> = env
         .to_wire()
         .into_iter()
@@ -362,6 +386,34 @@ const WIRE: &str = "redrive-wire";
 /// The compact form of a message that has never failed: its id, and its key if any.
 const ID: &str = "redrive-id";
 const KEY: &str = "redrive-key";
+
+/// Whether the envelope travels in the compact form: it never failed, and its key (if
+/// any) fits in a header value.
+fn is_compact(env: &Envelope) -> bool {
+    env.is_fresh()
+        && env
+            .key
+            .as_deref()
+            .is_none_or(|k| !k.is_empty() && !k.contains(['\r', '\n']))
+}
+
+/// The compact form's headers besides the id: the key, and the user's headers.
+fn append_compact(h: &mut HeaderMap, env: &Envelope) {
+    if let Some(k) = &env.key {
+        h.insert(KEY, k.as_str());
+    }
+    append_user(h, env);
+}
+
+/// The id a message carries as the last token of its subject (`<prefix>.<id>`):
+/// `None` on another subject, an error when the token is not an id.
+pub(crate) fn id_of_subject(subject: &str, prefix: &str) -> Option<Result<MessageId, String>> {
+    let token = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    Some(
+        MessageId::parse(token)
+            .map_err(|_| format!("subject {subject:?} does not end in a message id")),
+    )
+}
 
 fn append_user(h: &mut HeaderMap, env: &Envelope) {
     for (k, v) in &env.headers {
@@ -398,13 +450,26 @@ pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
 /// The envelope of a message in the compact form (only `redrive-id`, and `redrive-key`,
 /// beside user headers), read without building the list of wire headers; `None` when the
 /// headers are in another form (or the id does not parse: the full path reports it).
-fn compact_of(queue: &QueueName, headers: Option<&HeaderMap>, payload: &Bytes) -> Option<Envelope> {
+fn compact_of(
+    queue: &QueueName,
+    subject_id: Option<MessageId>,
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Option<Envelope> {
+    let Some(headers) = headers else {
+        // Published with its id in the subject and nothing else.
+        return Some(Envelope::new_with_id(
+            queue.clone(),
+            payload.clone(),
+            subject_id?,
+        ));
+    };
     // One pass over the headers: `HeaderMap::get` would build (and allocate) a header
     // name per lookup and hash it, which showed per message in profiles.
-    let mut id = None;
+    let mut id = subject_id;
     let mut key = None;
     let mut user = Vec::new();
-    for (name, values) in headers?.iter() {
+    for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
         match name {
             WIRE => return None,
@@ -464,6 +529,8 @@ impl NatsTransport {
         let base = format!("{}_{}", self.ns, sanitize(queue));
         Names {
             subject: format!("{}.{queue}", self.ns),
+            id_prefix: format!("{}-id.{queue}", self.ns),
+            ids_in_subject: false,
             exhausted_stream: format!("{base}_exhausted"),
             exhausted_subject: format!(
                 "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{base}.{CONSUMER}"
@@ -485,11 +552,18 @@ impl NatsTransport {
     /// Creates the queue's streams if missing. The queue name travels in the stream's
     /// description, so `queues` can list it back.
     pub(crate) async fn ensure_streams(&self, queue: &str) -> Result<Names, NatsError> {
-        let n = self.names(queue);
-        self.js
+        let mut n = self.names(queue);
+        let in_subject = self.settings.ids == IdPlacement::Subject;
+        let id_subjects = format!("{}.*", n.id_prefix);
+        let mut subjects = vec![n.subject.clone()];
+        if in_subject {
+            subjects.push(id_subjects.clone());
+        }
+        let main = self
+            .js
             .get_or_create_stream(stream::Config {
                 name: n.stream.clone(),
-                subjects: vec![n.subject.clone()],
+                subjects,
                 description: Some(queue.to_owned()),
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: self.settings.storage,
@@ -498,6 +572,19 @@ impl NatsTransport {
             })
             .await
             .map_err(call("create the main stream"))?;
+        let config = &main.cached_info().config;
+        n.ids_in_subject = in_subject && config.subjects.contains(&id_subjects);
+        if in_subject && !n.ids_in_subject {
+            // A stream made before ids travelled in subjects, or by hand: add theirs.
+            let mut config = config.clone();
+            config.subjects.push(id_subjects);
+            match self.js.update_stream(config).await {
+                Ok(_) => n.ids_in_subject = true,
+                Err(e) => {
+                    tracing::warn!(stream = %n.stream, error = %e, "cannot add the id subjects to the main stream; messages carry their id in a header instead");
+                }
+            }
+        }
         self.js
             .get_or_create_stream(stream::Config {
                 name: n.dlq_stream.clone(),
@@ -679,13 +766,25 @@ impl Transport for NatsTransport {
         let mut acks = Vec::with_capacity(batch.len());
         for mut env in batch {
             env.queue = queue.clone();
-            let headers = to_headers(&env, &[]);
-            let ack = self
-                .js
-                .publish_with_headers(n.subject.clone(), headers, env.payload)
-                .await
-                .map_err(call("publish"))?;
-            acks.push(ack);
+            let ack = if n.ids_in_subject && is_compact(&env) {
+                // The id in the subject: most messages then carry no header at all.
+                let subject = format!("{}.{}", n.id_prefix, env.id);
+                let mut headers = HeaderMap::new();
+                append_compact(&mut headers, &env);
+                if headers.is_empty() {
+                    self.js.publish(subject, env.payload).await
+                } else {
+                    self.js
+                        .publish_with_headers(subject, headers, env.payload)
+                        .await
+                }
+            } else {
+                let headers = to_headers(&env, &[]);
+                self.js
+                    .publish_with_headers(n.subject.clone(), headers, env.payload)
+                    .await
+            };
+            acks.push(ack.map_err(call("publish"))?);
         }
         // Published only once JetStream has stored them.
         for ack in acks {
@@ -726,12 +825,14 @@ impl Transport for NatsTransport {
         let mut deliveries = Vec::with_capacity(msgs.len());
         let now = now_ms();
         let stream = &consumer.cached_info().stream_name;
+        let id_prefix = self.names(lanes.queue.as_str()).id_prefix;
         for msg in msgs {
             let (delivered, seq) = match msg.info() {
                 Ok(i) => (i.delivered, i.stream_sequence),
                 Err(e) => return Err(call("message info")(e).into()),
             };
             let async_nats::Message {
+                subject,
                 reply,
                 payload,
                 headers,
@@ -739,17 +840,23 @@ impl Transport for NatsTransport {
             } = msg.message;
             // Present: `info` was read from it.
             let Some(reply) = reply else { continue };
-            let decoded = match compact_of(&lanes.queue, headers.as_ref(), &payload) {
-                Some(env) => Ok(env),
-                None => {
-                    let wire = wire_of(headers.as_ref());
-                    let known_id = has_id(&wire);
-                    envelope_of(&lanes.queue, wire, payload.clone()).map(|mut env| {
-                        if !known_id {
-                            env.id = id_in_stream(stream, created, seq);
+            let decoded = match id_of_subject(&subject, &id_prefix).transpose() {
+                Err(why) => Err(why),
+                Ok(subject_id) => {
+                    match compact_of(&lanes.queue, subject_id, headers.as_ref(), &payload) {
+                        Some(env) => Ok(env),
+                        None => {
+                            let wire = wire_of(headers.as_ref());
+                            let known_id = has_id(&wire);
+                            envelope_of(&lanes.queue, wire, payload.clone()).map(|mut env| {
+                                if !known_id {
+                                    env.id = subject_id
+                                        .unwrap_or_else(|| id_in_stream(stream, created, seq));
+                                }
+                                env
+                            })
                         }
-                        env
-                    })
+                    }
                 }
             };
             let mut envelope = match decoded {
@@ -1061,7 +1168,10 @@ mod tests {
     use bytes::Bytes;
     use redrive_core::{Envelope, Failure, FailureKind, QueueName};
 
-    use super::{WIRE, compact_of, envelope_of, id_in_stream, to_headers, wire_of};
+    use super::{
+        WIRE, append_compact, compact_of, envelope_of, id_in_stream, id_of_subject, to_headers,
+        wire_of,
+    };
 
     #[test]
     fn a_message_that_never_failed_travels_with_its_id_alone_and_reads_back_whole() {
@@ -1073,7 +1183,7 @@ mod tests {
         assert_eq!(h.get("redrive-id").unwrap().as_str(), env.id.to_string());
         assert_eq!(h.get("redrive-key").unwrap().as_str(), "user-7");
 
-        let fast = compact_of(&queue, Some(&h), &Bytes::from_static(b"payload")).unwrap();
+        let fast = compact_of(&queue, None, Some(&h), &Bytes::from_static(b"payload")).unwrap();
         let full = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"payload")).unwrap();
         for read in [fast, full] {
             assert_eq!(read.id, env.id);
@@ -1094,7 +1204,7 @@ mod tests {
         );
         let h = to_headers(&env, &[]);
         assert!(h.get(WIRE).is_some());
-        assert!(compact_of(&queue, Some(&h), &Bytes::from_static(b"payload")).is_none());
+        assert!(compact_of(&queue, None, Some(&h), &Bytes::from_static(b"payload")).is_none());
         let read = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"payload")).unwrap();
         assert_eq!((read.id, read.attempt), (env.id, 1));
         assert_eq!(read.history[0].class, "Timeout");
@@ -1105,9 +1215,43 @@ mod tests {
         let queue = QueueName::new("agent.tasks").unwrap();
         let mut h = async_nats::HeaderMap::new();
         h.insert("redrive-id", "not-a-uuid");
-        assert!(compact_of(&queue, Some(&h), &Bytes::from_static(b"x")).is_none());
+        assert!(compact_of(&queue, None, Some(&h), &Bytes::from_static(b"x")).is_none());
         let err = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"x")).unwrap_err();
         assert!(err.contains("redrive-id"), "{err}");
+    }
+
+    #[test]
+    fn an_id_in_the_subject_is_read_with_or_without_headers() {
+        let queue = QueueName::new("agent.tasks").unwrap();
+        let env = Envelope::new(queue.clone(), "payload");
+        let subject = format!("redrive-id.agent.tasks.{}", env.id);
+        let id = id_of_subject(&subject, "redrive-id.agent.tasks")
+            .unwrap()
+            .unwrap();
+        assert_eq!(id, env.id);
+        let bare = compact_of(&queue, Some(id), None, &Bytes::from_static(b"payload")).unwrap();
+        assert_eq!((bare.id, bare.key, bare.attempt), (env.id, None, 0));
+
+        // A key and user headers still travel as headers beside the subject's id.
+        let mut keyed = Envelope::new(queue.clone(), "payload").with_key("user-7");
+        keyed.headers.push(("trace".into(), "t-1".into()));
+        let mut h = async_nats::HeaderMap::new();
+        append_compact(&mut h, &keyed);
+        assert!(h.get("redrive-id").is_none());
+        let read = compact_of(&queue, Some(keyed.id), Some(&h), &Bytes::new()).unwrap();
+        assert_eq!(read.id, keyed.id);
+        assert_eq!(read.key.as_deref(), Some("user-7"));
+        assert_eq!(read.headers, keyed.headers);
+    }
+
+    #[test]
+    fn a_subject_id_is_only_read_under_the_queues_own_prefix() {
+        // Another queue whose name extends this one's is not this queue's id subject.
+        let other = "redrive-id.agent.tasks2.0190c0de-0000-7000-8000-000000000000";
+        assert!(id_of_subject(other, "redrive-id.agent.tasks").is_none());
+        assert!(id_of_subject("redrive.agent.tasks", "redrive-id.agent.tasks").is_none());
+        let bad = id_of_subject("redrive-id.agent.tasks.nope", "redrive-id.agent.tasks");
+        assert!(bad.unwrap().unwrap_err().contains("nope"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct Cli {
     pub store: Option<String>,
 
     /// A broker for the lanes: redis://HOST:PORT[?namespace=NAME],
-    /// nats://HOST:PORT[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N],
+    /// nats://HOST:PORT[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N&ids=header|subject],
     /// kafka://HOST:PORT[,HOST:PORT…][?OPTIONS] (OPTIONS: group=, prefix=, partitions=,
     /// replication=, ordered=true for strict per-key order with retries in place, and
     /// librdkafka settings such as security.protocol=SASL_SSL) or sqs://REGION[?prefix=NAME&wait=SECONDS] (AWS

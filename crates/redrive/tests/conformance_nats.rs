@@ -9,7 +9,10 @@ use redrive_conformance::{Backend, Cli, Harness};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
-struct NatsHarness;
+/// `ids`: where a message that never failed carries its id (`header` or `subject`).
+struct NatsHarness {
+    ids: &'static str,
+}
 
 fn nats_url() -> String {
     std::env::var("REDRIVE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
@@ -27,7 +30,7 @@ impl Harness for NatsHarness {
             .unwrap()
             .as_nanos();
         let namespace = format!("t{:x}{:x}", std::process::id(), nanos);
-        let url = format!("{}?namespace={namespace}", nats_url());
+        let url = format!("{}?namespace={namespace}&ids={}", nats_url(), self.ids);
         let url_for_cli = url.clone();
         let transport = NatsConfig::new(&url)
             .unwrap()
@@ -93,4 +96,10 @@ impl Drop for Cleanup {
     }
 }
 
-redrive_conformance::conformance!(NatsHarness);
+redrive_conformance::conformance!(NatsHarness { ids: "header" });
+
+/// The same scenarios with ids in subjects (`?ids=subject`).
+mod ids_in_subjects {
+    use super::NatsHarness;
+    redrive_conformance::conformance!(NatsHarness { ids: "subject" });
+}

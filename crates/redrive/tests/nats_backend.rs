@@ -13,7 +13,7 @@ use redrive_core::{
     DeadFilter, DeadLetter, DeadLetterStore, Envelope, FailureKind, HandlerResult, LaneSet,
     LaneStats, QueueName, RetryPolicy, Transport,
 };
-use redrive_nats::{NatsBackend, NatsConfig, NatsTransport};
+use redrive_nats::{IdPlacement, NatsBackend, NatsConfig, NatsTransport};
 use redrive_runner::{Handler, Runner, RunnerConfig, Summary, handler_fn};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -331,6 +331,7 @@ fn broker_url_options_are_checked() {
         ("nats://h:4222?replicas=9", "a number from 1 to 5"),
         ("nats://h:4222?storage=disk", "file or memory"),
         ("nats://h:4222?max_deliver=0", "at least 1"),
+        ("nats://h:4222?ids=key", "subject or header"),
         (
             "nats://h:4222?bogus=1",
             "the options are namespace=NAME, replicas",
@@ -341,8 +342,11 @@ fn broker_url_options_are_checked() {
     }
     let c = NatsConfig::new("nats://h:4222?replicas=3&storage=memory&max_deliver=7").unwrap();
     assert_eq!((c.replicas, c.max_deliver), (3, Some(7)));
+    assert_eq!(c.ids, IdPlacement::Header);
     assert_eq!(
         c.storage,
         async_nats::jetstream::stream::StorageType::Memory
     );
+    let c = NatsConfig::new("nats://h:4222?ids=subject").unwrap();
+    assert_eq!(c.ids, IdPlacement::Subject);
 }

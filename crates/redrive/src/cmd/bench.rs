@@ -159,20 +159,20 @@ pub(crate) async fn consume_noop<T: Transport>(
 }
 
 /// The JSON line of a bench with a plain client run twice, on bare messages and on
-/// messages carrying redrive's id header (NATS, Kafka): one shape for both.
+/// messages carrying an id as redrive's do (NATS, Kafka): one shape for both.
 pub(crate) fn json_three_sides<S: serde::Serialize>(
     mine: &S,
     plain: &S,
-    plain_id_header: &S,
+    plain_with_id: &S,
     ratio: f64,
-    ratio_id_header: f64,
+    ratio_with_id: f64,
 ) {
     crate::output::json_line(&serde_json::json!({
         "redrive": mine,
         "plain": plain,
-        "plain_id_header": plain_id_header,
+        "plain_with_id": plain_with_id,
         "ratio": ratio,
-        "ratio_id_header": ratio_id_header,
+        "ratio_with_id": ratio_with_id,
     }));
 }
 

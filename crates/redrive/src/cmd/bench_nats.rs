@@ -3,15 +3,16 @@
 //! messages, on the same server, in the same run.
 //!
 //! The plain consumer runs twice: on bare payloads (the ratio's baseline) and on messages
-//! that carry the one header redrive puts on a message that never failed (`redrive-id`),
-//! which separates what the runner costs from what carrying an id costs in the client.
+//! that carry an id where redrive puts one on a message that never failed (a `redrive-id`
+//! header, or with `?ids=subject` the subject's last token), which separates what the
+//! runner costs from what carrying an id costs.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use redrive_core::QueueName;
-use redrive_nats::{NatsBackend, NatsConfig};
+use redrive_nats::{IdPlacement, NatsBackend, NatsConfig};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
@@ -29,20 +30,28 @@ struct Side {
     consume_cpu_us_per_msg: Option<f64>,
 }
 
-/// The plain consumer: what a team writes by hand with async-nats. With `id_header`, each
-/// message carries a `redrive-id` header as redrive's do.
-async fn plain(url: &str, n: usize, namespace: &str, id_header: bool) -> Result<Side> {
+/// The plain consumer: what a team writes by hand with async-nats. With `with_id`, each
+/// message carries an id placed as redrive places its own.
+async fn plain(url: &str, n: usize, namespace: &str, with_id: Option<IdPlacement>) -> Result<Side> {
     let client = async_nats::connect(url)
         .await
         .context("connecting to NATS")?;
     let js = jetstream::new(client);
-    let suffix = if id_header { "plain_id" } else { "plain" };
+    let suffix = if with_id.is_some() {
+        "plain_id"
+    } else {
+        "plain"
+    };
     let name = format!("{namespace}_{suffix}");
     let subject = format!("{namespace}.{suffix}");
     let s = js
         .get_or_create_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![subject.clone()],
+            subjects: vec![if with_id == Some(IdPlacement::Subject) {
+                format!("{subject}.*")
+            } else {
+                subject.clone()
+            }],
             retention: stream::RetentionPolicy::WorkQueue,
             ..Default::default()
         })
@@ -52,15 +61,15 @@ async fn plain(url: &str, n: usize, namespace: &str, id_header: bool) -> Result<
     let mut acks = Vec::with_capacity(n);
     for i in 0..n {
         let payload = format!("{{\"n\":{i}}}").into();
-        let ack = if id_header {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(
-                "redrive-id",
-                redrive_core::MessageId::new().to_string().as_str(),
-            );
-            js.publish_with_headers(subject.clone(), h, payload).await?
-        } else {
-            js.publish(subject.clone(), payload).await?
+        let id = redrive_core::MessageId::new();
+        let ack = match with_id {
+            Some(IdPlacement::Subject) => js.publish(format!("{subject}.{id}"), payload).await?,
+            Some(IdPlacement::Header) => {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("redrive-id", id.to_string().as_str());
+                js.publish_with_headers(subject.clone(), h, payload).await?
+            }
+            None => js.publish(subject.clone(), payload).await?,
         };
         acks.push(ack);
     }
@@ -95,10 +104,10 @@ async fn plain(url: &str, n: usize, namespace: &str, id_header: bool) -> Result<
     let consume_cpu_us_per_msg = super::bench::cpu_us_per_msg(cpu, super::bench::cpu_secs(), n);
     let _ = js.delete_stream(&name).await;
     Ok(Side {
-        tool: if id_header {
-            "async-nats (id header)"
-        } else {
-            "async-nats (plain)"
+        tool: match with_id {
+            Some(IdPlacement::Header) => "async-nats (id header)",
+            Some(IdPlacement::Subject) => "async-nats (id subject)",
+            None => "async-nats (plain)",
         },
         messages: n,
         publish_secs,
@@ -113,7 +122,8 @@ async fn next<S: futures_core::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
 }
 
 async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Result<Side> {
-    let transport = NatsConfig::new(&format!("{url}?namespace={namespace}"))?
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let transport = NatsConfig::new(&format!("{url}{sep}namespace={namespace}"))?
         .connect()
         .await
         .context("--broker")?;
@@ -140,9 +150,12 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
 pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
     let namespace = format!("bench{}", redrive_core::now_ms());
     let n = args.messages;
+    let placement = NatsConfig::new(url)?.ids;
     let mine = redrive(url, n, args.concurrency, &namespace).await?;
-    let theirs = plain(url, n, &namespace, false).await?;
-    let with_id = plain(url, n, &namespace, true).await?;
+    // The plain client takes the server's address alone (the options are redrive's).
+    let url = url.split_once('?').map_or(url, |(base, _)| base);
+    let theirs = plain(url, n, &namespace, None).await?;
+    let with_id = plain(url, n, &namespace, Some(placement)).await?;
     let ratio = mine.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
     let ratio_with_id = mine.consume_msgs_per_sec / with_id.consume_msgs_per_sec;
     // Leave the server as it was.
@@ -174,7 +187,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
             );
         }
         outln!(
-            "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id header: {ratio_with_id:.2}x)"
+            "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id: {ratio_with_id:.2}x)"
         );
     }
     Ok(ratio)
