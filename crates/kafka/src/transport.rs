@@ -494,18 +494,29 @@ impl Transport for KafkaTransport {
     ) -> Result<Fetched<Token>, TransportError> {
         let member = self.member(lanes).await?;
         let shared = &member.shared;
-        let mut taken = shared.take(max);
-        if taken.is_empty() {
-            let _ =
-                tokio::time::timeout(Duration::from_millis(250), shared.signal.notified()).await;
-            taken = shared.take(max);
-        }
-        if taken.is_empty() {
-            return Ok(Fetched {
-                deliveries: Vec::new(),
-                next_due_ms: shared.next_due_ms(),
+        // Wait up to 250 ms for records. A wake-up can find nothing (the poll thread
+        // signals every record, and one signal is kept while no fetch waits): wait again
+        // rather than come back empty, which would idle the runner for its poll interval.
+        let deadline = std::time::Instant::now() + Duration::from_millis(250);
+        let taken = loop {
+            let taken = shared.take(max);
+            if !taken.is_empty() {
+                break taken;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let next_due_ms = shared.next_due_ms();
+            if left.is_zero() {
+                return Ok(Fetched {
+                    deliveries: Vec::new(),
+                    next_due_ms,
+                });
+            }
+            // A record retried in place is handed out at its due time: look again then.
+            let until_due = next_due_ms.map_or(left, |due| {
+                Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0).max(1))
             });
-        }
+            let _ = tokio::time::timeout(left.min(until_due), shared.signal.notified()).await;
+        };
         // The leases are durable before anything is handed out.
         let raise = shared.marks_to_raise(&taken);
         if !raise.is_empty() {
