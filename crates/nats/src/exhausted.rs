@@ -21,8 +21,8 @@ use bytes::Bytes;
 use redrive_core::{Envelope, Failure, FailureKind, QueueName, now_ms};
 
 use crate::transport::{
-    NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, has_id,
-    id_in_stream, id_of_subject, wire_of,
+    NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, id_in_stream,
+    id_of_subject, read_envelope, wire_of,
 };
 
 /// How often a consumer looks for exhausted messages while it fetches.
@@ -139,23 +139,19 @@ impl NatsTransport {
             Err(e) => return Err(call("read a message that reached max_deliver")(e)),
         };
         let payload = raw.payload.clone();
-        let wire = wire_of(Some(&raw.headers));
         let now = now_ms();
-        let known_id = has_id(&wire);
         let subject_id =
-            id_of_subject(&raw.subject, &self.names(queue.as_str()).id_prefix).and_then(Result::ok);
-        let mut envelope = match envelope_of(queue, wire.clone(), payload.clone()) {
+            id_of_subject(&raw.subject, &self.id_prefix(queue.as_str())).and_then(Result::ok);
+        // Named as `fetch` named it, so its history is found.
+        let read = read_envelope(queue, subject_id, Some(&raw.headers), &payload, || {
+            id_in_stream(
+                &main.cached_info().config.name,
+                created_ms(main),
+                a.stream_seq,
+            )
+        });
+        let mut envelope = match read {
             Ok(mut env) => {
-                if !known_id {
-                    // As `fetch` named it, so its history is found.
-                    env.id = subject_id.unwrap_or_else(|| {
-                        id_in_stream(
-                            &main.cached_info().config.name,
-                            created_ms(main),
-                            a.stream_seq,
-                        )
-                    });
-                }
                 // Its failures so far, as the history bucket has them.
                 let id = env.id.to_string();
                 let mut settled = 0;
@@ -175,7 +171,7 @@ impl NatsTransport {
                 env.record_lost_deliveries(unsettled, &message, now);
                 env
             }
-            Err(why) => quarantined(queue, wire, payload, &why),
+            Err(why) => quarantined(queue, wire_of(Some(&raw.headers)), payload, &why),
         };
         envelope.queue = queue.clone();
         self.publish_dead(&envelope).await?;

@@ -109,10 +109,10 @@ pub enum IdPlacement {
 }
 
 const OPTIONS: &str =
-    "namespace=NAME, replicas=1..5, storage=file|memory, max_deliver=N, ids=subject|header";
+    "namespace=NAME, replicas=1..5, storage=file|memory, max_deliver=N, ids=header|subject";
 
 impl NatsConfig {
-    /// Parses `nats://host:port[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N]`.
+    /// Parses `nats://host:port[?namespace=NAME&replicas=N&storage=file|memory&max_deliver=N&ids=header|subject]`.
     /// The settings apply to the streams and the consumer redrive creates; existing ones
     /// are used as they are.
     ///
@@ -484,6 +484,28 @@ fn compact_of(
     Some(env)
 }
 
+/// A main-stream message's envelope, in whichever form it travels. Its id is, in order:
+/// redrive's header, the subject's last token (`subject_id`), or where it sits
+/// (`position`, for a plain producer's message).
+pub(crate) fn read_envelope(
+    queue: &QueueName,
+    subject_id: Option<MessageId>,
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+    position: impl FnOnce() -> MessageId,
+) -> Result<Envelope, String> {
+    if let Some(env) = compact_of(queue, subject_id, headers, payload) {
+        return Ok(env);
+    }
+    let wire = wire_of(headers);
+    let known_id = has_id(&wire);
+    let mut env = envelope_of(queue, wire, payload.clone())?;
+    if !known_id {
+        env.id = subject_id.unwrap_or_else(position);
+    }
+    Ok(env)
+}
+
 /// When the stream was created (ms since the epoch).
 pub(crate) fn created_ms(stream: &jetstream::stream::Stream) -> i64 {
     i64::try_from(stream.cached_info().created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
@@ -525,11 +547,16 @@ pub(crate) fn envelope_of(
 }
 
 impl NatsTransport {
+    /// With `ids=subject`, messages that never failed are published to `<this>.<id>`.
+    pub(crate) fn id_prefix(&self, queue: &str) -> String {
+        format!("{}-id.{queue}", self.ns)
+    }
+
     pub(crate) fn names(&self, queue: &str) -> Names {
         let base = format!("{}_{}", self.ns, sanitize(queue));
         Names {
             subject: format!("{}.{queue}", self.ns),
-            id_prefix: format!("{}-id.{queue}", self.ns),
+            id_prefix: self.id_prefix(queue),
             ids_in_subject: false,
             exhausted_stream: format!("{base}_exhausted"),
             exhausted_subject: format!(
@@ -825,7 +852,7 @@ impl Transport for NatsTransport {
         let mut deliveries = Vec::with_capacity(msgs.len());
         let now = now_ms();
         let stream = &consumer.cached_info().stream_name;
-        let id_prefix = self.names(lanes.queue.as_str()).id_prefix;
+        let id_prefix = self.id_prefix(lanes.queue.as_str());
         for msg in msgs {
             let (delivered, seq) = match msg.info() {
                 Ok(i) => (i.delivered, i.stream_sequence),
@@ -840,25 +867,13 @@ impl Transport for NatsTransport {
             } = msg.message;
             // Present: `info` was read from it.
             let Some(reply) = reply else { continue };
-            let decoded = match id_of_subject(&subject, &id_prefix).transpose() {
-                Err(why) => Err(why),
-                Ok(subject_id) => {
-                    match compact_of(&lanes.queue, subject_id, headers.as_ref(), &payload) {
-                        Some(env) => Ok(env),
-                        None => {
-                            let wire = wire_of(headers.as_ref());
-                            let known_id = has_id(&wire);
-                            envelope_of(&lanes.queue, wire, payload.clone()).map(|mut env| {
-                                if !known_id {
-                                    env.id = subject_id
-                                        .unwrap_or_else(|| id_in_stream(stream, created, seq));
-                                }
-                                env
-                            })
-                        }
-                    }
-                }
-            };
+            let decoded = id_of_subject(&subject, &id_prefix)
+                .transpose()
+                .and_then(|subject_id| {
+                    read_envelope(&lanes.queue, subject_id, headers.as_ref(), &payload, || {
+                        id_in_stream(stream, created, seq)
+                    })
+                });
             let mut envelope = match decoded {
                 Ok(env) => env,
                 Err(why) => {
