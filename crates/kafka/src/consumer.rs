@@ -34,8 +34,16 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redrive_core::{Envelope, Lane, QueueName, now_ms};
 
-/// Most records polled ahead of `fetch`.
-pub(crate) const READY_CAP: usize = 1024;
+/// Most records polled ahead of `fetch`: a few fetches' worth, so the poll thread keeps
+/// polling while the runner takes one in.
+pub(crate) const READY_CAP: usize = 4096;
+/// Most buffered records a lease write covers beyond the ones taken: the next fetch then
+/// finds its records covered without a write, and a crash charges an attempt to at most
+/// this many records that were never handed out.
+const COVER_AHEAD: usize = 1024;
+/// Most records polled in one burst: what librdkafka already holds, taken without
+/// waiting and buffered under one lock.
+const BURST: usize = 256;
 /// Most retry records held in memory per partition before it is paused.
 const HELD_CAP: usize = 512;
 /// How often settled offsets are committed.
@@ -237,11 +245,12 @@ impl Shared {
     }
 
     /// The leased marks to raise before `taken` is handed out: per partition, past the
-    /// taken records and everything buffered behind them (one write covers a burst).
+    /// taken records and up to [`COVER_AHEAD`] buffered behind them (one write covers a
+    /// burst).
     pub(crate) fn marks_to_raise(&self, taken: &[Polled]) -> Vec<(Tp, i64)> {
         let st = self.lock();
         let mut out: HashMap<Tp, i64> = HashMap::new();
-        for p in taken.iter().chain(st.ready.iter()) {
+        for p in taken.iter().chain(st.ready.iter().take(COVER_AHEAD)) {
             let Some(part) = st.parts.get(&p.tp) else {
                 continue;
             };
@@ -306,12 +315,19 @@ impl Shared {
             .parts
             .values()
             .filter_map(|p| p.held.front().map(|h| h.due_ms));
-        let now = now_ms();
-        let in_place = st
-            .ready
-            .iter()
-            .map(|p| p.due_ms)
-            .filter(|due| self.ordered && *due > now);
+        // Only ordered mode puts records not yet due in `ready` (thousands may wait
+        // there, and this runs every turn of the poll thread).
+        let in_place = self
+            .ordered
+            .then(|| {
+                let now = now_ms();
+                st.ready
+                    .iter()
+                    .map(|p| p.due_ms)
+                    .filter(|due| *due > now)
+                    .min()
+            })
+            .flatten();
         held.chain(in_place).min()
     }
 
@@ -337,10 +353,6 @@ impl Shared {
             })
             .sum();
         (next, unsettled)
-    }
-
-    fn lane_of(&self, topic: &str) -> Option<&LaneTopic> {
-        self.lanes.iter().find(|l| &*l.topic == topic)
     }
 }
 
@@ -500,12 +512,23 @@ fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
         let wait = shared
             .next_due_ms()
             .map_or(50, |due| (due - now_ms()).clamp(0, 50));
-        match consumer.poll(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) {
-            None => {}
-            Some(Ok(msg)) => on_message(consumer, &shared, &msg),
-            Some(Err(e)) => {
-                tracing::warn!(queue = %shared.queue, error = %e, "Kafka consumer error");
+        let mut burst = Vec::new();
+        let mut timeout = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+        // What librdkafka already holds is taken without waiting, up to a burst, and
+        // admitted under one lock with one wake-up for `fetch`.
+        while burst.len() < BURST {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(msg)) => burst.extend(incoming(&shared, &msg)),
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %shared.queue, error = %e, "Kafka consumer error");
+                    break;
+                }
             }
+            timeout = Duration::ZERO;
+        }
+        if !burst.is_empty() {
+            admit(consumer, &shared, burst);
         }
     }
     // Stopping: commit what is settled and give every partition back.
@@ -661,80 +684,118 @@ fn commit(consumer: &BaseConsumer<Ctx>, shared: &Shared, mode: CommitMode) {
     }
 }
 
-fn on_message(consumer: &BaseConsumer<Ctx>, shared: &Shared, msg: &BorrowedMessage<'_>) {
-    let Some(lane) = shared.lane_of(msg.topic()) else {
-        return;
-    };
-    let tp = Tp {
-        topic: Arc::clone(&lane.topic),
+/// A polled record, read out of librdkafka's message.
+struct Incoming {
+    lane: usize,
+    partition: i32,
+    offset: i64,
+    /// The record's timestamp (ms), if it has one.
+    timestamp: Option<i64>,
+    envelope: Result<Envelope, Box<(String, Envelope)>>,
+}
+
+/// Reads a record of one of the lanes' topics.
+fn incoming(shared: &Shared, msg: &BorrowedMessage<'_>) -> Option<Incoming> {
+    let lane = shared.lanes.iter().position(|l| &*l.topic == msg.topic())?;
+    Some(Incoming {
+        lane,
         partition: msg.partition(),
-    };
-    let offset = msg.offset();
-    let envelope = decode(&shared.queue, msg);
-    let mut st = shared.lock();
-    let Some(part) = st.parts.get_mut(&tp) else {
-        // Not (or no longer) this member's partition.
-        return;
-    };
-    match part.pending.get(&offset) {
-        Some(Slot::Released) => {}
-        Some(_) => return,
-        None if offset < part.next => return,
-        None => {}
-    }
-    if part.held.back().is_some_and(|h| offset <= h.offset)
-        || part.refetch.is_some_and(|r| offset >= r)
+        offset: msg.offset(),
+        timestamp: msg.timestamp().to_millis(),
+        envelope: decode(&shared.queue, msg),
+    })
+}
+
+/// Buffers a burst of polled records for `fetch` (retry records not yet due are held),
+/// then makes the seeks and pauses that asked for.
+fn admit(consumer: &BaseConsumer<Ctx>, shared: &Shared, burst: Vec<Incoming>) {
+    let now = now_ms();
+    let mut seeks: Vec<(Tp, i64)> = Vec::new();
+    let mut pauses: Vec<Tp> = Vec::new();
+    let mut any = false;
     {
-        // Already held, or fetched again after the partition resumes.
-        return;
-    }
-    let env_ref = match &envelope {
-        Ok(e) => e,
-        Err(bad) => &bad.1,
-    };
-    let due_ms = match &lane.lane {
-        Lane::Retry(_) => env_ref
-            .not_before_ms
-            .unwrap_or_else(|| msg.timestamp().to_millis().unwrap_or_else(now_ms) + lane.delay_ms),
-        _ => msg.timestamp().to_millis().unwrap_or_else(now_ms),
-    };
-    let polled = Polled {
-        tp: tp.clone(),
-        offset,
-        epoch: part.epoch,
-        lane: lane.lane.clone(),
-        due_ms,
-        unfinished: offset < part.unfinished_below,
-        envelope,
-    };
-    if matches!(lane.lane, Lane::Retry(_)) {
-        tracing::trace!(topic = %tp.topic, offset, late_ms = now_ms() - due_ms, "retry record polled");
-    }
-    if matches!(lane.lane, Lane::Retry(_)) && (due_ms > now_ms() || !part.held.is_empty()) {
-        // Not due (or behind one that is not): it waits in memory, in offset order
-        // (records of one tier come due in that order). Past HELD_CAP the partition is
-        // paused, and what was fetched beyond is fetched again after it resumes.
-        if part.held.len() >= HELD_CAP {
-            part.refetch = Some(offset);
-            drop(st);
-            seek(consumer, &tp, offset);
-            return;
-        }
-        part.held.push_back(polled);
-        if part.held.len() >= HELD_CAP && !part.paused {
-            part.paused = true;
-            drop(st);
-            if let Err(e) = consumer.pause(&one(&tp)) {
-                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "pause failed");
+        let mut guard = shared.lock();
+        let st = &mut *guard;
+        for rec in burst {
+            let lane = &shared.lanes[rec.lane];
+            let tp = Tp {
+                topic: Arc::clone(&lane.topic),
+                partition: rec.partition,
+            };
+            let offset = rec.offset;
+            let Some(part) = st.parts.get_mut(&tp) else {
+                // Not (or no longer) this member's partition.
+                continue;
+            };
+            match part.pending.get(&offset) {
+                Some(Slot::Released) => {}
+                Some(_) => continue,
+                None if offset < part.next => continue,
+                None => {}
             }
+            if part.held.back().is_some_and(|h| offset <= h.offset)
+                || part.refetch.is_some_and(|r| offset >= r)
+            {
+                // Already held, or fetched again after the partition resumes.
+                continue;
+            }
+            let env_ref = match &rec.envelope {
+                Ok(e) => e,
+                Err(bad) => &bad.1,
+            };
+            let stamped = rec.timestamp.unwrap_or(now);
+            let due_ms = match &lane.lane {
+                Lane::Retry(_) => env_ref.not_before_ms.unwrap_or(stamped + lane.delay_ms),
+                _ => stamped,
+            };
+            let retry = matches!(lane.lane, Lane::Retry(_));
+            if retry {
+                tracing::trace!(topic = %tp.topic, offset, late_ms = now - due_ms, "retry record polled");
+            }
+            let polled = Polled {
+                tp,
+                offset,
+                epoch: part.epoch,
+                lane: lane.lane.clone(),
+                due_ms,
+                unfinished: offset < part.unfinished_below,
+                envelope: rec.envelope,
+            };
+            if retry && (due_ms > now || !part.held.is_empty()) {
+                // Not due (or behind one that is not): it waits in memory, in offset
+                // order (records of one tier come due in that order). Past HELD_CAP the
+                // partition is paused, and what was fetched beyond is fetched again
+                // after it resumes.
+                if part.held.len() >= HELD_CAP {
+                    part.refetch = Some(offset);
+                    seeks.push((polled.tp, offset));
+                    continue;
+                }
+                let tp = polled.tp.clone();
+                part.held.push_back(polled);
+                if part.held.len() >= HELD_CAP && !part.paused {
+                    part.paused = true;
+                    pauses.push(tp);
+                }
+                continue;
+            }
+            part.pending.insert(offset, Slot::Buffered);
+            part.next = part.next.max(offset + 1);
+            st.ready.push_back(polled);
+            any = true;
         }
-        return;
     }
-    part.pending.insert(offset, Slot::Buffered);
-    part.next = part.next.max(offset + 1);
-    st.ready.push_back(polled);
-    drop(st);
-    shared.signal.notify_one();
+    if any {
+        shared.signal.notify_one();
+    }
+    for tp in pauses {
+        if let Err(e) = consumer.pause(&one(&tp)) {
+            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "pause failed");
+        }
+    }
+    for (tp, offset) in seeks {
+        seek(consumer, &tp, offset);
+    }
 }
 
 /// A record as an envelope: Kafka headers are a list (names may repeat), values bytes.

@@ -21,4 +21,4 @@ mod transport;
 pub use backend::KafkaBackend;
 pub use config::KafkaConfig;
 pub use error::KafkaError;
-pub use transport::{KafkaTransport, Token};
+pub use transport::{FETCH_SETTINGS, KafkaTransport, Token};

@@ -20,6 +20,20 @@ use crate::config::KafkaConfig;
 use crate::consumer::{CALL_TIMEOUT, Ctx, LaneTopic, Member, Polled, Shared, Slot, Tp};
 use crate::error::{KafkaError, during};
 
+/// How a member fetches (each may be overridden in the broker URL). Public so that a
+/// benchmark's plain consumer can fetch the same way.
+pub const FETCH_SETTINGS: &[(&str, &str)] = &[
+    // A resumed partition waits for the fetch in flight: keep it short, so a retry is
+    // handed out within ~50 ms of its due time.
+    ("fetch.wait.max.ms", "50"),
+    ("queued.max.messages.kbytes", "16384"),
+    // Past that buffer librdkafka postpones a partition's next fetch by this much (1 s
+    // by default), and the poll thread then drains the buffer and waits: stalls of
+    // 0.24-0.5 s in a 1.8 s bench window (BENCHMARKS.md, eleventh session). Looking
+    // again every 20 ms costs next to nothing.
+    ("fetch.queue.backoff.ms", "20"),
+];
+
 /// The backend's handle on one delivery: its record's partition and offset, and the
 /// assignment it was polled under.
 #[derive(Clone)]
@@ -322,23 +336,21 @@ impl KafkaTransport {
             self.inner.config.ordered,
         ));
         let group = self.inner.config.group_of(lanes.queue.as_str());
+        let mut settings = vec![
+            ("group.id", group.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            // A member that dies is noticed within 6 s (the broker's usual minimum).
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "1000"),
+            ("max.poll.interval.ms", "600000"),
+        ];
+        settings.extend_from_slice(FETCH_SETTINGS);
         let consumer: BaseConsumer<Ctx> = self
             .inner
             .config
-            .client_config(&[
-                ("group.id", &group),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.offset.reset", "earliest"),
-                // A member that dies is noticed within 6 s (the broker's usual minimum).
-                ("session.timeout.ms", "6000"),
-                ("heartbeat.interval.ms", "1000"),
-                ("max.poll.interval.ms", "600000"),
-                // A resumed partition waits for the fetch in flight: keep it short, so a
-                // retry is handed out within ~50 ms of its due time.
-                ("fetch.wait.max.ms", "50"),
-                ("queued.max.messages.kbytes", "16384"),
-            ])
+            .client_config(&settings)
             .create_with_context(Ctx { shared })
             .map_err(during("create the consumer"))?;
         let member = Arc::new(Member::start(consumer).map_err(during("subscribe"))?);
@@ -662,10 +674,11 @@ impl Transport for KafkaTransport {
     }
 
     fn max_fetch(&self) -> usize {
-        // Each fetch records its leases with one commit; larger takes left the poll
-        // thread's buffer empty more often (bench: ~100k msgs/s at 1024, ~120-145k at
-        // 256, BENCHMARKS.md).
-        256
+        // Each fetch that hands out records beyond the leased mark waits for one commit:
+        // the more it takes, the fewer it waits for. 256 capped the bench near 140k
+        // msgs/s (a fetch every ~1.8 ms, most of it the write); 1024, with the poll
+        // thread buffering up to 4096, ran at 196-215k (BENCHMARKS.md, eleventh session).
+        1024
     }
 }
 

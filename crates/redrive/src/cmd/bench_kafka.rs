@@ -1,6 +1,7 @@
 //! `redrive bench --broker kafka://…`: no-failure throughput of the Kafka backend beside a
 //! plain rdkafka consumer (poll, store the offset, commit in batches) of the same number
-//! of records, on the same broker, with the same client settings, in the same run.
+//! of records, on the same broker, with the same client settings (the member's fetch
+//! settings included), in the same run.
 //!
 //! The plain consumer runs twice: on bare records (the ratio's baseline) and on records
 //! that carry the one header redrive puts on a record that never failed (`redrive-id`),
@@ -19,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redrive_core::{QueueName, now_ms};
-use redrive_kafka::{KafkaBackend, KafkaConfig};
+use redrive_kafka::{FETCH_SETTINGS, KafkaBackend, KafkaConfig};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
@@ -80,13 +81,19 @@ async fn plain(config: &KafkaConfig, topic: &str, n: usize, id_header: bool) -> 
         f.await?.map_err(|(e, _)| e)?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
+    let group = format!("{topic}.plain");
+    let mut settings = vec![
+        ("group.id", group.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+    ];
+    // Fetching as redrive's member does: the ratio is then the runner's cost, not a
+    // difference in librdkafka settings (its default fetch backoff stalls a consumer
+    // that falls behind its buffer for up to a second).
+    settings.extend_from_slice(FETCH_SETTINGS);
     let consumer: BaseConsumer = config
-        .client_config(&[
-            ("group.id", &format!("{topic}.plain")),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-        ])
+        .client_config(&settings)
         .create()
         .context("creating the plain consumer")?;
     let topic = topic.to_owned();
