@@ -307,6 +307,28 @@ impl Envelope {
         out
     }
 
+    /// The id of headers in the compact wire form ([`Self::to_compact_wire`]): a
+    /// `redrive-id` holding a UUID and no other redrive header. `None` for any other
+    /// form, which [`Self::from_wire`] reads. A consumer reads nearly every record
+    /// (those that never failed) this way, from the broker's own header buffers, then
+    /// builds the envelope with [`Self::new_with_id`] and the other headers.
+    #[must_use]
+    pub fn compact_id<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Option<MessageId> {
+        let mut id = None;
+        for (name, value) in headers {
+            if !is_redrive_header(name) {
+                continue;
+            }
+            if id.is_some() || !name.eq_ignore_ascii_case("redrive-id") {
+                return None;
+            }
+            id = Some(MessageId::parse(std::str::from_utf8(value).ok()?).ok()?);
+        }
+        id
+    }
+
     /// The envelope as wire headers: redrive's own, then the user's.
     #[must_use]
     pub fn to_wire(&self) -> Vec<(String, String)> {
@@ -717,5 +739,28 @@ mod tests {
         assert!(f.message.len() <= MAX_ERROR_BYTES);
         assert!(f.message.ends_with("é end"));
         assert_eq!(truncate_utf8("héllo", 2), "h");
+    }
+
+    #[test]
+    fn compact_id_reads_only_the_compact_form() {
+        let borrowed = |wire: &[(String, String)]| -> Vec<(String, Vec<u8>)> {
+            wire.iter()
+                .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let as_refs = |h: &[(String, Vec<u8>)]| -> Option<MessageId> {
+            Envelope::compact_id(h.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        };
+        let fresh = Envelope::new(queue(), "x").with_header("traceparent", "00-ab-cd-01");
+        let compact = borrowed(&fresh.to_compact_wire());
+        assert_eq!(as_refs(&compact), Some(fresh.id));
+        // Whatever else the headers hold is not the compact form: from_wire reads it.
+        assert_eq!(as_refs(&borrowed(&failed_twice().to_wire())), None);
+        assert_eq!(as_refs(&borrowed(&fresh.to_wire())), None);
+        assert_eq!(as_refs(&[]), None);
+        let bad = vec![("redrive-id".to_owned(), b"not-a-uuid".to_vec())];
+        assert_eq!(as_refs(&bad), None);
+        let twice = [compact.clone(), compact].concat();
+        assert_eq!(as_refs(&twice), None);
     }
 }

@@ -22,7 +22,7 @@
 //! were leased by a member that died without settling them: each counts a failed
 //! attempt on redelivery, like an expired lease on the other backends.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -33,6 +33,9 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redrive_core::{Envelope, Lane, QueueName, now_ms};
+
+pub(crate) use crate::slots::Slot;
+use crate::slots::Slots;
 
 /// Most records polled ahead of `fetch`: a few fetches' worth, so the poll thread keeps
 /// polling while the runner takes one in.
@@ -58,19 +61,6 @@ pub(crate) struct Tp {
     pub(crate) partition: i32,
 }
 
-/// Where one polled offset stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Slot {
-    /// In the buffer, not yet taken by `fetch`.
-    Buffered,
-    /// Handed to the runner.
-    Leased,
-    /// Its outcome is durable (acked, or its next lane confirmed).
-    Settled,
-    /// Given back unsettled; delivered again by this member.
-    Released,
-}
-
 /// One assigned partition.
 struct Part {
     /// Changes with every assignment: settles from an older one are refused.
@@ -84,7 +74,7 @@ struct Part {
     /// One past the highest offset polled (-1: none yet).
     next: i64,
     /// Offsets polled and not yet committed past.
-    pending: BTreeMap<i64, Slot>,
+    pending: Slots,
     /// Retry records polled before they were due, in offset order, each handed out
     /// when due without being fetched again.
     held: VecDeque<Polled>,
@@ -112,9 +102,9 @@ impl State {
                 self.ready.remove(i);
                 continue;
             };
-            let first = part.pending.iter().find(|(_, s)| **s != Slot::Settled);
-            if first == Some((&p.offset, &Slot::Buffered)) && p.due_ms <= now {
-                part.pending.insert(p.offset, Slot::Leased);
+            let first = part.pending.first_unsettled();
+            if first == Some((p.offset, Slot::Buffered)) && p.due_ms <= now {
+                part.pending.set(p.offset, Slot::Leased);
                 taken.extend(self.ready.remove(i));
             } else {
                 i += 1;
@@ -127,19 +117,7 @@ impl State {
 impl Part {
     /// The offset that may be committed: the first one not settled.
     fn position(&self) -> i64 {
-        self.pending
-            .iter()
-            .find(|(_, s)| **s != Slot::Settled)
-            .map_or(self.next, |(o, _)| *o)
-    }
-
-    fn prune(&mut self) {
-        while let Some((&o, &s)) = self.pending.first_key_value() {
-            if s != Slot::Settled {
-                break;
-            }
-            self.pending.remove(&o);
-        }
+        self.pending.first_unsettled().map_or(self.next, |(o, _)| o)
     }
 }
 
@@ -174,6 +152,8 @@ pub(crate) struct State {
     epoch: u64,
     /// Commit everything again (an asynchronous commit failed).
     recommit: bool,
+    /// The buffer [`Shared::settled`] is swapped with, kept to reuse its allocation.
+    spare: Vec<(Tp, i64, u64)>,
 }
 
 /// What the poll thread and the transport share.
@@ -181,10 +161,20 @@ pub(crate) struct Shared {
     pub(crate) queue: QueueName,
     pub(crate) lanes: Vec<LaneTopic>,
     state: Mutex<State>,
+    /// Settled offsets not yet applied to `state` (partition, offset, epoch). Workers
+    /// add to it under a lock of its own, so a settle never waits for the poll thread
+    /// admitting a burst (or `fetch` taking a thousand records); whoever takes `state`
+    /// next applies them.
+    settled: Mutex<Vec<(Tp, i64, u64)>>,
     /// Wakes a waiting `fetch`.
     pub(crate) signal: tokio::sync::Notify,
     /// Member of `<group>.leased`: its committed offsets are the leased marks.
     pub(crate) marks: Arc<BaseConsumer>,
+    /// Held while a leased mark is written: writes go one at a time, so a mark never
+    /// goes down on the broker because an older write landed after a newer one.
+    pub(crate) mark_writes: tokio::sync::Mutex<()>,
+    /// A write raising the marks ahead of `fetch` is in flight.
+    pub(crate) raising_ahead: AtomicBool,
     /// One record at a time per partition, retried in place.
     pub(crate) ordered: bool,
 }
@@ -200,17 +190,51 @@ impl Shared {
             queue,
             lanes,
             state: Mutex::default(),
+            settled: Mutex::default(),
             signal: tokio::sync::Notify::new(),
             marks,
+            mark_writes: tokio::sync::Mutex::new(()),
+            raising_ahead: AtomicBool::new(false),
             ordered,
         }
     }
 
+    /// The shared state, with every settle made so far applied to it.
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; carry on with it.
-        self.state
+        let mut st = self
+            .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut settled = std::mem::take(&mut st.spare);
+        std::mem::swap(
+            &mut settled,
+            &mut self
+                .settled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if settled.is_empty() {
+            st.spare = settled;
+            return st;
+        }
+        // Settles come in runs on one partition: look it up once per run.
+        let mut at: Option<(&Tp, &mut Part)> = None;
+        for (tp, offset, epoch) in &settled {
+            if at.as_ref().is_none_or(|(t, _)| *t != tp) {
+                at = st.parts.get_mut(tp).map(|part| (tp, part));
+            }
+            if let Some((_, part)) = at.as_mut()
+                && part.epoch == *epoch
+            {
+                part.pending.set(*offset, Slot::Settled);
+                part.pending.prune();
+            }
+            // Otherwise from an older assignment: the record is delivered again.
+        }
+        settled.clear();
+        st.spare = settled;
+        st
     }
 
     /// Takes up to `max` polled records, marking them leased.
@@ -221,11 +245,16 @@ impl Shared {
         }
         let n = max.min(st.ready.len());
         let taken: Vec<Polled> = st.ready.drain(..n).collect();
+        // Records come in runs of one partition: look it up once per run.
+        let mut at: Option<(&Tp, Option<&mut Part>)> = None;
         for p in &taken {
-            if let Some(part) = st.parts.get_mut(&p.tp)
+            if at.as_ref().is_none_or(|(tp, _)| **tp != p.tp) {
+                at = Some((&p.tp, st.parts.get_mut(&p.tp)));
+            }
+            if let Some((_, Some(part))) = at.as_mut()
                 && part.epoch == p.epoch
             {
-                part.pending.insert(p.offset, Slot::Leased);
+                part.pending.set(p.offset, Slot::Leased);
             }
         }
         taken
@@ -238,7 +267,7 @@ impl Shared {
             if let Some(part) = st.parts.get_mut(&p.tp)
                 && part.epoch == p.epoch
             {
-                part.pending.insert(p.offset, Slot::Buffered);
+                part.pending.set(p.offset, Slot::Buffered);
                 st.ready.push_front(p);
             }
         }
@@ -249,17 +278,24 @@ impl Shared {
     /// burst).
     pub(crate) fn marks_to_raise(&self, taken: &[Polled]) -> Vec<(Tp, i64)> {
         let st = self.lock();
-        let mut out: HashMap<Tp, i64> = HashMap::new();
+        let mut out: Vec<(Tp, i64)> = Vec::new();
+        // Records come in runs of one partition: look it up once per run.
+        let mut at: Option<(&Tp, Option<&Part>)> = None;
         for p in taken.iter().chain(st.ready.iter().take(COVER_AHEAD)) {
-            let Some(part) = st.parts.get(&p.tp) else {
+            if at.is_none_or(|(tp, _)| *tp != p.tp) {
+                at = Some((&p.tp, st.parts.get(&p.tp)));
+            }
+            let Some((_, Some(part))) = at else {
                 continue;
             };
             if part.epoch == p.epoch && p.offset >= part.reserved {
-                let e = out.entry(p.tp.clone()).or_insert(0);
-                *e = (*e).max(p.offset + 1);
+                match out.iter_mut().find(|(tp, _)| *tp == p.tp) {
+                    Some((_, m)) => *m = (*m).max(p.offset + 1),
+                    None => out.push((p.tp.clone(), p.offset + 1)),
+                }
             }
         }
-        out.into_iter().collect()
+        out
     }
 
     pub(crate) fn raised(&self, marks: &[(Tp, i64)]) {
@@ -271,14 +307,52 @@ impl Shared {
         }
     }
 
+    /// Whether every record of `taken` is below its partition's leased mark as last
+    /// written (records of a partition reassigned meanwhile count as covered: they are
+    /// settled nowhere).
+    pub(crate) fn covered(&self, taken: &[Polled]) -> bool {
+        let st = self.lock();
+        let mut at: Option<(&Tp, Option<&Part>)> = None;
+        taken.iter().all(|p| {
+            if at.is_none_or(|(tp, _)| *tp != p.tp) {
+                at = Some((&p.tp, st.parts.get(&p.tp)));
+            }
+            match at {
+                Some((_, Some(part))) if part.epoch == p.epoch => p.offset < part.reserved,
+                _ => true,
+            }
+        })
+    }
+
+    /// The marks of `marks` still above what was last written.
+    pub(crate) fn still_to_raise(&self, marks: Vec<(Tp, i64)>) -> Vec<(Tp, i64)> {
+        let st = self.lock();
+        marks
+            .into_iter()
+            .filter(|(tp, m)| st.parts.get(tp).is_some_and(|part| *m > part.reserved))
+            .collect()
+    }
+
     /// Records an outcome; `false` when the partition was reassigned meanwhile.
+    ///
+    /// A settled record outside ordered mode is only noted here (see `settled`): it
+    /// counts once the state is next locked, within the poll thread's next turn, and if
+    /// its partition was reassigned meanwhile it is delivered again by the new owner,
+    /// as it would be had the reassignment come just after.
     pub(crate) fn settle(&self, tp: &Tp, offset: i64, epoch: u64, slot: Slot) -> bool {
+        if slot == Slot::Settled && !self.ordered {
+            self.settled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((tp.clone(), offset, epoch));
+            return true;
+        }
         let mut st = self.lock();
         let Some(part) = st.parts.get_mut(tp).filter(|p| p.epoch == epoch) else {
             return false;
         };
-        part.pending.insert(offset, slot);
-        part.prune();
+        part.pending.set(offset, slot);
+        part.pending.prune();
         if slot == Slot::Released {
             st.rewinds.push((tp.clone(), offset));
         }
@@ -301,7 +375,7 @@ impl Shared {
         else {
             return false;
         };
-        part.pending.insert(taken.offset, Slot::Buffered);
+        part.pending.set(taken.offset, Slot::Buffered);
         st.ready.push_front(taken);
         drop(st);
         self.signal.notify_one();
@@ -348,7 +422,7 @@ impl Shared {
             .parts
             .values()
             .map(|p| {
-                let out = p.pending.values().filter(|s| **s != Slot::Settled).count();
+                let out = p.pending.unsettled();
                 (out + p.held.len()) as u64
             })
             .sum();
@@ -422,10 +496,8 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
             // the last of them.
             let keep = part
                 .pending
-                .iter()
-                .rev()
-                .find(|(_, slot)| **slot == Slot::Leased)
-                .map_or(pos, |(offset, _)| (offset + 1).max(pos));
+                .last_leased()
+                .map_or(pos, |offset| (offset + 1).max(pos));
             if part.reserved > keep {
                 let _ = lower.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(keep));
             }
@@ -495,6 +567,8 @@ impl Drop for Member {
 fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
     let shared = Arc::clone(&consumer.context().shared);
     let mut committed_at = Instant::now();
+    // Reused from burst to burst: growing a fresh one moved every record several times.
+    let mut burst = Vec::with_capacity(BURST);
     while !stop.load(Ordering::Relaxed) {
         init_assigned(consumer, &shared);
         rewind(consumer, &shared);
@@ -512,7 +586,6 @@ fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
         let wait = shared
             .next_due_ms()
             .map_or(50, |due| (due - now_ms()).clamp(0, 50));
-        let mut burst = Vec::new();
         let mut timeout = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
         // What librdkafka already holds is taken without waiting, up to a burst, and
         // admitted under one lock with one wake-up for `fetch`.
@@ -528,7 +601,7 @@ fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
             timeout = Duration::ZERO;
         }
         if !burst.is_empty() {
-            admit(consumer, &shared, burst);
+            admit(consumer, &shared, &mut burst);
         }
     }
     // Stopping: commit what is settled and give every partition back.
@@ -585,7 +658,7 @@ fn init_assigned(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
             reserved: m.max(c),
             committed: c,
             next: c,
-            pending: BTreeMap::new(),
+            pending: Slots::default(),
             held: VecDeque::new(),
             paused: false,
             refetch: None,
@@ -638,7 +711,7 @@ fn resume_due(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
             while part.held.front().is_some_and(|h| h.due_ms <= now)
                 && let Some(held) = part.held.pop_front()
             {
-                part.pending.insert(held.offset, Slot::Buffered);
+                part.pending.set(held.offset, Slot::Buffered);
                 part.next = part.next.max(held.offset + 1);
                 released.push(held);
             }
@@ -708,26 +781,32 @@ fn incoming(shared: &Shared, msg: &BorrowedMessage<'_>) -> Option<Incoming> {
 
 /// Buffers a burst of polled records for `fetch` (retry records not yet due are held),
 /// then makes the seeks and pauses that asked for.
-fn admit(consumer: &BaseConsumer<Ctx>, shared: &Shared, burst: Vec<Incoming>) {
+fn admit(consumer: &BaseConsumer<Ctx>, shared: &Shared, burst: &mut Vec<Incoming>) {
     let now = now_ms();
     let mut seeks: Vec<(Tp, i64)> = Vec::new();
     let mut pauses: Vec<Tp> = Vec::new();
     let mut any = false;
     {
         let mut guard = shared.lock();
-        let st = &mut *guard;
-        for rec in burst {
+        let State { parts, ready, .. } = &mut *guard;
+        // Records come in runs of one partition: look it up once per run.
+        let mut at: Option<((usize, i32), Option<&mut Part>)> = None;
+        for rec in burst.drain(..) {
             let lane = &shared.lanes[rec.lane];
             let tp = Tp {
                 topic: Arc::clone(&lane.topic),
                 partition: rec.partition,
             };
             let offset = rec.offset;
-            let Some(part) = st.parts.get_mut(&tp) else {
+            let key = (rec.lane, rec.partition);
+            if at.as_ref().is_none_or(|(k, _)| *k != key) {
+                at = Some((key, parts.get_mut(&tp)));
+            }
+            let Some((_, Some(part))) = at.as_mut() else {
                 // Not (or no longer) this member's partition.
                 continue;
             };
-            match part.pending.get(&offset) {
+            match part.pending.get(offset) {
                 Some(Slot::Released) => {}
                 Some(_) => continue,
                 None if offset < part.next => continue,
@@ -779,9 +858,9 @@ fn admit(consumer: &BaseConsumer<Ctx>, shared: &Shared, burst: Vec<Incoming>) {
                 }
                 continue;
             }
-            part.pending.insert(offset, Slot::Buffered);
+            part.pending.set(offset, Slot::Buffered);
             part.next = part.next.max(offset + 1);
-            st.ready.push_back(polled);
+            ready.push_back(polled);
             any = true;
         }
     }
@@ -805,6 +884,20 @@ pub(crate) fn decode(
 ) -> Result<Envelope, Box<(String, Envelope)>> {
     let payload = || msg.payload().unwrap_or_default().to_vec();
     let key = || msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    // A record that never failed carries its id alone: read it in place, copying only
+    // the user's headers.
+    if let Some(headers) = msg.headers() {
+        let all = || headers.iter().map(|h| (h.key, h.value.unwrap_or_default()));
+        if let Some(id) = Envelope::compact_id(all()) {
+            let mut env = Envelope::new_with_id(queue.clone(), payload(), id);
+            env.key = key();
+            env.headers = all()
+                .filter(|(k, _)| !k.eq_ignore_ascii_case("redrive-id"))
+                .map(|(k, v)| (k.to_owned(), String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            return Ok(env);
+        }
+    }
     Envelope::from_wire(queue, key(), payload(), headers_of(msg)).map_err(|e| {
         // Read again from the record on this rare path, rather than copying every
         // record's payload and headers ahead in case it is needed.

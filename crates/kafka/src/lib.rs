@@ -16,6 +16,7 @@ mod backend;
 mod config;
 mod consumer;
 mod error;
+mod slots;
 mod transport;
 
 pub use backend::KafkaBackend;

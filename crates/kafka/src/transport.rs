@@ -1,6 +1,7 @@
 //! The Kafka [`Transport`]: topics per lane, a consumer-group member per queue.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -453,6 +454,41 @@ impl KafkaTransport {
         Ok(())
     }
 
+    /// Writes leased marks (one write at a time, skipping what is already written).
+    async fn write_marks(
+        &self,
+        shared: &Arc<Shared>,
+        marks: Vec<(Tp, i64)>,
+    ) -> Result<(), KafkaError> {
+        let _one_at_a_time = shared.mark_writes.lock().await;
+        let list = shared.still_to_raise(marks);
+        if list.is_empty() {
+            return Ok(());
+        }
+        let writer = Arc::clone(&shared.marks);
+        let started = std::time::Instant::now();
+        let written = {
+            let list = list.clone();
+            self.blocking(move |_| {
+                let mut tpl = TopicPartitionList::new();
+                for (tp, m) in &list {
+                    let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*m));
+                }
+                writer.commit(&tpl, CommitMode::Sync)
+            })
+            .await
+            .and_then(|r| r.map_err(during("record leases")))
+        };
+        written?;
+        shared.raised(&list);
+        tracing::trace!(
+            ms = started.elapsed().as_millis() as u64,
+            partitions = list.len(),
+            "leases recorded"
+        );
+        Ok(())
+    }
+
     fn settle(d: &Delivery<Token>, slot: Slot) -> Result<(), TransportError> {
         let t = &d.token;
         if t.shared.settle(&t.tp, t.offset, t.epoch, slot) {
@@ -529,33 +565,25 @@ impl Transport for KafkaTransport {
             });
             let _ = tokio::time::timeout(left.min(until_due), shared.signal.notified()).await;
         };
-        // The leases are durable before anything is handed out.
+        // The leases are durable before anything is handed out. Each write also covers
+        // up to COVER_AHEAD buffered records, so the next fetch usually finds its
+        // records covered already: it hands them out at once and raises the marks for
+        // the records behind them in the background, so no fetch waits for a write
+        // while the runner keeps up.
         let raise = shared.marks_to_raise(&taken);
-        if !raise.is_empty() {
-            let marks = Arc::clone(&shared.marks);
-            let list = raise.clone();
-            let started = std::time::Instant::now();
-            let written = self
-                .blocking(move |_| {
-                    let mut tpl = TopicPartitionList::new();
-                    for (tp, m) in &list {
-                        let _ =
-                            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*m));
+        if shared.covered(&taken) {
+            if !raise.is_empty() && !shared.raising_ahead.swap(true, AtomicOrdering::AcqRel) {
+                let (me, shared) = (self.clone(), Arc::clone(shared));
+                tokio::spawn(async move {
+                    if let Err(e) = me.write_marks(&shared, raise).await {
+                        tracing::warn!(queue = %shared.queue, error = %e, "could not record leases ahead; the next fetch records its own");
                     }
-                    marks.commit(&tpl, CommitMode::Sync)
-                })
-                .await
-                .and_then(|r| r.map_err(during("record leases")));
-            if let Err(e) = written {
-                shared.untake(taken);
-                return Err(e.into());
+                    shared.raising_ahead.store(false, AtomicOrdering::Release);
+                });
             }
-            shared.raised(&raise);
-            tracing::trace!(
-                ms = started.elapsed().as_millis() as u64,
-                partitions = raise.len(),
-                "leases recorded"
-            );
+        } else if let Err(e) = self.write_marks(shared, raise).await {
+            shared.untake(taken);
+            return Err(e.into());
         }
         let mut deliveries = Vec::with_capacity(taken.len());
         for p in taken {
