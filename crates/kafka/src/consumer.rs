@@ -273,15 +273,19 @@ impl Shared {
         }
     }
 
-    /// The leased marks to raise before `taken` is handed out: per partition, past the
-    /// taken records and up to [`COVER_AHEAD`] buffered behind them (one write covers a
-    /// burst).
-    pub(crate) fn marks_to_raise(&self, taken: &[Polled]) -> Vec<(Tp, i64)> {
+    /// What handing out `taken` needs, in one pass: whether every record of it is
+    /// already below its partition's leased mark as last written (records of a
+    /// partition reassigned meanwhile count as covered: they are settled nowhere), and
+    /// the marks to raise per partition, past the taken records and up to
+    /// [`COVER_AHEAD`] buffered behind them (one write covers a burst).
+    pub(crate) fn marks_for(&self, taken: &[Polled]) -> (bool, Vec<(Tp, i64)>) {
         let st = self.lock();
-        let mut out: Vec<(Tp, i64)> = Vec::new();
+        let mut covered = true;
+        let mut raise: Vec<(Tp, i64)> = Vec::new();
         // Records come in runs of one partition: look it up once per run.
         let mut at: Option<(&Tp, Option<&Part>)> = None;
-        for p in taken.iter().chain(st.ready.iter().take(COVER_AHEAD)) {
+        let ahead = st.ready.iter().take(COVER_AHEAD);
+        for (i, p) in taken.iter().chain(ahead).enumerate() {
             if at.is_none_or(|(tp, _)| *tp != p.tp) {
                 at = Some((&p.tp, st.parts.get(&p.tp)));
             }
@@ -289,13 +293,16 @@ impl Shared {
                 continue;
             };
             if part.epoch == p.epoch && p.offset >= part.reserved {
-                match out.iter_mut().find(|(tp, _)| *tp == p.tp) {
+                if i < taken.len() {
+                    covered = false;
+                }
+                match raise.iter_mut().find(|(tp, _)| *tp == p.tp) {
                     Some((_, m)) => *m = (*m).max(p.offset + 1),
-                    None => out.push((p.tp.clone(), p.offset + 1)),
+                    None => raise.push((p.tp.clone(), p.offset + 1)),
                 }
             }
         }
-        out
+        (covered, raise)
     }
 
     pub(crate) fn raised(&self, marks: &[(Tp, i64)]) {
@@ -305,23 +312,6 @@ impl Shared {
                 part.reserved = part.reserved.max(*m);
             }
         }
-    }
-
-    /// Whether every record of `taken` is below its partition's leased mark as last
-    /// written (records of a partition reassigned meanwhile count as covered: they are
-    /// settled nowhere).
-    pub(crate) fn covered(&self, taken: &[Polled]) -> bool {
-        let st = self.lock();
-        let mut at: Option<(&Tp, Option<&Part>)> = None;
-        taken.iter().all(|p| {
-            if at.is_none_or(|(tp, _)| *tp != p.tp) {
-                at = Some((&p.tp, st.parts.get(&p.tp)));
-            }
-            match at {
-                Some((_, Some(part))) if part.epoch == p.epoch => p.offset < part.reserved,
-                _ => true,
-            }
-        })
     }
 
     /// The marks of `marks` still above what was last written.

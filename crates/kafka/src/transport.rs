@@ -570,8 +570,8 @@ impl Transport for KafkaTransport {
         // records covered already: it hands them out at once and raises the marks for
         // the records behind them in the background, so no fetch waits for a write
         // while the runner keeps up.
-        let raise = shared.marks_to_raise(&taken);
-        if shared.covered(&taken) {
+        let (covered, raise) = shared.marks_for(&taken);
+        if covered {
             if !raise.is_empty() && !shared.raising_ahead.swap(true, AtomicOrdering::AcqRel) {
                 let (me, shared) = (self.clone(), Arc::clone(shared));
                 tokio::spawn(async move {
