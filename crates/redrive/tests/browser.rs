@@ -1,7 +1,8 @@
 //! The triage UI in a real headless Chromium, driven through chromedriver (WebDriver):
 //! sign in, open an error group, look at a message whose payload is markup, replay the
-//! group, and check that nothing from a payload ever runs. Screenshots go to
-//! `docs/screenshots/`.
+//! group, and check that nothing from a payload ever runs. Screenshots go to the test
+//! target's scratch folder (`target/tmp/screenshots/`), or to `docs/screenshots/` with
+//! `REDRIVE_UPDATE_SCREENSHOTS=1`, so a test run leaves the work tree as it was.
 //!
 //! Needs Debian's `chromium` and `chromium-driver`; `scripts/test` installs them when
 //! missing and sets `REDRIVE_TEST_BROWSER=1`, which makes their absence a failure.
@@ -146,7 +147,11 @@ impl Driver {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(png.as_str().unwrap())
             .unwrap();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots");
+        let dir = if std::env::var_os("REDRIVE_UPDATE_SCREENSHOTS").is_some() {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots")
+        } else {
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+        };
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), bytes).unwrap();
     }
