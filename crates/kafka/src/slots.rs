@@ -32,9 +32,14 @@ pub(crate) struct Slots {
 
 impl Slots {
     fn index(&self, offset: i64) -> Result<usize, usize> {
-        let Some(&(first, _)) = self.ring.front() else {
+        let (Some(&(first, _)), Some(&(last, _))) = (self.ring.front(), self.ring.back()) else {
             return Err(0);
         };
+        // A new offset, past every one here: the poll thread asks this of every record
+        // it admits, and a binary search for it showed in profiles.
+        if offset > last {
+            return Err(self.ring.len());
+        }
         // Dense offsets: the distance from the front is the index.
         if let Ok(i) = usize::try_from(offset - first)
             && self.ring.get(i).is_some_and(|(o, _)| *o == offset)
@@ -123,6 +128,8 @@ mod tests {
         }
         assert_eq!(s.get(30), Some(Slot::Buffered));
         assert_eq!(s.get(29), None);
+        assert_eq!(s.get(101), None);
+        assert_eq!(s.get(4), None);
         // An offset below the back (a held retry record let out late) goes in order.
         s.set(7, Slot::Buffered);
         s.set(5, Slot::Settled);
