@@ -55,12 +55,9 @@ impl Slots {
 
     /// Sets where `offset` stands, adding it if it is new.
     pub(crate) fn set(&mut self, offset: i64, slot: Slot) {
-        if self.ring.back().is_none_or(|(last, _)| *last < offset) {
-            self.ring.push_back((offset, slot));
-            return;
-        }
         match self.index(offset) {
             Ok(i) => self.ring[i].1 = slot,
+            // A new offset past the back is pushed there (`index` answers it at once).
             Err(i) => self.ring.insert(i, (offset, slot)),
         }
     }
