@@ -193,9 +193,12 @@ pub(crate) struct Shared {
     room: Condvar,
     /// Member of `<group>.leased`: its committed offsets are the leased marks.
     pub(crate) marks: Arc<BaseConsumer>,
-    /// Held while a leased mark is written: writes go one at a time, so a mark never
-    /// goes down on the broker because an older write landed after a newer one.
-    pub(crate) mark_writes: tokio::sync::Mutex<()>,
+    /// Held while a leased mark is written or lowered, for the whole broker call: writes
+    /// go one at a time, so a mark never goes down on the broker because an older write
+    /// landed after a newer one, and no write lands after a hand-back lowered the mark
+    /// of a partition given up (the write, next in line, finds it gone and skips it).
+    /// Taken before `state`, never while holding it.
+    pub(crate) mark_writes: Mutex<()>,
     /// A write raising the marks ahead of `fetch` is in flight.
     pub(crate) raising_ahead: AtomicBool,
     /// One record at a time per partition, retried in place.
@@ -217,7 +220,7 @@ impl Shared {
             signal: tokio::sync::Notify::new(),
             room: Condvar::new(),
             marks,
-            mark_writes: tokio::sync::Mutex::new(()),
+            mark_writes: Mutex::new(()),
             raising_ahead: AtomicBool::new(false),
             ordered,
         }
@@ -482,6 +485,12 @@ impl ConsumerContext for Ctx {
 /// lowers their leased mark to just past the last record still leased (released and
 /// buffered records were never handed to a handler, so they must not count).
 fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
+    // A mark write in flight lands before the lowering below, and a later one skips
+    // these partitions: the next member counts only what this one still leases.
+    let _no_write_meanwhile = shared
+        .mark_writes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut commit = TopicPartitionList::new();
     let mut lower = TopicPartitionList::new();
     {

@@ -460,32 +460,43 @@ impl KafkaTransport {
         shared: &Arc<Shared>,
         marks: Vec<(Tp, i64)>,
     ) -> Result<(), KafkaError> {
-        let _one_at_a_time = shared.mark_writes.lock().await;
-        let list = shared.still_to_raise(marks);
-        if list.is_empty() {
+        // Marks another write covered already need no trip to a blocking thread.
+        let marks = shared.still_to_raise(marks);
+        if marks.is_empty() {
             return Ok(());
         }
-        let writer = Arc::clone(&shared.marks);
+        let shared = Arc::clone(shared);
         let started = std::time::Instant::now();
-        let written = {
-            let list = list.clone();
-            self.blocking(move |_| {
+        let written = self
+            .blocking(move |_| -> rdkafka::error::KafkaResult<usize> {
+                // Checked again and written under the lock a hand-back lowers marks
+                // under, in this thread, so a cancelled fetch cannot leave a write
+                // running outside it.
+                let _one_at_a_time = shared
+                    .mark_writes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let list = shared.still_to_raise(marks);
+                if list.is_empty() {
+                    return Ok(0);
+                }
                 let mut tpl = TopicPartitionList::new();
                 for (tp, m) in &list {
                     let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*m));
                 }
-                writer.commit(&tpl, CommitMode::Sync)
+                shared.marks.commit(&tpl, CommitMode::Sync)?;
+                shared.raised(&list);
+                Ok(list.len())
             })
             .await
-            .and_then(|r| r.map_err(during("record leases")))
-        };
-        written?;
-        shared.raised(&list);
-        tracing::trace!(
-            ms = started.elapsed().as_millis() as u64,
-            partitions = list.len(),
-            "leases recorded"
-        );
+            .and_then(|r| r.map_err(during("record leases")))?;
+        if written > 0 {
+            tracing::trace!(
+                ms = started.elapsed().as_millis() as u64,
+                partitions = written,
+                "leases recorded"
+            );
+        }
         Ok(())
     }
 
