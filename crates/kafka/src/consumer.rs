@@ -142,6 +142,14 @@ impl Part {
     }
 }
 
+/// A leased mark to write: one past the last record it covers, for one assignment of a
+/// partition.
+pub(crate) struct Mark {
+    pub(crate) tp: Tp,
+    pub(crate) offset: i64,
+    pub(crate) epoch: u64,
+}
+
 /// A polled record waiting for `fetch`.
 pub(crate) struct Polled {
     pub(crate) tp: Tp,
@@ -297,10 +305,10 @@ impl Shared {
     /// partition reassigned meanwhile count as covered: they are settled nowhere), and
     /// the marks to raise per partition, past the taken records and up to
     /// [`COVER_AHEAD`] buffered behind them (one write covers a burst).
-    pub(crate) fn marks_for(&self, taken: &[Polled]) -> (bool, Vec<(Tp, i64)>) {
+    pub(crate) fn marks_for(&self, taken: &[Polled]) -> (bool, Vec<Mark>) {
         let st = self.lock();
         let mut covered = true;
-        let mut raise: Vec<(Tp, i64)> = Vec::new();
+        let mut raise: Vec<Mark> = Vec::new();
         // Records come in runs of one partition: look it up once per run.
         let mut at: Option<(&Tp, Option<&Part>)> = None;
         let ahead = st.ready.iter().take(COVER_AHEAD);
@@ -315,30 +323,40 @@ impl Shared {
                 if i < taken.len() {
                     covered = false;
                 }
-                match raise.iter_mut().find(|(tp, _)| *tp == p.tp) {
-                    Some((_, m)) => *m = (*m).max(p.offset + 1),
-                    None => raise.push((p.tp.clone(), p.offset + 1)),
+                match raise.iter_mut().find(|m| m.tp == p.tp) {
+                    Some(m) => m.offset = m.offset.max(p.offset + 1),
+                    None => raise.push(Mark {
+                        tp: p.tp.clone(),
+                        offset: p.offset + 1,
+                        epoch: p.epoch,
+                    }),
                 }
             }
         }
         (covered, raise)
     }
 
-    pub(crate) fn raised(&self, marks: &[(Tp, i64)]) {
+    pub(crate) fn raised(&self, marks: &[Mark]) {
         let mut st = self.lock();
-        for (tp, m) in marks {
-            if let Some(part) = st.parts.get_mut(tp) {
-                part.reserved = part.reserved.max(*m);
+        for m in marks {
+            if let Some(part) = st.parts.get_mut(&m.tp).filter(|p| p.epoch == m.epoch) {
+                part.reserved = part.reserved.max(m.offset);
             }
         }
     }
 
-    /// The marks of `marks` still above what was last written.
-    pub(crate) fn still_to_raise(&self, marks: Vec<(Tp, i64)>) -> Vec<(Tp, i64)> {
+    /// The marks of `marks` still above what was last written, on partitions still
+    /// assigned as they were when the marks were worked out (a mark of an earlier
+    /// assignment would count records of this one that were never handed out).
+    pub(crate) fn still_to_raise(&self, marks: Vec<Mark>) -> Vec<Mark> {
         let st = self.lock();
         marks
             .into_iter()
-            .filter(|(tp, m)| st.parts.get(tp).is_some_and(|part| *m > part.reserved))
+            .filter(|m| {
+                st.parts
+                    .get(&m.tp)
+                    .is_some_and(|part| part.epoch == m.epoch && m.offset > part.reserved)
+            })
             .collect()
     }
 

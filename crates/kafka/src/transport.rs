@@ -18,7 +18,7 @@ use redrive_core::{
 };
 
 use crate::config::KafkaConfig;
-use crate::consumer::{CALL_TIMEOUT, Ctx, LaneTopic, Member, Polled, Shared, Slot, Tp};
+use crate::consumer::{CALL_TIMEOUT, Ctx, LaneTopic, Mark, Member, Polled, Shared, Slot, Tp};
 use crate::error::{KafkaError, during};
 
 /// How a member fetches (each may be overridden in the broker URL). Public so that a
@@ -455,11 +455,7 @@ impl KafkaTransport {
     }
 
     /// Writes leased marks (one write at a time, skipping what is already written).
-    async fn write_marks(
-        &self,
-        shared: &Arc<Shared>,
-        marks: Vec<(Tp, i64)>,
-    ) -> Result<(), KafkaError> {
+    async fn write_marks(&self, shared: &Arc<Shared>, marks: Vec<Mark>) -> Result<(), KafkaError> {
         // Marks another write covered already need no trip to a blocking thread.
         let marks = shared.still_to_raise(marks);
         if marks.is_empty() {
@@ -481,8 +477,12 @@ impl KafkaTransport {
                     return Ok(0);
                 }
                 let mut tpl = TopicPartitionList::new();
-                for (tp, m) in &list {
-                    let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*m));
+                for m in &list {
+                    let _ = tpl.add_partition_offset(
+                        &m.tp.topic,
+                        m.tp.partition,
+                        Offset::Offset(m.offset),
+                    );
                 }
                 shared.marks.commit(&tpl, CommitMode::Sync)?;
                 shared.raised(&list);
