@@ -159,7 +159,7 @@ pub(crate) async fn consume_noop<T: Transport>(
 }
 
 /// The JSON line of a bench with a plain client run twice, on bare messages and on
-/// messages carrying an id as redrive's do (NATS, Kafka): one shape for both.
+/// messages carrying an id as redrive's do (NATS; the Kafka bench adds a fourth side).
 pub(crate) fn json_three_sides<S: serde::Serialize>(
     mine: &S,
     plain: &S,

@@ -3,9 +3,11 @@
 //! of records, on the same broker, with the same client settings (the member's fetch
 //! settings included), in the same run.
 //!
-//! The plain consumer runs twice: on bare records (the ratio's baseline) and on records
-//! that carry the one header redrive puts on a record that never failed (`redrive-id`),
-//! which separates what the runner costs from what carrying an id costs the broker.
+//! The plain consumer runs three times: on bare records (the ratio's baseline); on
+//! records that carry the one header redrive puts on a record that never failed
+//! (`redrive-id`), left unread, which shows what carrying an id costs the broker; and on
+//! such records reading each one's id, as every consumer of redrive's envelope must,
+//! which shows what the id costs the client before any runner work.
 //!
 //! Both sides join a consumer group first; how long that takes depends on the broker,
 //! not on the consumer, so each side's rate is measured from its first record to its
@@ -17,9 +19,9 @@ use anyhow::{Context, Result, bail};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redrive_core::{QueueName, now_ms};
+use redrive_core::{Envelope, QueueName, now_ms};
 use redrive_kafka::{FETCH_SETTINGS, KafkaBackend, KafkaConfig};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
@@ -39,9 +41,20 @@ struct Side {
     consume_msgs_per_sec: f64,
 }
 
-/// The plain consumer: what a team writes by hand with rdkafka. With `id_header`, each
-/// record carries a `redrive-id` header as redrive's do.
-async fn plain(config: &KafkaConfig, topic: &str, n: usize, id_header: bool) -> Result<Side> {
+/// What the plain consumer's records carry, and what it reads of them.
+#[derive(Clone, Copy, PartialEq)]
+enum Plain {
+    /// Payload only.
+    Bare,
+    /// A `redrive-id` header as redrive's records carry, never read.
+    IdCarried,
+    /// A `redrive-id` header, read and parsed for every record.
+    IdRead,
+}
+
+/// The plain consumer: what a team writes by hand with rdkafka.
+async fn plain(config: &KafkaConfig, topic: &str, n: usize, mode: Plain) -> Result<Side> {
+    let id_header = mode != Plain::Bare;
     let producer: FutureProducer = config
         .client_config(&[("acks", "all"), ("linger.ms", "2")])
         .create()
@@ -109,6 +122,20 @@ async fn plain(config: &KafkaConfig, topic: &str, n: usize, id_header: bool) -> 
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     first.get_or_insert_with(Instant::now);
+                    if mode == Plain::IdRead {
+                        // The same reading redrive's decode starts with.
+                        let id = m.headers().and_then(|h| {
+                            Envelope::compact_id(
+                                h.iter().map(|h| (h.key, h.value.unwrap_or_default())),
+                            )
+                        });
+                        if id.is_none() {
+                            bail!(
+                                "a record without a redrive-id header at offset {}",
+                                m.offset()
+                            );
+                        }
+                    }
                     consumer.store_offset_from_message(&m)?;
                     done += 1;
                     if done % 1000 == 0 {
@@ -135,10 +162,10 @@ async fn plain(config: &KafkaConfig, topic: &str, n: usize, id_header: bool) -> 
     .await??;
     let consume_secs = first.elapsed().as_secs_f64();
     Ok(Side {
-        tool: if id_header {
-            "rdkafka (id header)"
-        } else {
-            "rdkafka (plain)"
+        tool: match mode {
+            Plain::Bare => "rdkafka (plain)",
+            Plain::IdCarried => "rdkafka (id header)",
+            Plain::IdRead => "rdkafka (reads id)",
         },
         messages: n,
         publish_secs,
@@ -180,26 +207,46 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
     let config = KafkaConfig::new(&url)?;
     let n = args.messages;
     let mine = redrive(&url, n, args.concurrency).await?;
-    let theirs = plain(&config, &config.topic("plain"), n, false).await?;
-    let with_id = plain(&config, &config.topic("plain_id"), n, true).await?;
+    let theirs = plain(&config, &config.topic("plain"), n, Plain::Bare).await?;
+    let with_id = plain(&config, &config.topic("plain_id"), n, Plain::IdCarried).await?;
+    let reads_id = plain(&config, &config.topic("plain_reads_id"), n, Plain::IdRead).await?;
     let ratio = mine.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
     let ratio_with_id = mine.consume_msgs_per_sec / with_id.consume_msgs_per_sec;
+    let ratio_reads_id = mine.consume_msgs_per_sec / reads_id.consume_msgs_per_sec;
+    // How far below the bare loop reading the id alone puts a consumer.
+    let reads_id_to_plain = reads_id.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
     // Leave the broker as it was.
     if let Ok(admin) = config
         .client_config(&[])
         .create::<AdminClient<DefaultClientContext>>()
     {
-        let topics: Vec<String> = ["bench", "bench.dlq", "bench.retry.1s", "plain", "plain_id"]
-            .iter()
-            .map(|t| config.topic(t))
-            .collect();
+        let topics: Vec<String> = [
+            "bench",
+            "bench.dlq",
+            "bench.retry.1s",
+            "plain",
+            "plain_id",
+            "plain_reads_id",
+        ]
+        .iter()
+        .map(|t| config.topic(t))
+        .collect();
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
     if args.json {
-        super::bench::json_three_sides(&mine, &theirs, &with_id, ratio, ratio_with_id);
+        crate::output::json_line(&serde_json::json!({
+            "redrive": mine,
+            "plain": theirs,
+            "plain_with_id": with_id,
+            "plain_reads_id": reads_id,
+            "ratio": ratio,
+            "ratio_with_id": ratio_with_id,
+            "ratio_reads_id": ratio_reads_id,
+            "reads_id_to_plain": reads_id_to_plain,
+        }));
     } else {
-        for s in [&mine, &theirs, &with_id] {
+        for s in [&mine, &theirs, &with_id, &reads_id] {
             outln!(
                 "{:<20} publish {:.2}s  first→last record {:.2}s  {:>8.0} msgs/s  (with group join {:.2}s)",
                 s.tool,
@@ -210,7 +257,9 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
             );
         }
         outln!(
-            "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id header: {ratio_with_id:.2}x)"
+            "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id header: \
+             {ratio_with_id:.2}x; redrive / plain reading the id: {ratio_reads_id:.2}x; \
+             plain reading the id / plain: {reads_id_to_plain:.2}x)"
         );
     }
     Ok(ratio)
