@@ -974,7 +974,7 @@ pub(crate) fn decode(
 ///
 /// Layout (a UUID version 8; its version and variant bits take six of the bits): the
 /// record's timestamp in ms (48 bits, so ids sort by time as UUIDv7s do, and a topic
-/// deleted and created again does not repeat its ids), then the partition offset by a
+/// deleted and created again does not repeat its ids), then the partition shifted by a
 /// hash of the topic name (12 bits: distinct for every partition of a topic below
 /// 4,096), then the offset (62 bits).
 pub(crate) fn id_at(msg: &impl Message) -> MessageId {
