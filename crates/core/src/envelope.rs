@@ -69,6 +69,16 @@ impl MessageId {
         Self(uuid::Builder::from_custom_bytes(bytes).into_uuid())
     }
 
+    /// A 32-bit hash (FNV-1a) of the name of the place a [`Self::derived`] id comes from
+    /// (a stream, a topic), so that two places with the same positions give different ids.
+    /// Stable across releases: changing it would change every such id.
+    #[must_use]
+    pub fn place_hash(name: &str) -> u32 {
+        name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        })
+    }
+
     /// Parses an id from its text form.
     ///
     /// # Errors
@@ -739,6 +749,14 @@ mod tests {
         assert!(f.message.len() <= MAX_ERROR_BYTES);
         assert!(f.message.ends_with("é end"));
         assert_eq!(truncate_utf8("héllo", 2), "h");
+    }
+
+    #[test]
+    fn place_hash_is_fnv_1a() {
+        // Published FNV-1a 32-bit values: derived ids depend on them staying so.
+        assert_eq!(MessageId::place_hash(""), 0x811c_9dc5);
+        assert_eq!(MessageId::place_hash("a"), 0xe40c_292c);
+        assert_eq!(MessageId::place_hash("foobar"), 0xbf9c_f968);
     }
 
     #[test]

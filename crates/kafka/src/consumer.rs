@@ -979,10 +979,8 @@ pub(crate) fn decode(
 /// 4,096), then the offset (62 bits).
 pub(crate) fn id_at(msg: &impl Message) -> MessageId {
     let timestamp = msg.timestamp().to_millis().unwrap_or(0).max(0);
-    // FNV-1a of the topic name, so main and a retry topic differ at the same position.
-    let topic = msg.topic().bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
+    // So main and a retry topic differ at the same position.
+    let topic = MessageId::place_hash(msg.topic());
     let place = (topic as u16).wrapping_add(msg.partition() as u16) & 0x0fff;
     let mut bytes = [0u8; 16];
     bytes[..6].copy_from_slice(&timestamp.to_be_bytes()[2..]);

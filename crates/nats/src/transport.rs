@@ -520,9 +520,7 @@ pub(crate) fn id_in_stream(stream: &str, created_ms: i64, seq: u64) -> MessageId
     bytes[..6].copy_from_slice(&created_ms.to_be_bytes()[2..]);
     // FNV-1a of the stream name, folded to 16 bits: queues whose streams were created
     // in the same millisecond still differ.
-    let hash = stream.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
+    let hash = MessageId::place_hash(stream);
     bytes[6..8].copy_from_slice(&((hash >> 16) ^ (hash & 0xffff)).to_be_bytes()[2..]);
     bytes[8..].copy_from_slice(&seq.to_be_bytes());
     MessageId::derived(bytes)
