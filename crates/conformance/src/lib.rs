@@ -16,7 +16,7 @@ pub mod scenarios;
 use std::future::Future;
 use std::path::PathBuf;
 
-use redrive_core::{DeadLetterStore, LaneStats, Transport};
+use redrive_core::{DeadLetterStore, LaneStats, QueueName, Transport};
 
 /// The upper bound on retry lateness the suite asserts: a retry is handed out no
 /// earlier than its due time and no later than this after it.
@@ -41,7 +41,7 @@ pub struct Backend<T, S> {
     /// How the CLI reaches it.
     pub cli: Cli,
     /// Anything that must live as long as the backend (a temporary directory).
-    pub guard: Box<dyn std::any::Any + Send>,
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
 }
 
 /// A backend under test.
@@ -53,6 +53,25 @@ pub trait Harness: Send + Sync {
 
     /// A fresh backend with no messages, isolated from every other scenario.
     fn open(&self) -> impl Future<Output = Backend<Self::T, Self::S>> + Send;
+
+    /// Writes messages redrive cannot read to `queue`'s main lane with the backend's
+    /// own client (SQL for SQLite), as a careless or hostile producer would: missing
+    /// fields, redrive headers that do not parse, a wire version from the future.
+    /// Returns how many it wrote.
+    fn write_malformed(
+        &self,
+        b: &Backend<Self::T, Self::S>,
+        queue: &QueueName,
+    ) -> impl Future<Output = usize> + Send;
+
+    /// Publishes `payload` to `queue`'s main lane with the backend's own client, as a
+    /// producer that knows nothing of redrive would: no redrive headers at all.
+    fn publish_plain(
+        &self,
+        b: &Backend<Self::T, Self::S>,
+        queue: &QueueName,
+        payload: &[u8],
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Expands to one test per scenario for a harness expression.
@@ -70,6 +89,9 @@ macro_rules! conformance {
             graceful_shutdown_releases_without_counting,
             sigkill_mid_handler_loses_nothing,
             crash_looping_message_reaches_the_dlq,
+            a_crash_is_charged_only_to_the_message_that_caused_it,
+            malformed_messages_are_quarantined_and_the_rest_flow,
+            a_plain_message_keeps_its_id_across_a_crash_and_a_replay,
             replay_keeps_the_id_and_history,
             payloads_are_carried_byte_exact
         );

@@ -416,7 +416,9 @@ async fn cli_consume(
 }
 
 /// SIGKILL of `redrive consume` mid-handler loses nothing: the message is delivered
-/// again once the lease expires, and the crash counts as an attempt.
+/// again once the lease expires. The crash is kept in its history but not counted: a
+/// consumer killed from outside (a deploy, the OOM killer) is no fault of the message,
+/// and it then ran alone and succeeded.
 pub async fn sigkill_mid_handler_loses_nothing<H: Harness>(h: &H) {
     let b = open(h).await;
     let policy = RetryPolicy::parse("50ms,100ms").expect("tiers");
@@ -470,8 +472,13 @@ pub async fn sigkill_mid_handler_loses_nothing<H: Harness>(h: &H) {
         (env.id, &env.payload[..]),
         (sent[0].id, b"survivor".as_slice())
     );
-    assert_eq!(env.attempt, 1, "the crash counted as an attempt");
+    assert_eq!(
+        env.attempt, 0,
+        "a crash that may not be its own is not counted"
+    );
+    assert_eq!(env.history.len(), 1, "{:?}", env.history);
     assert_eq!(env.history[0].kind, FailureKind::LeaseExpired);
+    assert!(!env.history[0].counted);
     assert!(dead(&b.store).await.is_empty());
 }
 
@@ -518,6 +525,246 @@ pub async fn crash_looping_message_reaches_the_dlq<H: Harness>(h: &H) {
         env.history
     );
     assert_eq!(env.payload, b"kills its consumer"[..]);
+}
+
+/// Runs `redrive consume --until-idle` with `args` until a run ends on its own, starting
+/// it again after every death as a supervisor would; returns how many runs died.
+async fn supervise(
+    b: &Backend<impl Transport, impl DeadLetterStore>,
+    args: &[&str],
+    lease: Duration,
+) -> usize {
+    let mut deaths = 0;
+    loop {
+        let mut child = cli_consume(b, args).await;
+        // Generous: on Kafka each consumer joins the group while the killed one's
+        // session (6 s) has not yet run out, and the test broker's rebalances are slow.
+        let status = tokio::time::timeout(Duration::from_secs(45), child.wait())
+            .await
+            .expect("consumer ends")
+            .expect("wait");
+        if status.success() {
+            return deaths;
+        }
+        deaths += 1;
+        assert!(deaths <= 20, "the consumer kept dying: {deaths} deaths");
+        // Let the dead consumer's leases run out before the next one starts.
+        tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    }
+}
+
+/// A message that kills its consumer takes nothing else with it: 40 good messages and
+/// one killer, consumed 8 at a time with fetch-ahead on and the consumer restarted after
+/// each death. The killer ends in the DLQ after max attempts, every one of them a crash
+/// it caused alone; no good message is dead-lettered, and none was ever delivered with
+/// a counted attempt, though several were in flight (or leased ahead) at each crash.
+pub async fn a_crash_is_charged_only_to_the_message_that_caused_it<H: Harness>(h: &H) {
+    let b = open(h).await;
+    let dir =
+        std::env::temp_dir().join(format!("redrive-crash-{}-{}", std::process::id(), now_ms()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let log = dir.join("handled.log");
+    let good: Vec<String> = (0..40).map(|i| format!("good-{i}")).collect();
+    let mut payloads: Vec<&[u8]> = good.iter().map(|g| g.as_bytes()).collect();
+    payloads.insert(17, b"killer");
+    let sent = publish(&b.transport, &payloads).await;
+    let killer = sent
+        .iter()
+        .find(|e| &e.payload[..] == b"killer")
+        .expect("killer")
+        .id;
+    // The handler shell's parent is `redrive consume`: the killer SIGKILLs it.
+    let handler = format!(
+        "p=$(cat); case \"$p\" in killer) kill -9 $PPID; sleep 5;; esac; sleep 0.05; \
+         echo \"$p $REDRIVE_ATTEMPT\" >> {}",
+        log.display()
+    );
+    let lease = Duration::from_millis(400);
+    let args = [
+        "--exec",
+        handler.as_str(),
+        "--concurrency",
+        "8",
+        "--lease",
+        "400ms",
+        "--tiers",
+        "50ms,60ms",
+        "--until-idle",
+        "--poll",
+        "20ms",
+    ];
+    let deaths = supervise(&b, &args, lease).await;
+    let dead = dead(&b.store).await;
+    let ids: Vec<_> = dead.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(ids, vec![killer], "only the killer is dead: {dead:?}");
+    let env = &dead[0].envelope;
+    assert_eq!(env.attempt, 3, "max attempts with two tiers");
+    let counted: Vec<_> = env.history.iter().filter(|f| f.counted).collect();
+    assert_eq!(counted.len(), 3, "{:?}", env.history);
+    assert!(
+        counted.iter().all(|f| f.kind == FailureKind::LeaseExpired),
+        "{:?}",
+        env.history
+    );
+    assert!(
+        deaths >= 3,
+        "it crashed its consumer at least once per attempt: {deaths}"
+    );
+    let handled = std::fs::read_to_string(&log).unwrap_or_default();
+    for g in &good {
+        let attempts: Vec<&str> = handled
+            .lines()
+            .filter_map(|l| l.strip_prefix(g.as_str()).and_then(|r| r.strip_prefix(' ')))
+            .collect();
+        assert!(!attempts.is_empty(), "{g} was never handled: {handled}");
+        assert!(
+            attempts.iter().all(|a| *a == "0"),
+            "{g} was charged an attempt for a crash it did not cause: {attempts:?}"
+        );
+    }
+    let lanes = LaneSet {
+        queue: queue(),
+        tiers: RetryPolicy::parse("50ms,60ms")
+            .expect("tiers")
+            .tiers()
+            .to_vec(),
+    };
+    let d = b.transport.queue_depths(&lanes).await.expect("depths");
+    assert!(d.is_drained(), "nothing left in any lane: {d:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Messages redrive cannot read, written by another producer with the broker's own
+/// client, are quarantined in the DLQ as `MalformedEnvelope` (acknowledged in their
+/// lane), and the good messages around them are all handled: no fetch fails on them.
+pub async fn malformed_messages_are_quarantined_and_the_rest_flow<H: Harness>(h: &H) {
+    let b = open(h).await;
+    let policy = RetryPolicy::parse("50ms").expect("tiers");
+    publish(&b.transport, &[b"before-1", b"before-2"]).await;
+    let bad = h.write_malformed(&b, &queue()).await;
+    assert!(bad > 0);
+    publish(&b.transport, &[b"after-1", b"after-2", b"after-3"]).await;
+    let seen = Seen::default();
+    let rec = seen.clone();
+    drain(
+        &b.transport,
+        &policy,
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Ok(()) }
+        }),
+    )
+    .await;
+    let mut handled: Vec<String> = seen
+        .all()
+        .iter()
+        .map(|(_, e)| String::from_utf8_lossy(&e.payload).into_owned())
+        .collect();
+    handled.sort();
+    assert_eq!(
+        handled,
+        ["after-1", "after-2", "after-3", "before-1", "before-2"],
+        "every good message is handled once"
+    );
+    let dead = dead(&b.store).await;
+    assert_eq!(
+        dead.len(),
+        bad,
+        "each unreadable message is quarantined: {dead:?}"
+    );
+    for d in &dead {
+        let last = d.envelope.last_failure().expect("a failure");
+        assert_eq!(
+            (last.class.as_str(), last.kind),
+            ("MalformedEnvelope", FailureKind::Poison),
+            "{last:?}"
+        );
+        assert!(!last.message.is_empty(), "it says what is wrong");
+    }
+}
+
+/// A message from a producer that knows nothing of redrive has one id for good: the
+/// same `REDRIVE_ID` on its first delivery, on its delivery after that consumer was
+/// SIGKILLed, in the DLQ, and after a replay.
+pub async fn a_plain_message_keeps_its_id_across_a_crash_and_a_replay<H: Harness>(h: &H) {
+    let b = open(h).await;
+    let dir =
+        std::env::temp_dir().join(format!("redrive-plain-{}-{}", std::process::id(), now_ms()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let log = dir.join("ids.log");
+    let mark = dir.join("crashed");
+    h.publish_plain(&b, &queue(), b"from a plain producer")
+        .await;
+    // First delivery: note the id and die. The next: note it and declare it poison.
+    let handler = format!(
+        "cat >/dev/null; echo \"$REDRIVE_ID\" >> {log}; \
+         if [ ! -e {mark} ]; then touch {mark}; kill -9 $PPID; sleep 5; fi; exit 65",
+        log = log.display(),
+        mark = mark.display()
+    );
+    let lease = Duration::from_millis(400);
+    let args = [
+        "--exec",
+        handler.as_str(),
+        "--lease",
+        "400ms",
+        "--tiers",
+        "50ms",
+        "--until-idle",
+        "--poll",
+        "20ms",
+    ];
+    let deaths = supervise(&b, &args, lease).await;
+    assert_eq!(deaths, 1);
+    let ids: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "delivered before and after the crash: {ids:?}"
+    );
+    assert_eq!(ids[0], ids[1], "the same id after the crash");
+    let dead = dead(&b.store).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].envelope.id.to_string(),
+        ids[0],
+        "the same id in the DLQ"
+    );
+    assert_eq!(dead[0].envelope.payload, b"from a plain producer"[..]);
+    replay(
+        &b.transport,
+        &b.store,
+        &DeadSelection::Filter(DeadFilter::default()),
+        &opts(5),
+        &Unpaced,
+    )
+    .await
+    .expect("replay");
+    let seen = Seen::default();
+    let rec = seen.clone();
+    drain(
+        &b.transport,
+        &RetryPolicy::parse("50ms").expect("tiers"),
+        config(),
+        handler_fn(move |env: Envelope| {
+            rec.record(&env);
+            async { Ok(()) }
+        }),
+    )
+    .await;
+    let again = seen.all();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        again[0].1.id.to_string(),
+        ids[0],
+        "the same id after a replay"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Replay puts a dead message back in main with the same id and its history; it is

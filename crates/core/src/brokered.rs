@@ -83,6 +83,9 @@ impl<T: Transport + DlqSource, S: DeadLetterStore + Clone> Transport for Brokere
     async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
         self.transport.publish(queue, batch).await
     }
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        self.transport.create_lanes(lanes).await
+    }
     async fn fetch(
         &self,
         lanes: &LaneSet,
@@ -119,6 +122,26 @@ impl<T: Transport + DlqSource, S: DeadLetterStore + Clone> Transport for Brokere
         lease: Duration,
     ) -> Result<(), TransportError> {
         self.transport.extend_lease(d, lease).await
+    }
+    async fn isolate(
+        &self,
+        d: &Delivery<T::Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        self.transport.isolate(d, envelope).await
+    }
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<Fetched<T::Token>, TransportError> {
+        self.transport.fetch_isolated(lanes, lease).await
+    }
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        self.transport.isolated_due(lanes).await
+    }
+    fn isolates(&self) -> bool {
+        self.transport.isolates()
     }
     fn max_fetch(&self) -> usize {
         self.transport.max_fetch()

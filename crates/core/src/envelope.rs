@@ -14,6 +14,8 @@ use uuid::Uuid;
 use crate::fingerprint::Fingerprint;
 use crate::queue::{QueueError, QueueName};
 
+/// The failure class of a message quarantined because redrive cannot read it.
+pub const MALFORMED: &str = "MalformedEnvelope";
 /// Version of the wire format written by this release.
 pub const WIRE_VERSION: u32 = 1;
 /// Every redrive header starts with this; other headers belong to the user.
@@ -77,6 +79,22 @@ impl MessageId {
         name.bytes().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         })
+    }
+
+    /// The id of a message that carries none (its producer is not redrive), derived
+    /// from where it sits: `place` (a stream, a queue), a time the place fixes for it in
+    /// unix ms (the place's creation, the message's arrival) and its position there (a
+    /// sequence). The same place, time and position always give the same id; ids sort
+    /// by that time, as UUIDv7s do.
+    #[must_use]
+    pub fn at(place: &str, time_ms: i64, position: u64) -> Self {
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&time_ms.to_be_bytes()[2..]);
+        // The place's hash folded to 16 bits: places whose times agree still differ.
+        let hash = Self::place_hash(place);
+        bytes[6..8].copy_from_slice(&((hash >> 16) ^ (hash & 0xffff)).to_be_bytes()[2..]);
+        bytes[8..].copy_from_slice(&position.to_be_bytes());
+        Self::derived(bytes)
     }
 
     /// Parses an id from its text form.
@@ -159,6 +177,10 @@ pub struct Failure {
     pub message: String,
     /// Fingerprint of class and message.
     pub fingerprint: Fingerprint,
+    /// Whether it counts towards max attempts. A crash that cannot be pinned on this
+    /// message (its consumer stopped while it was in flight beside others) is kept in
+    /// the history for triage but not counted.
+    pub counted: bool,
 }
 
 impl Failure {
@@ -181,6 +203,7 @@ impl Failure {
             class,
             message,
             fingerprint,
+            counted: true,
         }
     }
 }
@@ -221,6 +244,13 @@ struct WireFailure {
     class: String,
     msg: String,
     fp: String,
+    /// Written only when false: `counted` is the rule, and older readers skip it.
+    #[serde(default = "counts", skip_serializing_if = "Clone::clone")]
+    c: bool,
+}
+
+fn counts() -> bool {
+    true
 }
 
 impl Envelope {
@@ -275,10 +305,62 @@ impl Envelope {
         failure.attempt = self.attempt;
         failure.lane = lane.to_owned();
         self.first_failed_ms.get_or_insert(failure.at_ms);
+        self.push_history(failure);
+    }
+
+    /// Appends to the history, trimming it to its first entry and the latest ones.
+    fn push_history(&mut self, failure: Failure) {
         self.history.push(failure);
         if self.history.len() > MAX_HISTORY {
             self.history.remove(1);
         }
+    }
+
+    /// What can be read of a message redrive cannot read as an envelope (its redrive
+    /// headers do not parse, a field is missing), as a dead letter to quarantine: the
+    /// payload and the user's headers kept, redrive's dropped, and `why` (which header,
+    /// which value) recorded as a poison failure of class [`MALFORMED`].
+    #[must_use]
+    pub fn unreadable(
+        queue: QueueName,
+        id: MessageId,
+        payload: impl Into<Bytes>,
+        headers: Vec<(String, String)>,
+        why: &str,
+        lane: &str,
+        at_ms: i64,
+    ) -> Self {
+        let mut raw = Self::new_with_id(queue, payload, id);
+        raw.headers = headers
+            .into_iter()
+            .filter(|(k, _)| !is_redrive_header(k))
+            .collect();
+        raw.record_failure(
+            Failure::new(FailureKind::Poison, MALFORMED, why, at_ms),
+            lane,
+        );
+        raw
+    }
+
+    /// Records, without counting it, that this message's consumer stopped while the
+    /// message was in flight beside others (or leased ahead of its handler): the crash
+    /// may have been any of theirs, so the message is run alone next, and only a crash
+    /// while it runs alone is counted ([`Self::crashed_before`]).
+    pub fn record_suspected_crash(&mut self, message: &str, at_ms: i64, lane: &str) {
+        let mut failure = Failure::new(FailureKind::LeaseExpired, "lease_expired", message, at_ms);
+        failure.counted = false;
+        failure.attempt = self.attempt;
+        failure.lane = lane.to_owned();
+        self.push_history(failure);
+    }
+
+    /// Whether a crash was counted against this message before: it stopped its consumer
+    /// while it ran alone, so it is run alone again.
+    #[must_use]
+    pub fn crashed_before(&self) -> bool {
+        self.history
+            .iter()
+            .any(|f| f.counted && f.kind == FailureKind::LeaseExpired)
     }
 
     /// Records `deliveries` attempts that ended without an outcome (the consumer died
@@ -373,6 +455,7 @@ impl Envelope {
                     class: f.class.clone(),
                     msg: tail_utf8(&f.message, MAX_HISTORY_MESSAGE_BYTES).to_owned(),
                     fp: f.fingerprint.to_string(),
+                    c: f.counted,
                 })
                 .collect();
             put(
@@ -401,6 +484,24 @@ impl Envelope {
         payload: impl Into<Bytes>,
         headers: Vec<(String, String)>,
     ) -> Result<Self, WireError> {
+        Self::from_wire_at(queue, key, payload, headers, MessageId::new)
+    }
+
+    /// [`Self::from_wire`] for a backend that can name a message by where it sits (a
+    /// stream entry, a row, an offset): a message whose headers carry no `redrive-id`
+    /// (a plain producer's) gets `position()` as its id, so every delivery of it, after
+    /// a crash or a release, has the same idempotency key.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::from_wire`].
+    pub fn from_wire_at(
+        queue: &QueueName,
+        key: Option<String>,
+        payload: impl Into<Bytes>,
+        headers: Vec<(String, String)>,
+        position: impl FnOnce() -> MessageId,
+    ) -> Result<Self, WireError> {
         let find = |name: &str| {
             headers
                 .iter()
@@ -410,7 +511,7 @@ impl Envelope {
         // A `redrive-id` alone is the compact form of a fresh envelope (`is_fresh`).
         let versioned = find("redrive-version").is_some() || find("redrive-id").is_some();
         if !versioned {
-            let mut env = Self::new(queue.clone(), payload);
+            let mut env = Self::new_with_id(queue.clone(), payload, position());
             env.key = key;
             return Ok(Self::from_foreign(env, headers));
         }
@@ -428,7 +529,7 @@ impl Envelope {
                 value: id.to_owned(),
                 expected: "a UUID",
             })?,
-            None => MessageId::new(),
+            None => position(),
         };
         let mut env = Self::new_with_id(queue.clone(), payload, id);
         env.key = key;
@@ -466,6 +567,7 @@ impl Envelope {
                     class: w.class,
                     message: w.msg,
                     fingerprint: Fingerprint::from_stored(w.fp),
+                    counted: w.c,
                 })
                 .collect();
             // The history keeps short messages; the last failure's full message travels
@@ -515,7 +617,12 @@ impl Envelope {
                 .filter(|(k, _)| !matches!(k.as_str(), "attempt" | "error" | "trace"))
                 .collect();
         } else {
-            env.headers = headers;
+            // A stray `redrive-*` header (a key a producer set by hand) is redrive's, not
+            // the user's.
+            env.headers = headers
+                .into_iter()
+                .filter(|(k, _)| !is_redrive_header(k))
+                .collect();
         }
         env
     }
@@ -603,6 +710,103 @@ mod tests {
         env.replays = 1;
         env.not_before_ms = Some(9_000);
         env
+    }
+
+    #[test]
+    fn an_uncounted_crash_travels_as_such_and_does_not_count() {
+        let mut env = Envelope::new(queue(), b"x".to_vec());
+        env.record_suspected_crash("in flight beside others", 5, "main");
+        assert_eq!(env.attempt, 0, "not counted");
+        assert!(
+            !env.crashed_before(),
+            "a suspicion is not a crash of its own"
+        );
+        let back = Envelope::from_wire(&queue(), None, b"x".to_vec(), env.to_wire()).unwrap();
+        assert_eq!(back.history.len(), 1);
+        assert!(!back.history[0].counted);
+        assert_eq!(back.attempt, 0);
+        // A counted crash makes it a known crasher, and reads back counted.
+        let mut env = back;
+        env.record_failure(
+            Failure::new(FailureKind::LeaseExpired, "lease_expired", "alone", 6),
+            "isolated",
+        );
+        assert!(env.crashed_before());
+        let back = Envelope::from_wire(&queue(), None, b"x".to_vec(), env.to_wire()).unwrap();
+        assert_eq!(
+            back.history.iter().map(|f| f.counted).collect::<Vec<_>>(),
+            [false, true]
+        );
+        assert!(back.crashed_before());
+        // A history written before `counted` existed reads as counted.
+        let old = r#"[{"at":1,"n":1,"lane":"main","kind":"retry","class":"E","msg":"m","fp":"f"}]"#;
+        let wire = vec![
+            ("redrive-version".to_owned(), "1".to_owned()),
+            ("redrive-id".to_owned(), MessageId::new().to_string()),
+            ("redrive-attempt".to_owned(), "1".to_owned()),
+            ("redrive-history".to_owned(), old.to_owned()),
+        ];
+        let read = Envelope::from_wire(&queue(), None, b"x".to_vec(), wire).unwrap();
+        assert!(read.history[0].counted);
+    }
+
+    #[test]
+    fn a_plain_message_is_named_by_its_position_and_its_redrive_headers_are_not_users() {
+        let plain = vec![
+            ("traceparent".to_owned(), "00-ab".to_owned()),
+            ("redrive-key".to_owned(), "k".to_owned()),
+        ];
+        let at = || MessageId::at("redrive:{agent.tasks}:main", 1_700_000_000_000, 42);
+        let one = Envelope::from_wire_at(&queue(), None, b"x".to_vec(), plain.clone(), at).unwrap();
+        let two = Envelope::from_wire_at(&queue(), None, b"x".to_vec(), plain, at).unwrap();
+        assert_eq!(one.id, two.id, "the same place gives the same id");
+        assert_eq!(one.id, at());
+        assert_eq!(
+            one.headers,
+            [("traceparent".to_owned(), "00-ab".to_owned())]
+        );
+        // Ids differ by position, time and place.
+        assert_ne!(
+            at(),
+            MessageId::at("redrive:{agent.tasks}:main", 1_700_000_000_000, 43)
+        );
+        assert_ne!(
+            at(),
+            MessageId::at("redrive:{agent.tasks}:main", 1_700_000_000_001, 42)
+        );
+        assert_ne!(
+            at(),
+            MessageId::at("redrive:{agent.other}:main", 1_700_000_000_000, 42)
+        );
+        // redrive's own id wins over the position.
+        let env = Envelope::new(queue(), b"x".to_vec());
+        let read =
+            Envelope::from_wire_at(&queue(), None, b"x".to_vec(), env.to_wire(), at).unwrap();
+        assert_eq!(read.id, env.id);
+    }
+
+    #[test]
+    fn an_unreadable_message_keeps_its_bytes_and_says_why() {
+        let raw = Envelope::unreadable(
+            queue(),
+            MessageId::at("q", 1, 2),
+            b"\xffpayload".to_vec(),
+            vec![
+                ("redrive-version".to_owned(), "99".to_owned()),
+                ("x-user".to_owned(), "kept".to_owned()),
+            ],
+            "header redrive-version: 99 is newer",
+            "main",
+            7,
+        );
+        assert_eq!(&raw.payload[..], b"\xffpayload");
+        assert_eq!(raw.headers, [("x-user".to_owned(), "kept".to_owned())]);
+        let last = raw.last_failure().unwrap();
+        assert_eq!(
+            (last.class.as_str(), last.kind),
+            (MALFORMED, FailureKind::Poison)
+        );
+        assert!(last.message.contains("redrive-version"));
     }
 
     #[test]

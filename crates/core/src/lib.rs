@@ -25,12 +25,12 @@ pub use brokered::{Brokered, DlqSource};
 pub use bytes::Bytes;
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use envelope::{
-    Envelope, Failure, FailureKind, HEADER_PREFIX, MAX_ERROR_BYTES, MAX_HISTORY, MessageId,
-    WIRE_VERSION, WireError, truncate_utf8,
+    Envelope, Failure, FailureKind, HEADER_PREFIX, MALFORMED, MAX_ERROR_BYTES, MAX_HISTORY,
+    MessageId, WIRE_VERSION, WireError, truncate_utf8,
 };
 pub use fingerprint::{Fingerprint, normalize_message};
 pub use outcome::{HandlerError, HandlerResult, Outcome};
-pub use policy::{PolicyError, RetryPolicy, Step, Tier};
+pub use policy::{DEFAULT_TIERS, PolicyError, RetryPolicy, Step, Tier};
 pub use queue::{Lane, LaneSet, QueueError, QueueName};
 pub use replay::{Pace, ReplayError, ReplayOptions, ReplayReport, Unpaced, replay, replay_edited};
 pub use retention::RetentionStore;

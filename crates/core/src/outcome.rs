@@ -175,6 +175,19 @@ impl Outcome {
         ))
     }
 
+    /// The previous delivery, which ran alone in its process, ended without an outcome:
+    /// the consumer stopped while running nothing else, so the crash is this message's.
+    #[must_use]
+    pub fn crashed_alone(at_ms: i64) -> Self {
+        let message = "its consumer stopped while running this message alone (it crashed, was killed, or its lease expired): the crash is counted against it";
+        Self::failed(Failure::new(
+            FailureKind::LeaseExpired,
+            "lease_expired",
+            message,
+            at_ms,
+        ))
+    }
+
     fn failed(failure: Failure) -> Self {
         Self::Failed {
             failure,

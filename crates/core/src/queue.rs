@@ -38,7 +38,7 @@ impl QueueName {
     ///
     /// Returns [`QueueError::Invalid`] when the name is empty, too long, uses other
     /// characters than letters, digits, `.`, `_`, `-`, or ends in a lane suffix
-    /// (`.dlq`, `.retry.*`), which would make lane names ambiguous.
+    /// (`.dlq`, `.isolated`, `.retry.*`), which would make lane names ambiguous.
     pub fn new(name: impl Into<String>) -> Result<Self, QueueError> {
         let name = name.into();
         let invalid = |reason| QueueError::Invalid {
@@ -63,8 +63,14 @@ impl QueueName {
         if name.ends_with('.') || name.contains("..") {
             return Err(invalid("it has an empty segment between dots"));
         }
-        if name.ends_with(".dlq") || name.contains(".retry.") || name.ends_with(".retry") {
-            return Err(invalid("it ends in a lane suffix (.dlq or .retry.<tier>)"));
+        if name.ends_with(".dlq")
+            || name.ends_with(".isolated")
+            || name.contains(".retry.")
+            || name.ends_with(".retry")
+        {
+            return Err(invalid(
+                "it ends in a lane suffix (.dlq, .isolated or .retry.<tier>)",
+            ));
         }
         Ok(Self(name.into()))
     }
@@ -81,6 +87,7 @@ impl QueueName {
         match lane {
             Lane::Main => self.0.to_string(),
             Lane::Retry(tier) => format!("{}.retry.{tier}", self.0),
+            Lane::Isolated => format!("{}.isolated", self.0),
             Lane::Dlq => format!("{}.dlq", self.0),
         }
     }
@@ -106,6 +113,10 @@ pub enum Lane {
     Main,
     /// A retry tier, named by its delay (`5s`).
     Retry(String),
+    /// Crash suspects: messages whose consumer stopped while they were in flight beside
+    /// others, and messages that crashed their consumer before. Each is run alone, so a
+    /// crash while it runs is its own.
+    Isolated,
     /// The dead-letter queue.
     Dlq,
 }
@@ -117,6 +128,7 @@ impl Lane {
         match self {
             Self::Main => "main".to_owned(),
             Self::Retry(tier) => format!("retry.{tier}"),
+            Self::Isolated => "isolated".to_owned(),
             Self::Dlq => "dlq".to_owned(),
         }
     }
@@ -126,6 +138,7 @@ impl Lane {
     pub fn from_label(label: &str) -> Option<Self> {
         match label {
             "main" => Some(Self::Main),
+            "isolated" => Some(Self::Isolated),
             "dlq" => Some(Self::Dlq),
             _ => label
                 .strip_prefix("retry.")
@@ -172,11 +185,15 @@ mod tests {
             ("a..b", "it has an empty segment between dots"),
             (
                 "agent.tasks.dlq",
-                "it ends in a lane suffix (.dlq or .retry.<tier>)",
+                "it ends in a lane suffix (.dlq, .isolated or .retry.<tier>)",
+            ),
+            (
+                "agent.tasks.isolated",
+                "it ends in a lane suffix (.dlq, .isolated or .retry.<tier>)",
             ),
             (
                 "agent.tasks.retry.5s",
-                "it ends in a lane suffix (.dlq or .retry.<tier>)",
+                "it ends in a lane suffix (.dlq, .isolated or .retry.<tier>)",
             ),
         ];
         for (name, reason) in table {
@@ -206,7 +223,13 @@ mod tests {
             "agent.tasks.retry.5s"
         );
         assert_eq!(q.lane_name(&Lane::Dlq), "agent.tasks.dlq");
-        for lane in [Lane::Main, Lane::Retry("30s".into()), Lane::Dlq] {
+        assert_eq!(q.lane_name(&Lane::Isolated), "agent.tasks.isolated");
+        for lane in [
+            Lane::Main,
+            Lane::Retry("30s".into()),
+            Lane::Isolated,
+            Lane::Dlq,
+        ] {
             assert_eq!(Lane::from_label(&lane.label()), Some(lane));
         }
     }

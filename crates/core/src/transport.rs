@@ -107,6 +107,18 @@ pub trait Transport: Send + Sync + 'static {
         batch: Vec<Envelope>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Creates every lane of `lanes.queue` that is missing (main, the retry tiers, the
+    /// isolation lane, the DLQ), so that a producer can publish to it before any
+    /// consumer ran. Idempotent: existing lanes are left as they are.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable or refuses to create a lane.
+    fn create_lanes(
+        &self,
+        lanes: &LaneSet,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
     /// Leases up to `max` due deliveries from the lanes for `lease`.
     ///
     /// # Errors
@@ -165,6 +177,60 @@ pub trait Transport: Send + Sync + 'static {
         delivery: &Delivery<Self::Token>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Moves a crash suspect to its queue's isolation lane ([`Lane::Isolated`]) as
+    /// `envelope`, without counting an attempt. The runner does this, instead of running
+    /// the handler, with a delivery whose previous delivery ended unfinished while it was
+    /// in flight beside others (any of them may have stopped the consumer), and with one
+    /// that stopped its consumer before ([`Envelope::crashed_before`]). The copy is
+    /// durable before the source is settled.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::LeaseLost`] when the lease expired meanwhile.
+    fn isolate(
+        &self,
+        delivery: &Delivery<Self::Token>,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Leases at most one due delivery of `lanes.queue`'s isolation lane for `lease`.
+    ///
+    /// The runner asks only while no other handler of its process runs, and runs what it
+    /// gets alone, so a delivery from this lane that ended unfinished stopped its
+    /// consumer by itself: its next delivery has `unfinished_before` set, and the runner
+    /// counts that crash. A backend must therefore never lease an isolation-lane message
+    /// to anyone but a caller of this method, and never lease it ahead of its run.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable.
+    fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fetched<Self::Token>, TransportError>> + Send;
+
+    /// When the first message of `lanes.queue`'s isolation lane is due (unix ms; now or
+    /// earlier when one is due, an unfinished one whose lease ran out included), `None`
+    /// when the lane is empty. A look without a lease, cheap enough to ask every few
+    /// seconds: the runner then clears its process for an isolation round only when one
+    /// may find something. A backend that cannot tell exactly answers early, never late.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the backend is unreachable.
+    fn isolated_due(
+        &self,
+        lanes: &LaneSet,
+    ) -> impl Future<Output = Result<Option<i64>, TransportError>> + Send;
+
+    /// Whether this backend moves crash suspects to an isolation lane. One that cannot
+    /// without breaking a promise of its own (Kafka's strict per-key order) says no, and
+    /// the runner counts every unfinished delivery as an attempt instead.
+    fn isolates(&self) -> bool {
+        true
+    }
+
     /// Keeps a long handler's lease alive for another `lease`.
     ///
     /// # Errors
@@ -202,6 +268,8 @@ pub struct QueueDepths {
     pub main: u64,
     /// Messages waiting per retry tier, by tier name.
     pub retry: Vec<(String, u64)>,
+    /// Crash suspects waiting to be run alone (the isolation lane).
+    pub isolated: u64,
     /// Dead messages.
     pub dlq: u64,
     /// Deliveries leased to a consumer right now.
@@ -211,10 +279,14 @@ pub struct QueueDepths {
 }
 
 impl QueueDepths {
-    /// Nothing waiting in main or any retry tier, and nothing in flight.
+    /// Nothing waiting in main, any retry tier or the isolation lane, and nothing in
+    /// flight.
     #[must_use]
     pub fn is_drained(&self) -> bool {
-        self.main == 0 && self.inflight == 0 && self.retry.iter().all(|(_, n)| *n == 0)
+        self.main == 0
+            && self.isolated == 0
+            && self.inflight == 0
+            && self.retry.iter().all(|(_, n)| *n == 0)
     }
 }
 

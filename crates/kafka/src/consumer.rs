@@ -45,7 +45,7 @@ const REFILL_BELOW: usize = READY_CAP * 3 / 4;
 /// Most buffered records a lease write covers beyond the ones taken: the next fetch then
 /// finds its records covered without a write, and a crash charges an attempt to at most
 /// this many records that were never handed out.
-const COVER_AHEAD: usize = 1024;
+pub(crate) const COVER_AHEAD: usize = 1024;
 /// Most records polled in one burst: what librdkafka already holds, taken without
 /// waiting and buffered under one lock.
 const BURST: usize = 256;
@@ -211,6 +211,14 @@ pub(crate) struct Shared {
     pub(crate) raising_ahead: AtomicBool,
     /// One record at a time per partition, retried in place.
     pub(crate) ordered: bool,
+    /// Most buffered records a lease write covers beyond the ones taken
+    /// ([`COVER_AHEAD`]; none for the isolation lane, where a leased record must be one
+    /// that runs).
+    cover_ahead: usize,
+    /// The isolation lane: offsets are committed synchronously, and a fetch waits for
+    /// every settle to be committed, so that after a crash the records between the
+    /// committed offset and the leased mark are exactly the one that was running.
+    pub(crate) isolation: bool,
 }
 
 impl Shared {
@@ -219,6 +227,7 @@ impl Shared {
         lanes: Vec<LaneTopic>,
         marks: Arc<BaseConsumer>,
         ordered: bool,
+        cover_ahead: usize,
     ) -> Self {
         Self {
             queue,
@@ -231,6 +240,8 @@ impl Shared {
             mark_writes: Mutex::new(()),
             raising_ahead: AtomicBool::new(false),
             ordered,
+            cover_ahead,
+            isolation: cover_ahead == 0,
         }
     }
 
@@ -304,14 +315,14 @@ impl Shared {
     /// already below its partition's leased mark as last written (records of a
     /// partition reassigned meanwhile count as covered: they are settled nowhere), and
     /// the marks to raise per partition, past the taken records and up to
-    /// [`COVER_AHEAD`] buffered behind them (one write covers a burst).
+    /// `cover_ahead` buffered behind them (one write covers a burst).
     pub(crate) fn marks_for(&self, taken: &[Polled]) -> (bool, Vec<Mark>) {
         let st = self.lock();
         let mut covered = true;
         let mut raise: Vec<Mark> = Vec::new();
         // Records come in runs of one partition: look it up once per run.
         let mut at: Option<(&Tp, Option<&Part>)> = None;
-        let ahead = st.ready.iter().take(COVER_AHEAD);
+        let ahead = st.ready.iter().take(self.cover_ahead);
         for (i, p) in taken.iter().chain(ahead).enumerate() {
             if at.is_none_or(|(tp, _)| *tp != p.tp) {
                 at = Some((&p.tp, st.parts.get(&p.tp)));
@@ -407,6 +418,19 @@ impl Shared {
         drop(st);
         self.signal.notify_one();
         true
+    }
+
+    /// Whether polled records wait to be taken.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.lock().ready.is_empty()
+    }
+
+    /// Whether every settled record is committed past (the broker has the offsets).
+    pub(crate) fn all_committed(&self) -> bool {
+        self.lock()
+            .parts
+            .values()
+            .all(|p| p.position() < 0 || p.committed >= p.position())
     }
 
     /// When the first record waiting for its due time comes due.
@@ -607,7 +631,12 @@ fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
         rewind(consumer, &shared);
         resume_due(consumer, &shared);
         if committed_at.elapsed() >= COMMIT_EVERY {
-            commit(consumer, &shared, CommitMode::Async);
+            let mode = if shared.isolation {
+                CommitMode::Sync
+            } else {
+                CommitMode::Async
+            };
+            commit(consumer, &shared, mode);
             committed_at = Instant::now();
         }
         let st = shared.lock();
@@ -780,6 +809,7 @@ fn resume_due(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
 /// Commits, per partition, the first offset not settled.
 fn commit(consumer: &BaseConsumer<Ctx>, shared: &Shared, mode: CommitMode) {
     let mut tpl = TopicPartitionList::new();
+    let mut positions = Vec::new();
     {
         let mut st = shared.lock();
         let all = std::mem::take(&mut st.recommit);
@@ -787,15 +817,31 @@ fn commit(consumer: &BaseConsumer<Ctx>, shared: &Shared, mode: CommitMode) {
             let pos = part.position();
             if pos >= 0 && (pos > part.committed || (all && pos == part.committed)) {
                 let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos));
-                part.committed = pos;
+                if matches!(mode, CommitMode::Async) {
+                    part.committed = pos;
+                } else {
+                    positions.push((tp.clone(), part.epoch, pos));
+                }
             }
         }
     }
-    if tpl.count() > 0
-        && let Err(e) = consumer.commit(&tpl, mode)
-    {
-        tracing::warn!(queue = %shared.queue, error = %e, "offset commit failed; it will be retried");
-        shared.lock().recommit = true;
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => {
+            // A synchronous commit counts once the broker has it.
+            let mut st = shared.lock();
+            for (tp, epoch, pos) in positions {
+                if let Some(part) = st.parts.get_mut(&tp).filter(|p| p.epoch == epoch) {
+                    part.committed = part.committed.max(pos);
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(queue = %shared.queue, error = %e, "offset commit failed; it will be retried");
+            shared.lock().recommit = true;
+        }
     }
 }
 

@@ -18,7 +18,9 @@ use redrive_core::{
 };
 
 use crate::config::KafkaConfig;
-use crate::consumer::{CALL_TIMEOUT, Ctx, LaneTopic, Mark, Member, Polled, Shared, Slot, Tp};
+use crate::consumer::{
+    CALL_TIMEOUT, COMMIT_EVERY, COVER_AHEAD, Ctx, LaneTopic, Mark, Member, Polled, Shared, Slot, Tp,
+};
 use crate::error::{KafkaError, during};
 
 /// How a member fetches (each may be overridden in the broker URL). Public so that a
@@ -88,6 +90,10 @@ pub(crate) struct Inner {
 struct Readers {
     group: BaseConsumer,
     marks: Arc<BaseConsumer>,
+    /// The same two for the isolation lane's member (groups `<group>.isolated` and
+    /// `<group>.isolated.leased`).
+    isolated_group: BaseConsumer,
+    isolated_marks: Arc<BaseConsumer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -221,6 +227,9 @@ impl KafkaTransport {
                 .map(|t| self.topic(queue, &Lane::Retry(t.name().to_owned()))),
         );
         names.push(self.topic(queue, &Lane::Dlq));
+        // One partition: one member at a time runs the queue's crash suspects.
+        let isolated = self.topic(queue, &Lane::Isolated);
+        names.push(isolated.clone());
         if names
             .iter()
             .all(|n| lock(&self.inner.topics).contains_key(n))
@@ -236,7 +245,7 @@ impl KafkaTransport {
         let missing: Vec<&String> = names.iter().filter(|n| !present.contains_key(*n)).collect();
         for name in names
             .iter()
-            .filter(|n| present.get(*n).is_some_and(|p| *p != partitions))
+            .filter(|n| **n != isolated && present.get(*n).is_some_and(|p| *p != partitions))
         {
             tracing::warn!(topic = %name, partitions = present[name], main_partitions = partitions, "lane topic has a different partition count than {main}; retries still work, but keys spread differently");
         }
@@ -246,7 +255,7 @@ impl KafkaTransport {
                 .map(|n| {
                     NewTopic::new(
                         n,
-                        partitions,
+                        if **n == isolated { 1 } else { partitions },
                         TopicReplication::Fixed(self.inner.config.replication),
                     )
                 })
@@ -301,6 +310,8 @@ impl KafkaTransport {
         let r = Arc::new(Readers {
             group: client(&group)?,
             marks: Arc::new(client(&format!("{group}.leased"))?),
+            isolated_group: client(&format!("{group}.isolated"))?,
+            isolated_marks: Arc::new(client(&format!("{group}.isolated.leased"))?),
         });
         readers.insert(queue.as_str().to_owned(), Arc::clone(&r));
         Ok(r)
@@ -308,35 +319,66 @@ impl KafkaTransport {
 
     /// This process's member of the queue's consumer group, started on first use.
     async fn member(&self, lanes: &LaneSet) -> Result<Arc<Member>, KafkaError> {
-        if let Some(m) = lock(&self.inner.members).get(lanes.queue.as_str()) {
+        self.member_of(lanes, false).await
+    }
+
+    /// This process's member of the queue's consumer group (`isolated`: of its
+    /// isolation lane's group, which reads only `QUEUE.isolated`), started on first use.
+    async fn member_of(&self, lanes: &LaneSet, isolated: bool) -> Result<Arc<Member>, KafkaError> {
+        let key = if isolated {
+            format!("{}\0isolated", lanes.queue)
+        } else {
+            lanes.queue.to_string()
+        };
+        if let Some(m) = lock(&self.inner.members).get(&key) {
             return Ok(Arc::clone(m));
         }
         self.ensure_topics(&lanes.queue, &lanes.tiers).await?;
         let mut members = lock(&self.inner.members);
-        if let Some(m) = members.get(lanes.queue.as_str()) {
+        if let Some(m) = members.get(&key) {
             return Ok(Arc::clone(m));
         }
-        let mut topics = vec![LaneTopic {
-            topic: self.topic(&lanes.queue, &Lane::Main).into(),
-            lane: Lane::Main,
-            delay_ms: 0,
-        }];
-        for t in &lanes.tiers {
-            let lane = Lane::Retry(t.name().to_owned());
+        let mut topics = Vec::new();
+        if isolated {
             topics.push(LaneTopic {
-                topic: self.topic(&lanes.queue, &lane).into(),
-                lane,
-                delay_ms: i64::try_from(t.delay().as_millis()).unwrap_or(i64::MAX / 4),
+                topic: self.topic(&lanes.queue, &Lane::Isolated).into(),
+                lane: Lane::Isolated,
+                delay_ms: 0,
             });
+        } else {
+            topics.push(LaneTopic {
+                topic: self.topic(&lanes.queue, &Lane::Main).into(),
+                lane: Lane::Main,
+                delay_ms: 0,
+            });
+            for t in &lanes.tiers {
+                let lane = Lane::Retry(t.name().to_owned());
+                topics.push(LaneTopic {
+                    topic: self.topic(&lanes.queue, &lane).into(),
+                    lane,
+                    delay_ms: i64::try_from(t.delay().as_millis()).unwrap_or(i64::MAX / 4),
+                });
+            }
         }
-        let marks = Arc::clone(&self.readers(&lanes.queue)?.marks);
+        let readers = self.readers(&lanes.queue)?;
+        let (marks, cover_ahead) = if isolated {
+            // A leased record of the isolation lane must be one that runs: a crash then
+            // counts against it alone.
+            (Arc::clone(&readers.isolated_marks), 0)
+        } else {
+            (Arc::clone(&readers.marks), COVER_AHEAD)
+        };
         let shared = Arc::new(Shared::new(
             lanes.queue.clone(),
             topics,
             marks,
-            self.inner.config.ordered,
+            self.inner.config.ordered && !isolated,
+            cover_ahead,
         ));
-        let group = self.inner.config.group_of(lanes.queue.as_str());
+        let mut group = self.inner.config.group_of(lanes.queue.as_str());
+        if isolated {
+            group.push_str(".isolated");
+        }
         let mut settings = vec![
             ("group.id", group.as_str()),
             ("enable.auto.commit", "false"),
@@ -355,7 +397,7 @@ impl KafkaTransport {
             .create_with_context(Ctx { shared })
             .map_err(during("create the consumer"))?;
         let member = Arc::new(Member::start(consumer).map_err(during("subscribe"))?);
-        members.insert(lanes.queue.as_str().to_owned(), Arc::clone(&member));
+        members.insert(key, Arc::clone(&member));
         Ok(member)
     }
 
@@ -545,6 +587,11 @@ impl Transport for KafkaTransport {
         Ok(())
     }
 
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        self.ensure_topics(&lanes.queue, &lanes.tiers).await?;
+        Ok(())
+    }
+
     async fn fetch(
         &self,
         lanes: &LaneSet,
@@ -552,11 +599,149 @@ impl Transport for KafkaTransport {
         _lease: Duration,
     ) -> Result<Fetched<Token>, TransportError> {
         let member = self.member(lanes).await?;
-        let shared = &member.shared;
         // Wait up to 250 ms for records. A wake-up can find nothing (the poll thread
         // signals every record, and one signal is kept while no fetch waits): wait again
         // rather than come back empty, which would idle the runner for its poll interval.
-        let deadline = std::time::Instant::now() + Duration::from_millis(250);
+        self.fetch_from(&member, max, Duration::from_millis(250))
+            .await
+    }
+
+    async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn retry(
+        &self,
+        d: &Delivery<Token>,
+        tier: &Tier,
+        due_ms: i64,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let mut env = envelope.clone();
+        env.not_before_ms = Some(due_ms);
+        let lane = Lane::Retry(tier.name().to_owned());
+        let t = &d.token;
+        if t.shared.ordered {
+            // In place: the partition waits for it (its offset stays uncommitted).
+            let again = Polled {
+                tp: t.tp.clone(),
+                offset: t.offset,
+                epoch: t.epoch,
+                lane,
+                due_ms,
+                unfinished: false,
+                envelope: Ok(env),
+            };
+            return if t.shared.retry_in_place(again) {
+                Ok(())
+            } else {
+                Err(TransportError::LeaseLost {
+                    id: d.envelope.id.to_string(),
+                })
+            };
+        }
+        let topic = self.topic(&d.token.shared.queue, &lane);
+        self.produce(&topic, &env, &[]).await?;
+        failpoint("after-next-lane-produce");
+        // Only now may the source offset be committed past.
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let topic = self.topic(&d.token.shared.queue, &Lane::Dlq);
+        self.produce(
+            &topic,
+            envelope,
+            &[("redrive-dead-at", now_ms().to_string())],
+        )
+        .await?;
+        failpoint("after-next-lane-produce");
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        Self::settle(d, Slot::Released)
+    }
+
+    async fn extend_lease(
+        &self,
+        _d: &Delivery<Token>,
+        _lease: Duration,
+    ) -> Result<(), TransportError> {
+        // The group membership is the lease: the poll thread keeps it alive.
+        Ok(())
+    }
+
+    async fn isolate(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let topic = self.topic(&d.token.shared.queue, &Lane::Isolated);
+        self.produce(&topic, envelope, &[]).await?;
+        failpoint("after-next-lane-produce");
+        Self::settle(d, Slot::Settled)
+    }
+
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        _lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let member = self.member_of(lanes, true).await?;
+        // The record run before must be committed past, or a crash now would count it
+        // too (it lies below the leased mark). The poll thread commits this lane
+        // synchronously every COMMIT_EVERY.
+        let deadline = std::time::Instant::now() + COMMIT_EVERY * 5;
+        while !member.shared.all_committed() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !member.shared.all_committed() {
+            return Ok(Fetched {
+                deliveries: Vec::new(),
+                next_due_ms: Some(now_ms() + 100),
+            });
+        }
+        // The process waits for this fetch with nothing running: a short look only.
+        self.fetch_from(&member, 1, Duration::from_millis(20)).await
+    }
+
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        // The lane has one partition: the member that owns it polls whatever is there
+        // into its buffer; another process's member sees nothing (the owner runs them).
+        let member = self.member_of(lanes, true).await?;
+        Ok(member.shared.has_ready().then(now_ms))
+    }
+
+    fn isolates(&self) -> bool {
+        // Strict per-key order: a record may not leave its partition's line.
+        !self.inner.config.ordered
+    }
+
+    fn max_fetch(&self) -> usize {
+        // Each fetch that hands out records beyond the leased mark waits for one commit:
+        // the more it takes, the fewer it waits for. 256 capped the bench near 140k
+        // msgs/s (a fetch every ~1.8 ms, most of it the write); 1024, with the poll
+        // thread buffering up to 4096, ran at 196-215k (BENCHMARKS.md, eleventh session).
+        1024
+    }
+}
+
+impl KafkaTransport {
+    /// Takes up to `max` records from `member`'s buffer, waiting up to `wait` for
+    /// some, and records their leases before handing them out.
+    async fn fetch_from(
+        &self,
+        member: &Member,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let shared = &member.shared;
+        let deadline = std::time::Instant::now() + wait;
         let taken = loop {
             let taken = shared.take(max);
             if !taken.is_empty() {
@@ -641,84 +826,6 @@ impl Transport for KafkaTransport {
             next_due_ms: None,
         })
     }
-
-    async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
-        Self::settle(d, Slot::Settled)
-    }
-
-    async fn retry(
-        &self,
-        d: &Delivery<Token>,
-        tier: &Tier,
-        due_ms: i64,
-        envelope: &Envelope,
-    ) -> Result<(), TransportError> {
-        let mut env = envelope.clone();
-        env.not_before_ms = Some(due_ms);
-        let lane = Lane::Retry(tier.name().to_owned());
-        let t = &d.token;
-        if t.shared.ordered {
-            // In place: the partition waits for it (its offset stays uncommitted).
-            let again = Polled {
-                tp: t.tp.clone(),
-                offset: t.offset,
-                epoch: t.epoch,
-                lane,
-                due_ms,
-                unfinished: false,
-                envelope: Ok(env),
-            };
-            return if t.shared.retry_in_place(again) {
-                Ok(())
-            } else {
-                Err(TransportError::LeaseLost {
-                    id: d.envelope.id.to_string(),
-                })
-            };
-        }
-        let topic = self.topic(&d.token.shared.queue, &lane);
-        self.produce(&topic, &env, &[]).await?;
-        failpoint("after-next-lane-produce");
-        // Only now may the source offset be committed past.
-        Self::settle(d, Slot::Settled)
-    }
-
-    async fn dead_letter(
-        &self,
-        d: &Delivery<Token>,
-        envelope: &Envelope,
-    ) -> Result<(), TransportError> {
-        let topic = self.topic(&d.token.shared.queue, &Lane::Dlq);
-        self.produce(
-            &topic,
-            envelope,
-            &[("redrive-dead-at", now_ms().to_string())],
-        )
-        .await?;
-        failpoint("after-next-lane-produce");
-        Self::settle(d, Slot::Settled)
-    }
-
-    async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
-        Self::settle(d, Slot::Released)
-    }
-
-    async fn extend_lease(
-        &self,
-        _d: &Delivery<Token>,
-        _lease: Duration,
-    ) -> Result<(), TransportError> {
-        // The group membership is the lease: the poll thread keeps it alive.
-        Ok(())
-    }
-
-    fn max_fetch(&self) -> usize {
-        // Each fetch that hands out records beyond the leased mark waits for one commit:
-        // the more it takes, the fewer it waits for. 256 capped the bench near 140k
-        // msgs/s (a fetch every ~1.8 ms, most of it the write); 1024, with the poll
-        // thread buffering up to 4096, ran at 196-215k (BENCHMARKS.md, eleventh session).
-        1024
-    }
 }
 
 impl KafkaTransport {
@@ -749,35 +856,55 @@ impl KafkaTransport {
         let name = QueueName::new(queue).map_err(during("queue name"))?;
         let topics = self.topic_partitions().await?;
         let main = self.topic(&name, &Lane::Main);
+        let isolated = self.topic(&name, &Lane::Isolated);
         let retry_prefix = format!("{main}.retry.");
-        let mut lanes: Vec<(String, Option<String>, i32)> = Vec::new();
+        let mut lanes: Vec<(String, Lane, i32)> = Vec::new();
         for (t, p) in &topics {
             if *t == main {
-                lanes.push((t.clone(), None, *p));
+                lanes.push((t.clone(), Lane::Main, *p));
+            } else if *t == isolated {
+                lanes.push((t.clone(), Lane::Isolated, *p));
             } else if let Some(tier) = t.strip_prefix(&retry_prefix) {
-                lanes.push((t.clone(), Some(tier.to_owned()), *p));
+                lanes.push((t.clone(), Lane::Retry(tier.to_owned()), *p));
             }
         }
         let readers = self.readers(&name)?;
-        let member = lock(&self.inner.members).get(queue).cloned();
-        let (local_next, local_unsettled) =
-            member.map_or_else(Default::default, |m| m.shared.local_view());
+        let (mut local_next, mut local_unsettled) = (HashMap::new(), 0);
+        for key in [queue.to_owned(), format!("{queue}\0isolated")] {
+            if let Some(m) = lock(&self.inner.members).get(&key).cloned() {
+                let (next, unsettled) = m.shared.local_view();
+                local_next.extend(next);
+                local_unsettled += unsettled;
+            }
+        }
         let counts = self
-            .blocking(move |inner| -> Result<Vec<(Option<String>, i64, i64)>, KafkaError> {
-                let mut tpl = TopicPartitionList::new();
-                for (t, _, n) in &lanes {
+            .blocking(move |inner| -> Result<Vec<(Lane, i64, i64)>, KafkaError> {
+                // The isolation lane's offsets live in its own member's groups.
+                let (mut tpl, mut isolated_tpl) =
+                    (TopicPartitionList::new(), TopicPartitionList::new());
+                for (t, lane, n) in &lanes {
                     for p in 0..*n {
-                        tpl.add_partition(t, p);
+                        if *lane == Lane::Isolated {
+                            isolated_tpl.add_partition(t, p);
+                        } else {
+                            tpl.add_partition(t, p);
+                        }
                     }
                 }
-                let committed = readers
-                    .group
-                    .committed_offsets(tpl.clone(), CALL_TIMEOUT)
-                    .map_err(during("read committed offsets"))?;
-                let marks = readers
-                    .marks
-                    .committed_offsets(tpl, CALL_TIMEOUT)
-                    .map_err(during("read leased marks"))?;
+                let offsets = |group: &BaseConsumer, list: &TopicPartitionList, what| {
+                    if list.count() == 0 {
+                        return Ok(TopicPartitionList::new());
+                    }
+                    group
+                        .committed_offsets(list.clone(), CALL_TIMEOUT)
+                        .map_err(during(what))
+                };
+                let committed = offsets(&readers.group, &tpl, "read committed offsets")?;
+                let marks = offsets(&readers.marks, &tpl, "read leased marks")?;
+                let isolated_committed =
+                    offsets(&readers.isolated_group, &isolated_tpl, "read committed offsets")?;
+                let isolated_marks =
+                    offsets(&readers.isolated_marks, &isolated_tpl, "read leased marks")?;
                 let at = |list: &TopicPartitionList, t: &str, p: i32| match list
                     .find_partition(t, p)
                     .map(|e| e.offset())
@@ -786,7 +913,12 @@ impl KafkaTransport {
                     _ => -1,
                 };
                 let mut out = Vec::new();
-                for (t, tier, n) in &lanes {
+                for (t, lane, n) in &lanes {
+                    let (committed, marks) = if *lane == Lane::Isolated {
+                        (&isolated_committed, &isolated_marks)
+                    } else {
+                        (&committed, &marks)
+                    };
                     let (mut leased, mut waiting) = (0, 0);
                     for p in 0..*n {
                         let (low, high) = inner
@@ -796,13 +928,13 @@ impl KafkaTransport {
                         // What this process has polled is there, whatever the broker's
                         // (possibly lagging) end-offset answer says.
                         let high = high.max(local_next.get(&(t.clone(), p)).copied().unwrap_or(-1));
-                        let c = at(&committed, t, p).max(low);
-                        let m = at(&marks, t, p).clamp(c, high.max(c));
+                        let c = at(committed, t, p).max(low);
+                        let m = at(marks, t, p).clamp(c, high.max(c));
                         tracing::trace!(topic = %t, partition = p, committed = c, leased_to = m, end = high, "lane partition");
                         leased += m - c;
                         waiting += (high - m).max(0);
                     }
-                    out.push((tier.clone(), leased, waiting));
+                    out.push((lane.clone(), leased, waiting));
                 }
                 Ok(out)
             })
@@ -811,12 +943,13 @@ impl KafkaTransport {
             queue: queue.to_owned(),
             ..QueueDepths::default()
         };
-        for (tier, leased, waiting) in counts {
+        for (lane, leased, waiting) in counts {
             d.inflight += u64::try_from(leased).unwrap_or(0);
             let waiting = u64::try_from(waiting).unwrap_or(0);
-            match tier {
-                None => d.main += waiting,
-                Some(t) => d.retry.push((t, waiting)),
+            match lane {
+                Lane::Retry(t) => d.retry.push((t, waiting)),
+                Lane::Isolated => d.isolated += waiting,
+                Lane::Main | Lane::Dlq => d.main += waiting,
             }
         }
         d.inflight = d.inflight.max(local_unsettled);

@@ -5,11 +5,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
-use redrive_core::{Brokered, DeadLetter, DeadLetterStore, DlqSource, QueueName, StoreError};
+use redrive_core::{
+    Brokered, DeadLetter, DeadLetterStore, DlqSource, Envelope, QueueName, StoreError,
+};
 
-use crate::exhausted::quarantined;
 use crate::transport::{
-    NatsError, NatsTransport, call, durable, envelope_of, fetch_batch, wire_of,
+    NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, id_in_stream,
+    wire_of,
 };
 
 /// JetStream lanes and a dead-letter store, as one backend.
@@ -42,6 +44,7 @@ impl NatsTransport {
             .get_stream(&n.dlq_stream)
             .await
             .map_err(call("open the DLQ stream"))?;
+        let created = created_ms(&stream);
         let consumer = durable(
             &stream,
             "redrive-drain",
@@ -57,22 +60,30 @@ impl NatsTransport {
             }
             let mut dead = Vec::with_capacity(msgs.len());
             for m in &msgs {
-                let wire = wire_of(m.headers.as_ref());
+                let (wire, bad) = wire_of(m.headers.as_ref());
                 let dead_at_ms = wire
                     .iter()
                     .find(|(k, _)| k == "redrive-dead-at")
                     .and_then(|(_, v)| v.parse().ok())
                     .unwrap_or_else(redrive_core::now_ms);
-                // Whatever was published to the DLQ subject is kept, readable or not.
-                let envelope =
-                    envelope_of(&name, wire.clone(), m.payload.clone()).unwrap_or_else(|why| {
-                        quarantined(
-                            &name,
-                            wire,
-                            m.payload.clone(),
-                            &format!("in {}: {why}", n.dlq_stream),
-                        )
-                    });
+                // Whatever was published to the DLQ subject is kept, readable or not,
+                // under an id that stays the same if it is drained again after a crash.
+                let read = match bad {
+                    Some(why) => Err(why),
+                    None => envelope_of(&name, wire.clone(), m.payload.clone()),
+                };
+                let envelope = read.unwrap_or_else(|why| {
+                    let seq = m.info().map_or(0, |i| i.stream_sequence);
+                    Envelope::unreadable(
+                        name.clone(),
+                        id_in_stream(&n.dlq_stream, created, seq),
+                        m.payload.clone(),
+                        wire,
+                        &format!("in {}: {why}", n.dlq_stream),
+                        "dlq",
+                        redrive_core::now_ms(),
+                    )
+                });
                 dead.push(DeadLetter {
                     envelope,
                     dead_at_ms,

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
-use redrive_core::{Envelope, Failure, FailureKind, QueueName, now_ms};
+use redrive_core::{Envelope, QueueName, now_ms};
 
 use crate::transport::{
     NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, id_in_stream,
@@ -171,7 +170,15 @@ impl NatsTransport {
                 env.record_lost_deliveries(unsettled, &message, now);
                 env
             }
-            Err(why) => quarantined(queue, wire_of(Some(&raw.headers)), payload, &why),
+            Err(why) => {
+                let id = id_in_stream(
+                    &main.cached_info().config.name,
+                    created_ms(main),
+                    a.stream_seq,
+                );
+                let (wire, _) = wire_of(Some(&raw.headers));
+                Envelope::unreadable(queue.clone(), id, payload, wire, &why, "main", now)
+            }
         };
         envelope.queue = queue.clone();
         self.publish_dead(&envelope).await?;
@@ -218,24 +225,4 @@ impl NatsTransport {
         self.sweep_exhausted(queue).await?;
         Ok(Some(purge_below))
     }
-}
-
-/// A message whose redrive headers do not parse, as a dead letter: payload and headers
-/// kept, the reason as its failure.
-pub(crate) fn quarantined(
-    queue: &QueueName,
-    wire: Vec<(String, String)>,
-    payload: Bytes,
-    why: &str,
-) -> Envelope {
-    let mut raw = Envelope::new(queue.clone(), payload);
-    raw.headers = wire
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("redrive-"))
-        .collect();
-    raw.record_failure(
-        Failure::new(FailureKind::Poison, "MalformedEnvelope", why, now_ms()),
-        "main",
-    );
-    raw
 }

@@ -261,6 +261,8 @@ impl NatsConfig {
 pub struct Token {
     reply: async_nats::Subject,
     delivered: i64,
+    /// A message of the isolation stream (else of main).
+    isolated: bool,
 }
 
 impl std::fmt::Debug for Token {
@@ -330,6 +332,9 @@ pub(crate) struct Names {
     /// Captures the server's MAX_DELIVERIES advisories for the main stream's consumer.
     pub(crate) exhausted_stream: String,
     pub(crate) exhausted_subject: String,
+    /// The isolation lane: crash suspects, run one at a time.
+    pub(crate) isolated_stream: String,
+    pub(crate) isolated_subject: String,
 }
 
 /// The durable consumer of every main stream.
@@ -423,17 +428,26 @@ fn append_user(h: &mut HeaderMap, env: &Envelope) {
     }
 }
 
-/// Reads what [`to_headers`] wrote, in either form (or any NATS message's headers).
-pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+/// Reads what [`to_headers`] wrote, in either form (or any NATS message's headers): the
+/// pairs it could read, and why a `redrive-wire` header could not be, if one could not.
+pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> (Vec<(String, String)>, Option<String>) {
     let mut out = Vec::new();
-    let Some(h) = headers else { return out };
+    let mut bad = None;
+    let Some(h) = headers else {
+        return (out, bad);
+    };
     let full = h.get(WIRE).is_some();
     for (name, values) in h.iter() {
         let name: &str = name.as_ref();
         for v in values {
             if name == WIRE {
-                if let Ok(pairs) = serde_json::from_str::<Vec<(String, String)>>(v.as_str()) {
-                    out.extend(pairs);
+                match serde_json::from_str::<Vec<(String, String)>>(v.as_str()) {
+                    Ok(pairs) => out.extend(pairs),
+                    Err(e) => {
+                        bad = Some(format!(
+                            "header {WIRE} is not a JSON list of header pairs: {e}"
+                        ));
+                    }
                 }
             } else {
                 if name == ID && !full {
@@ -444,7 +458,7 @@ pub(crate) fn wire_of(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
             }
         }
     }
-    out
+    (out, bad)
 }
 
 /// The envelope of a message in the compact form (only `redrive-id`, and `redrive-key`,
@@ -497,7 +511,10 @@ pub(crate) fn read_envelope(
     if let Some(env) = compact_of(queue, subject_id, headers, payload) {
         return Ok(env);
     }
-    let wire = wire_of(headers);
+    let (wire, bad) = wire_of(headers);
+    if let Some(why) = bad {
+        return Err(why);
+    }
     let known_id = has_id(&wire);
     let mut env = envelope_of(queue, wire, payload.clone())?;
     if !known_id {
@@ -516,14 +533,7 @@ pub(crate) fn created_ms(stream: &jetstream::stream::Stream) -> i64 {
 /// sequence — so every delivery of it is the same message: its history is found again
 /// and its retries count. (A random id per delivery made each retry look like a crash.)
 pub(crate) fn id_in_stream(stream: &str, created_ms: i64, seq: u64) -> MessageId {
-    let mut bytes = [0u8; 16];
-    bytes[..6].copy_from_slice(&created_ms.to_be_bytes()[2..]);
-    // FNV-1a of the stream name, folded to 16 bits: queues whose streams were created
-    // in the same millisecond still differ.
-    let hash = MessageId::place_hash(stream);
-    bytes[6..8].copy_from_slice(&((hash >> 16) ^ (hash & 0xffff)).to_be_bytes()[2..]);
-    bytes[8..].copy_from_slice(&seq.to_be_bytes());
-    MessageId::derived(bytes)
+    MessageId::at(stream, created_ms, seq)
 }
 
 /// Whether redrive's headers name the message's id.
@@ -562,6 +572,8 @@ impl NatsTransport {
             ),
             dlq_stream: format!("{base}_dlq"),
             dlq_subject: format!("{}-dlq.{queue}", self.ns),
+            isolated_stream: format!("{base}_isolated"),
+            isolated_subject: format!("{}-isolated.{queue}", self.ns),
             stream: base,
         }
     }
@@ -610,33 +622,54 @@ impl NatsTransport {
                 }
             }
         }
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: n.dlq_stream.clone(),
-                subjects: vec![n.dlq_subject.clone()],
-                description: Some(format!("{queue} (dead letters)")),
-                storage: self.settings.storage,
-                num_replicas: self.settings.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(call("create the DLQ stream"))?;
+        let limits = stream::RetentionPolicy::Limits;
+        let work = stream::RetentionPolicy::WorkQueue;
+        let dlq = (&n.dlq_stream, &n.dlq_subject, "dead letters", limits);
+        self.side_stream(queue, dlq, "create the DLQ stream")
+            .await?;
+        let isolated = (
+            &n.isolated_stream,
+            &n.isolated_subject,
+            "crash suspects, run alone",
+            work,
+        );
+        self.side_stream(queue, isolated, "create the isolation stream")
+            .await?;
         // The server announces a message that reached the consumer's max_deliver only to
         // whoever listens at that moment; a stream keeps the announcements until they
         // are handled (see `exhausted`).
+        let exhausted = (
+            &n.exhausted_stream,
+            &n.exhausted_subject,
+            "max-deliveries advisories",
+            work,
+        );
+        self.side_stream(queue, exhausted, "create the advisory stream")
+            .await?;
+        Ok(n)
+    }
+
+    /// Creates one of a queue's streams besides main, if missing: `(name, subject, what
+    /// it holds, retention)`. Its description names the queue and what it holds.
+    async fn side_stream(
+        &self,
+        queue: &str,
+        (name, subject, holds, retention): (&String, &String, &str, stream::RetentionPolicy),
+        context: &'static str,
+    ) -> Result<(), NatsError> {
         self.js
             .get_or_create_stream(stream::Config {
-                name: n.exhausted_stream.clone(),
-                subjects: vec![n.exhausted_subject.clone()],
-                description: Some(format!("{queue} (max-deliveries advisories)")),
-                retention: stream::RetentionPolicy::WorkQueue,
+                name: name.clone(),
+                subjects: vec![subject.clone()],
+                description: Some(format!("{queue} ({holds})")),
+                retention,
                 storage: self.settings.storage,
                 num_replicas: self.settings.replicas,
                 ..Default::default()
             })
             .await
-            .map_err(call("create the advisory stream"))?;
-        Ok(n)
+            .map_err(call(context))?;
+        Ok(())
     }
 
     /// The queue's durable consumer, and when its main stream was created (ms).
@@ -677,6 +710,182 @@ impl NatsTransport {
             r.insert(queue.to_owned(), (consumer.clone(), created));
         }
         Ok((consumer, created))
+    }
+
+    /// The durable consumer of the queue's isolation stream. It has no `max_deliver`: a
+    /// message there is delivered only to a runner that runs it alone, which counts each
+    /// crash it causes and dead-letters it at max attempts.
+    async fn isolated_consumer(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<(Consumer, i64), NatsError> {
+        let key = format!("{}\0isolated", lanes.queue);
+        if let Some(c) = self.ready.lock().ok().and_then(|r| r.get(&key).cloned()) {
+            return Ok(c);
+        }
+        let n = self.ensure_streams(lanes.queue.as_str()).await?;
+        let stream = self
+            .js
+            .get_stream(&n.isolated_stream)
+            .await
+            .map_err(call("open the isolation stream"))?;
+        let consumer: Consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: lease,
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(call("create the isolation stream's consumer"))?;
+        let created = created_ms(&stream);
+        if let Ok(mut r) = self.ready.lock() {
+            r.insert(key, (consumer.clone(), created));
+        }
+        Ok((consumer, created))
+    }
+
+    /// Turns a pulled message into a delivery; `None` when it was quarantined (its
+    /// redrive headers do not parse) or put off (a `redrive-not-before` still ahead).
+    async fn decode(
+        &self,
+        lanes: &LaneSet,
+        (stream, created, id_prefix): (&str, i64, &str),
+        msg: jetstream::Message,
+        isolated: bool,
+    ) -> Result<Option<Delivery<Token>>, NatsError> {
+        let now = now_ms();
+        let (delivered, seq) = match msg.info() {
+            Ok(i) => (i.delivered, i.stream_sequence),
+            Err(e) => return Err(call("message info")(e)),
+        };
+        let async_nats::Message {
+            subject,
+            reply,
+            payload,
+            headers,
+            ..
+        } = msg.message;
+        // Present: `info` was read from it.
+        let Some(reply) = reply else { return Ok(None) };
+        let decoded = id_of_subject(&subject, id_prefix)
+            .transpose()
+            .and_then(|subject_id| {
+                read_envelope(&lanes.queue, subject_id, headers.as_ref(), &payload, || {
+                    id_in_stream(stream, created, seq)
+                })
+            });
+        let mut envelope = match decoded {
+            Ok(env) => env,
+            Err(why) => {
+                let (wire, _) = wire_of(headers.as_ref());
+                let why = format!("message {seq} of {stream}: {why}");
+                let id = id_in_stream(stream, created, seq);
+                self.quarantine(&lanes.queue, &reply, (id, wire), payload, &why)
+                    .await;
+                return Ok(None);
+            }
+        };
+        let mut lane = Lane::Main;
+        let mut due_ms = now;
+        let mut accounted = 0;
+        if delivered > 1
+            && let Some(r) = self.record(&envelope.id.to_string()).await?
+        {
+            let payload = std::mem::take(&mut envelope.payload);
+            envelope =
+                envelope_of(&lanes.queue, r.h, payload).map_err(|reason| NatsError::Malformed {
+                    stream: stream.to_owned(),
+                    seq,
+                    reason,
+                })?;
+            lane = Lane::from_label(&r.lane).unwrap_or(Lane::Main);
+            due_ms = r.due;
+            accounted = i64::from(r.naks) + i64::from(r.crashes);
+        }
+        let token = Token {
+            reply,
+            delivered,
+            isolated,
+        };
+        // A message published with a due time still ahead (a retry that left the
+        // isolation lane, or a producer's `redrive-not-before`) waits for it as a retry
+        // does: its record first, then a `Nak` with the rest of the delay.
+        if delivered == 1
+            && let Some(due) = envelope.not_before_ms.filter(|due| *due > now)
+        {
+            let tier = lanes
+                .tiers
+                .get(envelope.attempt.saturating_sub(1) as usize)
+                .or(lanes.tiers.last());
+            let lane = tier.map_or(Lane::Main, |t| Lane::Retry(t.name().to_owned()));
+            self.put_off(&envelope, &token, lane, due, (0, 0)).await?;
+            return Ok(None);
+        }
+        // Earlier deliveries that neither this backend ended (Nak) nor were already
+        // counted as crashes: the consumer holding them died.
+        let unfinished_before = delivered - 1 > accounted;
+        Ok(Some(Delivery {
+            envelope,
+            lane: if isolated { Lane::Isolated } else { lane },
+            due_ms,
+            unfinished_before,
+            token,
+        }))
+    }
+
+    /// Writes the message's record (its envelope, the lane it waits in, its due time),
+    /// then gives it back with a `Nak` delayed until `due_ms`.
+    async fn put_off(
+        &self,
+        envelope: &Envelope,
+        token: &Token,
+        lane: Lane,
+        due_ms: i64,
+        (naks, crashes): (u32, u32),
+    ) -> Result<(), NatsError> {
+        let mut wire = envelope.to_wire();
+        if let Some(k) = &envelope.key {
+            wire.push(("redrive-key".into(), k.clone()));
+        }
+        let record = Record {
+            h: wire,
+            lane: lane.label(),
+            due: due_ms,
+            naks: naks + 1,
+            crashes,
+        };
+        // The history is durable before the delivery is given back with its delay.
+        self.put_record(&envelope.id.to_string(), &record).await?;
+        let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0).max(1));
+        self.confirm(
+            Some(&token.reply),
+            AckKind::Nak(Some(delay)),
+            "nak with delay",
+        )
+        .await
+    }
+
+    /// Publishes `envelope` to `subject` and waits until its stream has stored it.
+    async fn publish_stored(
+        &self,
+        subject: String,
+        envelope: &Envelope,
+        context: &'static str,
+    ) -> Result<(), NatsError> {
+        let headers = to_headers(envelope, &[]);
+        self.js
+            .publish_with_headers(subject, headers, envelope.payload.clone())
+            .await
+            .map_err(call(context))?
+            .await
+            .map_err(call(context))?;
+        Ok(())
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<Option<Record>, NatsError> {
@@ -759,11 +968,11 @@ impl NatsTransport {
         &self,
         queue: &QueueName,
         reply: &async_nats::Subject,
-        wire: Vec<(String, String)>,
+        (id, wire): (MessageId, Vec<(String, String)>),
         payload: Bytes,
         why: &str,
     ) {
-        let raw = crate::exhausted::quarantined(queue, wire, payload, why);
+        let raw = Envelope::unreadable(queue.clone(), id, payload, wire, why, "main", now_ms());
         tracing::warn!(%queue, reason = %why, "quarantining an unreadable message in the DLQ stream");
         let moved = async {
             self.publish_dead(&raw).await?;
@@ -818,6 +1027,13 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        // Retries wait in main (a `Nak` with a delay): the streams are all the lanes. The
+        // durable consumer is left to the first consumer, whose lease is its ack wait.
+        self.ensure_streams(lanes.queue.as_str()).await?;
+        Ok(())
+    }
+
     async fn fetch(
         &self,
         lanes: &LaneSet,
@@ -848,69 +1064,11 @@ impl Transport for NatsTransport {
             }
         };
         let mut deliveries = Vec::with_capacity(msgs.len());
-        let now = now_ms();
         let stream = &consumer.cached_info().stream_name;
         let id_prefix = self.id_prefix(lanes.queue.as_str());
         for msg in msgs {
-            let (delivered, seq) = match msg.info() {
-                Ok(i) => (i.delivered, i.stream_sequence),
-                Err(e) => return Err(call("message info")(e).into()),
-            };
-            let async_nats::Message {
-                subject,
-                reply,
-                payload,
-                headers,
-                ..
-            } = msg.message;
-            // Present: `info` was read from it.
-            let Some(reply) = reply else { continue };
-            let decoded = id_of_subject(&subject, &id_prefix)
-                .transpose()
-                .and_then(|subject_id| {
-                    read_envelope(&lanes.queue, subject_id, headers.as_ref(), &payload, || {
-                        id_in_stream(stream, created, seq)
-                    })
-                });
-            let mut envelope = match decoded {
-                Ok(env) => env,
-                Err(why) => {
-                    // Read again: the common path gives its copy to the envelope.
-                    let wire = wire_of(headers.as_ref());
-                    let why = format!("message {seq} of {stream}: {why}");
-                    self.quarantine(&lanes.queue, &reply, wire, payload, &why)
-                        .await;
-                    continue;
-                }
-            };
-            let mut lane = Lane::Main;
-            let mut due_ms = now;
-            let mut accounted = 0;
-            if delivered > 1
-                && let Some(r) = self.record(&envelope.id.to_string()).await?
-            {
-                let payload = std::mem::take(&mut envelope.payload);
-                envelope = envelope_of(&lanes.queue, r.h, payload).map_err(|reason| {
-                    NatsError::Malformed {
-                        stream: stream.clone(),
-                        seq,
-                        reason,
-                    }
-                })?;
-                lane = Lane::from_label(&r.lane).unwrap_or(Lane::Main);
-                due_ms = r.due;
-                accounted = i64::from(r.naks) + i64::from(r.crashes);
-            }
-            // Earlier deliveries that neither this backend ended (Nak) nor were already
-            // counted as crashes: the consumer holding them died.
-            let unfinished_before = delivered - 1 > accounted;
-            deliveries.push(Delivery {
-                envelope,
-                lane,
-                due_ms,
-                unfinished_before,
-                token: Token { reply, delivered },
-            });
+            let at = (stream.as_str(), created, id_prefix.as_str());
+            deliveries.extend(self.decode(lanes, at, msg, false).await?);
         }
         Ok(Fetched {
             deliveries,
@@ -940,27 +1098,22 @@ impl Transport for NatsTransport {
         due_ms: i64,
         envelope: &Envelope,
     ) -> Result<(), TransportError> {
-        let mut wire = envelope.to_wire();
-        if let Some(k) = &envelope.key {
-            wire.push(("redrive-key".into(), k.clone()));
+        if d.token.isolated {
+            // Back to main, due later: the isolation lane holds only what is due now.
+            let n = self.names(envelope.queue.as_str());
+            let mut env = envelope.clone();
+            env.not_before_ms = Some(due_ms);
+            self.forget(d).await;
+            self.publish_stored(n.subject, &env, "publish a retry to the main stream")
+                .await?;
+            self.confirm(Some(&d.token.reply), AckKind::Ack, "ack")
+                .await?;
+            return Ok(());
         }
-        let (naks, crashes) = self.outcomes(d).await?;
-        let record = Record {
-            h: wire,
-            lane: Lane::Retry(tier.name().to_owned()).label(),
-            due: due_ms,
-            naks: naks + 1,
-            crashes,
-        };
-        // The history is durable before the delivery is given back with its delay.
-        self.put_record(&envelope.id.to_string(), &record).await?;
-        let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0).max(1));
-        self.confirm(
-            Some(&d.token.reply),
-            AckKind::Nak(Some(delay)),
-            "nak with delay",
-        )
-        .await?;
+        let outcomes = self.outcomes(d).await?;
+        let lane = Lane::Retry(tier.name().to_owned());
+        self.put_off(envelope, &d.token, lane, due_ms, outcomes)
+            .await?;
         Ok(())
     }
 
@@ -1007,6 +1160,84 @@ impl Transport for NatsTransport {
             .await
             .map_err(call("extend the lease"))?;
         Ok(())
+    }
+
+    async fn isolate(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let n = self.ensure_streams(envelope.queue.as_str()).await?;
+        // Its record goes first: the copy's deliveries are counted afresh. A crash before
+        // the copy is stored leaves the message in main, unfinished again, to be
+        // isolated at its next delivery.
+        self.forget(d).await;
+        self.publish_stored(
+            n.isolated_subject,
+            envelope,
+            "publish to the isolation stream",
+        )
+        .await?;
+        self.confirm(Some(&d.token.reply), AckKind::Ack, "ack")
+            .await?;
+        Ok(())
+    }
+
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let (consumer, created) = self.isolated_consumer(lanes, lease).await?;
+        let msgs = tokio::time::timeout(
+            Duration::from_secs(5),
+            fetch_batch(&consumer, 1, "fetch from the isolation stream"),
+        )
+        .await
+        .map_err(|_| NatsError::Call {
+            context: "fetch from the isolation stream",
+            reason: "no answer within 5 s".into(),
+        })??;
+        let stream = &consumer.cached_info().stream_name;
+        let mut deliveries = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let at = (stream.as_str(), created, "");
+            deliveries.extend(self.decode(lanes, at, msg, true).await?);
+        }
+        Ok(Fetched {
+            deliveries,
+            next_due_ms: None,
+        })
+    }
+
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        let n = self.ensure_streams(lanes.queue.as_str()).await?;
+        let stream = self
+            .js
+            .get_stream(&n.isolated_stream)
+            .await
+            .map_err(call("open the isolation stream"))?;
+        let Ok(mut consumer) = stream.get_consumer::<pull::Config>(CONSUMER).await else {
+            // No consumer yet: nothing was ever fetched from it.
+            let mut stream = stream;
+            let waiting = stream
+                .info()
+                .await
+                .map_err(call("isolation stream info"))?
+                .state
+                .messages;
+            return Ok((waiting > 0).then(now_ms));
+        };
+        let info = consumer.info().await.map_err(call("consumer info"))?;
+        Ok(if info.num_pending > 0 {
+            Some(now_ms())
+        } else if info.num_ack_pending > 0 {
+            // Leased to a runner running it alone: due again if its lease runs out.
+            let wait = i64::try_from(info.config.ack_wait.as_millis()).unwrap_or(30_000);
+            Some(now_ms() + wait)
+        } else {
+            None
+        })
     }
 
     fn fetches_in_flight(&self) -> usize {
@@ -1078,12 +1309,34 @@ impl NatsTransport {
             .map_err(call("DLQ stream info"))?
             .state
             .messages;
+        // The isolation stream: waiting suspects, and those running alone.
+        let (isolated, running_alone) = match self.js.get_stream(&n.isolated_stream).await {
+            Ok(stream) => match stream.get_consumer::<pull::Config>(CONSUMER).await {
+                Ok(mut c) => {
+                    let info = c.info().await.map_err(call("consumer info"))?;
+                    (info.num_pending, info.num_ack_pending as u64)
+                }
+                Err(_) => {
+                    let mut stream = stream;
+                    let waiting = stream
+                        .info()
+                        .await
+                        .map_err(call("isolation stream info"))?
+                        .state
+                        .messages;
+                    (waiting, 0)
+                }
+            },
+            // Made by an older redrive: no isolation lane yet.
+            Err(_) => (0, 0),
+        };
         Ok(QueueDepths {
             queue: queue.to_owned(),
             main: undelivered,
             retry: Vec::new(),
+            isolated,
             dlq: dead,
-            inflight,
+            inflight: inflight + running_alone,
             oldest_main_age_ms: None,
         })
     }
@@ -1197,7 +1450,8 @@ mod tests {
         assert_eq!(h.get("redrive-key").unwrap().as_str(), "user-7");
 
         let fast = compact_of(&queue, None, Some(&h), &Bytes::from_static(b"payload")).unwrap();
-        let full = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"payload")).unwrap();
+        let full =
+            envelope_of(&queue, wire_of(Some(&h)).0, Bytes::from_static(b"payload")).unwrap();
         for read in [fast, full] {
             assert_eq!(read.id, env.id);
             assert_eq!(read.key.as_deref(), Some("user-7"));
@@ -1218,7 +1472,8 @@ mod tests {
         let h = to_headers(&env, &[]);
         assert!(h.get(WIRE).is_some());
         assert!(compact_of(&queue, None, Some(&h), &Bytes::from_static(b"payload")).is_none());
-        let read = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"payload")).unwrap();
+        let read =
+            envelope_of(&queue, wire_of(Some(&h)).0, Bytes::from_static(b"payload")).unwrap();
         assert_eq!((read.id, read.attempt), (env.id, 1));
         assert_eq!(read.history[0].class, "Timeout");
     }
@@ -1229,7 +1484,7 @@ mod tests {
         let mut h = async_nats::HeaderMap::new();
         h.insert("redrive-id", "not-a-uuid");
         assert!(compact_of(&queue, None, Some(&h), &Bytes::from_static(b"x")).is_none());
-        let err = envelope_of(&queue, wire_of(Some(&h)), Bytes::from_static(b"x")).unwrap_err();
+        let err = envelope_of(&queue, wire_of(Some(&h)).0, Bytes::from_static(b"x")).unwrap_err();
         assert!(err.contains("redrive-id"), "{err}");
     }
 

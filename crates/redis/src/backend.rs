@@ -76,7 +76,9 @@ impl RedisTransport {
             }
             let mut dead = Vec::with_capacity(batch.len());
             for e in batch.iter().filter(|e| !e.fields.is_empty()) {
-                let envelope = envelope_of(&name, &keys.dlq, e)?;
+                // An entry that cannot be read is stored as what could be read of it,
+                // with why: it is dead either way, and must not stop the drain.
+                let envelope = envelope_of(&name, &keys.dlq, e).unwrap_or_else(|raw| *raw);
                 let dead_at_ms = e
                     .get("dead_at")
                     .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())

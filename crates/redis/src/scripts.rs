@@ -42,14 +42,71 @@ end
     ))
 });
 
-/// KEYS: main. ARGV: group, consumer, id. Re-adds the entry at the tail, uncounted.
+/// KEYS: stream. ARGV: group, consumer, id. Re-adds the entry at the tail, uncounted. An
+/// entry without redrive's headers (a plain `XADD`) keeps the id it was first added with
+/// in an `origin` field, so the id derived from it stays the same.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{OWNED}local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
-if #e > 0 then redis.call('XADD', KEYS[1], '*', unpack(e[1][2])) end
+if #e > 0 then
+  local f = e[1][2]
+  local has_origin = false
+  for i = 1, #f, 2 do if f[i] == 'origin' then has_origin = true end end
+  if not has_origin then table.insert(f, 'origin'); table.insert(f, ARGV[3]) end
+  redis.call('XADD', KEYS[1], '*', unpack(f))
+end
 {DONE}"
     ))
 });
+
+/// KEYS: stream, isolation stream. ARGV: group, consumer, id, payload, key, has_key,
+/// headers, now. Moves the entry to the isolation lane.
+pub static ISOLATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{OWNED}if ARGV[6] == '1' then
+  redis.call('XADD', KEYS[2], '*', 'payload', ARGV[4], 'h', ARGV[7], 'lane', 'isolated', 'due', ARGV[8], 'key', ARGV[5])
+else
+  redis.call('XADD', KEYS[2], '*', 'payload', ARGV[4], 'h', ARGV[7], 'lane', 'isolated', 'due', ARGV[8])
+end
+{DONE}"
+    ))
+});
+
+/// KEYS: isolation stream. ARGV: group, consumer, lease ms, now.
+/// Leases at most one entry: one whose lease ran out (its consumer stopped while running
+/// it alone), else a new one. Returns `{claimed, fresh, next_due}`; `next_due` (when the
+/// lane has nothing to lease now) is when the oldest lease runs out, or empty.
+pub static FETCH_ISOLATED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', 1)[2]
+local fresh = {{}}
+if #claimed == 0 then
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  if r then fresh = r[1][2] end
+end
+local next_due = ''
+if #claimed + #fresh == 0 then next_due = {ISOLATED_DUE} end
+return {{claimed, fresh, next_due}}
+"
+    ))
+});
+
+/// When the isolation lane's first entry is due: now when one waits unleased, else when
+/// the oldest lease runs out, else empty. KEYS: isolation stream. ARGV: group, -, lease
+/// ms, now.
+const ISOLATED_DUE: &str = "(function()
+  local len = redis.call('XLEN', KEYS[1])
+  if len == 0 then return '' end
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 100)
+  if #pending < len then return ARGV[4] end
+  local idle = 0
+  for _, p in ipairs(pending) do if p[3] > idle then idle = p[3] end end
+  return string.format('%d', tonumber(ARGV[4]) + math.max(0, tonumber(ARGV[3]) - idle))
+end)()";
+
+/// KEYS: isolation stream. ARGV: group, -, lease ms, now. See [`ISOLATED_DUE`].
+pub static ISOLATED_DUE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("return {ISOLATED_DUE}")));
 
 /// KEYS: main. ARGV: group, consumer, id. Resets the entry's idle time.
 pub static EXTEND: LazyLock<Script> = LazyLock::new(|| {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use redis::Value;
 use redis::aio::ConnectionManager;
 use redrive_core::{
-    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport,
-    TransportError, now_ms,
+    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, Tier,
+    Transport, TransportError, now_ms,
 };
 
 use crate::error::RedisError;
@@ -17,15 +17,18 @@ use crate::scripts;
 /// The consumer group every redrive consumer of a queue joins.
 pub(crate) const GROUP: &str = "redrive";
 
-/// The backend's handle on a delivery: the stream entry id.
+/// The backend's handle on a delivery: the stream entry id, and whether it is an entry of
+/// the isolation stream (else of main).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
     id: String,
+    isolated: bool,
 }
 
 /// Key names of one queue; the `{queue}` hash tag keeps them in one cluster slot.
 pub(crate) struct Keys {
     pub(crate) main: String,
+    pub(crate) isolated: String,
     pub(crate) dlq: String,
     tiers: String,
     prefix: String,
@@ -36,6 +39,7 @@ impl Keys {
         let prefix = format!("{ns}:{{{queue}}}");
         Self {
             main: format!("{prefix}:main"),
+            isolated: format!("{prefix}:isolated"),
             dlq: format!("{prefix}:dlq"),
             tiers: format!("{prefix}:tiers"),
             prefix,
@@ -46,6 +50,14 @@ impl Keys {
     }
     fn hash_prefix(&self) -> String {
         format!("{}:msg:", self.prefix)
+    }
+    /// The stream a delivery's entry is in.
+    fn stream_of(&self, token: &Token) -> &str {
+        if token.isolated {
+            &self.isolated
+        } else {
+            &self.main
+        }
     }
 }
 
@@ -59,6 +71,8 @@ pub struct RedisTransport {
     ready: Arc<Mutex<HashSet<String>>>,
     tiers: Arc<Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<String>)>>>,
     last_reclaim: Arc<Mutex<Option<std::time::Instant>>>,
+    /// The lease the last fetch asked for (ms): when an isolation-lane lease runs out.
+    lease_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -147,23 +161,59 @@ pub(crate) fn read_reply(v: &Value) -> Vec<Entry> {
     }
 }
 
-/// Reads an envelope from an entry.
-pub(crate) fn envelope_of(queue: &QueueName, key: &str, e: &Entry) -> Result<Envelope, RedisError> {
-    let malformed = |reason: String| RedisError::Malformed {
-        key: key.to_owned(),
-        id: e.id.clone(),
-        reason,
+/// Reads an envelope from an entry of stream `key`. A plain `XADD` (no redrive headers)
+/// gets an id derived from the entry's own id (or, once released and added again, the
+/// `origin` it first had), so every delivery of it has the same id.
+///
+/// An entry that cannot be read (no `payload` field, an `h` field that is not redrive's
+/// JSON, a redrive header that does not parse) gives what could be read of it as a dead
+/// letter to quarantine, with why ([`Envelope::unreadable`]).
+pub(crate) fn envelope_of(
+    queue: &QueueName,
+    key: &str,
+    e: &Entry,
+) -> Result<Envelope, Box<Envelope>> {
+    let unreadable = |headers: Vec<(String, String)>, reason: String| {
+        let why = format!("entry {} of {key}: {reason}", e.id);
+        let lane = e.text("lane").unwrap_or_else(|| "main".to_owned());
+        Box::new(Envelope::unreadable(
+            queue.clone(),
+            entry_id(key, e),
+            e.get("payload").unwrap_or_default().to_vec(),
+            headers,
+            &why,
+            &lane,
+            now_ms(),
+        ))
     };
-    let payload = e
-        .get("payload")
-        .ok_or_else(|| malformed("no payload field".into()))?
-        .to_vec();
+    let Some(payload) = e.get("payload") else {
+        return Err(unreadable(Vec::new(), "it has no payload field".to_owned()));
+    };
     let headers: Vec<(String, String)> = match e.get("h") {
-        Some(h) => serde_json::from_slice(h).map_err(|err| malformed(format!("headers: {err}")))?,
+        Some(h) => serde_json::from_slice(h).map_err(|err| {
+            unreadable(
+                Vec::new(),
+                format!("its h field is not a JSON list of header pairs: {err}"),
+            )
+        })?,
         None => Vec::new(),
     };
-    Envelope::from_wire(queue, e.text("key"), payload, headers)
-        .map_err(|err| malformed(err.to_string()))
+    Envelope::from_wire_at(
+        queue,
+        e.text("key"),
+        payload.to_vec(),
+        headers.clone(),
+        || entry_id(key, e),
+    )
+    .map_err(|err| unreadable(headers, err.to_string()))
+}
+
+/// The id of an entry that carries none: derived from the stream and the entry id it
+/// was first added with (`<ms>-<seq>`).
+fn entry_id(key: &str, e: &Entry) -> MessageId {
+    let first = e.text("origin").unwrap_or_else(|| e.id.clone());
+    let (ms, seq) = first.split_once('-').unwrap_or((&first, "0"));
+    MessageId::at(key, ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 fn wire(env: &Envelope) -> String {
@@ -181,6 +231,7 @@ impl RedisTransport {
             ready: Arc::default(),
             tiers: Arc::default(),
             last_reclaim: Arc::default(),
+            lease_ms: Arc::new(std::sync::atomic::AtomicU64::new(30_000)),
         }
     }
 
@@ -318,14 +369,35 @@ impl RedisTransport {
         }
     }
 
-    fn delivery(
+    /// An entry as a delivery; `None` when it could not be read and was quarantined in
+    /// the DLQ stream instead (or will be, at its next delivery, if that failed).
+    async fn delivery(
         &self,
         queue: &QueueName,
         keys: &Keys,
         e: &Entry,
         reclaimed: bool,
-    ) -> Result<Delivery<Token>, RedisError> {
-        let envelope = envelope_of(queue, &keys.main, e)?;
+        isolated: bool,
+    ) -> Option<Delivery<Token>> {
+        let token = Token {
+            id: e.id.clone(),
+            isolated,
+        };
+        let stream = keys.stream_of(&token);
+        let envelope = match envelope_of(queue, stream, e) {
+            Ok(envelope) => envelope,
+            Err(raw) => {
+                let why = raw
+                    .last_failure()
+                    .map(|f| f.message.clone())
+                    .unwrap_or_default();
+                tracing::warn!(%queue, reason = %why, "quarantining an unreadable entry in the DLQ stream");
+                if let Err(err) = self.dead_letter_entry(keys, &token, &raw).await {
+                    tracing::warn!(%queue, error = %err, "could not quarantine an unreadable entry; it will be delivered again");
+                }
+                return None;
+            }
+        };
         let lane = e
             .text("lane")
             .and_then(|l| Lane::from_label(&l))
@@ -334,12 +406,90 @@ impl RedisTransport {
             .text("due")
             .and_then(|d| d.parse().ok())
             .unwrap_or_else(now_ms);
-        Ok(Delivery {
+        let lane = if isolated { Lane::Isolated } else { lane };
+        Some(Delivery {
             envelope,
             lane,
             due_ms,
             unfinished_before: reclaimed,
-            token: Token { id: e.id.clone() },
+            token,
+        })
+    }
+
+    /// Moves an entry to the DLQ stream as `envelope` and removes it from its stream.
+    async fn dead_letter_entry(
+        &self,
+        keys: &Keys,
+        token: &Token,
+        envelope: &Envelope,
+    ) -> Result<(), RedisError> {
+        self.move_entry(&scripts::DEAD, &keys.dlq, keys, token, envelope)
+            .await
+    }
+
+    /// Adds `envelope` to the stream `to` with `script` (DEAD or ISOLATE: they take the
+    /// same arguments) and removes the delivery's entry from its own stream.
+    async fn move_entry(
+        &self,
+        script: &redis::Script,
+        to: &str,
+        keys: &Keys,
+        token: &Token,
+        envelope: &Envelope,
+    ) -> Result<(), RedisError> {
+        let has_key = if envelope.key.is_some() { "1" } else { "0" };
+        let key = envelope.key.clone().unwrap_or_default();
+        let headers = wire(envelope);
+        let at = now_ms().to_string();
+        let args: [&[u8]; 5] = [
+            &envelope.payload,
+            key.as_bytes(),
+            has_key.as_bytes(),
+            headers.as_bytes(),
+            at.as_bytes(),
+        ];
+        self.settle(script, &[keys.stream_of(token), to], &args, &token.id)
+            .await
+    }
+
+    /// Parses a fetch script's `{claimed, fresh, next_due}` reply into deliveries.
+    async fn deliveries(
+        &self,
+        queue: &QueueName,
+        keys: &Keys,
+        reply: Value,
+        isolated: bool,
+    ) -> Result<Fetched<Token>, RedisError> {
+        let stream = if isolated { &keys.isolated } else { &keys.main };
+        let Value::Array(parts) = reply else {
+            return Err(RedisError::Malformed {
+                key: stream.clone(),
+                id: "-".into(),
+                reason: "unexpected fetch reply".into(),
+            });
+        };
+        let mut deliveries = Vec::new();
+        if let Some(claimed) = parts.first() {
+            for e in entries(claimed)
+                .into_iter()
+                .filter(|e| !e.fields.is_empty())
+            {
+                deliveries.extend(self.delivery(queue, keys, &e, true, isolated).await);
+            }
+        }
+        if let Some(fresh) = parts.get(1) {
+            for e in entries(fresh) {
+                deliveries.extend(self.delivery(queue, keys, &e, false, isolated).await);
+            }
+        }
+        let next_due_ms = parts
+            .get(2)
+            .and_then(bytes)
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok());
+        Ok(Fetched {
+            deliveries,
+            next_due_ms,
         })
     }
 }
@@ -376,6 +526,26 @@ impl Transport for RedisTransport {
         Ok(())
     }
 
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        let queue = lanes.queue.as_str();
+        let keys = self.keys(queue);
+        self.ensure(queue, &keys.main, GROUP).await?;
+        self.ensure(queue, &keys.isolated, GROUP).await?;
+        if !lanes.tiers.is_empty() {
+            // Retry tiers are sorted sets made by their first member; listing the names
+            // lets `queues` show them empty.
+            let mut conn = self.conn();
+            let names: Vec<&str> = lanes.tiers.iter().map(Tier::name).collect();
+            let _: i64 = redis::cmd("SADD")
+                .arg(&keys.tiers)
+                .arg(names)
+                .query_async(&mut conn)
+                .await
+                .map_err(self.err("register tiers"))?;
+        }
+        Ok(())
+    }
+
     async fn fetch(
         &self,
         lanes: &LaneSet,
@@ -386,6 +556,10 @@ impl Transport for RedisTransport {
         let keys = self.keys(queue.as_str());
         self.ensure(queue.as_str(), &keys.main, GROUP).await?;
         let tiers = self.tier_names(&keys, lanes).await?;
+        self.lease_ms.store(
+            u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // Reclaiming scans the pending list, so it runs at most every 250 ms per process.
         let reclaim = {
             let mut last = self
@@ -415,42 +589,12 @@ impl Transport for RedisTransport {
             .invoke_async(&mut conn)
             .await
             .map_err(self.err("fetch"))?;
-        let Value::Array(parts) = reply else {
-            return Err(RedisError::Malformed {
-                key: keys.main.clone(),
-                id: "-".into(),
-                reason: "unexpected fetch reply".into(),
-            }
-            .into());
-        };
-        let mut deliveries = Vec::new();
-        if let Some(claimed) = parts.first() {
-            for e in entries(claimed)
-                .into_iter()
-                .filter(|e| !e.fields.is_empty())
-            {
-                deliveries.push(self.delivery(queue, &keys, &e, true)?);
-            }
-        }
-        if let Some(fresh) = parts.get(1) {
-            for e in entries(fresh) {
-                deliveries.push(self.delivery(queue, &keys, &e, false)?);
-            }
-        }
-        let next_due_ms = parts
-            .get(2)
-            .and_then(bytes)
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.parse().ok());
-        Ok(Fetched {
-            deliveries,
-            next_due_ms,
-        })
+        Ok(self.deliveries(queue, &keys, reply, false).await?)
     }
 
     async fn ack(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
         let keys = self.keys(d.envelope.queue.as_str());
-        self.settle(&scripts::ACK, &[&keys.main], &[], &d.token.id)
+        self.settle(&scripts::ACK, &[keys.stream_of(&d.token)], &[], &d.token.id)
             .await
             .map_err(Into::into)
     }
@@ -483,7 +627,7 @@ impl Transport for RedisTransport {
         ];
         self.settle(
             &scripts::RETRY,
-            &[&keys.main, &zset, &hash, &keys.tiers],
+            &[keys.stream_of(&d.token), &zset, &hash, &keys.tiers],
             &args,
             &d.token.id,
         )
@@ -497,27 +641,21 @@ impl Transport for RedisTransport {
         envelope: &Envelope,
     ) -> Result<(), TransportError> {
         let keys = self.keys(envelope.queue.as_str());
-        let has_key = if envelope.key.is_some() { "1" } else { "0" };
-        let key = envelope.key.clone().unwrap_or_default();
-        let headers = wire(envelope);
-        let at = now_ms().to_string();
-        let args: [&[u8]; 5] = [
-            &envelope.payload,
-            key.as_bytes(),
-            has_key.as_bytes(),
-            headers.as_bytes(),
-            at.as_bytes(),
-        ];
-        self.settle(&scripts::DEAD, &[&keys.main, &keys.dlq], &args, &d.token.id)
+        self.dead_letter_entry(&keys, &d.token, envelope)
             .await
             .map_err(Into::into)
     }
 
     async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
         let keys = self.keys(d.envelope.queue.as_str());
-        self.settle(&scripts::RELEASE, &[&keys.main], &[], &d.token.id)
-            .await
-            .map_err(Into::into)
+        self.settle(
+            &scripts::RELEASE,
+            &[keys.stream_of(&d.token)],
+            &[],
+            &d.token.id,
+        )
+        .await
+        .map_err(Into::into)
     }
 
     async fn extend_lease(
@@ -526,9 +664,65 @@ impl Transport for RedisTransport {
         _lease: Duration,
     ) -> Result<(), TransportError> {
         let keys = self.keys(d.envelope.queue.as_str());
-        self.settle(&scripts::EXTEND, &[&keys.main], &[], &d.token.id)
+        self.settle(
+            &scripts::EXTEND,
+            &[keys.stream_of(&d.token)],
+            &[],
+            &d.token.id,
+        )
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn isolate(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let queue = envelope.queue.as_str();
+        let keys = self.keys(queue);
+        self.ensure(queue, &keys.isolated, GROUP).await?;
+        self.move_entry(&scripts::ISOLATE, &keys.isolated, &keys, &d.token, envelope)
             .await
             .map_err(Into::into)
+    }
+
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let queue = &lanes.queue;
+        let keys = self.keys(queue.as_str());
+        self.ensure(queue.as_str(), &keys.isolated, GROUP).await?;
+        let mut conn = self.conn();
+        let reply: Value = scripts::FETCH_ISOLATED
+            .key(&keys.isolated)
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX))
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(self.err("fetch from the isolation lane"))?;
+        Ok(self.deliveries(queue, &keys, reply, true).await?)
+    }
+
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        let queue = lanes.queue.as_str();
+        let keys = self.keys(queue);
+        self.ensure(queue, &keys.isolated, GROUP).await?;
+        let mut conn = self.conn();
+        let due: String = scripts::ISOLATED_DUE_SCRIPT
+            .key(&keys.isolated)
+            .arg(GROUP)
+            .arg("-")
+            .arg(self.lease_ms.load(std::sync::atomic::Ordering::Relaxed))
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(self.err("look at the isolation lane"))?;
+        Ok(due.parse().ok())
     }
 }
 
@@ -552,14 +746,33 @@ impl RedisTransport {
             .query_async(&mut conn)
             .await
             .unwrap_or(Value::Nil);
-        let inflight = match &pending {
-            Value::Array(p) => p
-                .first()
-                .and_then(bytes)
-                .and_then(|b| String::from_utf8(b).ok())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-            _ => 0,
+        let pending_count = |pending: &Value| -> u64 {
+            match pending {
+                Value::Array(p) => p
+                    .first()
+                    .and_then(bytes)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                _ => 0,
+            }
+        };
+        let inflight = pending_count(&pending);
+        let isolated_len: u64 = redis::cmd("XLEN")
+            .arg(&keys.isolated)
+            .query_async(&mut conn)
+            .await
+            .map_err(self.err("depth"))?;
+        let isolated_pending = if isolated_len > 0 {
+            let p: Value = redis::cmd("XPENDING")
+                .arg(&keys.isolated)
+                .arg(GROUP)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(Value::Nil);
+            pending_count(&p)
+        } else {
+            0
         };
         let mut tiers: Vec<String> = configured.to_vec();
         let seen: Vec<String> = redis::cmd("SMEMBERS")
@@ -590,8 +803,9 @@ impl RedisTransport {
             queue: queue.to_owned(),
             main: len.saturating_sub(inflight),
             retry,
+            isolated: isolated_len.saturating_sub(isolated_pending),
             dlq,
-            inflight,
+            inflight: inflight + isolated_pending,
             oldest_main_age_ms: None,
         })
     }

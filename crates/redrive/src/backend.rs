@@ -105,6 +105,39 @@ impl Any {
 
 /// Opens what `--store` and `--broker` say. With a broker, the store is the dead-letter
 /// store of record and is created when missing.
+/// The tiers `queue` is configured with in the config file, else the default.
+pub fn configured_tiers(cli: &Cli, queue: &QueueName) -> String {
+    cli.loaded
+        .queues
+        .get(queue.as_str())
+        .and_then(|q| q.tiers.clone())
+        .unwrap_or_else(|| redrive_core::DEFAULT_TIERS.to_owned())
+}
+
+/// Creates the lanes of every queue of the config file (`consume` and `serve` do at
+/// start), so producers can publish to them before a consumer of each ran.
+///
+/// # Errors
+///
+/// A queue name or tier list that does not parse, or a backend that refuses.
+pub async fn create_configured_lanes(cli: &Cli, store: &Any) -> Result<()> {
+    for name in cli.loaded.queues.keys() {
+        let queue = QueueName::new(name.as_str())?;
+        let tiers = configured_tiers(cli, &queue);
+        let policy = redrive_core::RetryPolicy::parse(&tiers)
+            .with_context(|| format!("queue {queue} in the config file: invalid tiers"))?;
+        let lanes = LaneSet {
+            queue,
+            tiers: policy.tiers().to_vec(),
+        };
+        store
+            .create_lanes(&lanes)
+            .await
+            .with_context(|| format!("creating the lanes of {}", lanes.queue))?;
+    }
+    Ok(())
+}
+
 pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
     match cli.broker_url() {
         None => Ok(Any::Sqlite(open(cli.store_url(), create)?)),
@@ -217,11 +250,32 @@ macro_rules! both {
     };
 }
 
+/// A backend's fetch result, its tokens wrapped.
+fn wrap<T>(f: Fetched<T>, w: impl Fn(T) -> AnyToken) -> Fetched<AnyToken> {
+    Fetched {
+        next_due_ms: f.next_due_ms,
+        deliveries: f
+            .deliveries
+            .into_iter()
+            .map(|d| Delivery {
+                envelope: d.envelope,
+                lane: d.lane,
+                due_ms: d.due_ms,
+                unfinished_before: d.unfinished_before,
+                token: w(d.token),
+            })
+            .collect(),
+    }
+}
+
 impl Transport for Any {
     type Token = AnyToken;
 
     async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
         both!(self, |b| b.publish(queue, batch).await)
+    }
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        both!(self, |b| b.create_lanes(lanes).await)
     }
     async fn fetch(
         &self,
@@ -229,22 +283,6 @@ impl Transport for Any {
         max: usize,
         lease: Duration,
     ) -> Result<Fetched<AnyToken>, TransportError> {
-        fn wrap<T>(f: Fetched<T>, w: impl Fn(T) -> AnyToken) -> Fetched<AnyToken> {
-            Fetched {
-                next_due_ms: f.next_due_ms,
-                deliveries: f
-                    .deliveries
-                    .into_iter()
-                    .map(|d| Delivery {
-                        envelope: d.envelope,
-                        lane: d.lane,
-                        due_ms: d.due_ms,
-                        unfinished_before: d.unfinished_before,
-                        token: w(d.token),
-                    })
-                    .collect(),
-            }
-        }
         match self {
             Self::Sqlite(s) => Ok(wrap(s.fetch(lanes, max, lease).await?, AnyToken::Sqlite)),
             Self::Redis(r) => Ok(wrap(r.fetch(lanes, max, lease).await?, AnyToken::Redis)),
@@ -281,6 +319,35 @@ impl Transport for Any {
         lease: Duration,
     ) -> Result<(), TransportError> {
         settle!(self, d, |b, x| b.extend_lease(&x, lease).await)
+    }
+    async fn isolate(
+        &self,
+        d: &Delivery<AnyToken>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        settle!(self, d, |b, x| b.isolate(&x, envelope).await)
+    }
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<Fetched<AnyToken>, TransportError> {
+        match self {
+            Self::Sqlite(s) => Ok(wrap(
+                s.fetch_isolated(lanes, lease).await?,
+                AnyToken::Sqlite,
+            )),
+            Self::Redis(r) => Ok(wrap(r.fetch_isolated(lanes, lease).await?, AnyToken::Redis)),
+            Self::Nats(n) => Ok(wrap(n.fetch_isolated(lanes, lease).await?, AnyToken::Nats)),
+            Self::Kafka(k) => Ok(wrap(k.fetch_isolated(lanes, lease).await?, AnyToken::Kafka)),
+            Self::Sqs(q) => Ok(wrap(q.fetch_isolated(lanes, lease).await?, AnyToken::Sqs)),
+        }
+    }
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        both!(self, |b| b.isolated_due(lanes).await)
+    }
+    fn isolates(&self) -> bool {
+        both!(self, |b| b.isolates())
     }
     fn max_fetch(&self) -> usize {
         both!(self, |b| b.max_fetch())

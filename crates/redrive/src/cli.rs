@@ -196,9 +196,14 @@ pub struct ConsumeArgs {
     /// Stop after this many deliveries.
     #[arg(long, value_name = "N")]
     pub max_messages: Option<u64>,
-    /// Exit once main and every retry lane are empty and nothing is in flight.
+    /// Exit once main, every retry lane and the isolation lane are empty and nothing is
+    /// in flight.
     #[arg(long)]
     pub until_idle: bool,
+    /// Largest payload handed to the handler (bytes, or with KiB / MiB); a larger one is
+    /// dead-lettered as MalformedEnvelope without running the handler.
+    #[arg(long, default_value = "16MiB", value_name = "SIZE")]
+    pub max_payload: String,
     /// How often an idle consumer looks for new messages.
     #[arg(long, default_value = "100ms", value_name = "DUR")]
     pub poll: String,
@@ -230,8 +235,32 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct QueuesArgs {
+    #[command(subcommand)]
+    pub command: Option<QueuesCommand>,
     /// One JSON object per queue and line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueuesCommand {
+    /// Create every lane of each queue (main, retry tiers, isolation lane, DLQ) on the
+    /// store or broker, so that producers can publish before any consumer ran. Existing
+    /// lanes are left as they are.
+    Create(CreateQueuesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateQueuesArgs {
+    /// The queues, e.g. agent.tasks.
+    #[arg(required = true, value_name = "QUEUE")]
+    pub queues: Vec<String>,
+    /// Retry tiers [default: each queue's config, else 5s,30s,5m].
+    #[arg(long, value_name = "LIST")]
+    pub tiers: Option<String>,
+    /// Print one JSON object per queue created.
     #[arg(long)]
     pub json: bool,
 }
@@ -367,10 +396,15 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: `consume` (end-to-end throughput, retry lateness, memory) or
-    /// `triage` (response times of the UI and API over a large DLQ).
+    /// What to measure: `consume` (end-to-end throughput, retry lateness, memory),
+    /// `triage` (response times of the UI and API over a large DLQ) or `crash-loop`
+    /// (messages that kill their consumer among good ones: what reaches the DLQ, and
+    /// how much longer the queue takes than without them).
     #[arg(long, default_value = "consume", value_name = "SCENARIO")]
     pub scenario: String,
+    /// For `crash-loop`: how many messages kill their consumer.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub killers: usize,
     /// For `triage`: how many dead messages to load.
     #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub dead: usize,

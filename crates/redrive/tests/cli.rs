@@ -724,3 +724,54 @@ fn retention_run_compresses_warm_payloads_and_import_names_a_missing_file() {
     ));
     assert!(err.contains("/nonexistent.jsonl.zst"), "{err}");
 }
+
+#[test]
+fn queues_create_makes_every_lane_before_any_consumer_and_checks_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("redrive.db");
+    let out = ok(&redrive(
+        &store,
+        &[
+            "queues",
+            "create",
+            "agent.tasks",
+            "agent.mail",
+            "--tiers",
+            "1s,2s",
+            "--json",
+        ],
+        b"",
+    ));
+    let created = json_lines(&out);
+    assert_eq!(created.len(), 2, "{out}");
+    assert_eq!(created[0]["queue"], "agent.tasks");
+    assert_eq!(created[0]["tiers"], serde_json::json!(["1s", "2s"]));
+    let queues = json_lines(&ok(&redrive(&store, &["queues", "--json"], b"")));
+    let names: Vec<&str> = queues
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["agent.mail", "agent.tasks"]);
+    for q in &queues {
+        assert_eq!(q["retry"], serde_json::json!({"1s": 0, "2s": 0}), "{q}");
+        assert_eq!(
+            (q["main"].as_u64(), q["isolated"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    // A bad name anywhere in the list: nothing is created, and the error names it.
+    let err = failed(&redrive(
+        &store,
+        &["queues", "create", "fine", "bad name"],
+        b"",
+    ));
+    assert!(err.contains("\"bad name\""), "{err}");
+    let err = failed(&redrive(
+        &store,
+        &["queues", "create", "other.queue", "--tiers", "soon"],
+        b"",
+    ));
+    assert!(err.contains("invalid tiers"), "{err}");
+    let queues = json_lines(&ok(&redrive(&store, &["queues", "--json"], b"")));
+    assert_eq!(queues.len(), 2, "nothing new was created");
+}

@@ -8,6 +8,7 @@
 mod kafka_support;
 
 use redrive_conformance::{Backend, Cli, Harness};
+use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -43,6 +44,78 @@ impl Harness for KafkaHarness {
             guard: Box::new((dir, scope)),
         }
     }
+
+    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+        let (producer, topic) = raw(b, queue).await;
+        let records: [(&str, &str, &[u8]); 3] = [
+            ("redrive-version", "99", b"from a future redrive"),
+            (
+                "redrive-attempt",
+                "many",
+                b"an attempt that is not a number",
+            ),
+            ("redrive-id", "not-a-uuid", b"an id that is not a UUID"),
+        ];
+        for (name, value, payload) in records {
+            let mut headers =
+                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            if name == "redrive-attempt" {
+                headers = headers.insert(rdkafka::message::Header {
+                    key: "redrive-version",
+                    value: Some(b"1".as_slice()),
+                });
+            }
+            let record = rdkafka::producer::FutureRecord::<(), _>::to(&topic)
+                .payload(payload)
+                .headers(headers);
+            producer
+                .send(record, std::time::Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+        records.len()
+    }
+
+    async fn publish_plain(
+        &self,
+        b: &Backend<Self::T, Self::S>,
+        queue: &QueueName,
+        payload: &[u8],
+    ) {
+        let (producer, topic) = raw(b, queue).await;
+        let record = rdkafka::producer::FutureRecord::<(), _>::to(&topic).payload(payload);
+        producer
+            .send(record, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
+
+/// A plain producer, and the scenario's topic for `queue` (a record produced to it is
+/// how another producer publishes to redrive). The queue's topics are made first.
+async fn raw(
+    b: &Backend<KafkaBackend<Sqlite>, KafkaBackend<Sqlite>>,
+    queue: &QueueName,
+) -> (rdkafka::producer::FutureProducer, String) {
+    let lanes = LaneSet {
+        queue: queue.clone(),
+        tiers: Vec::new(),
+    };
+    b.transport.queue_depths(&lanes).await.unwrap();
+    let (_, scope) = b
+        .guard
+        .downcast_ref::<(tempfile::TempDir, kafka_support::Scope)>()
+        .unwrap();
+    let producer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_support::bootstrap())
+        // The test broker cannot fetch from inside a batch (see `kafka_support`).
+        .set("batch.num.messages", "1")
+        .create()
+        .unwrap();
+    (producer, format!("{}{queue}", scope.prefix))
 }
 
 redrive_conformance::conformance!(KafkaHarness);

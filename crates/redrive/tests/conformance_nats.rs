@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use redrive_conformance::{Backend, Cli, Harness};
+use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -59,6 +60,62 @@ impl Harness for NatsHarness {
             }),
         }
     }
+
+    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+        let (js, subject) = raw(b, queue).await;
+        let messages: [(&str, &str, &[u8]); 3] = [
+            ("redrive-wire", "{not json", b"wire header that is not JSON"),
+            (
+                "redrive-wire",
+                r#"[["redrive-version","99"],["redrive-id","0192f0c4-0000-7000-8000-000000000001"]]"#,
+                b"from a future redrive",
+            ),
+            ("redrive-id", "not-a-uuid", b"an id that is not a UUID"),
+        ];
+        for (name, value, payload) in messages {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(name, value);
+            js.publish_with_headers(subject.clone(), headers, payload.to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        messages.len()
+    }
+
+    async fn publish_plain(
+        &self,
+        b: &Backend<Self::T, Self::S>,
+        queue: &QueueName,
+        payload: &[u8],
+    ) {
+        let (js, subject) = raw(b, queue).await;
+        js.publish(subject, payload.to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+/// A plain JetStream client, and the scenario's subject for `queue` (a publish to it is
+/// how another producer publishes to redrive). The queue's streams are made first.
+async fn raw(
+    b: &Backend<NatsBackend<Sqlite>, NatsBackend<Sqlite>>,
+    queue: &QueueName,
+) -> (async_nats::jetstream::Context, String) {
+    let lanes = LaneSet {
+        queue: queue.clone(),
+        tiers: Vec::new(),
+    };
+    b.transport.queue_depths(&lanes).await.unwrap();
+    let namespace = &b.guard.downcast_ref::<Cleanup>().unwrap().namespace;
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    (
+        async_nats::jetstream::new(client),
+        format!("{namespace}.{queue}"),
+    )
 }
 
 /// Deletes a scenario's streams and history bucket from the shared server afterwards.
@@ -86,6 +143,7 @@ impl Drop for Cleanup {
                     format!("{ns}_conformance_tasks"),
                     format!("{ns}_conformance_tasks_dlq"),
                     format!("{ns}_conformance_tasks_exhausted"),
+                    format!("{ns}_conformance_tasks_isolated"),
                     format!("KV_{ns}_history"),
                 ] {
                     let _ = js.delete_stream(&name).await;

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use redrive_conformance::{Backend, Cli, Harness};
+use redrive_core::QueueName;
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -49,6 +50,64 @@ impl Harness for RedisHarness {
             }),
         }
     }
+
+    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+        let (mut conn, stream) = raw(b, queue).await;
+        let entries: [&[(&str, &[u8])]; 4] = [
+            &[("task", b"no payload field")],
+            &[("payload", b"h is not JSON"), ("h", b"{not json")],
+            &[
+                ("payload", b"from a future redrive"),
+                ("h", br#"[["redrive-version","99"]]"#),
+            ],
+            &[
+                ("payload", b"an id that is not a UUID"),
+                (
+                    "h",
+                    br#"[["redrive-version","1"],["redrive-id","not-a-uuid"]]"#,
+                ),
+            ],
+        ];
+        for fields in entries {
+            let _: String = redis::cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg(fields)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        entries.len()
+    }
+
+    async fn publish_plain(
+        &self,
+        b: &Backend<Self::T, Self::S>,
+        queue: &QueueName,
+        payload: &[u8],
+    ) {
+        let (mut conn, stream) = raw(b, queue).await;
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("payload")
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A plain Redis connection, and the scenario's main stream for `queue` (`XADD` to it is
+/// how another producer publishes to redrive).
+async fn raw(
+    b: &Backend<RedisBackend<Sqlite>, RedisBackend<Sqlite>>,
+    queue: &QueueName,
+) -> (redis::aio::MultiplexedConnection, String) {
+    let namespace = &b.guard.downcast_ref::<Cleanup>().unwrap().namespace;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (conn, format!("{namespace}:{{{queue}}}:main"))
 }
 
 /// Deletes a scenario's keys from the shared Redis when the scenario ends.

@@ -3,9 +3,36 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use redrive_conformance::{Backend, Cli, Harness};
+use redrive_core::QueueName;
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
 struct SqliteHarness;
+
+/// A connection of its own to the scenario's database file, as another program would
+/// open it.
+fn connect(b: &Backend<Sqlite, Sqlite>) -> rusqlite::Connection {
+    let url = &b.cli.backend_args[1];
+    let path = url.strip_prefix("sqlite://").unwrap();
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    conn
+}
+
+/// Inserts a row into the messages table as SQL written by hand would.
+fn insert(
+    conn: &rusqlite::Connection,
+    queue: &QueueName,
+    payload: &dyn rusqlite::ToSql,
+    headers: &dyn rusqlite::ToSql,
+) {
+    conn.execute(
+        "INSERT INTO messages (queue, lane, due_ms, published_ms, payload, headers)
+         VALUES (?1, 'main', 0, 1700000000000, ?2, ?3)",
+        rusqlite::params![queue.as_str(), payload, headers],
+    )
+    .unwrap();
+}
 
 impl Harness for SqliteHarness {
     type T = Sqlite;
@@ -24,6 +51,27 @@ impl Harness for SqliteHarness {
             },
             guard: Box::new(dir),
         }
+    }
+
+    async fn write_malformed(&self, b: &Backend<Sqlite, Sqlite>, queue: &QueueName) -> usize {
+        let conn = connect(b);
+        let rows: [(&[u8], &str); 4] = [
+            (b"headers that are not JSON", "{not json"),
+            (b"headers that are not a list", r#"{"redrive-id":"x"}"#),
+            (b"from a future redrive", r#"[["redrive-version","99"]]"#),
+            (
+                b"an attempt that is not a number",
+                r#"[["redrive-version","1"],["redrive-attempt","many"]]"#,
+            ),
+        ];
+        for (payload, headers) in rows {
+            insert(&conn, queue, &payload, &headers);
+        }
+        rows.len()
+    }
+
+    async fn publish_plain(&self, b: &Backend<Sqlite, Sqlite>, queue: &QueueName, payload: &[u8]) {
+        insert(&connect(b), queue, &payload, &"[]");
     }
 }
 

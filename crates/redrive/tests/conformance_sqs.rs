@@ -7,7 +7,9 @@
 
 mod sqs_support;
 
+use aws_sdk_sqs::types::MessageAttributeValue;
 use redrive_conformance::{Backend, Cli, Harness};
+use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use redrive_sqs::{SqsBackend, SqsConfig};
 
@@ -49,6 +51,79 @@ impl Harness for SqsHarness {
             guard: Box::new(dir),
         }
     }
+
+    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+        let (client, url) = raw(b, queue).await;
+        let text = |v: &str| {
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+                .unwrap()
+        };
+        let messages: [(&str, &str, &str); 3] = [
+            ("redrive", "{not json", "redrive attribute that is not JSON"),
+            ("redrive-body", "base64", "%%% not base64 %%%"),
+            (
+                "redrive",
+                r#"[["redrive-version","99"]]"#,
+                "from a future redrive",
+            ),
+        ];
+        for (name, value, body) in messages {
+            client
+                .send_message()
+                .queue_url(&url)
+                .message_body(body)
+                .message_attributes(name, text(value))
+                .send()
+                .await
+                .unwrap();
+        }
+        messages.len()
+    }
+
+    async fn publish_plain(
+        &self,
+        b: &Backend<Self::T, Self::S>,
+        queue: &QueueName,
+        payload: &[u8],
+    ) {
+        let (client, url) = raw(b, queue).await;
+        client
+            .send_message()
+            .queue_url(&url)
+            .message_body(String::from_utf8(payload.to_vec()).unwrap())
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+/// A plain SQS client, and the scenario's SQS queue for `queue` (a message sent to it is
+/// how another producer publishes to redrive). The queue's SQS queues are made first.
+async fn raw(
+    b: &Backend<SqsBackend<Sqlite>, SqsBackend<Sqlite>>,
+    queue: &QueueName,
+) -> (aws_sdk_sqs::Client, String) {
+    let lanes = LaneSet {
+        queue: queue.clone(),
+        tiers: Vec::new(),
+    };
+    b.transport.queue_depths(&lanes).await.unwrap();
+    let config = SqsConfig::new(&b.cli.backend_args[1]).unwrap();
+    let client = config.sdk_client().await.unwrap().0;
+    let name = config.sqs_name(queue);
+    let url = client
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    (client, url)
 }
 
 redrive_conformance::conformance!(SqsHarness);

@@ -85,7 +85,7 @@ async fn queue_url(c: &aws_sdk_sqs::Client, name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_killing_message_is_moved_by_sqs_redrive_policy_and_triaged_with_its_receive_count()
+async fn a_consumer_killing_message_is_dead_lettered_by_its_own_crashes_with_sqs_policy_as_backstop()
  {
     let scope = sqs_support::Scope::new();
     let dir = tempfile::tempdir().unwrap();
@@ -117,8 +117,9 @@ async fn a_consumer_killing_message_is_moved_by_sqs_redrive_policy_and_triaged_w
     let c = client(&scope.url).await;
     let main = queue_url(&c, &format!("{}agent-tasks", scope.prefix)).await;
     let dlq = queue_url(&c, &format!("{}agent-tasks-dlq", scope.prefix)).await;
+    let isolated = queue_url(&c, &format!("{}agent-tasks-isolated", scope.prefix)).await;
     let mut finished = false;
-    for _ in 0..10 {
+    for _ in 0..12 {
         let out = redrive(&scope.url, &store, &args);
         if out.status.success() {
             finished = true;
@@ -131,10 +132,17 @@ async fn a_consumer_killing_message_is_moved_by_sqs_redrive_policy_and_triaged_w
         finished,
         "a consumer should find the queue empty in the end"
     );
-    let policy: serde_json::Value =
-        serde_json::from_str(&attribute(&c, &main, QueueAttributeName::RedrivePolicy).await)
-            .unwrap();
-    assert_eq!(policy["maxReceiveCount"].to_string().trim_matches('"'), "3");
+    // SQS's own count is a backstop well above max attempts, on both queues a message
+    // is received from: a crash beside others is not an attempt.
+    for url in [&main, &isolated] {
+        let policy: serde_json::Value =
+            serde_json::from_str(&attribute(&c, url, QueueAttributeName::RedrivePolicy).await)
+                .unwrap();
+        assert_eq!(
+            policy["maxReceiveCount"].to_string().trim_matches('"'),
+            "16"
+        );
+    }
     let out = ok(&redrive(&scope.url, &store, &["dlq", "list", "--json"]));
     let rows: Vec<serde_json::Value> = out
         .lines()
@@ -151,17 +159,14 @@ async fn a_consumer_killing_message_is_moved_by_sqs_redrive_policy_and_triaged_w
     assert_eq!(shown["attempts"], 3, "{shown}");
     assert_eq!(shown["payload"], "{\"task\":\"kills its consumer\"}");
     let history = shown["history"].as_array().unwrap();
-    assert_eq!(history.len(), 3);
+    let counted: Vec<&serde_json::Value> =
+        history.iter().filter(|f| f["counted"] == true).collect();
+    assert_eq!(counted.len(), 3, "{history:?}");
     assert!(
-        history.iter().all(|f| f["kind"] == "lease_expired"),
-        "{history:?}"
-    );
-    // SQS moved it, not redrive (whose consumers all died): a message redrive sends to
-    // the DLQ carries its own failures, one SQS moved is told by its receive count.
-    let last = history[2]["error"].as_str().unwrap();
-    assert!(
-        last.contains("SQS moved it to the dead-letter queue after 3 receives"),
-        "{last}"
+        counted
+            .iter()
+            .all(|f| f["kind"] == "lease_expired" && f["lane"] == "isolated"),
+        "each counted crash happened while it ran alone: {history:?}"
     );
     // Drained: deleted from SQS once the store had it.
     let waiting: u64 = attribute(&c, &dlq, QueueAttributeName::ApproximateNumberOfMessages)
@@ -169,6 +174,68 @@ async fn a_consumer_killing_message_is_moved_by_sqs_redrive_policy_and_triaged_w
         .parse()
         .unwrap();
     assert_eq!(waiting, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sqs_moved_by_its_redrive_policy_is_triaged_with_its_receive_count() {
+    let scope = sqs_support::Scope::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("dead.db");
+    ok(&redrive(
+        &scope.url,
+        &store,
+        &["queues", "create", "agent.tasks", "--tiers", "1s,2s"],
+    ));
+    let c = client(&scope.url).await;
+    let main = queue_url(&c, &format!("{}agent-tasks", scope.prefix)).await;
+    c.send_message()
+        .queue_url(&main)
+        .message_body("received and never settled")
+        .send()
+        .await
+        .unwrap();
+    // Consumers that die before they can settle it: received 16 times (the backstop),
+    // after which SQS moves it to the DLQ by itself.
+    for _ in 0..40 {
+        let got = c
+            .receive_message()
+            .queue_url(&main)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .unwrap();
+        if got.messages().is_empty()
+            && attribute(&c, &main, QueueAttributeName::ApproximateNumberOfMessages).await == "0"
+        {
+            break;
+        }
+    }
+    let out = ok(&redrive(&scope.url, &store, &["dlq", "list", "--json"]));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    let id = rows[0]["id"].as_str().unwrap().to_owned();
+    let shown = ok(&redrive(
+        &scope.url,
+        &store,
+        &["dlq", "show", &id, "--json"],
+    ));
+    let shown: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+    assert_eq!(shown["payload"], "received and never settled");
+    let history = shown["history"].as_array().unwrap();
+    assert!(
+        history.iter().all(|f| f["kind"] == "lease_expired"),
+        "{history:?}"
+    );
+    // SQS moved it, not redrive: a message redrive sends to the DLQ carries its own
+    // failures, one SQS moved is told by its receive count.
+    let last = history.last().unwrap()["error"].as_str().unwrap();
+    assert!(
+        last.contains("SQS moved it to the dead-letter queue after 16 receives"),
+        "{last}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +251,9 @@ async fn an_existing_redrive_policy_is_reported_never_changed() {
         .await
         .unwrap();
     let arn = attribute(&c, dlq.queue_url().unwrap(), QueueAttributeName::QueueArn).await;
-    let theirs = format!("{{\"deadLetterTargetArn\":\"{arn}\",\"maxReceiveCount\":\"9\"}}");
+    // Below max attempts (3 with two tiers): SQS would move messages before redrive
+    // counted their attempts.
+    let theirs = format!("{{\"deadLetterTargetArn\":\"{arn}\",\"maxReceiveCount\":\"2\"}}");
     let main = c
         .create_queue()
         .queue_name(format!("{}orders", scope.prefix))
@@ -209,7 +278,7 @@ async fn an_existing_redrive_policy_is_reported_never_changed() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("needs maxReceiveCount 3") && err.contains("does not change"),
+        err.contains("needs a maxReceiveCount of at least 3") && err.contains("does not change"),
         "{err}"
     );
     let policy: serde_json::Value =
@@ -217,7 +286,7 @@ async fn an_existing_redrive_policy_is_reported_never_changed() {
             .unwrap();
     assert_eq!(
         policy["maxReceiveCount"].to_string().trim_matches('"'),
-        "9",
+        "2",
         "unchanged: {policy}"
     );
 }

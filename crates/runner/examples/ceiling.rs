@@ -93,6 +93,29 @@ impl Transport for Mem {
         Ok(())
     }
 
+    async fn create_lanes(&self, _: &LaneSet) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn isolate(&self, _: &Delivery<usize>, _: &Envelope) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn fetch_isolated(
+        &self,
+        _: &LaneSet,
+        _: Duration,
+    ) -> Result<Fetched<usize>, TransportError> {
+        Ok(Fetched {
+            deliveries: Vec::new(),
+            next_due_ms: None,
+        })
+    }
+
+    async fn isolated_due(&self, _: &LaneSet) -> Result<Option<i64>, TransportError> {
+        Ok(None)
+    }
+
     fn max_fetch(&self) -> usize {
         self.max
     }

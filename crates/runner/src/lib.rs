@@ -26,6 +26,7 @@
 //! ```
 
 mod handler;
+mod isolation;
 mod observer;
 mod runner;
 mod stats;

@@ -22,6 +22,10 @@ pub enum Settled<'a> {
         /// How it failed.
         kind: FailureKind,
     },
+    /// Moved, uncounted, to the isolation lane to be run alone: a crash suspect (its
+    /// consumer stopped while it was in flight beside others) or a message that
+    /// crashed its consumer before.
+    Isolated,
     /// Could not be settled (lease lost or the backend failed); it will come back.
     Unsettled,
 }

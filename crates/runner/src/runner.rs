@@ -8,20 +8,21 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
 use redrive_core::{
-    Delivery, Envelope, FailureKind, Fetched, HandlerResult, LaneSet, LaneStats, Outcome,
-    QueueName, RetryPolicy, Step, Transport, TransportError, now_ms,
+    Delivery, Envelope, Failure, FailureKind, Fetched, HandlerResult, Lane, LaneSet, LaneStats,
+    Outcome, QueueName, RetryPolicy, Step, Transport, TransportError, now_ms,
 };
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::handler::Handler;
+use crate::isolation::{GATE, Quiet};
 use crate::observer::{Observer, Settled};
 use crate::stats::Stats;
 
@@ -45,7 +46,20 @@ pub struct RunnerConfig {
     /// only by handlers fast enough to start that many within a second: slower ones
     /// fetch less at a time.
     pub fetch_batch: usize,
+    /// Largest payload handed to a handler; a larger one is dead-lettered as
+    /// `MalformedEnvelope` without running the handler.
+    pub max_payload: usize,
 }
+
+/// How often a runner looks whether its queue's isolation lane holds a message due.
+const ISOLATION_LOOK: Duration = Duration::from_secs(2);
+/// After it met a crash suspect, a runner fetches no further ahead than one delivery per
+/// slot for this long: a crash then leaves fewer suspects to run alone.
+const CAUTIOUS_MS: i64 = 30_000;
+/// The uncounted history entry of a crash suspect.
+const SUSPECT: &str = "its consumer stopped while this message was in flight beside others \
+    (or leased ahead of its handler): any of them may have caused it, so it is not counted, \
+    and the message is run alone";
 
 impl Default for RunnerConfig {
     fn default() -> Self {
@@ -59,6 +73,7 @@ impl Default for RunnerConfig {
             // Per-fetch costs (a broker round trip, a lease transaction) add up: at 256
             // the NATS bench's median ratio was 0.64x, at 1024 0.71-0.75x (BENCHMARKS.md).
             fetch_batch: 1024,
+            max_payload: 16 * 1024 * 1024,
         }
     }
 }
@@ -224,7 +239,16 @@ impl<T: Transport> Runner<T> {
             wake: Notify::new(),
             released: AtomicU64::new(0),
             line: Line::default(),
+            isolate_wanted: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            suspect_at_ms: AtomicI64::new(i64::MIN / 2),
+            alone_runs: AtomicU64::new(0),
         });
+        // The process-wide gate asks this run's line whether it is busy.
+        let quiet: Arc<dyn Quiet> = Arc::clone(&ctx) as Arc<dyn Quiet>;
+        GATE.register(Arc::downgrade(&quiet));
+        drop(quiet);
+        let isolates = self.transport.isolates();
         let concurrency = self.config.concurrency;
         let fetch_batch = self
             .config
@@ -260,6 +284,13 @@ impl<T: Transport> Runner<T> {
         let mut fetch_at = Instant::now();
         let mut came_back_empty = false;
         let mut pace = Pace::new();
+        // Isolation rounds run the isolation lane's due messages one at a time, each with
+        // the process to itself: one at the start (a crashed predecessor's suspects), one
+        // when this run isolated a suspect, and one when a look says one is due.
+        let mut round: Option<JoinHandle<Option<i64>>> = None;
+        let mut round_at: Option<Instant> = isolates.then(Instant::now);
+        let mut looking: Option<JoinHandle<Result<Option<i64>, TransportError>>> = None;
+        let mut look_at = Instant::now() + ISOLATION_LOOK;
         tokio::pin!(shutdown);
 
         let reason = loop {
@@ -269,6 +300,26 @@ impl<T: Transport> Runner<T> {
                 if let Err(e) = ended {
                     tracing::error!(queue = %self.lanes.queue, error = %e, "a worker stopped; starting another");
                     start_worker(&mut workers);
+                }
+            }
+            if isolates && round.is_none() {
+                let now = Instant::now();
+                if ctx.isolate_wanted.swap(false, Ordering::AcqRel)
+                    || round_at.is_some_and(|at| at <= now)
+                {
+                    round_at = None;
+                    let worker = Worker {
+                        ctx: Arc::clone(&ctx),
+                        abort: abort_rx.clone(),
+                    };
+                    round = Some(tokio::spawn(isolation_round(worker, self.lanes.clone())));
+                } else if looking.is_none() && now >= look_at {
+                    look_at = now + ISOLATION_LOOK;
+                    let transport = Arc::clone(&self.transport);
+                    let lanes = self.lanes.clone();
+                    looking = Some(tokio::spawn(
+                        async move { transport.isolated_due(&lanes).await },
+                    ));
                 }
             }
             let Counts {
@@ -288,7 +339,14 @@ impl<T: Transport> Runner<T> {
             // handlers are fast enough to start that many within a second (and a
             // quarter of the lease, which only running deliveries renew).
             pace.update(started);
-            let ahead = pace.ahead(concurrency, fetch_batch, self.config.lease);
+            // Soon after a crash (suspects met), fetch no further ahead than a slot's
+            // worth: were the crash to come again, fewer would be suspects.
+            let cautious = now_ms() - ctx.suspect_at_ms.load(Ordering::Relaxed) < CAUTIOUS_MS;
+            let ahead = if cautious {
+                concurrency
+            } else {
+                pace.ahead(concurrency, fetch_batch, self.config.lease)
+            };
             let incoming: usize = asked.iter().map(|(_, n)| n).sum();
             // Still to lease before `--max-messages` is reached.
             let left = remaining.saturating_sub(waiting + incoming);
@@ -353,7 +411,8 @@ impl<T: Transport> Runner<T> {
                             if idle && fetched.next_due_ms.is_none() && probing.is_none()
                                 && let Some(probe) = &self.idle_probe
                             {
-                                probing = Some((tokio::spawn(probe(self.lanes.clone())), started));
+                                let alone = ctx.alone_runs.load(Ordering::Acquire);
+                                probing = Some((tokio::spawn(probe(self.lanes.clone())), started + alone));
                             }
                             let poll = Instant::now() + self.config.idle_poll;
                             fetch_at = fetched.next_due_ms.map_or(poll, |due| {
@@ -367,7 +426,8 @@ impl<T: Transport> Runner<T> {
                             // The other fetch in flight may have come back empty and set
                             // an idle wait: this one found messages, so look again now.
                             fetch_at = Instant::now();
-                            line.push(fetched.deliveries);
+                            let at = Instant::now();
+                            line.push(fetched.deliveries.into_iter().map(|d| (d, at)));
                         }
                         Err(e @ TransportError::Misconfigured { .. }) => {
                             // Nothing has run yet: backends check their setup on the
@@ -395,7 +455,8 @@ impl<T: Transport> Runner<T> {
                             // poll interval. What such a fetch leases is released at the end
                             // (`release_unstarted`), uncounted, so nothing is lost.
                             let now = line.counts();
-                            if now.started == since && now.is_empty() {
+                            let alone = ctx.alone_runs.load(Ordering::Acquire);
+                            if now.started + alone == since && now.is_empty() && round.is_none() {
                                 break "idle";
                             }
                         }
@@ -407,28 +468,68 @@ impl<T: Transport> Runner<T> {
                         }
                     }
                 }
-                // A settle freed room, or scheduled a retry: look again.
-                () = wake.notified(), if may_fetch => fetch_at = Instant::now(),
+                ended = async { (&mut round.as_mut().expect("guarded by the branch condition")).await }, if round.is_some() => {
+                    round = None;
+                    let next = match ended {
+                        Ok(next) => next,
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(queue = %self.lanes.queue, "an isolation round panicked; trying again in a second");
+                            Some(now_ms() + 1000)
+                        }
+                        Err(_) => None,
+                    };
+                    round_at = next.map(instant_at);
+                }
+                looked = async { (&mut looking.as_mut().expect("guarded by the branch condition")).await }, if looking.is_some() => {
+                    looking = None;
+                    match looked {
+                        Ok(Ok(Some(due))) => {
+                            let at = instant_at(due);
+                            round_at = Some(round_at.map_or(at, |r| r.min(at)));
+                        }
+                        Ok(Ok(None)) => {}
+                        Ok(Err(e)) => tracing::debug!(queue = %self.lanes.queue, error = %e, "could not look at the isolation lane"),
+                        Err(_) => {}
+                    }
+                }
+                // A settle freed room, scheduled a retry or isolated a suspect: look again.
+                () = wake.notified() => {
+                    if may_fetch {
+                        fetch_at = Instant::now();
+                    }
+                }
                 () = sleep_until(fetch_at), if may_fetch && Instant::now() < fetch_at => {}
+                () = sleep_until(round_at.unwrap_or(look_at).min(look_at)), if isolates && round.is_none() => {}
             }
         };
+        ctx.stopping.store(true, Ordering::Release);
+        if let Some(look) = looking.take() {
+            look.abort();
+        }
 
         let unstarted = line.close();
         self.release_unstarted(unstarted, &mut fetching, released)
             .await;
 
-        // Graceful drain: in-flight handlers get the grace period, then are released.
+        // Graceful drain: in-flight handlers (an isolation round's included) get the
+        // grace period, then are released.
         let drained = timeout(self.config.grace, async {
             while workers.join_next().await.is_some() {}
+            if let Some(r) = round.as_mut() {
+                let _ = r.await;
+            }
         })
         .await;
         if drained.is_err() {
             tracing::warn!(queue = %self.lanes.queue, in_flight = line.counts().busy, "grace period over: releasing in-flight deliveries");
             let _ = abort_tx.send(true);
             while workers.join_next().await.is_some() {}
+            if let Some(r) = round.take() {
+                let _ = r.await;
+            }
         }
         Ok(Summary {
-            delivered: line.counts().started,
+            delivered: line.counts().started + ctx.alone_runs.load(Ordering::Acquire),
             released: released.load(Ordering::Relaxed),
             reason,
         })
@@ -438,10 +539,12 @@ impl<T: Transport> Runner<T> {
     /// line, and those the fetches still in flight lease (awaited, never abandoned).
     async fn release_unstarted(
         &self,
-        mut unstarted: Vec<Delivery<T::Token>>,
+        unstarted: Vec<(Delivery<T::Token>, Instant)>,
         fetching: &mut JoinSet<Result<Fetched<T::Token>, TransportError>>,
         released: &AtomicU64,
     ) {
+        let mut unstarted: Vec<Delivery<T::Token>> =
+            unstarted.into_iter().map(|(d, _)| d).collect();
         while let Some(pending) = fetching.join_next().await {
             if let Ok(Ok(fetched)) = pending {
                 unstarted.extend(fetched.deliveries);
@@ -523,8 +626,32 @@ struct WorkerContext<T: Transport, H> {
     wake: Notify,
     /// Deliveries released unfinished.
     released: AtomicU64,
-    /// Leased deliveries waiting for a worker.
-    line: Line<Delivery<T::Token>>,
+    /// Leased deliveries waiting for a worker, with when they were leased.
+    line: Line<(Delivery<T::Token>, Instant)>,
+    /// A worker isolated a suspect: the fetch loop starts an isolation round.
+    isolate_wanted: AtomicBool,
+    /// The run is ending: an isolation round takes nothing more.
+    stopping: AtomicBool,
+    /// When this run last met a crash suspect (unix ms).
+    suspect_at_ms: AtomicI64,
+    /// Deliveries run alone by isolation rounds.
+    alone_runs: AtomicU64,
+}
+
+impl<T: Transport, H: Send + Sync + 'static> Quiet for WorkerContext<T, H> {
+    fn busy(&self) -> usize {
+        self.line.counts().busy
+    }
+
+    fn resume(&self) {
+        self.line.ready.notify_waiters();
+    }
+}
+
+/// The moment a unix-ms time falls at, on Tokio's clock.
+fn instant_at(ms: i64) -> Instant {
+    let wait = u64::try_from(ms - now_ms()).unwrap_or(0);
+    Instant::now() + Duration::from_millis(wait)
 }
 
 /// Leased deliveries waiting for a worker, shared by the fetch loop and the workers.
@@ -612,7 +739,7 @@ impl<D> Line<D> {
     }
 
     /// Adds deliveries and wakes as many idle workers as there are new deliveries.
-    fn push(&self, deliveries: Vec<D>) {
+    fn push(&self, deliveries: impl ExactSizeIterator<Item = D>) {
         let wakes = {
             let mut st = self.lock();
             let wakes = deliveries.len().min(st.idle);
@@ -634,7 +761,14 @@ impl<D> Line<D> {
         if st.closed {
             return Next::Stop;
         }
-        match st.waiting.pop_front() {
+        // While an isolation round wants the process to itself nothing new starts (read
+        // under this lock: see `Gate::wanted`); its end wakes the waiting workers.
+        let next = if GATE.wanted() {
+            None
+        } else {
+            st.waiting.pop_front()
+        };
+        match next {
             Some(d) => {
                 st.busy += 1;
                 st.started += 1;
@@ -666,15 +800,21 @@ impl<D> Line<D> {
 
     /// A worker finished a delivery; `true` when the fetch loop asked to be woken now.
     fn done(&self) -> bool {
-        let mut st = self.lock();
-        st.busy -= 1;
-        let wake = match st.wake_on {
-            Some(WakeOn::AnySettle) => true,
-            Some(WakeOn::AtMost(n)) => st.busy + st.waiting.len() <= n,
-            None => false,
+        let (wake, quiet) = {
+            let mut st = self.lock();
+            st.busy -= 1;
+            let wake = match st.wake_on {
+                Some(WakeOn::AnySettle) => true,
+                Some(WakeOn::AtMost(n)) => st.busy + st.waiting.len() <= n,
+                None => false,
+            };
+            if wake {
+                st.wake_on = None;
+            }
+            (wake, st.busy == 0)
         };
-        if wake {
-            st.wake_on = None;
+        if quiet {
+            GATE.went_quiet();
         }
         wake
     }
@@ -754,13 +894,15 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                 }
             };
             waited = false;
-            let Next::Run(delivery) = next else { return };
+            let Next::Run((delivery, leased_at)) = next else {
+                return;
+            };
             let busy = Busy {
                 line: &ctx.line,
                 wake: &ctx.wake,
                 finished: false,
             };
-            self.run(&delivery).await;
+            self.run(&delivery, leased_at).await;
             if busy.finish() {
                 // Let the fetch loop run now. With fast handlers a worker finds the next
                 // delivery ready and never waits, so the loop, woken onto this thread,
@@ -771,16 +913,72 @@ impl<T: Transport, H: Handler> Worker<T, H> {
         }
     }
 
-    /// Handles and settles one delivery (or, when shutdown aborts it, releases it).
-    async fn run(&mut self, delivery: &Delivery<T::Token>) {
+    /// Handles and settles one delivery taken from the line, or moves it to the
+    /// isolation lane when it is a crash suspect.
+    async fn run(&mut self, delivery: &Delivery<T::Token>, leased_at: Instant) {
+        if leased_at.elapsed() >= self.config.lease {
+            // It waited in the line past its lease (behind an isolation round, say): the
+            // backend may have handed it to another consumer already. Give it back
+            // rather than run it on a lease that is no longer this consumer's.
+            if let Err(e) = Box::pin(self.transport.release(delivery)).await {
+                tracing::debug!(id = %delivery.envelope.id, error = %e, "a delivery whose lease ran out in the line could not be released");
+            }
+            self.released.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suspect = delivery.unfinished_before || delivery.envelope.crashed_before();
+        if suspect && delivery.lane != Lane::Isolated && self.transport.isolates() {
+            Box::pin(self.isolate(delivery)).await;
+            return;
+        }
+        self.run_handler(delivery).await;
+    }
+
+    /// Moves a crash suspect to the isolation lane, uncounted, to be run alone.
+    async fn isolate(&self, delivery: &Delivery<T::Token>) {
+        let mut envelope = delivery.envelope.clone();
+        if delivery.unfinished_before {
+            let now = now_ms();
+            self.suspect_at_ms.store(now, Ordering::Relaxed);
+            envelope.record_suspected_crash(SUSPECT, now, &delivery.lane.label());
+        }
+        match self.transport.isolate(delivery, &envelope).await {
+            Ok(()) => {
+                self.report(&delivery.lane, Settled::Isolated, None);
+                tracing::info!(id = %delivery.envelope.id, queue = %self.queue, crashed_before = delivery.envelope.crashed_before(), "crash suspect moved to the isolation lane, to run alone");
+                self.isolate_wanted.store(true, Ordering::Release);
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                // Its lease runs out and it comes back unfinished, to be isolated then.
+                tracing::warn!(id = %delivery.envelope.id, error = %e, "could not move a crash suspect to the isolation lane; it will be delivered again");
+                self.report(&delivery.lane, Settled::Unsettled, None);
+            }
+        }
+    }
+
+    /// Runs the handler on a delivery and settles its outcome (or, when shutdown aborts
+    /// it, releases it). A delivery whose previous one ended unfinished reaches this
+    /// only from the isolation lane, where it ran alone: that crash is counted.
+    async fn run_handler(&mut self, delivery: &Delivery<T::Token>) {
         let lateness = matches!(delivery.lane, redrive_core::Lane::Retry(_))
             .then(|| now_ms() - delivery.due_ms);
         for o in self.observers.iter() {
             o.delivered(&self.queue, &delivery.lane, lateness);
         }
         let mut handler_secs = None;
+        let size = delivery.envelope.payload.len();
         let outcome = if delivery.unfinished_before {
-            Outcome::lease_expired(now_ms())
+            Outcome::crashed_alone(now_ms())
+        } else if size > self.config.max_payload {
+            let message = format!(
+                "payload of {size} bytes is over the consumer's limit of {} bytes (max_payload)",
+                self.config.max_payload
+            );
+            Outcome::Failed {
+                failure: Failure::new(FailureKind::Poison, "MalformedEnvelope", message, now_ms()),
+                retry_after: None,
+            }
         } else {
             let started = Instant::now();
             let outcome = self.handle(delivery).await;
@@ -929,6 +1127,41 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                 }
             }
         }
+    }
+}
+
+/// One isolation round: runs the isolation lane's due deliveries one at a time, each
+/// with no other handler of the process running, until the lane has nothing due.
+/// Returns when it next will (unix ms), if the backend knows.
+///
+/// A delivery from this lane whose previous delivery ended unfinished stopped its
+/// consumer while running alone: the crash is counted (see `Worker::run_handler`).
+async fn isolation_round<T: Transport, H: Handler>(
+    mut worker: Worker<T, H>,
+    lanes: LaneSet,
+) -> Option<i64> {
+    loop {
+        if worker.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        let alone = GATE.alone().await;
+        let lease = worker.config.lease;
+        let fetched = match worker.transport.fetch_isolated(&lanes, lease).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                tracing::warn!(queue = %lanes.queue, error = %e, "could not fetch from the isolation lane; trying again in a second");
+                return Some(now_ms() + 1000);
+            }
+        };
+        if fetched.deliveries.is_empty() {
+            return fetched.next_due_ms;
+        }
+        for delivery in &fetched.deliveries {
+            worker.alone_runs.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(id = %delivery.envelope.id, queue = %lanes.queue, crashed_alone_before = delivery.unfinished_before, "running a crash suspect alone");
+            worker.run_handler(delivery).await;
+        }
+        drop(alone);
     }
 }
 

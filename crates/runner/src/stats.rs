@@ -13,6 +13,7 @@ pub struct Stats {
     timeouts: AtomicU64,
     panics: AtomicU64,
     lease_expired: AtomicU64,
+    isolated: AtomicU64,
     settle_errors: AtomicU64,
     by_class: Mutex<Vec<(String, u64, u64)>>,
     lateness_ms: Mutex<Vec<u32>>,
@@ -35,6 +36,8 @@ pub struct StatsSnapshot {
     pub panics: u64,
     /// Deliveries found unfinished (crash or expired lease).
     pub lease_expired: u64,
+    /// Crash suspects moved to the isolation lane, uncounted, to be run alone.
+    pub isolated: u64,
     /// Settle calls that failed (the lease then expires and the message returns).
     pub settle_errors: u64,
     /// Per error class: (class, retried, dead).
@@ -65,6 +68,9 @@ impl crate::Observer for Stats {
             crate::Settled::Ok => self.succeeded(),
             crate::Settled::Retried { class, kind } => self.failed(class, false, kind),
             crate::Settled::Dead { class, kind } => self.failed(class, true, kind),
+            crate::Settled::Isolated => {
+                self.isolated.fetch_add(1, Ordering::Relaxed);
+            }
             crate::Settled::Unsettled => self.settle_error(),
         }
     }
@@ -119,6 +125,7 @@ impl Stats {
             timeouts: self.timeouts.load(Ordering::Relaxed),
             panics: self.panics.load(Ordering::Relaxed),
             lease_expired: self.lease_expired.load(Ordering::Relaxed),
+            isolated: self.isolated.load(Ordering::Relaxed),
             settle_errors: self.settle_errors.load(Ordering::Relaxed),
             by_class: self.by_class.lock().map(|c| c.clone()).unwrap_or_default(),
         }

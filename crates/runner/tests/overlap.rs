@@ -111,6 +111,29 @@ impl Transport for SlowFetches {
         Ok(())
     }
 
+    async fn create_lanes(&self, _: &LaneSet) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn isolate(&self, _: &Delivery<usize>, _: &Envelope) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn fetch_isolated(
+        &self,
+        _: &LaneSet,
+        _: Duration,
+    ) -> Result<Fetched<usize>, TransportError> {
+        Ok(Fetched {
+            deliveries: Vec::new(),
+            next_due_ms: None,
+        })
+    }
+
+    async fn isolated_due(&self, _: &LaneSet) -> Result<Option<i64>, TransportError> {
+        Ok(None)
+    }
+
     fn fetches_in_flight(&self) -> usize {
         self.overlap
     }

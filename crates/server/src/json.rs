@@ -35,6 +35,9 @@ pub struct FailureJson {
     pub error_class: String,
     pub error: String,
     pub fingerprint: String,
+    /// Whether it counts towards max attempts (a crash that may have been another
+    /// message's does not).
+    pub counted: bool,
 }
 
 impl From<&Failure> for FailureJson {
@@ -47,6 +50,7 @@ impl From<&Failure> for FailureJson {
             error_class: f.class.clone(),
             error: f.message.clone(),
             fingerprint: f.fingerprint.to_string(),
+            counted: f.counted,
         }
     }
 }
@@ -132,6 +136,7 @@ pub struct QueueJson {
     pub queue: String,
     pub main: u64,
     pub retry: Map<String, Value>,
+    pub isolated: u64,
     pub dlq: u64,
     pub inflight: u64,
     pub oldest_main_age_ms: Option<i64>,
@@ -149,6 +154,7 @@ impl From<&QueueDepths> for QueueJson {
                 .iter()
                 .map(|(t, n)| (t.clone(), Value::from(*n)))
                 .collect(),
+            isolated: d.isolated,
             dlq: d.dlq,
             inflight: d.inflight,
             oldest_main_age_ms: d.oldest_main_age_ms,

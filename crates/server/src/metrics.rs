@@ -69,6 +69,7 @@ impl Collector for BackendGauges {
                     .iter()
                     .map(|(t, n)| (Lane::Retry(t.clone()).label(), *n)),
             );
+            lanes.push(("isolated".to_owned(), d.isolated));
             lanes.push(("dlq".to_owned(), d.dlq));
             lanes
         };
@@ -158,6 +159,7 @@ pub struct Metrics {
     succeeded: Family<QueueLane, Counter>,
     retried: Family<QueueClass, Counter>,
     dead_lettered: Family<QueueClass, Counter>,
+    isolated: Family<QueueLane, Counter>,
     handler_seconds: Family<QueueOnly, Histogram, fn() -> Histogram>,
     lateness_seconds: Family<QueueLane, Histogram, fn() -> Histogram>,
     replays: Family<QueueOnly, Counter>,
@@ -197,6 +199,7 @@ impl Metrics {
             succeeded: Family::default(),
             retried: Family::default(),
             dead_lettered: Family::default(),
+            isolated: Family::default(),
             handler_seconds: Family::new_with_constructor(duration_histogram),
             lateness_seconds: Family::new_with_constructor(lateness_histogram),
             replays: Family::default(),
@@ -223,6 +226,11 @@ impl Metrics {
             "redrive_messages_dead_lettered",
             "Deliveries moved to the DLQ, by error class",
             m.dead_lettered.clone(),
+        );
+        r.register(
+            "redrive_messages_isolated",
+            "Crash suspects moved, uncounted, to the isolation lane to be run alone, by the lane they came from",
+            m.isolated.clone(),
         );
         r.register(
             "redrive_handler_duration_seconds",
@@ -343,6 +351,9 @@ impl Observer for Metrics {
                         error_class: class.to_owned(),
                     })
                     .inc();
+            }
+            Settled::Isolated => {
+                self.isolated.get_or_create(&ql).inc();
             }
             Settled::Unsettled => {}
         }

@@ -75,12 +75,14 @@ pub fn document() -> Value {
             "schemas": {
                 "Queue": {"type": "object", "properties": {
                     "queue": {"type": "string"}, "main": {"type": "integer"}, "retry": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "isolated": {"type": "integer", "description": "Crash suspects waiting to be run alone"},
                     "dlq": {"type": "integer"}, "inflight": {"type": "integer"}, "oldest_main_age_ms": {"type": ["integer", "null"]},
                     "oldest_dead_age_ms": {"type": ["integer", "null"]}}},
                 "Failure": {"type": "object", "properties": {
                     "attempt": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "lane": {"type": "string"},
                     "kind": {"type": "string", "enum": ["retry", "poison", "timeout", "panic", "lease_expired"]},
-                    "error_class": {"type": "string"}, "error": {"type": "string"}, "fingerprint": {"type": "string"}}},
+                    "error_class": {"type": "string"}, "error": {"type": "string"}, "fingerprint": {"type": "string"},
+                    "counted": {"type": "boolean", "description": "Whether it counts towards max attempts: a crash that may have been another message's does not"}}},
                 "DeadMessage": {"type": "object", "properties": {
                     "id": {"type": "string", "format": "uuid"}, "queue": {"type": "string"}, "attempts": {"type": "integer"}, "replays": {"type": "integer"},
                     "error_class": {"type": "string"}, "error": {"type": "string"}, "fingerprint": {"type": "string"}, "key": {"type": ["string", "null"]},

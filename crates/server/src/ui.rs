@@ -291,13 +291,14 @@ pub(crate) async fn overview(
             p.muted { "No queues yet. Publish with " code { "redrive publish QUEUE" } "." }
         } @else {
             table {
-                thead { tr { th { "Queue" } th.num { "Main" } th { "Retry tiers" } th.num { "DLQ" } th.num { "In flight" } th { "Oldest in main" } } }
+                thead { tr { th { "Queue" } th.num { "Main" } th { "Retry tiers" } th.num { "Isolated" } th.num { "DLQ" } th.num { "In flight" } th { "Oldest in main" } } }
                 tbody {
                     @for d in &depths {
                         tr {
                             td { a href=(format!("/messages?queue={}", url_encode(&d.queue))) { (d.queue) } }
                             td.num { (d.main) }
                             td.lanes { @for (tier, count) in &d.retry { span { (tier) ": " strong { (count) } } } }
+                            td.num { (d.isolated) }
                             td.num { @if d.dlq > 0 { strong.err { (d.dlq) } } @else { "0" } }
                             td.num { (d.inflight) }
                             td { (d.oldest_main_age_ms.map(|a| ago(now_ms() - a)).unwrap_or_else(|| "–".into())) }
@@ -749,7 +750,11 @@ pub(crate) async fn message(
         ol.timeline {
             @for f in &env.history {
                 li {
-                    div { strong { "#" (f.attempt) " " (f.class) } span.muted { " · " (f.kind.as_str()) " · from " (f.lane) " · " (rfc3339(f.at_ms)) } }
+                    div {
+                        strong { "#" (f.attempt) " " (f.class) }
+                        span.muted { " · " (f.kind.as_str()) " · from " (f.lane) " · " (rfc3339(f.at_ms)) }
+                        @if !f.counted { span.muted { " · not counted" } }
+                    }
                     pre { (f.message) }
                 }
             }

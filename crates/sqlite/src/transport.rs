@@ -5,13 +5,20 @@
 //! A leased row's `due_ms` is its lease expiry, so one index on `(queue, due_ms)` finds
 //! both due messages and expired leases. A row fetched while still marked `leased`
 //! was never settled: its consumer crashed or hung, and the delivery says so.
+//!
+//! A row redrive cannot read (headers that are not its JSON, a redrive header that does
+//! not parse, a payload or headers of the wrong type: anything written by hand) is moved
+//! to the dead letters as `MalformedEnvelope` in the fetch that met it, so it never
+//! stops the queue. A row without a `redrive-id` (written by SQL, not `publish`) is
+//! named by where it sits, so every delivery of it has the same id.
 
 use std::time::Duration;
 
 use redrive_core::{
-    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, QueueDepths, QueueName, Tier, Transport,
-    TransportError, now_ms,
+    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, Tier,
+    Transport, TransportError, now_ms,
 };
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, params};
 
 use crate::db::Sqlite;
@@ -85,7 +92,32 @@ pub(crate) fn insert_dead(
     Ok(changed == 1)
 }
 
-type DueRow = (i64, String, i64, bool, Option<String>, Vec<u8>, String);
+/// A due row as read, its columns taken whatever their type: a row written by hand is
+/// quarantined, not a reason for the fetch to fail.
+struct DueRow {
+    seq: i64,
+    lane: String,
+    due_ms: i64,
+    leased: bool,
+    published_ms: i64,
+    key: Option<String>,
+    payload: Option<Vec<u8>>,
+    headers: Option<String>,
+}
+
+/// A column as bytes, whatever its type (`None` for NULL).
+fn loose_bytes(v: ValueRef<'_>) -> Option<Vec<u8>> {
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string().into_bytes()),
+        ValueRef::Real(f) => Some(f.to_string().into_bytes()),
+        ValueRef::Text(b) | ValueRef::Blob(b) => Some(b.to_vec()),
+    }
+}
+
+fn loose_text(v: ValueRef<'_>) -> Option<String> {
+    loose_bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
 
 fn due_rows(
     conn: &Connection,
@@ -95,24 +127,106 @@ fn due_rows(
     max: i64,
 ) -> Result<Vec<DueRow>, SqliteError> {
     conn.prepare_cached(
-        "SELECT seq, lane, due_ms, leased, key, payload, headers FROM messages
+        "SELECT seq, lane, due_ms, leased, published_ms, key, payload, headers FROM messages
          WHERE queue = ?1 AND lane = ?2 AND due_ms <= ?3 ORDER BY due_ms, seq LIMIT ?4",
     )
     .and_then(|mut s| {
         s.query_map(params![queue, lane, now, max], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
+            Ok(DueRow {
+                seq: r.get(0)?,
+                lane: loose_text(r.get_ref(1)?).unwrap_or_default(),
+                due_ms: r.get(2)?,
+                leased: r.get::<_, Option<i64>>(3).ok().flatten().unwrap_or(0) != 0,
+                published_ms: r.get::<_, Option<i64>>(4).ok().flatten().unwrap_or(0),
+                key: loose_text(r.get_ref(5)?),
+                payload: loose_bytes(r.get_ref(6)?),
+                headers: loose_text(r.get_ref(7)?),
+            })
         })?
         .collect()
     })
     .map_err(SqliteError::query("fetch"))
+}
+
+/// Leases due rows as deliveries, quarantining in the dead letters any row that cannot
+/// be read (deleted from its lane in the same transaction).
+fn lease_rows(
+    conn: &Connection,
+    queue: &QueueName,
+    rows: Vec<DueRow>,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Vec<Delivery<Token>>, SqliteError> {
+    let mut lease_stmt = conn
+        .prepare_cached(
+            "UPDATE messages SET due_ms = ?2, leased = 1, lease_id = lease_id + 1 WHERE seq = ?1
+             RETURNING lease_id",
+        )
+        .map_err(SqliteError::query("prepare lease"))?;
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id = || MessageId::at(queue.as_str(), row.published_ms, row.seq.unsigned_abs());
+        let read = match (&row.payload, &row.headers) {
+            (Some(payload), Some(headers)) => {
+                read_row(queue, row.key.clone(), payload, headers, id)
+            }
+            (None, _) => Err((Vec::new(), "the payload column is NULL".to_owned())),
+            (_, None) => Err((Vec::new(), "the headers column is NULL".to_owned())),
+        };
+        let envelope = match read {
+            Ok(envelope) => envelope,
+            Err((wire, why)) => {
+                let why = format!("row {} of the messages table: {why}", row.seq);
+                tracing::warn!(%queue, reason = %why, "quarantining an unreadable message in the DLQ");
+                let raw = Envelope::unreadable(
+                    queue.clone(),
+                    id(),
+                    row.payload.unwrap_or_default(),
+                    wire,
+                    &why,
+                    &row.lane,
+                    now,
+                );
+                conn.prepare_cached("DELETE FROM messages WHERE seq = ?1")
+                    .and_then(|mut s| s.execute(params![row.seq]))
+                    .map_err(SqliteError::query("quarantine"))?;
+                insert_dead(conn, &raw, now)?;
+                continue;
+            }
+        };
+        let lease_id: i64 = lease_stmt
+            .query_row(params![row.seq, now.saturating_add(lease_ms)], |r| r.get(0))
+            .map_err(SqliteError::query("lease"))?;
+        deliveries.push(Delivery {
+            envelope,
+            lane: Lane::from_label(&row.lane).unwrap_or(Lane::Main),
+            due_ms: row.due_ms,
+            unfinished_before: row.leased,
+            token: Token {
+                seq: row.seq,
+                lease_id,
+            },
+        });
+    }
+    Ok(deliveries)
+}
+
+/// Reads a row's envelope; on failure, what could be read of its headers and why not.
+fn read_row(
+    queue: &QueueName,
+    key: Option<String>,
+    payload: &[u8],
+    headers: &str,
+    id: impl FnOnce() -> MessageId,
+) -> Result<Envelope, (Vec<(String, String)>, String)> {
+    let wire: Vec<(String, String)> = serde_json::from_str(headers).map_err(|e| {
+        (
+            Vec::new(),
+            format!("headers are not a JSON list of name/value pairs: {e}"),
+        )
+    })?;
+    Envelope::from_wire_at(queue, key, payload.to_vec(), wire.clone(), id)
+        .map_err(|e| (wire, e.to_string()))
 }
 
 /// When the next message of the queue (any lane, leases included) becomes due: one
@@ -134,6 +248,13 @@ fn next_due(
         };
     }
     Ok(next)
+}
+
+/// When the isolation lane's first row is due (a leased row: when its lease runs out).
+fn isolated_due_on(conn: &Connection, queue: &str) -> Result<Option<i64>, SqliteError> {
+    conn.prepare_cached("SELECT min(due_ms) FROM messages WHERE queue = ?1 AND lane = 'isolated'")
+        .and_then(|mut s| s.query_row(params![queue], |r| r.get(0)))
+        .map_err(SqliteError::query("isolation lane due time"))
 }
 
 fn settle_check(changed: usize, id: &str) -> Result<(), SqliteError> {
@@ -210,19 +331,24 @@ impl Transport for Sqlite {
         .map_err(Into::into)
     }
 
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        // Lanes are rows: a queue exists once it is registered with its tiers.
+        self.register_queue(lanes).await.map_err(Into::into)
+    }
+
     async fn fetch(
         &self,
         lanes: &LaneSet,
         max: usize,
         lease: Duration,
     ) -> Result<Fetched<Token>, TransportError> {
-        let queue = lanes.queue.to_string();
+        let queue = lanes.queue.clone();
         let configured = lanes
             .tiers
             .iter()
             .map(|t| Lane::Retry(t.name().to_owned()).label())
             .collect();
-        let retry_lanes = self.retry_lanes(&queue, configured).await?;
+        let retry_lanes = self.retry_lanes(queue.as_str(), configured).await?;
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.write(move |conn| {
@@ -231,35 +357,29 @@ impl Transport for Sqlite {
             // behind a main backlog would make every tier late. Main lane next.
             let mut rows = Vec::new();
             for lane in &retry_lanes {
-                rows.extend(due_rows(conn, &queue, lane, now, max)?);
+                rows.extend(due_rows(conn, queue.as_str(), lane, now, max)?);
             }
-            rows.sort_by_key(|r| (r.2, r.0));
+            rows.sort_by_key(|r| (r.due_ms, r.seq));
             rows.truncate(usize::try_from(max).unwrap_or(usize::MAX));
             if (rows.len() as i64) < max {
-                rows.extend(due_rows(conn, &queue, "main", now, max - rows.len() as i64)?);
+                rows.extend(due_rows(
+                    conn,
+                    queue.as_str(),
+                    "main",
+                    now,
+                    max - rows.len() as i64,
+                )?);
             }
-            let mut lease_stmt = conn
-                .prepare_cached(
-                    "UPDATE messages SET due_ms = ?2, leased = 1, lease_id = lease_id + 1 WHERE seq = ?1
-                     RETURNING lease_id",
-                )
-                .map_err(SqliteError::query("prepare lease"))?;
-            let mut deliveries = Vec::with_capacity(rows.len());
-            for (seq, lane, due_ms, leased, key, payload, headers) in rows {
-                let lease_id: i64 = lease_stmt
-                    .query_row(params![seq, now.saturating_add(lease_ms)], |r| r.get(0))
-                    .map_err(SqliteError::query("lease"))?;
-                let envelope = envelope_from_row(&queue, key, payload, &headers)?;
-                deliveries.push(Delivery {
-                    envelope,
-                    lane: Lane::from_label(&lane).unwrap_or(Lane::Main),
-                    due_ms,
-                    unfinished_before: leased,
-                    token: Token { seq, lease_id },
-                });
-            }
-            let next_due_ms = if (deliveries.len() as i64) < max { next_due(conn, &queue, &retry_lanes)? } else { None };
-            Ok(Fetched { deliveries, next_due_ms })
+            let deliveries = lease_rows(conn, &queue, rows, now, lease_ms)?;
+            let next_due_ms = if (deliveries.len() as i64) < max {
+                next_due(conn, queue.as_str(), &retry_lanes)?
+            } else {
+                None
+            };
+            Ok(Fetched {
+                deliveries,
+                next_due_ms,
+            })
         })
         .await
         .map_err(Into::into)
@@ -340,6 +460,60 @@ impl Transport for Sqlite {
         .map_err(Into::into)
     }
 
+    async fn isolate(
+        &self,
+        delivery: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        let Token { seq, lease_id } = delivery.token;
+        let id = envelope.id.to_string();
+        let headers = headers_json(envelope);
+        self.write_one(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE messages SET lane = 'isolated', due_ms = ?3, leased = 0, headers = ?4
+                     WHERE seq = ?1 AND lease_id = ?2",
+                )
+                .and_then(|mut s| s.execute(params![seq, lease_id, now_ms(), headers]))
+                .map_err(SqliteError::query("move to the isolation lane"))?;
+            settle_check(changed, &id)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let queue = lanes.queue.clone();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        self.write(move |conn| {
+            let now = now_ms();
+            let rows = due_rows(conn, queue.as_str(), "isolated", now, 1)?;
+            let deliveries = lease_rows(conn, &queue, rows, now, lease_ms)?;
+            let next_due_ms = if deliveries.is_empty() {
+                isolated_due_on(conn, queue.as_str())?
+            } else {
+                None
+            };
+            Ok(Fetched {
+                deliveries,
+                next_due_ms,
+            })
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        let queue = lanes.queue.to_string();
+        self.read(move |conn| isolated_due_on(conn, &queue))
+            .await
+            .map_err(Into::into)
+    }
+
     async fn extend_lease(
         &self,
         delivery: &Delivery<Token>,
@@ -398,6 +572,7 @@ fn queue_depths_on(
                 Some((_, n)) => *n += count,
                 None => depths.retry.push((tier, count)),
             },
+            Some(Lane::Isolated) => depths.isolated += count,
             _ => {
                 depths.main += count;
                 depths.oldest_main_age_ms = oldest.map(|o| (now - o).max(0));

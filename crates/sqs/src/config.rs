@@ -131,19 +131,27 @@ impl SqsConfig {
         format!("{}-dlq", self.sqs_name(queue))
     }
 
+    /// The SQS name of `queue`'s isolation lane (crash suspects, run alone):
+    /// [`Self::sqs_name`] + `-isolated`.
+    #[must_use]
+    pub fn isolated_name(&self, queue: &QueueName) -> String {
+        format!("{}-isolated", self.sqs_name(queue))
+    }
+
     /// Checks that `queue`'s SQS names fit SQS's 80 characters.
     ///
     /// # Errors
     ///
     /// [`SqsError::Config`] naming the queue, its SQS name and the rule.
     pub fn check_name(&self, queue: &QueueName) -> Result<(), SqsError> {
-        let dlq = self.dlq_name(queue);
-        if dlq.len() > MAX_SQS_NAME {
+        let longest = self.isolated_name(queue);
+        if longest.len() > MAX_SQS_NAME {
             return Err(SqsError::Config(format!(
-                "queue {queue} maps to the SQS queue {} and {dlq}, over SQS's {MAX_SQS_NAME} \
-                 characters (names map '.' to '-', after the prefix {:?}); use a shorter queue \
-                 name or prefix",
+                "queue {queue} maps to the SQS queues {}, {} and {longest}, over SQS's \
+                 {MAX_SQS_NAME} characters (names map '.' to '-', after the prefix {:?}); use a \
+                 shorter queue name or prefix",
                 self.sqs_name(queue),
+                self.dlq_name(queue),
                 self.prefix
             )));
         }
@@ -302,6 +310,7 @@ mod tests {
         let q = QueueName::new("agent.tasks").expect("queue");
         assert_eq!(c.sqs_name(&q), "t1-agent-tasks");
         assert_eq!(c.dlq_name(&q), "t1-agent-tasks-dlq");
+        assert_eq!(c.isolated_name(&q), "t1-agent-tasks-isolated");
         assert!(c.check_name(&q).is_ok());
         let long =
             SqsConfig::new("sqs://us-east-1?prefix=a-very-long-deployment-prefix-").expect("valid");

@@ -10,8 +10,13 @@
 //! SQS keeps no per-message state besides the receive count, so a failure's details
 //! (class, message, fingerprint) are remembered by the consumer that saw them, until the
 //! message's next receive; a receive that no consumer here recorded an outcome for is
-//! counted as a crash (`lease_expired`). SQS counts visibility in whole seconds: longer
-//! delays are rounded up (never early), delays under a second are waited in memory.
+//! taken for a crash. SQS counts visibility in whole seconds: longer delays are rounded
+//! up (never early), delays under a second are waited in memory.
+//!
+//! Crash suspects (a receive nobody here recorded an outcome for, in main) are moved to a
+//! third queue, `QUEUE-isolated`, received from only by a runner that runs nothing else:
+//! there every receive beyond the first is a crash the message caused alone, and is
+//! counted. A retry out of it is sent back to main, delayed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -39,6 +44,14 @@ use crate::wire;
 pub(crate) const MAX_MESSAGE: usize = 1_048_576;
 /// SQS's longest visibility timeout: 12 hours.
 const MAX_VISIBILITY_SECS: i64 = 43_200;
+/// SQS's longest delivery delay: 15 minutes.
+const MAX_DELAY_SECS: i32 = 900;
+
+/// The `maxReceiveCount` redrive sets: a backstop well above `max_attempts`, which
+/// redrive counts itself.
+pub(crate) fn backstop(max_attempts: usize) -> usize {
+    max_attempts * 2 + 10
+}
 /// Messages per receive and per batch call: SQS's maximum.
 pub(crate) const BATCH: usize = 10;
 /// How long an ack waits for others to share its delete call.
@@ -61,6 +74,19 @@ pub struct Token {
     receipt: Arc<str>,
     receives: u32,
     queue: Arc<Queue>,
+    /// Received from the isolation queue (else from main).
+    isolated: bool,
+}
+
+impl Token {
+    /// The SQS queue it was received from.
+    fn url(&self) -> &str {
+        if self.isolated {
+            &self.queue.isolated_url
+        } else {
+            &self.queue.url
+        }
+    }
 }
 
 impl std::fmt::Debug for Token {
@@ -88,6 +114,7 @@ pub(crate) struct Queue {
     pub(crate) name: QueueName,
     pub(crate) url: String,
     pub(crate) dlq_url: String,
+    pub(crate) isolated_url: String,
     policy_checked: AtomicBool,
     lease_secs: AtomicI32,
     fetch: tokio::sync::Mutex<FetchState>,
@@ -192,12 +219,14 @@ impl SqsTransport {
         config.check_name(name)?;
         let url = self.ensure_queue(&config.sqs_name(name), name).await?;
         let dlq_url = self.ensure_queue(&config.dlq_name(name), name).await?;
+        let isolated_url = self.ensure_queue(&config.isolated_name(name), name).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(delete_loop(self.inner.client.clone(), url.clone(), rx));
         let q = Arc::new(Queue {
             name: name.clone(),
             url,
             dlq_url,
+            isolated_url,
             policy_checked: AtomicBool::new(false),
             lease_secs: AtomicI32::new(30),
             fetch: tokio::sync::Mutex::default(),
@@ -293,8 +322,12 @@ impl SqsTransport {
         Ok(owner)
     }
 
-    /// Sets the main queue's redrive policy to `QUEUE-dlq` with `maxReceiveCount` = max
-    /// attempts, or checks the one it has. A different policy is reported, never changed.
+    /// Sets the main and isolation queues' redrive policies to `QUEUE-dlq` with
+    /// `maxReceiveCount` = [`backstop`] (twice max attempts plus 10: a receive that
+    /// ends in a crash beside others is not an attempt, so SQS's count runs ahead of
+    /// redrive's), or checks the one main has: one that would move a message before
+    /// redrive's own count does (below max attempts, or to another queue) is reported,
+    /// never changed.
     async fn check_policy(&self, q: &Queue, lanes: &LaneSet) -> Result<(), SqsError> {
         if q.policy_checked.load(Ordering::Acquire) {
             return Ok(());
@@ -309,6 +342,7 @@ impl SqsTransport {
             }
         }
         let max = lanes.tiers.len() + 1;
+        let wanted = backstop(max);
         let client = &self.inner.client;
         let arn = client
             .get_queue_attributes()
@@ -334,18 +368,8 @@ impl SqsTransport {
         let tiers: Vec<&str> = lanes.tiers.iter().map(Tier::name).collect();
         match current {
             None => {
-                let policy = serde_json::json!({
-                    "deadLetterTargetArn": arn,
-                    "maxReceiveCount": max.to_string(),
-                });
-                client
-                    .set_queue_attributes()
-                    .queue_url(&q.url)
-                    .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
-                    .send()
-                    .await
-                    .map_err(during("set the queue's redrive policy"))?;
-                tracing::info!(queue = %q.name, max_receive_count = max, "set the SQS redrive policy");
+                self.set_policy(&q.url, &arn, wanted).await?;
+                tracing::info!(queue = %q.name, max_receive_count = wanted, "set the SQS redrive policy");
             }
             Some(policy) => {
                 let parsed: serde_json::Value = serde_json::from_str(&policy).unwrap_or_default();
@@ -354,20 +378,50 @@ impl SqsTransport {
                     serde_json::Value::String(s) => s.parse::<usize>().ok(),
                     v => v.as_u64().and_then(|n| usize::try_from(n).ok()),
                 };
-                if target != arn || count != Some(max) {
+                if target != arn || count.is_none_or(|c| c < max) {
                     return Err(SqsError::Config(format!(
                         "the SQS queue {sqs_name} has the redrive policy {policy}, but redrive \
-                         needs maxReceiveCount {max} (max attempts with tiers {}) and the \
-                         dead-letter queue {arn}. redrive does not change an existing policy: \
-                         pass tiers that match, or update it with `aws sqs set-queue-attributes \
-                         --queue-url {} --attributes '{{\"RedrivePolicy\":\"{{\\\"deadLetterTargetArn\\\":\\\"{arn}\\\",\\\"maxReceiveCount\\\":\\\"{max}\\\"}}\"}}'`",
+                         needs a maxReceiveCount of at least {max} (max attempts with tiers {}; \
+                         {wanted} recommended) and the dead-letter queue {arn}. redrive does not \
+                         change an existing policy: pass tiers that match, or update it with \
+                         `aws sqs set-queue-attributes --queue-url {} --attributes '{{\"RedrivePolicy\":\"{{\\\"deadLetterTargetArn\\\":\\\"{arn}\\\",\\\"maxReceiveCount\\\":\\\"{wanted}\\\"}}\"}}'`",
                         tiers.join(","),
                         q.url
                     )));
                 }
             }
         }
+        // The isolation queue's backstop, set when it has none.
+        let isolated_policy = client
+            .get_queue_attributes()
+            .queue_url(&q.isolated_url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(during("read the isolation queue's redrive policy"))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy).cloned())
+            .filter(|p| !p.trim().is_empty());
+        if isolated_policy.is_none() {
+            self.set_policy(&q.isolated_url, &arn, wanted).await?;
+        }
         q.policy_checked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn set_policy(&self, url: &str, arn: &str, max_receives: usize) -> Result<(), SqsError> {
+        let policy = serde_json::json!({
+            "deadLetterTargetArn": arn,
+            "maxReceiveCount": max_receives.to_string(),
+        });
+        self.inner
+            .client
+            .set_queue_attributes()
+            .queue_url(url)
+            .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+            .send()
+            .await
+            .map_err(during("set the queue's redrive policy"))?;
         Ok(())
     }
 
@@ -408,7 +462,7 @@ impl SqsTransport {
             .inner
             .client
             .change_message_visibility()
-            .queue_url(&token.queue.url)
+            .queue_url(token.url())
             .receipt_handle(token.receipt.as_ref())
             .visibility_timeout(secs)
             .send()
@@ -426,8 +480,30 @@ impl SqsTransport {
         }
     }
 
-    /// Deletes a received message, sharing one batch call with other acks.
+    /// Deletes a received message, sharing one batch call with other acks of main.
     async fn delete(&self, token: &Token, id: &str) -> Result<(), TransportError> {
+        if token.isolated {
+            // Rare: one call of its own.
+            return match self
+                .inner
+                .client
+                .delete_message()
+                .queue_url(&token.queue.isolated_url)
+                .receipt_handle(token.receipt.as_ref())
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let e = during("delete the message")(e);
+                    if is_lease_lost(e.code()) {
+                        Err(TransportError::LeaseLost { id: id.to_owned() })
+                    } else {
+                        Err(e.into())
+                    }
+                }
+            };
+        }
         let (tx, rx) = oneshot::channel();
         token
             .queue
@@ -464,6 +540,28 @@ impl SqsTransport {
         Ok(())
     }
 
+    /// Sends `envelope` to `url`, hidden for `delay_secs` (SQS's longest: 15 minutes).
+    async fn send_to(
+        &self,
+        url: &str,
+        envelope: &Envelope,
+        delay_secs: i32,
+        context: &'static str,
+    ) -> Result<(), SqsError> {
+        let out = wire::encode(envelope, &[]);
+        self.inner
+            .client
+            .send_message()
+            .queue_url(url)
+            .message_body(out.body)
+            .set_message_attributes(Some(out.attributes))
+            .delay_seconds(delay_secs.clamp(0, MAX_DELAY_SECS))
+            .send()
+            .await
+            .map_err(during(context))?;
+        Ok(())
+    }
+
     /// Turns a received message into a delivery; `None` when it could not be read and was
     /// quarantined in the DLQ instead.
     async fn deliver(
@@ -471,6 +569,7 @@ impl SqsTransport {
         q: &Arc<Queue>,
         lanes: &LaneSet,
         m: Message,
+        isolated: bool,
     ) -> Option<Delivery<Token>> {
         let incoming = wire::decode(&lanes.queue, &m);
         let message_id: Arc<str> = m.message_id().unwrap_or_default().into();
@@ -479,6 +578,7 @@ impl SqsTransport {
             receipt: m.receipt_handle().unwrap_or_default().into(),
             receives: incoming.receives,
             queue: Arc::clone(q),
+            isolated,
         };
         let now = now_ms();
         let envelope = match incoming.envelope {
@@ -517,20 +617,27 @@ impl SqsTransport {
             }
             None => {
                 let lane = lane_at(envelope.attempt, &lanes.tiers);
-                (envelope, lane, now, 0)
+                // Sent with a due time (a retry out of the isolation lane): due then.
+                let due = envelope.not_before_ms.unwrap_or(now).max(now);
+                (envelope, lane, due, 0)
             }
         };
-        // Receives since the last outcome this consumer recorded: all but the latest are
-        // counted here; the latest is the runner's to count, as an unfinished delivery.
+        // Receives since the last outcome this consumer recorded. In main, any of them
+        // may have ended in a crash beside others: the runner isolates the message and
+        // counts nothing. In the isolation queue each ended in a crash while the message
+        // ran alone: all but the latest are counted here, the latest by the runner.
         let unrecorded = incoming.receives.saturating_sub(1).saturating_sub(base);
-        for _ in 1..unrecorded {
-            let lane = lane_at(envelope.attempt, &lanes.tiers).label();
-            envelope.record_failure(
-                Failure::new(FailureKind::LeaseExpired, "lease_expired", UNRECORDED, now),
-                &lane,
-            );
+        if isolated {
+            for _ in 1..unrecorded {
+                envelope.record_failure(
+                    Failure::new(FailureKind::LeaseExpired, "lease_expired", UNRECORDED, now),
+                    "isolated",
+                );
+            }
         }
-        let (lane, due_ms) = if unrecorded > 0 {
+        let (lane, due_ms) = if isolated {
+            (Lane::Isolated, now)
+        } else if unrecorded > 0 {
             (lane_at(envelope.attempt, &lanes.tiers), now)
         } else {
             (lane, due_ms)
@@ -708,6 +815,14 @@ impl Transport for SqsTransport {
         Ok(())
     }
 
+    async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
+        // Main, DLQ and isolation queues, and main's redrive policy for these tiers (a
+        // retry waits hidden in main: the tiers need no queue of their own).
+        let q = self.queue(&lanes.queue).await?;
+        self.check_policy(&q, lanes).await?;
+        Ok(())
+    }
+
     async fn fetch(
         &self,
         lanes: &LaneSet,
@@ -780,8 +895,18 @@ impl Transport for SqsTransport {
             let messages = received.map_err(|e| SqsError::call("receive", e))??;
             let empty = messages.is_empty();
             for m in messages {
-                if let Some(d) = self.deliver(&q, lanes, m).await {
-                    if d.due_ms > now_ms() {
+                if let Some(d) = self.deliver(&q, lanes, m, false).await {
+                    let wait = d.due_ms - now_ms();
+                    if wait >= 1000 {
+                        // Received before its due time (sent with SQS's longest delay, 15
+                        // minutes, and due later): hidden again for the rest, and this
+                        // receive remembered as no attempt.
+                        self.remember(&d.token, &d.envelope, d.lane.clone(), d.due_ms);
+                        let id = d.envelope.id.to_string();
+                        if let Err(e) = self.hide(&d.token, ceil_secs(wait), &id).await {
+                            tracing::warn!(%id, error = %e, "could not hide a message received before its due time");
+                        }
+                    } else if wait > 0 {
                         q.held.lock().map_err(|_| poisoned())?.push(d);
                     } else {
                         st.ready.push_back(d);
@@ -812,6 +937,17 @@ impl Transport for SqsTransport {
     ) -> Result<(), TransportError> {
         let lane = Lane::Retry(tier.name().to_owned());
         let id = envelope.id.to_string();
+        if d.token.isolated {
+            // Back to main, delayed: the isolation queue holds only what is due now.
+            let mut env = envelope.clone();
+            env.not_before_ms = Some(due_ms);
+            let delay = i32::try_from(ceil_secs(due_ms - now_ms())).unwrap_or(MAX_DELAY_SECS);
+            self.send_to(&d.token.queue.url, &env, delay, "send a retry to main")
+                .await?;
+            self.delete(&d.token, &id).await?;
+            self.forget(&d.token);
+            return Ok(());
+        }
         // Remembered before it is hidden: the next receive may come from this process.
         self.remember(&d.token, envelope, lane.clone(), due_ms);
         let delay = due_ms - now_ms();
@@ -849,6 +985,21 @@ impl Transport for SqsTransport {
     }
 
     async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
+        if d.token.isolated {
+            // Another process would take its next receive in the isolation queue for a
+            // crash: a fresh copy has no receive to count.
+            let id = d.envelope.id.to_string();
+            self.send_to(
+                &d.token.queue.isolated_url,
+                &d.envelope,
+                0,
+                "send to the isolation queue",
+            )
+            .await?;
+            self.delete(&d.token, &id).await?;
+            self.forget(&d.token);
+            return Ok(());
+        }
         // The next receive of this message is not an attempt: say so before it can come.
         self.remember(&d.token, &d.envelope, d.lane.clone(), d.due_ms);
         self.hide(&d.token, 0, &d.envelope.id.to_string()).await
@@ -862,6 +1013,63 @@ impl Transport for SqsTransport {
         let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         self.hide(&d.token, ceil_secs(ms).max(1), &d.envelope.id.to_string())
             .await
+    }
+
+    async fn isolate(
+        &self,
+        d: &Delivery<Token>,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        // The isolation queue has it before main lets it go.
+        let q = &d.token.queue;
+        self.send_to(&q.isolated_url, envelope, 0, "send to the isolation queue")
+            .await?;
+        self.delete(&d.token, &envelope.id.to_string()).await?;
+        self.forget(&d.token);
+        Ok(())
+    }
+
+    async fn fetch_isolated(
+        &self,
+        lanes: &LaneSet,
+        lease: Duration,
+    ) -> Result<Fetched<Token>, TransportError> {
+        let q = self.queue(&lanes.queue).await?;
+        let lease_secs = i32::try_from(ceil_secs(
+            i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+        ))
+        .unwrap_or(i32::MAX)
+        .clamp(1, MAX_VISIBILITY_SECS as i32);
+        let messages = receive(
+            self.inner.client.clone(),
+            q.isolated_url.clone(),
+            1,
+            0,
+            lease_secs,
+        )
+        .await?;
+        let mut deliveries = Vec::new();
+        for m in messages {
+            deliveries.extend(self.deliver(&q, lanes, m, true).await);
+        }
+        Ok(Fetched {
+            deliveries,
+            next_due_ms: None,
+        })
+    }
+
+    async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
+        let q = self.queue(&lanes.queue).await?;
+        let (waiting, running) = self.counts(&q.isolated_url).await?;
+        let lease_ms = i64::from(q.lease_secs.load(Ordering::Relaxed)) * 1000;
+        Ok(if waiting > 0 {
+            Some(now_ms())
+        } else if running > 0 {
+            // Received by a runner running it alone: due again if its lease runs out.
+            Some(now_ms() + lease_ms)
+        } else {
+            None
+        })
     }
 }
 
@@ -899,13 +1107,15 @@ impl SqsTransport {
     async fn depths_of(&self, q: &Queue) -> Result<QueueDepths, SqsError> {
         let (main, inflight) = self.counts(&q.url).await?;
         let (dead, dead_inflight) = self.counts(&q.dlq_url).await?;
+        let (isolated, running_alone) = self.counts(&q.isolated_url).await?;
         Ok(QueueDepths {
             queue: q.name.to_string(),
             main,
             // A retry waits hidden in main, so it is counted in flight.
             retry: Vec::new(),
+            isolated,
             dlq: dead + dead_inflight,
-            inflight,
+            inflight: inflight + running_alone,
             oldest_main_age_ms: None,
         })
     }

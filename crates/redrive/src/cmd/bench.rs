@@ -246,7 +246,8 @@ pub async fn run(
             super::bench_triage::run(args.dead, args.json).await?;
             return Ok(ExitCode::SUCCESS);
         }
-        other => bail!("invalid --scenario {other:?}: use consume or triage"),
+        "crash-loop" => return super::bench_crash::run(args).await,
+        other => bail!("invalid --scenario {other:?}: use consume, triage or crash-loop"),
     }
     let durability = match args.durability.as_str() {
         "full" => Durability::Full,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use redrive_core::{LaneSet, QueueName, RetryPolicy};
+use redrive_core::{LaneSet, QueueName, RetryPolicy, Transport};
 use redrive_runner::{Runner, RunnerConfig, Summary};
 use redrive_server::{Backend, Metrics, Triage};
 use redrive_sidecar::{ExecHandler, WebhookHandler};
@@ -27,6 +27,7 @@ struct SummaryJson<'a> {
     timeouts: u64,
     panics: u64,
     lease_expired: u64,
+    isolated: u64,
 }
 
 pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
@@ -35,8 +36,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     let tiers = args
         .tiers
         .clone()
-        .or_else(|| configured.and_then(|q| q.tiers.clone()))
-        .unwrap_or_else(|| "5s,30s,5m".to_owned());
+        .unwrap_or_else(|| backend::configured_tiers(cli, &queue));
     let timeout = match &args.timeout {
         Some(t) => duration_flag("--timeout", t)?,
         None => configured
@@ -58,6 +58,8 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         grace: duration_flag("--grace", &args.grace)?,
         max_messages: args.max_messages,
         idle_poll: duration_flag("--poll", &args.poll)?,
+        max_payload: super::publish::parse_size(&args.max_payload)
+            .context("invalid --max-payload")?,
         ..RunnerConfig::default()
     };
     anyhow::ensure!(
@@ -66,15 +68,14 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     );
     let timeout = config.timeout;
     let store = backend::open_any(cli, true).await?;
-    if let backend::Any::Sqlite(sqlite) = &store {
-        sqlite
-            .register_queue(&LaneSet {
-                queue: queue.clone(),
-                tiers: policy.tiers().to_vec(),
-            })
-            .await
-            .context("registering the queue")?;
-    }
+    backend::create_configured_lanes(cli, &store).await?;
+    store
+        .create_lanes(&LaneSet {
+            queue: queue.clone(),
+            tiers: policy.tiers().to_vec(),
+        })
+        .await
+        .with_context(|| format!("creating the lanes of {queue}"))?;
     let tiers: Vec<&str> = policy
         .tiers()
         .iter()
@@ -134,6 +135,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
             timeouts: s.timeouts,
             panics: s.panics,
             lease_expired: s.lease_expired,
+            isolated: s.isolated,
         });
     } else {
         eprintln!(

@@ -137,7 +137,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
         queue: queue.clone(),
         tiers: policy.tiers().to_vec(),
     };
-    store.register_queue(&lanes).await?;
+    store.create_lanes(&lanes).await?;
 
     let batch: Vec<Envelope> = tasks(args.tasks)
         .into_iter()

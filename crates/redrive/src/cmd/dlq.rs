@@ -210,12 +210,13 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
     outln!("\nhistory");
     for f in &env.history {
         outln!(
-            "  #{} {} {} {} [{}]",
+            "  #{} {} {} {} [{}]{}",
             f.attempt,
             rfc3339(f.at_ms),
             f.lane,
             f.class,
-            f.kind.as_str()
+            f.kind.as_str(),
+            if f.counted { "" } else { " (not counted)" }
         );
         for line in f.message.lines().take(20) {
             outln!("      {line}");

@@ -1,16 +1,21 @@
-//! `redrive queues`: depth of every lane.
+//! `redrive queues`: depth of every lane; `redrive queues create`: every lane made
+//! before the first consumer.
 
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use redrive_core::LaneStats;
+use redrive_core::{LaneSet, LaneStats, QueueName, RetryPolicy, Transport};
+use serde::Serialize;
 
 use crate::backend;
-use crate::cli::{Cli, QueuesArgs};
+use crate::cli::{Cli, CreateQueuesArgs, QueuesArgs, QueuesCommand};
 use crate::output::outln;
 use crate::output::{QueueJson, json_line, table};
 
 pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
+    if let Some(QueuesCommand::Create(create_args)) = &args.command {
+        return create(cli, create_args).await;
+    }
     let store = backend::open_any(cli, false).await?;
     let depths = store.depths().await.context("reading lane depths")?;
     if args.json {
@@ -36,11 +41,62 @@ pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
                 d.queue.clone(),
                 d.main.to_string(),
                 if retry.is_empty() { "-".into() } else { retry },
+                d.isolated.to_string(),
                 d.dlq.to_string(),
                 d.inflight.to_string(),
             ]
         })
         .collect();
-    table(&["QUEUE", "MAIN", "RETRY", "DLQ", "IN-FLIGHT"], &rows);
+    table(
+        &["QUEUE", "MAIN", "RETRY", "ISOLATED", "DLQ", "IN-FLIGHT"],
+        &rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct CreatedJson<'a> {
+    queue: &'a str,
+    tiers: Vec<&'a str>,
+    created: bool,
+}
+
+async fn create(cli: &Cli, args: &CreateQueuesArgs) -> Result<ExitCode> {
+    // Every name and tier list is checked before anything is created.
+    let mut wanted = Vec::with_capacity(args.queues.len());
+    for name in &args.queues {
+        let queue = QueueName::new(name)?;
+        let tiers = match &args.tiers {
+            Some(t) => t.clone(),
+            None => backend::configured_tiers(cli, &queue),
+        };
+        let policy = RetryPolicy::parse(&tiers)
+            .with_context(|| format!("invalid tiers {tiers:?} for queue {queue}"))?;
+        wanted.push(LaneSet {
+            queue,
+            tiers: policy.tiers().to_vec(),
+        });
+    }
+    let store = backend::open_any(cli, true).await?;
+    for lanes in &wanted {
+        store
+            .create_lanes(lanes)
+            .await
+            .with_context(|| format!("creating the lanes of {}", lanes.queue))?;
+        let tiers: Vec<&str> = lanes.tiers.iter().map(redrive_core::Tier::name).collect();
+        if args.json {
+            json_line(&CreatedJson {
+                queue: lanes.queue.as_str(),
+                tiers,
+                created: true,
+            });
+        } else {
+            outln!(
+                "{}: main, retry {}, isolated and dlq lanes ready",
+                lanes.queue,
+                tiers.join(",")
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
