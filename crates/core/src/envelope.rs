@@ -540,16 +540,9 @@ impl Envelope {
             .unwrap_or(0);
         env.replays = parse_header(find("redrive-replays"), "redrive-replays", "a whole number")?
             .unwrap_or(0);
-        env.not_before_ms = parse_header(
-            find("redrive-not-before"),
-            "redrive-not-before",
-            "unix milliseconds",
-        )?;
-        env.first_failed_ms = parse_header(
-            find("redrive-first-failed-at"),
-            "redrive-first-failed-at",
-            "unix milliseconds",
-        )?;
+        env.not_before_ms = parse_time(find("redrive-not-before"), "redrive-not-before")?;
+        env.first_failed_ms =
+            parse_time(find("redrive-first-failed-at"), "redrive-first-failed-at")?;
         if let Some(history) = find("redrive-history") {
             let wire: Vec<WireFailure> =
                 serde_json::from_str(history).map_err(|_| WireError::Header {
@@ -557,6 +550,13 @@ impl Envelope {
                     value: tail_utf8(history, 80).to_owned(),
                     expected: "a JSON array of failures",
                 })?;
+            if let Some(w) = wire.iter().find(|w| !crate::is_valid_time(w.at)) {
+                return Err(WireError::Header {
+                    header: "redrive-history",
+                    value: w.at.to_string(),
+                    expected: TIME,
+                });
+            }
             env.history = wire
                 .into_iter()
                 .map(|w| Failure {
@@ -647,6 +647,22 @@ fn parse_header<T: std::str::FromStr>(
             })
         })
         .transpose()
+}
+
+/// What a time header must hold.
+const TIME: &str = "unix milliseconds between 1970 and 9999";
+
+/// A time header: unix milliseconds redrive can show ([`crate::is_valid_time`]).
+fn parse_time(value: Option<&str>, header: &'static str) -> Result<Option<i64>, WireError> {
+    let ms: Option<i64> = parse_header(value, header, TIME)?;
+    match ms {
+        Some(ms) if !crate::is_valid_time(ms) => Err(WireError::Header {
+            header,
+            value: ms.to_string(),
+            expected: TIME,
+        }),
+        ms => Ok(ms),
+    }
 }
 
 /// The last `max` bytes of `text`, cut on a character boundary.

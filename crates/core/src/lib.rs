@@ -38,5 +38,5 @@ pub use store::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
     DeadStats, StoreError,
 };
-pub use time::now_ms;
+pub use time::{MAX_TIME_MS, is_valid_time, now_ms};
 pub use transport::{Delivery, Fetched, LaneStats, QueueDepths, Transport, TransportError};

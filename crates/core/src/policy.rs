@@ -42,10 +42,24 @@ pub enum PolicyError {
         /// 1-based position of the bad tier.
         index: usize,
     },
+    /// A delay longer than [`MAX_TIER`].
+    #[error(
+        "tier {index} in {list:?} waits longer than 7d, the longest tier: a message parked \
+         longer is as good as lost (use the DLQ and replay it instead)"
+    )]
+    TooLong {
+        /// The whole list as given.
+        list: String,
+        /// 1-based position of the bad tier.
+        index: usize,
+    },
     /// Jitter out of range.
     #[error("jitter {0} is out of range: use a fraction from 0 (off) to 1")]
     Jitter(String),
 }
+
+/// The longest a retry tier may wait: 7 days.
+pub const MAX_TIER: Duration = Duration::from_secs(7 * 86_400);
 
 /// One retry tier: a lane whose messages wait `delay` before they are handed out again.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -127,6 +141,12 @@ impl RetryPolicy {
             })?;
             if delay.is_zero() {
                 return Err(PolicyError::Zero {
+                    list: list.to_owned(),
+                    index: i + 1,
+                });
+            }
+            if delay > MAX_TIER {
+                return Err(PolicyError::TooLong {
                     list: list.to_owned(),
                     index: i + 1,
                 });
@@ -241,6 +261,16 @@ mod tests {
         ));
         let msg = RetryPolicy::parse("5s,3x").unwrap_err().to_string();
         assert!(msg.contains("tier 2") && msg.contains("3x"), "{msg}");
+        // Regression: `18446744073709551615ms` was accepted and parked a message for ever.
+        assert!(matches!(
+            RetryPolicy::parse("5s,18446744073709551615ms"),
+            Err(PolicyError::TooLong { index: 2, .. })
+        ));
+        assert!(RetryPolicy::parse("7d").is_ok());
+        assert!(matches!(
+            RetryPolicy::parse("7d,169h"),
+            Err(PolicyError::TooLong { index: 2, .. })
+        ));
     }
 
     #[test]

@@ -65,6 +65,7 @@ impl NatsTransport {
                     .iter()
                     .find(|(k, _)| k == "redrive-dead-at")
                     .and_then(|(_, v)| v.parse().ok())
+                    .filter(|ms| redrive_core::is_valid_time(*ms))
                     .unwrap_or_else(redrive_core::now_ms);
                 // Whatever was published to the DLQ subject is kept, readable or not,
                 // under an id that stays the same if it is drained again after a crash.

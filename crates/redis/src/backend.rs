@@ -82,6 +82,7 @@ impl RedisTransport {
                 let dead_at_ms = e
                     .get("dead_at")
                     .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .filter(|ms| redrive_core::is_valid_time(*ms))
                     .unwrap_or_else(redrive_core::now_ms);
                 dead.push(DeadLetter {
                     envelope,

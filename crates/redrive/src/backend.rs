@@ -24,8 +24,9 @@ pub fn open(url: &str, create: bool) -> Result<Sqlite> {
     if !url.starts_with("sqlite:") {
         let scheme = url.split("://").next().unwrap_or(url);
         bail!(
-            "unsupported store {scheme:?} in --store {url:?}: this build supports sqlite://PATH \
-             (e.g. sqlite://redrive.db); brokers go in --broker"
+            "unsupported store {scheme:?} in --store {:?}: this build supports sqlite://PATH \
+             (e.g. sqlite://redrive.db); brokers go in --broker",
+            without_secrets(url)
         );
     }
     let config = SqliteConfig::from_url(url)?;
@@ -33,6 +34,35 @@ pub fn open(url: &str, create: bool) -> Result<Sqlite> {
     config
         .open()
         .with_context(|| format!("opening --store {url}"))
+}
+
+/// A URL as it may be shown: a password in it (`scheme://user:password@host`) and the
+/// query (where options such as `sasl.password=` or `token=` live) are masked.
+pub fn without_secrets(url: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut shown = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest
+                .split_once('/')
+                .map_or((rest, None), |(a, p)| (a, Some(p)));
+            let authority = match authority.rsplit_once('@') {
+                Some((user, host)) => {
+                    let user = user.split_once(':').map_or(user, |(name, _)| name);
+                    format!("{user}:***@{host}")
+                }
+                None => authority.to_owned(),
+            };
+            match path {
+                Some(p) => format!("{scheme}://{authority}/{p}"),
+                None => format!("{scheme}://{authority}"),
+            }
+        }
+        None => base.to_owned(),
+    };
+    if !query.is_empty() {
+        shown.push_str("?…");
+    }
+    shown
 }
 
 fn check_path(path: &Path, create: bool) -> Result<()> {
@@ -419,5 +449,35 @@ impl DeadLetterStore for Any {
     }
     async fn depth(&self, queue: Option<&QueueName>) -> Result<u64, StoreError> {
         both!(self, |b| b.depth(queue).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_secrets;
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cret@db:5432/redrive",
+                "postgres://app:***@db:5432/redrive",
+            ),
+            (
+                "postgresql://app:p%40ss@db/x?sslmode=require&password=y",
+                "postgresql://app:***@db/x?…",
+            ),
+            (
+                "redis://:only-a-password@cache:6379",
+                "redis://:***@cache:6379",
+            ),
+            ("kafka://k1:9092?sasl.password=p", "kafka://k1:9092?…"),
+            ("sqlite://redrive.db", "sqlite://redrive.db"),
+            ("mysql://root@db", "mysql://root:***@db"),
+        ] {
+            let got = without_secrets(url);
+            assert_eq!(got, shown, "{url}");
+            assert!(!got.contains("s3cret") && !got.contains("only-a-password"));
+        }
     }
 }

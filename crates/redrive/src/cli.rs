@@ -232,6 +232,10 @@ pub struct ServeArgs {
     /// Messages already replayed this many times stay dead.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub max_replays: u32,
+    /// Mark the UI's session cookie `Secure`, so browsers send it only over HTTPS: set it
+    /// when users reach the UI through a TLS-terminating proxy.
+    #[arg(long)]
+    pub cookie_secure: bool,
 }
 
 #[derive(Debug, Args)]

@@ -265,7 +265,7 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             c.at(&url.span(), "server.public_url: expected an http:// or https:// URL (used for links in notifications)".into());
         }
     }
-    config.token_file = raw.server.token_file.map(PathBuf::from);
+    config.token_file = raw.server.token_file.map(|f| beside(file, &f));
 
     for q in &raw.queues {
         let name = q.name.get_ref();
@@ -282,8 +282,10 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             .as_ref()
             .and_then(|t| c.duration("queues.timeout", t));
         let concurrency = match &q.concurrency {
-            Some(n) if *n.get_ref() < 1 => {
-                c.at(&n.span(), format!("queues.concurrency: {} is not allowed; expected a whole number of at least 1", n.get_ref()));
+            Some(n)
+                if *n.get_ref() < 1 || *n.get_ref() > redrive_runner::MAX_CONCURRENCY as i64 =>
+            {
+                c.at(&n.span(), format!("queues.concurrency: {} is not allowed; expected a whole number from 1 to {}", n.get_ref(), redrive_runner::MAX_CONCURRENCY));
                 None
             }
             Some(n) => usize::try_from(*n.get_ref()).ok(),
@@ -471,7 +473,7 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         c.at(&span, "retention.warm: must be longer than retention.hot (both are ages: hot until `hot`, warm until `warm`, archived after)".into());
     }
     if let Some(dir) = raw.retention.archive_dir {
-        config.retention.archive_dir = PathBuf::from(dir);
+        config.retention.archive_dir = beside(file, &dir);
     }
     if let Some(every) = &raw.retention.sweep_every
         && let Some(d) = c.duration("retention.sweep_every", every)
@@ -482,6 +484,16 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         Ok(config)
     } else {
         Err(c.problems)
+    }
+}
+
+/// A path named in the config file: a relative one is relative to the file's directory
+/// (as a reader of the file expects), not to wherever redrive happens to run.
+fn beside(file: Option<&Path>, named: &str) -> PathBuf {
+    let named = PathBuf::from(named);
+    match file.and_then(Path::parent) {
+        Some(dir) if named.is_relative() => dir.join(named),
+        _ => named,
     }
 }
 
@@ -565,6 +577,28 @@ mod tests {
         assert_eq!(config.queues["agent.tasks"].concurrency, Some(8));
     }
 
+    /// Regression: `retention run` wrote a relative `archive_dir` relative to the working
+    /// directory, not to the config file that named it.
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let text = "[retention]\narchive_dir = \"archive\"\n[server]\ntoken_file = \"tokens\"\n";
+        let config = parse(text, Some(Path::new("/etc/redrive/redrive.toml"))).unwrap();
+        assert_eq!(
+            config.retention.archive_dir,
+            Path::new("/etc/redrive/archive")
+        );
+        assert_eq!(
+            config.token_file.as_deref(),
+            Some(Path::new("/etc/redrive/tokens"))
+        );
+        let text = "[retention]\narchive_dir = \"/var/lib/redrive/archive\"\n";
+        let config = parse(text, Some(Path::new("/etc/redrive/redrive.toml"))).unwrap();
+        assert_eq!(
+            config.retention.archive_dir,
+            Path::new("/var/lib/redrive/archive")
+        );
+    }
+
     #[test]
     fn every_problem_is_reported_with_its_line() {
         let text = r#"
@@ -594,7 +628,7 @@ warm = "7d"
             ("line 3: store.url", "sqlite://"),
             ("line 6: queues.name", "invalid queue name"),
             ("line 7: queues.tiers", "tier 2"),
-            ("line 8: queues.concurrency", "at least 1"),
+            ("line 8: queues.concurrency", "from 1 to 10000"),
             (
                 "line 12: alerts.rules.when",
                 "expected `dlq_depth > N for DUR`",

@@ -42,10 +42,38 @@ pub fn one_line(text: &str, max: usize) -> String {
     }
 }
 
-/// Prints rows as aligned columns; the last column is not padded.
+/// `text` with every control character a terminal could act on written visibly:
+/// `ESC` as `\x1b`, `CR` as `\r`, a C1 control as `\u{9b}`. Dead letters carry
+/// whatever their producer wrote; printed raw, `ESC ] 0;…` would retitle the
+/// operator's terminal and `ESC [2J` clear it. Newlines and tabs are kept.
+pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
+    let acts = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.contains(acts) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\r' => out.push_str("\\r"),
+            c if acts(c) && u32::from(c) < 0x80 => {
+                out.push_str(&format!("\\x{:02x}", u32::from(c)));
+            }
+            c if acts(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Prints rows as aligned columns; the last column is not padded. Cells are shown
+/// with [`visible`].
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| visible(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
@@ -67,17 +95,37 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     };
     print(header.iter().map(|h| (*h).to_owned()).collect());
     for row in rows {
-        print(row.clone());
+        print(row);
     }
 }
 
-/// `println!` that ends quietly on a closed pipe (see [`emit`]).
+/// `println!` for human output: control characters shown with [`visible`], and a closed
+/// pipe ends the process quietly (see [`emit`]).
 macro_rules! outln {
     () => {
         $crate::output::emit("")
     };
     ($($arg:tt)*) => {
-        $crate::output::emit(&format!($($arg)*))
+        $crate::output::emit(&$crate::output::visible(&format!($($arg)*)))
     };
 }
 pub(crate) use outln;
+
+#[cfg(test)]
+mod tests {
+    use super::visible;
+
+    #[test]
+    fn terminal_controls_are_shown_not_acted_on() {
+        for (raw, shown) in [
+            ("plain text, é ✓", "plain text, é ✓"),
+            ("line one\nline two\ttab", "line one\nline two\ttab"),
+            ("\u{1b}]0;pwned\u{7}", "\\x1b]0;pwned\\x07"),
+            ("\u{1b}[2J\u{1b}[31mred", "\\x1b[2J\\x1b[31mred"),
+            ("fake\roverwrite", "fake\\roverwrite"),
+            ("c1 \u{9b}2J del \u{7f}", "c1 \\u{9b}2J del \\x7f"),
+        ] {
+            assert_eq!(visible(raw), shown, "{raw:?}");
+        }
+    }
+}

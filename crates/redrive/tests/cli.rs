@@ -775,3 +775,201 @@ fn queues_create_makes_every_lane_before_any_consumer_and_checks_first() {
     let queues = json_lines(&ok(&redrive(&store, &["queues", "--json"], b"")));
     assert_eq!(queues.len(), 2, "nothing new was created");
 }
+
+/// Regression: an archive line with `"dead_at_ms": 300000000000000` (past year 9999)
+/// was imported, and afterwards `dlq list`, `dlq show` and `dlq export` exited 101 (the
+/// date formatter panicked). Now the import refuses it, naming the line, and imports
+/// nothing of that file; a time in a header past 9999 is refused the same way.
+#[test]
+fn a_crafted_archive_record_is_refused_and_the_store_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("redrive.db");
+    ok(&redrive(&store, &["publish", "agent.tasks"], b"fine\n"));
+    let id = "01937b3c-0000-7000-8000-000000000001";
+    let line = |dead_at: &str, headers: &str| {
+        format!(
+            r#"{{"v":1,"id":"{id}","queue":"agent.tasks","dead_at_ms":{dead_at},"key":null,"payload_b64":"eA==","headers":[["redrive-version","1"],["redrive-id","{id}"],["redrive-attempt","1"],["redrive-origin","agent.tasks"]{headers}]}}"#
+        )
+    };
+    let write = |name: &str, lines: &[String]| {
+        let path = dir.path().join(name);
+        let text = lines.join("\n") + "\n";
+        std::fs::write(&path, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+        path
+    };
+    let far = write(
+        "far.jsonl.zst",
+        &[line("1700000000000", ""), line("300000000000000", "")],
+    );
+    let err = failed(&redrive(
+        &store,
+        &["archive", "import", far.to_str().unwrap()],
+        b"",
+    ));
+    assert!(
+        err.contains("line 2") && err.contains("dead_at_ms 300000000000000"),
+        "{err}"
+    );
+    let header = write(
+        "header.jsonl.zst",
+        &[line(
+            "1700000000000",
+            r#",["redrive-first-failed-at","300000000000000"]"#,
+        )],
+    );
+    let err = failed(&redrive(
+        &store,
+        &["archive", "import", header.to_str().unwrap()],
+        b"",
+    ));
+    assert!(err.contains("redrive-first-failed-at"), "{err}");
+    // Nothing of either file went in, and every listing still works.
+    assert_eq!(ok(&redrive(&store, &["dlq", "list", "--json"], b"")), "");
+    ok(&redrive(&store, &["dlq", "list", "--group", "--json"], b""));
+    ok(&redrive(&store, &["dlq", "export"], b""));
+}
+
+/// Regression: an error text, payload or header holding `ESC ] 0;…BEL`, `ESC [2J` or
+/// colour codes was written raw by `dlq list`, `dlq list --group` and `dlq show`: a dead
+/// letter could retitle the operator's terminal, clear it or fake output.
+#[test]
+fn dead_letters_cannot_drive_the_operators_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("redrive.db");
+    ok(&redrive(
+        &store,
+        &[
+            "publish",
+            "agent.tasks",
+            "--header",
+            "x-note=\u{1b}[2Jcleared",
+        ],
+        "{\"task\":\"\u{1b}[31mred\u{1b}]0;retitled\u{7}\"}\n".as_bytes(),
+    ));
+    ok(&redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            "cat >/dev/null; printf 'Bad\\033]0;pwned\\007 fake\\rline\\302\\233' >&2; exit 65",
+            "--until-idle",
+            "--poll",
+            "20ms",
+        ],
+        b"",
+    ));
+    let rows = json_lines(&ok(&redrive(&store, &["dlq", "list", "--json"], b"")));
+    assert_eq!(rows.len(), 1);
+    let id = rows[0]["id"].as_str().unwrap().to_owned();
+    for args in [
+        vec!["dlq", "list"],
+        vec!["dlq", "list", "--group"],
+        vec!["dlq", "show", &id],
+    ] {
+        let out = redrive(&store, &args, b"");
+        let text = ok(&out);
+        let acts = |c: char| c.is_control() && c != '\n' && c != '\t';
+        assert!(
+            !text.contains(acts),
+            "{args:?} wrote a control character: {text:?}"
+        );
+        assert!(text.contains("\\x1b"), "{args:?} shows the escape: {text}");
+    }
+    let shown = ok(&redrive(&store, &["dlq", "show", &id], b""));
+    assert!(
+        shown.contains("\\x1b[2Jcleared") && shown.contains("\\x1b]0;retitled\\x07"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("fake\\rline") && shown.contains("\\u{9b}"),
+        "{shown}"
+    );
+}
+
+/// Regressions, each seen by a careless operator: blank CRLF lines were published as
+/// one-byte `\r` messages (and every CRLF line kept its `\r`); `--tiers
+/// 18446744073709551615ms` was accepted and parked a message for ever; `--concurrency
+/// 1000000` made an idle consumer take a gigabyte; a `postgres://user:password@…` store
+/// URL was echoed with its password.
+#[test]
+fn careless_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("redrive.db");
+    let out = json_lines(&ok(&redrive(
+        &store,
+        &["publish", "agent.tasks", "--json"],
+        b"{\"a\":1}\r\n\r\n{\"b\":2}\r\n",
+    )));
+    assert_eq!(out[0]["published"], 2, "{out:?}");
+    assert_eq!(out[0]["skipped_empty_lines"], 1);
+    ok(&redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            "cat >/dev/null; exit 65",
+            "--until-idle",
+            "--poll",
+            "20ms",
+        ],
+        b"",
+    ));
+    let dead = json_lines(&ok(&redrive(&store, &["dlq", "export"], b"")));
+    let mut payloads: Vec<String> = dead
+        .iter()
+        .map(|d| d["payload"].as_str().unwrap().to_owned())
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        ["{\"a\":1}", "{\"b\":2}"],
+        "no \\r kept, no \\r message"
+    );
+
+    let err = failed(&redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            "true",
+            "--tiers",
+            "5s,18446744073709551615ms",
+        ],
+        b"",
+    ));
+    assert!(err.contains("longer than 7d"), "{err}");
+    let err = failed(&redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            "true",
+            "--concurrency",
+            "1000000",
+        ],
+        b"",
+    ));
+    assert!(
+        err.contains("--concurrency 1000000") && err.contains("10000"),
+        "{err}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args([
+            "--store",
+            "postgres://app:s3cret-pw@db.example:5432/redrive",
+            "queues",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unsupported store") && !err.contains("s3cret-pw"),
+        "{err}"
+    );
+}

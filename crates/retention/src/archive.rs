@@ -47,8 +47,9 @@ struct Line {
 
 /// `YYYY-MM-DD` (UTC) of a day's start.
 pub(crate) fn date_of(day_start_ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH
-        + std::time::Duration::from_millis(u64::try_from(day_start_ms).unwrap_or(0));
+    let ms = day_start_ms.clamp(0, redrive_core::MAX_TIME_MS);
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339(t).to_string()[..10].to_owned()
 }
 
@@ -57,6 +58,25 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RetentionError + '_ {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// Refuses an archive directory anyone may write to: another user could plant files
+/// or links there under the names the sweep writes.
+fn refuse_shared_dir(dir: &Path) -> Result<(), RetentionError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(dir).map_err(io(dir))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(RetentionError::Config(format!(
+                "the archive directory {} is writable by every user; use a directory only \
+                 redrive's user (and its group) can write to, e.g. chmod o-w {}",
+                dir.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `rows` to `path` so that the file is complete or absent: a temporary file in
@@ -72,9 +92,22 @@ pub(crate) fn write_file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    refuse_shared_dir(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));
+    // Whatever sits at the temporary name (a file left by a crash, or a link planted
+    // there to make the sweep write elsewhere) goes: removing a link removes the link.
+    // The file is then created exclusively, so a link put back meanwhile fails the
+    // write instead of being followed.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&tmp)(e)),
+        _ => {}
+    }
     let result = (|| {
-        let file = File::create(&tmp).map_err(io(&tmp))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         let mut encoder = zstd::Encoder::new(BufWriter::new(file), 6).map_err(io(&tmp))?;
         for (i, dead) in rows.iter().enumerate() {
             if fail == Some(FailPoint::AfterLines(i)) {
@@ -138,6 +171,12 @@ pub fn read_file(path: &Path) -> Result<Vec<ArchiveRecord>, RetentionError> {
         };
         let l: Line =
             serde_json::from_str(&line).map_err(|e| bad(format!("not an archive record: {e}")))?;
+        if !redrive_core::is_valid_time(l.dead_at_ms) {
+            return Err(bad(format!(
+                "dead_at_ms {} is not a time between 1970 and 9999",
+                l.dead_at_ms
+            )));
+        }
         if l.v > VERSION {
             return Err(bad(format!(
                 "record version {} is newer than this redrive understands; upgrade",

@@ -284,3 +284,46 @@ async fn one_hundred_thousand_archived_and_restored_byte_exact() {
         assert_eq!(got, original);
     }
 }
+
+/// Regression: a symlink planted at the predictable temporary name
+/// `<archive_dir>/<queue>/.<day>.jsonl.zst.tmp` made the sweep overwrite the file it
+/// pointed to. Now the link is removed and the file created exclusively; and an
+/// archive directory every user may write to is refused.
+#[cfg(unix)]
+#[tokio::test]
+async fn retention_never_follows_a_planted_link_and_refuses_a_shared_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path(), "a.db");
+    let rows: Vec<DeadLetter> = (0..3)
+        .map(|i| dead(i, "agent.tasks", 40 * DAY_MS + i as i64))
+        .collect();
+    s.insert_batch(&rows).await.unwrap();
+    let r = retention(dir.path());
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let queue_dir = r.archive_dir.join("agent.tasks");
+    std::fs::create_dir_all(&queue_dir).unwrap();
+    let day_start = (NOW - 40 * DAY_MS) / DAY_MS * DAY_MS;
+    let day = humantime::format_rfc3339(
+        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(day_start).unwrap()),
+    )
+    .to_string()[..10]
+        .to_owned();
+    std::os::unix::fs::symlink(&victim, queue_dir.join(format!(".{day}.jsonl.zst.tmp"))).unwrap();
+    let report = sweep(&s, &r, NOW, None).await.unwrap();
+    assert_eq!(report.archived, 3);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(read_file(&report.files[0]).unwrap().len(), 3);
+
+    let shared = tempfile::tempdir().unwrap();
+    let s = store(shared.path(), "b.db");
+    s.insert_batch(&rows).await.unwrap();
+    let r = retention(shared.path());
+    let queue_dir = r.archive_dir.join("agent.tasks");
+    std::fs::create_dir_all(&queue_dir).unwrap();
+    std::fs::set_permissions(&queue_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = sweep(&s, &r, NOW, None).await.unwrap_err().to_string();
+    assert!(err.contains("writable by every user"), "{err}");
+    assert_eq!(all(&s).await.len(), 3, "nothing deleted");
+}

@@ -33,5 +33,5 @@ mod stats;
 
 pub use handler::{Handler, handler_fn, json_handler};
 pub use observer::{Observer, Settled};
-pub use runner::{RunError, Runner, RunnerConfig, Summary};
+pub use runner::{MAX_CONCURRENCY, RunError, Runner, RunnerConfig, Summary};
 pub use stats::{Stats, StatsSnapshot};

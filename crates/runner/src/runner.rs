@@ -51,6 +51,10 @@ pub struct RunnerConfig {
     pub max_payload: usize,
 }
 
+/// Most handlers a runner runs at once. Each slot is a task waiting for work: a million
+/// of them took a gigabyte before any message arrived.
+pub const MAX_CONCURRENCY: usize = 10_000;
+
 /// How often a runner looks whether its queue's isolation lane holds a message due.
 const ISOLATION_LOOK: Duration = Duration::from_secs(2);
 /// After it met a crash suspect, a runner fetches no further ahead than one delivery per
@@ -217,10 +221,11 @@ impl<T: Transport> Runner<T> {
         handler: H,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<Summary, RunError> {
-        if self.config.concurrency == 0 {
-            return Err(RunError::Config(
-                "concurrency must be at least 1".to_owned(),
-            ));
+        if !(1..=MAX_CONCURRENCY).contains(&self.config.concurrency) {
+            return Err(RunError::Config(format!(
+                "concurrency must be from 1 to {MAX_CONCURRENCY}, not {}",
+                self.config.concurrency
+            )));
         }
         if self.config.lease < Duration::from_millis(30) {
             return Err(RunError::Config(
@@ -240,7 +245,7 @@ impl<T: Transport> Runner<T> {
             released: AtomicU64::new(0),
             line: Line::default(),
             isolate_wanted: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
+            stopping: watch::channel(false).0,
             suspect_at_ms: AtomicI64::new(i64::MIN / 2),
             alone_runs: AtomicU64::new(0),
         });
@@ -502,7 +507,9 @@ impl<T: Transport> Runner<T> {
                 () = sleep_until(round_at.unwrap_or(look_at).min(look_at)), if isolates && round.is_none() => {}
             }
         };
-        ctx.stopping.store(true, Ordering::Release);
+        // An isolation round waiting for the gate gives up; one running a delivery
+        // finishes it within the grace period like any worker.
+        ctx.stopping.send_replace(true);
         if let Some(look) = looking.take() {
             look.abort();
         }
@@ -631,7 +638,7 @@ struct WorkerContext<T: Transport, H> {
     /// A worker isolated a suspect: the fetch loop starts an isolation round.
     isolate_wanted: AtomicBool,
     /// The run is ending: an isolation round takes nothing more.
-    stopping: AtomicBool,
+    stopping: watch::Sender<bool>,
     /// When this run last met a crash suspect (unix ms).
     suspect_at_ms: AtomicI64,
     /// Deliveries run alone by isolation rounds.
@@ -1140,11 +1147,18 @@ async fn isolation_round<T: Transport, H: Handler>(
     mut worker: Worker<T, H>,
     lanes: LaneSet,
 ) -> Option<i64> {
+    let mut stopping = worker.stopping.subscribe();
     loop {
-        if worker.stopping.load(Ordering::Acquire) {
+        // Waiting for the gate may take as long as the process's longest handler: a
+        // shutdown meanwhile ends the round (dropping the wait reopens the gate).
+        let alone = tokio::select! {
+            biased;
+            _ = stopping.wait_for(|stop| *stop) => return None,
+            alone = GATE.alone() => alone,
+        };
+        if *stopping.borrow() {
             return None;
         }
-        let alone = GATE.alone().await;
         let lease = worker.config.lease;
         let fetched = match worker.transport.fetch_isolated(&lanes, lease).await {
             Ok(fetched) => fetched,

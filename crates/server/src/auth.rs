@@ -75,6 +75,16 @@ pub enum TokenError {
         /// The role.
         role: &'static str,
     },
+    /// A token with a space or a control character: no `Authorization` header or
+    /// sign-in form can carry it intact, so it could never match.
+    #[error(
+        "a {role} token contains a space or a control character, so no request could ever \
+         present it; use visible characters only (e.g. `openssl rand -hex 24`)"
+    )]
+    Unusable {
+        /// The role.
+        role: &'static str,
+    },
 }
 
 #[derive(Clone)]
@@ -153,6 +163,12 @@ impl Tokens {
     }
 
     fn add(&mut self, secret: &str, role: Role, name: &str) -> Result<(), TokenError> {
+        // Regression: sixteen spaces passed the length check and then matched nothing.
+        if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(TokenError::Unusable {
+                role: role.as_str(),
+            });
+        }
         if secret.chars().count() < 16 {
             return Err(TokenError::Weak {
                 role: role.as_str(),
@@ -230,6 +246,27 @@ pub struct Auth {
     sessions: Mutex<HashMap<String, Session>>,
     /// The form token used when no tokens are configured (one per process).
     open_csrf: String,
+    /// When recent sign-ins failed, newest last: past [`SIGN_IN_FAILURES`] within
+    /// [`SIGN_IN_WINDOW`] the form answers 429 without looking at the token.
+    failures: Mutex<std::collections::VecDeque<Instant>>,
+    /// Session cookies carry `Secure` (the UI is served over HTTPS, say by a proxy).
+    secure_cookies: bool,
+}
+
+/// Failed sign-ins allowed per [`SIGN_IN_WINDOW`], across all callers.
+pub const SIGN_IN_FAILURES: usize = 10;
+/// The window over which failed sign-ins are counted.
+pub const SIGN_IN_WINDOW: Duration = Duration::from_secs(60);
+
+/// What a sign-in attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignIn {
+    /// Signed in: the new session's id.
+    Session(String),
+    /// The token is not valid.
+    Refused,
+    /// Too many failed attempts lately; try again after this long.
+    Limited(Duration),
 }
 
 /// A random secret: two UUIDv4s from the OS random source (244 random bits).
@@ -249,7 +286,25 @@ impl Auth {
             tokens,
             sessions: Mutex::default(),
             open_csrf: random_secret(),
+            failures: Mutex::default(),
+            secure_cookies: false,
         }
+    }
+
+    /// Marks session cookies `Secure`, for a UI served over HTTPS (`serve
+    /// --cookie-secure`, behind a TLS-terminating proxy).
+    #[must_use]
+    pub fn with_secure_cookies(mut self, secure: bool) -> Self {
+        self.secure_cookies = secure;
+        self
+    }
+
+    /// The `Set-Cookie` value for a session id (an empty one, with `expire`, signs out).
+    #[must_use]
+    pub fn session_cookie(&self, id: &str, expire: bool) -> String {
+        let age = if expire { 0 } else { SESSION_TTL.as_secs() };
+        let secure = if self.secure_cookies { "; Secure" } else { "" };
+        format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={age}{secure}")
     }
 
     /// Whether callers need no token.
@@ -304,9 +359,41 @@ impl Auth {
         })
     }
 
-    /// Signs in with a token; returns the new session id.
+    /// Signs in with a token. Past [`SIGN_IN_FAILURES`] failures within
+    /// [`SIGN_IN_WINDOW`] every attempt is [`SignIn::Limited`], the token not even
+    /// compared: guessing tokens through the form takes that long per ten guesses.
     #[must_use]
-    pub fn sign_in(&self, secret: &str) -> Option<String> {
+    pub fn sign_in(&self, secret: &str) -> SignIn {
+        let now = Instant::now();
+        {
+            let mut failures = self
+                .failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= SIGN_IN_WINDOW)
+            {
+                failures.pop_front();
+            }
+            if failures.len() >= SIGN_IN_FAILURES {
+                let oldest = failures.front().copied().unwrap_or(now);
+                return SignIn::Limited(SIGN_IN_WINDOW.saturating_sub(now.duration_since(oldest)));
+            }
+        }
+        match self.session_for(secret) {
+            Some(id) => SignIn::Session(id),
+            None => {
+                self.failures
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push_back(now);
+                SignIn::Refused
+            }
+        }
+    }
+
+    fn session_for(&self, secret: &str) -> Option<String> {
         let (role, name) = self.tokens.check(secret.trim())?;
         let id = secret_id();
         let session = Session {
@@ -379,6 +466,27 @@ mod tests {
     }
 
     #[test]
+    fn a_token_no_request_could_present_is_refused() {
+        for secret in [
+            " ".repeat(20),
+            format!("{OP} more"),
+            format!("{OP}\n"),
+            format!("\t{OP}"),
+        ] {
+            let err = Tokens::load(Some(&secret), None, None).unwrap_err();
+            assert!(
+                matches!(err, TokenError::Unusable { role: "operator" }),
+                "{secret:?}: {err}"
+            );
+        }
+        let err = Tokens::load(None, Some(&" ".repeat(16)), None).unwrap_err();
+        assert!(
+            err.to_string().contains("viewer token contains a space"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn token_file_is_checked_line_by_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
@@ -426,8 +534,10 @@ mod tests {
     #[test]
     fn sessions_carry_role_and_csrf() {
         let auth = Auth::new(Tokens::load(Some(OP), Some(VIEW), None).unwrap());
-        assert!(auth.sign_in("wrong-token-wrong-token").is_none());
-        let id = auth.sign_in(VIEW).unwrap();
+        assert_eq!(auth.sign_in("wrong-token-wrong-token"), SignIn::Refused);
+        let SignIn::Session(id) = auth.sign_in(VIEW) else {
+            panic!("a valid token signs in")
+        };
         let caller = auth.identify(None, Some(&id)).unwrap();
         assert_eq!((caller.role, caller.via), (Role::Viewer, Via::Session));
         assert!(caller.csrf_ok(&caller.csrf.clone()) && !caller.csrf_ok("forged"));

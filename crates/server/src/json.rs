@@ -9,6 +9,9 @@ use serde_json::{Map, Value};
 
 /// Unix ms as RFC 3339 UTC, e.g. `2026-11-27T21:04:05.123Z`.
 pub fn rfc3339(ms: i64) -> String {
+    // RFC 3339 ends at year 9999 (and the formatter panics past it): a time outside is
+    // shown at the nearest end, never allowed to make a page or a listing fail.
+    let ms = ms.clamp(0, redrive_core::MAX_TIME_MS);
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
@@ -174,6 +177,10 @@ mod tests {
             (951_782_400_123, "2000-02-29T00:00:00.123Z"),
             (1_795_900_000_000, "2026-11-28T21:06:40.000Z"),
             (4_102_444_799_999, "2099-12-31T23:59:59.999Z"),
+            // Regression: a stored time past year 9999 made every listing panic.
+            (300_000_000_000_000, "9999-12-31T23:59:59.999Z"),
+            (i64::MAX, "9999-12-31T23:59:59.999Z"),
+            (-5, "1970-01-01T00:00:00.000Z"),
         ] {
             assert_eq!(rfc3339(ms), want, "{ms}");
         }

@@ -29,7 +29,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
-pub use crate::auth::{Auth, Role, Tokens};
+pub use crate::auth::{Auth, Role, SignIn, Tokens};
 pub use crate::history::DepthHistory;
 pub use crate::metrics::Metrics;
 pub use crate::triage::{Backend, Triage};

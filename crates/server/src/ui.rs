@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::App;
 use crate::api::{FilterQuery, decode_cursor, encode_cursor};
-use crate::auth::{COOKIE, Caller, Role};
+use crate::auth::{Caller, Role, SignIn};
 use crate::error::ApiError;
 use crate::json::rfc3339;
 use crate::triage::ReplayRequest;
@@ -169,9 +169,22 @@ pub(crate) struct LoginQuery {
     failed: Option<String>,
 }
 
+/// Where to go after signing in: a path on this server, else `/`.
+///
+/// Only visible ASCII is accepted: browsers drop tabs and newlines from a URL before
+/// reading it, so `/\t/evil.example` would become the other origin `//evil.example`,
+/// and CR/LF cannot go in a header at all. A second `/` or a `\` at the start would
+/// name another host too.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n[1..].starts_with(['/', '\\'])
+                && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_owned()
+        }
         _ => "/".to_owned(),
     }
 }
@@ -210,13 +223,28 @@ pub(crate) struct LoginForm {
 pub(crate) async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Response {
     let next = safe_next(form.next.as_deref());
     match app.auth.sign_in(&form.token) {
-        Some(id) => {
-            let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200");
+        SignIn::Session(id) => {
+            let cookie = app.auth.session_cookie(&id, false);
             ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
         }
-        None => {
+        SignIn::Refused => {
             tracing::warn!("sign-in with an invalid token");
             Redirect::to(&format!("/login?failed=1&next={}", url_encode(&next))).into_response()
+        }
+        SignIn::Limited(wait) => {
+            tracing::warn!("sign-in refused: too many failed sign-ins in the last minute");
+            let secs = wait.as_secs().max(1);
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                page("Sign in", None, None, html! {
+                    div.login.card {
+                        h1 { "Too many failed sign-ins" }
+                        p.err role="alert" { "Too many sign-ins failed in the last minute. Try again in " (secs) " s." }
+                    }
+                }),
+            )
+                .into_response()
         }
     }
 }
@@ -243,7 +271,7 @@ pub(crate) async fn logout(
             app.auth.sign_out(&id);
         }
     }
-    let expire = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    let expire = app.auth.session_cookie("", true);
     ([(header::SET_COOKIE, expire)], Redirect::to("/login")).into_response()
 }
 

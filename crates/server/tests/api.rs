@@ -665,3 +665,79 @@ fn openapi_documents_every_api_route() {
         );
     }
 }
+
+/// Regression: `next=/%09/evil.example/x` answered `303 location: /\t/evil.example/x`,
+/// which browsers follow to another origin, and `next` holding CR/LF gave a 500.
+#[tokio::test]
+async fn sign_in_redirects_only_to_a_path_of_this_server() {
+    let f = fixture(tokens(), 1).await;
+    let sign_in = |next: &str| {
+        Request::post("/login")
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("token={OPERATOR}&next={next}")))
+            .unwrap()
+    };
+    for (next, to) in [
+        ("%2Fgroups%3Fq%3D1", "/groups?q=1"),
+        ("%2F%09%2Fevil.example%2Fx", "/"),
+        ("%2F%0A%2Fevil.example", "/"),
+        ("%2F%0D%0ASet-Cookie%3A+x%3D1", "/"),
+        ("%2F%2Fevil.example", "/"),
+        ("%2F%5Cevil.example", "/"),
+        ("https%3A%2F%2Fevil.example", "/"),
+        ("%2F%C3%A9", "/"),
+    ] {
+        let (status, headers, _) = send(f.router(), sign_in(next)).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "next={next}");
+        assert_eq!(headers.get(header::LOCATION).unwrap(), to, "next={next}");
+    }
+}
+
+/// Regression: sign-in had no rate limit (tokens could be guessed through the form as
+/// fast as requests went), and the session cookie had no `Secure` flag even when the UI
+/// was served over HTTPS behind a proxy.
+#[tokio::test]
+async fn sign_in_is_rate_limited_and_the_cookie_can_be_secure() {
+    let f = fixture(tokens(), 1).await;
+    let sign_in = |token: &str| {
+        Request::post("/login")
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("token={token}&next=%2F")))
+            .unwrap()
+    };
+    for i in 0..redrive_server::auth::SIGN_IN_FAILURES {
+        let (status, _, _) = send(f.router(), sign_in(&format!("wrong-token-guess-{i:04}"))).await;
+        assert_eq!(
+            status,
+            StatusCode::SEE_OTHER,
+            "guess {i} is refused as usual"
+        );
+    }
+    // Past the limit even the right token waits: the form no longer tells guesses apart.
+    let (status, headers, _) = send(f.router(), sign_in(OPERATOR)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert!(headers.get(header::SET_COOKIE).is_none());
+    // The bearer API is not the form: it keeps working.
+    let (status, _, _) = send(f.router(), get("/api/v1/queues", Some(OPERATOR))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let secure = Auth::new(tokens()).with_secure_cookies(true);
+    let redrive_server::SignIn::Session(id) = secure.sign_in(OPERATOR) else {
+        panic!("signs in");
+    };
+    let cookie = secure.session_cookie(&id, false);
+    assert!(
+        cookie.ends_with("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let plain = Auth::new(tokens()).session_cookie("x", false);
+    assert!(!plain.contains("Secure"), "{plain}");
+}

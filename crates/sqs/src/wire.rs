@@ -182,7 +182,8 @@ pub(crate) fn decode(queue: &QueueName, m: &Message) -> Incoming {
     let dead_at_ms = wire
         .iter()
         .find(|(k, _)| k == "redrive-dead-at")
-        .and_then(|(_, v)| v.parse().ok());
+        .and_then(|(_, v)| v.parse().ok())
+        .filter(|ms| redrive_core::is_valid_time(*ms));
     let key = wire
         .iter()
         .find(|(k, _)| k == "redrive-key")

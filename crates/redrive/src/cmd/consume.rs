@@ -63,8 +63,10 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         ..RunnerConfig::default()
     };
     anyhow::ensure!(
-        config.concurrency > 0,
-        "invalid --concurrency 0: at least one handler must run"
+        (1..=redrive_runner::MAX_CONCURRENCY).contains(&config.concurrency),
+        "invalid --concurrency {}: from 1 (one handler at a time) to {}",
+        config.concurrency,
+        redrive_runner::MAX_CONCURRENCY
     );
     let timeout = config.timeout;
     let store = backend::open_any(cli, true).await?;

@@ -86,6 +86,9 @@ pub async fn run(cli: &Cli, args: &PublishArgs) -> Result<ExitCode> {
     let lines: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
     let count = lines.len();
     for (i, line) in lines.into_iter().enumerate() {
+        // A line ends at `\n` or `\r\n` (a file written on Windows): the `\r` is not
+        // part of the payload, and a blank CRLF line is as empty as a blank LF one.
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             if i + 1 < count {
                 skipped += 1;

@@ -36,18 +36,19 @@ pub async fn start(
     bind: SocketAddr,
     max_replays: u32,
 ) -> Result<(Arc<App>, tokio::net::TcpListener, SocketAddr)> {
-    let (app, listener, addr) = prepare(triage(store), tokens, metrics, bind, max_replays).await?;
+    let auth = Auth::new(tokens);
+    let (app, listener, addr) = prepare(triage(store), auth, metrics, bind, max_replays).await?;
     Ok((Arc::new(app), listener, addr))
 }
 
 async fn prepare(
     triage: Arc<dyn Triage>,
-    tokens: Tokens,
+    auth: Auth,
     metrics: Arc<Metrics>,
     bind: SocketAddr,
     max_replays: u32,
 ) -> Result<(App, tokio::net::TcpListener, SocketAddr)> {
-    let mut app = App::new(triage, Auth::new(tokens), metrics);
+    let mut app = App::new(triage, auth, metrics);
     app.max_replays = max_replays;
     let (listener, addr) = redrive_server::bind(&app, bind).await?;
     Ok((app, listener, addr))
@@ -74,7 +75,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     let any_triage: Arc<dyn Triage> = Arc::new(Backend::new(any.clone(), any.clone()));
     let (mut app, listener, addr) = prepare(
         any_triage,
-        tokens,
+        Auth::new(tokens).with_secure_cookies(args.cookie_secure),
         Arc::clone(&metrics),
         bind,
         args.max_replays,
