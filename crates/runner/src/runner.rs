@@ -498,11 +498,9 @@ impl<T: Transport> Runner<T> {
                     }
                 }
                 // A settle freed room, scheduled a retry or isolated a suspect: look again.
-                () = wake.notified() => {
-                    if may_fetch {
-                        fetch_at = Instant::now();
-                    }
-                }
+                // (With a fetch in flight its return comes first: an isolation round
+                // asked for meanwhile starts then.)
+                () = wake.notified(), if may_fetch => fetch_at = Instant::now(),
                 () = sleep_until(fetch_at), if may_fetch && Instant::now() < fetch_at => {}
                 () = sleep_until(round_at.unwrap_or(look_at).min(look_at)), if isolates && round.is_none() => {}
             }

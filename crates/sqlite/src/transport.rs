@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use redrive_core::{
-    Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName, Tier,
-    Transport, TransportError, now_ms,
+    Bytes, Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
+    Tier, Transport, TransportError, now_ms,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, params};
@@ -165,28 +165,29 @@ fn lease_rows(
         .map_err(SqliteError::query("prepare lease"))?;
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
-        let id = || MessageId::at(queue.as_str(), row.published_ms, row.seq.unsigned_abs());
-        let read = match (&row.payload, &row.headers) {
-            (Some(payload), Some(headers)) => {
-                read_row(queue, row.key.clone(), payload, headers, id)
-            }
-            (None, _) => Err((Vec::new(), "the payload column is NULL".to_owned())),
-            (_, None) => Err((Vec::new(), "the headers column is NULL".to_owned())),
+        let at = (row.published_ms, row.seq);
+        let id = || MessageId::at(queue.as_str(), at.0, at.1.unsigned_abs());
+        // The payload is shared, not copied, between the envelope and (should the row
+        // not read) its quarantined copy.
+        let null_payload = row.payload.is_none();
+        let payload = Bytes::from(row.payload.unwrap_or_default());
+        let read = match &row.headers {
+            _ if null_payload => Err("the payload column is NULL".to_owned()),
+            Some(headers) => read_row(queue, row.key, payload.clone(), headers, id),
+            None => Err("the headers column is NULL".to_owned()),
         };
         let envelope = match read {
             Ok(envelope) => envelope,
-            Err((wire, why)) => {
+            Err(why) => {
                 let why = format!("row {} of the messages table: {why}", row.seq);
                 tracing::warn!(%queue, reason = %why, "quarantining an unreadable message in the DLQ");
-                let raw = Envelope::unreadable(
-                    queue.clone(),
-                    id(),
-                    row.payload.unwrap_or_default(),
-                    wire,
-                    &why,
-                    &row.lane,
-                    now,
-                );
+                // What of the headers can be read, read again: this path is rare.
+                let wire = row
+                    .headers
+                    .as_deref()
+                    .and_then(|h| serde_json::from_str(h).ok())
+                    .unwrap_or_default();
+                let raw = Envelope::unreadable(queue.clone(), id(), payload, wire, &why, &row.lane, now);
                 conn.prepare_cached("DELETE FROM messages WHERE seq = ?1")
                     .and_then(|mut s| s.execute(params![row.seq]))
                     .map_err(SqliteError::query("quarantine"))?;
@@ -211,22 +212,17 @@ fn lease_rows(
     Ok(deliveries)
 }
 
-/// Reads a row's envelope; on failure, what could be read of its headers and why not.
+/// Reads a row's envelope, or says why it cannot be read.
 fn read_row(
     queue: &QueueName,
     key: Option<String>,
-    payload: &[u8],
+    payload: Bytes,
     headers: &str,
     id: impl FnOnce() -> MessageId,
-) -> Result<Envelope, (Vec<(String, String)>, String)> {
-    let wire: Vec<(String, String)> = serde_json::from_str(headers).map_err(|e| {
-        (
-            Vec::new(),
-            format!("headers are not a JSON list of name/value pairs: {e}"),
-        )
-    })?;
-    Envelope::from_wire_at(queue, key, payload.to_vec(), wire.clone(), id)
-        .map_err(|e| (wire, e.to_string()))
+) -> Result<Envelope, String> {
+    let wire: Vec<(String, String)> = serde_json::from_str(headers)
+        .map_err(|e| format!("headers are not a JSON list of name/value pairs: {e}"))?;
+    Envelope::from_wire_at(queue, key, payload, wire, id).map_err(|e| e.to_string())
 }
 
 /// When the next message of the queue (any lane, leases included) becomes due: one
