@@ -325,6 +325,52 @@ async fn a_plain_producers_message_is_retried_like_any_other() {
     f.cleanup().await;
 }
 
+/// Regression: a NATS publish to a queue no consumer had opened failed with "no stream".
+/// `redrive queues create` makes every lane first, so another producer can publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_create_lets_a_plain_producer_publish_before_any_consumer() {
+    let f = Fixture::new("").await;
+    let subject = format!("{}.agent.tasks", f.namespace);
+    let before =
+        f.js.publish(subject.clone(), "too early".into())
+            .await
+            .unwrap()
+            .await;
+    assert!(before.is_err(), "no stream yet: {before:?}");
+    let url = format!("{}?namespace={}", nats_url(), f.namespace);
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--broker", &url])
+        .args([
+            "--store",
+            &format!("sqlite://{}", dir.path().join("s.db").display()),
+        ])
+        .args(["queues", "create", "agent.tasks", "--tiers", "1s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f.publish_foreign("agent.tasks", None, "from a plain producer")
+        .await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = std::sync::Arc::clone(&seen);
+    let queue = QueueName::new("agent.tasks").unwrap();
+    f.drain(
+        &queue,
+        "1s",
+        handler_fn(move |env: Envelope| {
+            rec.lock().unwrap().push(env.payload.to_vec());
+            async { HandlerResult::Ok(()) }
+        }),
+    )
+    .await;
+    assert_eq!(*seen.lock().unwrap(), [b"from a plain producer".to_vec()]);
+    f.cleanup().await;
+}
+
 #[test]
 fn broker_url_options_are_checked() {
     for (url, expected) in [

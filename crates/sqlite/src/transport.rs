@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use redrive_core::{
-    Bytes, Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
-    Tier, Transport, TransportError, now_ms,
+    Bytes, Delivery, Envelope, Fetched, Lane, LaneSet, LaneStats, MessageId, QueueDepths,
+    QueueName, Tier, Transport, TransportError, now_ms,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, params};
@@ -187,7 +187,8 @@ fn lease_rows(
                     .as_deref()
                     .and_then(|h| serde_json::from_str(h).ok())
                     .unwrap_or_default();
-                let raw = Envelope::unreadable(queue.clone(), id(), payload, wire, &why, &row.lane, now);
+                let raw =
+                    Envelope::unreadable(queue.clone(), id(), payload, wire, &why, &row.lane, now);
                 conn.prepare_cached("DELETE FROM messages WHERE seq = ?1")
                     .and_then(|mut s| s.execute(params![row.seq]))
                     .map_err(SqliteError::query("quarantine"))?;
