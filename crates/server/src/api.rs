@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -13,11 +13,16 @@ use serde::{Deserialize, Serialize};
 use crate::App;
 use crate::auth::{Caller, Role, Via};
 use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::json::{DeadJson, GroupJson, QueueJson};
 use crate::triage::ReplayRequest;
 
 /// Most items one page may hold.
 const MAX_PAGE: usize = 1000;
+/// Most ids one bulk request may name.
+const MAX_IDS: usize = 10_000;
+/// The fastest replay rate a request may ask for.
+const MAX_RATE: u32 = 100_000;
 
 /// Filters shared by listing, grouping, export, replay and purge.
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
@@ -48,6 +53,7 @@ impl FilterQuery {
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
         };
+        check_times(self.since_ms, self.until_ms)?;
         Ok(DeadFilter {
             queue: some(&self.queue)
                 .map(QueueName::new)
@@ -60,6 +66,19 @@ impl FilterQuery {
             text: some(&self.q),
         })
     }
+}
+
+/// `since_ms` and `until_ms` must be times redrive can show.
+fn check_times(since_ms: Option<i64>, until_ms: Option<i64>) -> Result<(), ApiError> {
+    for (name, ms) in [("since_ms", since_ms), ("until_ms", until_ms)] {
+        if ms.is_some_and(|ms| !redrive_core::is_valid_time(ms)) {
+            return Err(ApiError::BadRequest(format!(
+                "{name} must be unix milliseconds from 0 to {}",
+                redrive_core::MAX_TIME_MS
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Paging parameters. A separate extractor from [`FilterQuery`] rather than a
@@ -93,6 +112,16 @@ pub fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
         dead_at_ms: at.parse().map_err(|_| bad())?,
         id: MessageId::parse(id).map_err(|_| bad())?,
     })
+}
+
+/// A page size from 1 to [`MAX_PAGE`], `default` when not given.
+fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    match limit.unwrap_or(default) {
+        n @ 1..=MAX_PAGE => Ok(n),
+        n => Err(ApiError::BadRequest(format!(
+            "limit {n} is out of range: from 1 to {MAX_PAGE}"
+        ))),
+    }
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<MessageId, ApiError> {
@@ -151,8 +180,8 @@ pub(crate) struct Page {
 
 pub(crate) async fn dead_list(
     State(app): State<Arc<App>>,
-    Query(f): Query<FilterQuery>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(f): ApiQuery<FilterQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page>, ApiError> {
     let filter = f.to_filter()?;
     let cursor = q
@@ -161,7 +190,7 @@ pub(crate) async fn dead_list(
         .filter(|c| !c.is_empty())
         .map(decode_cursor)
         .transpose()?;
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let limit = page_limit(q.limit, 50)?;
     let mut items = app.triage.list(filter, cursor, limit + 1).await?;
     let more = items.len() > limit;
     items.truncate(limit);
@@ -183,7 +212,7 @@ pub(crate) async fn dead_list(
 
 pub(crate) async fn dead_get(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeadJson>, ApiError> {
     let id = parse_id(&id)?;
     match app.triage.get(id).await? {
@@ -194,16 +223,17 @@ pub(crate) async fn dead_get(
 
 pub(crate) async fn groups(
     State(app): State<Arc<App>>,
-    Query(q): Query<FilterQuery>,
-    Query(page): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<FilterQuery>,
+    ApiQuery(page): ApiQuery<PageQuery>,
 ) -> Result<Json<Vec<GroupJson>>, ApiError> {
-    let limit = page.limit.unwrap_or(200).clamp(1, MAX_PAGE);
+    let limit = page_limit(page.limit, 200)?;
     let groups = app.triage.groups(q.to_filter()?, limit).await?;
     Ok(Json(groups.iter().map(GroupJson::from).collect()))
 }
 
 /// Body of `POST /api/v1/dead/{id}/replay`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ReplayOne {
     /// A replacement payload (UTF-8 text), if the message was fixed.
     payload: Option<String>,
@@ -215,19 +245,100 @@ pub(crate) struct ReplayOne {
     reason: String,
 }
 
+/// A whole number from a JSON body, written as `5` or `5.0` (JSON Schema's `integer`
+/// takes both); null or absent is `None`.
+fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    use serde::de::Error as _;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    });
+    whole
+        .and_then(|w| T::try_from(w).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number in range")))
+}
+
+/// A field that, when given, must hold a value: `null` is refused rather than taken for
+/// "absent", so that a request means one thing.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A bulk selection's filter: the fields of [`FilterQuery`], and nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkFilter {
+    queue: Option<String>,
+    fingerprint: Option<String>,
+    class: Option<String>,
+    #[serde(default, deserialize_with = "whole")]
+    since_ms: Option<i64>,
+    #[serde(default, deserialize_with = "whole")]
+    until_ms: Option<i64>,
+    q: Option<String>,
+}
+
+impl BulkFilter {
+    /// The core filter. Unlike a query string's, an empty text field is refused: JSON
+    /// can leave a field out, so an empty one is a mistake, not a form's blank.
+    fn to_filter(&self) -> Result<DeadFilter, ApiError> {
+        let texts = [
+            ("queue", &self.queue),
+            ("fingerprint", &self.fingerprint),
+            ("class", &self.class),
+            ("q", &self.q),
+        ];
+        if let Some((name, _)) = texts.iter().find(|(_, v)| v.as_deref() == Some("")) {
+            return Err(ApiError::BadRequest(format!(
+                "filter.{name} is empty: leave it out to match any"
+            )));
+        }
+        check_times(self.since_ms, self.until_ms)?;
+        Ok(DeadFilter {
+            queue: self
+                .queue
+                .as_deref()
+                .map(QueueName::new)
+                .transpose()
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            fingerprint: self.fingerprint.clone(),
+            error_class: self.class.clone(),
+            since_ms: self.since_ms,
+            until_ms: self.until_ms,
+            text: self.q.clone(),
+        })
+    }
+}
+
 /// Body of `POST /api/v1/replay` and `/purge`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct Bulk {
-    #[serde(default)]
-    ids: Vec<String>,
-    #[serde(default)]
-    filter: Option<FilterQuery>,
+    #[serde(default, deserialize_with = "present")]
+    ids: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    filter: Option<BulkFilter>,
     #[serde(default)]
     all: bool,
     to: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default, deserialize_with = "whole")]
     rate_per_sec: Option<u32>,
+    #[serde(default, deserialize_with = "whole")]
     max_replays: Option<u32>,
     #[serde(default)]
     reason: String,
@@ -235,14 +346,33 @@ pub(crate) struct Bulk {
 
 impl Bulk {
     fn selection(&self) -> Result<DeadSelection, ApiError> {
-        match (self.ids.is_empty(), &self.filter, self.all) {
-            (false, None, false) => Ok(DeadSelection::Ids(
-                self.ids
-                    .iter()
-                    .map(|i| parse_id(i))
-                    .collect::<Result<_, _>>()?,
+        target(self.to.as_ref())?;
+        if self
+            .rate_per_sec
+            .is_some_and(|r| !(1..=MAX_RATE).contains(&r))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "rate_per_sec must be from 1 to {MAX_RATE}"
+            )));
+        }
+        match self.ids.as_ref().map(Vec::len) {
+            Some(0) => {
+                return Err(ApiError::BadRequest(
+                    "\"ids\" is empty: name at least one message".into(),
+                ));
+            }
+            Some(n) if n > MAX_IDS => {
+                return Err(ApiError::BadRequest(format!(
+                    "{n} ids in one request: at most {MAX_IDS}; select by a filter instead"
+                )));
+            }
+            _ => {}
+        }
+        match (&self.ids, &self.filter, self.all) {
+            (Some(ids), None, false) => Ok(DeadSelection::Ids(
+                ids.iter().map(|i| parse_id(i)).collect::<Result<_, _>>()?,
             )),
-            (true, Some(f), false) => {
+            (None, Some(f), false) => {
                 let filter = f.to_filter()?;
                 if filter == DeadFilter::default() {
                     return Err(ApiError::BadRequest(
@@ -251,7 +381,7 @@ impl Bulk {
                 }
                 Ok(DeadSelection::Filter(filter))
             }
-            (true, None, true) => Ok(DeadSelection::Filter(DeadFilter::default())),
+            (None, None, true) => Ok(DeadSelection::Filter(DeadFilter::default())),
             _ => Err(ApiError::BadRequest(
                 "select with exactly one of \"ids\", \"filter\" or \"all\": true".into(),
             )),
@@ -296,8 +426,8 @@ pub(crate) async fn replay_one(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-    Json(body): Json<ReplayOne>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<ReplayOne>,
 ) -> Result<Json<ReplayJson>, ApiError> {
     require_operator(&caller, &headers)?;
     let id = parse_id(&id)?;
@@ -341,14 +471,9 @@ pub(crate) async fn replay_bulk(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    Json(body): Json<Bulk>,
+    ApiJson(body): ApiJson<Bulk>,
 ) -> Result<Json<ReplayJson>, ApiError> {
     require_operator(&caller, &headers)?;
-    if body.rate_per_sec == Some(0) {
-        return Err(ApiError::BadRequest(
-            "rate_per_sec must be at least 1".into(),
-        ));
-    }
     let request = ReplayRequest {
         selection: body.selection()?,
         to: target(body.to.as_ref())?,
@@ -369,7 +494,7 @@ pub(crate) async fn purge(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    Json(body): Json<Bulk>,
+    ApiJson(body): ApiJson<Bulk>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require_operator(&caller, &headers)?;
     let selection = body.selection()?;
@@ -437,7 +562,7 @@ impl futures_core::Stream for Lines {
 
 pub(crate) async fn export(
     State(app): State<Arc<App>>,
-    Query(q): Query<FilterQuery>,
+    ApiQuery(q): ApiQuery<FilterQuery>,
 ) -> Result<Response, ApiError> {
     let filter = q.to_filter()?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);

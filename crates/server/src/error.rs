@@ -16,6 +16,12 @@ pub enum ApiError {
     NotFound(String),
     /// Authenticated, but not allowed.
     Forbidden(String),
+    /// A body that is not declared as JSON.
+    UnsupportedMediaType(String),
+    /// JSON of the wrong shape.
+    Unprocessable(String),
+    /// A body over the limit.
+    TooLarge(String),
     /// The backend failed.
     Internal(BackendError),
 }
@@ -34,6 +40,9 @@ impl ApiError {
             Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             Self::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()),
             Self::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),
+            Self::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m.clone()),
+            Self::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.clone()),
+            Self::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
             Self::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
                 (

@@ -10,6 +10,7 @@ pub mod alerting;
 pub mod api;
 pub mod auth;
 pub mod error;
+mod extract;
 pub mod history;
 pub mod json;
 pub mod metrics;
@@ -112,9 +113,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/static/style.css", get(ui::stylesheet))
         .route("/api/v1/openapi.json", get(api::openapi))
         .route("/healthz", get(|| async { "ok" }))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(security_headers))
         .with_state(app)
+}
+
+/// Any path not routed: the API's JSON error shape under `/api/`, plain text elsewhere.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if wants_json(uri.path()) {
+        error::ApiError::NotFound(format!("no such API path: {}", uri.path())).into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "not found\n").into_response()
+    }
 }
 
 fn wants_json(path: &str) -> bool {

@@ -416,8 +416,87 @@ async fn bad_requests_get_clear_errors() {
         .header(header::AUTHORIZATION, format!("Bearer {OPERATOR}"))
         .body(Body::from(huge))
         .unwrap();
-    let (status, _, _) = send(f.router(), req).await;
+    let (status, headers, resp) = send(f.router(), req).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_json_error(&headers, &resp);
+
+    // Regression: query and body rejections came back as text/plain with statuses the
+    // OpenAPI document did not list, a limit over the documented maximum was accepted,
+    // and an unknown API path answered an empty 404.
+    let raw = |method: &str, path: &str, content_type: &str, body: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, content_type)
+            .header(header::AUTHORIZATION, format!("Bearer {OPERATOR}"))
+            .body(Body::from(body.to_owned()))
+            .unwrap()
+    };
+    for (req, want) in [
+        (
+            raw("POST", "/api/v1/replay", "text/plain", r#"{"all":true}"#),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            raw("POST", "/api/v1/replay", "application/json", "{not json"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw("POST", "/api/v1/replay", "application/json", r#"{"ids":5}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/v1/purge",
+                "application/json",
+                r#"{"all":true,"extra":1}"#,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw("GET", "/api/v1/dead?limit=1001", "application/json", ""),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw("GET", "/api/v1/dead?limit=-1", "application/json", ""),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw("GET", "/api/v1/groups?since_ms=abc", "application/json", ""),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw(
+                "GET",
+                "/api/v1/export?until_ms=300000000000000",
+                "application/json",
+                "",
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw("GET", "/api/v1/nothing-here", "application/json", ""),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, headers, resp) = send(f.router(), req).await;
+        assert_eq!(status, want, "{what}: {}", String::from_utf8_lossy(&resp));
+        assert_json_error(&headers, &resp);
+    }
+}
+
+/// The API's error shape: `{"error": "..."}` as application/json.
+fn assert_json_error(headers: &axum::http::HeaderMap, body: &[u8]) {
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    let message = json(body)["error"].as_str().map(str::to_owned);
+    assert!(
+        message.is_some_and(|m| !m.is_empty()),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
 }
 
 #[tokio::test]
