@@ -990,17 +990,8 @@ pub(crate) fn decode(
             .collect();
         return Ok(env);
     }
-    let wire = headers_of(msg);
-    let known_id = wire
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("redrive-id"));
-    match Envelope::from_wire(queue, key(), payload(), wire) {
-        Ok(mut env) => {
-            if !known_id {
-                env.id = id_at(msg);
-            }
-            Ok(env)
-        }
+    match Envelope::from_wire_at(queue, key(), payload(), headers_of(msg), || id_at(msg)) {
+        Ok(env) => Ok(env),
         Err(e) => {
             // Read again from the record on this rare path, rather than copying every
             // record's payload and headers ahead in case it is needed.
@@ -1135,5 +1126,81 @@ mod tests {
             ],
         );
         assert_eq!(id_of(&full), id);
+    }
+}
+
+/// Decoders under fire: a record written the way the transport writes one reads back
+/// equal, and a record with any headers decodes or is quarantined, never a panic.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use rdkafka::Timestamp;
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+    use redrive_core::{Envelope, Failure, FailureKind, QueueName};
+
+    use super::decode;
+
+    fn record(key: Option<&str>, payload: &[u8], headers: &[(String, Vec<u8>)]) -> OwnedMessage {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        OwnedMessage::new(
+            Some(payload.to_vec()),
+            key.map(|k| k.as_bytes().to_vec()),
+            "agent.tasks".to_owned(),
+            Timestamp::CreateTime(1_764_000_000_000),
+            1,
+            42,
+            (!headers.is_empty()).then_some(h),
+        )
+    }
+
+    fn queue() -> QueueName {
+        QueueName::new("agent.tasks").expect("queue")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn an_envelope_reads_back_as_it_was_written(
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            key in proptest::option::of("\\PC{1,20}"),
+            headers in proptest::collection::vec(("[a-zA-Z][a-zA-Z0-9_-]{0,12}", "\\PC{0,20}"), 0..4),
+            message in "\\PC{0,80}",
+            failed in any::<bool>(),
+        ) {
+            let mut env = Envelope::new(queue(), payload);
+            env.key = key;
+            env.headers = headers
+                .into_iter()
+                .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
+                .collect();
+            if failed {
+                env.record_failure(Failure::new(FailureKind::Retry, "E", message, 5), "main");
+            }
+            // As the transport writes a record: the compact form when it never failed.
+            let wire = if env.is_fresh() { env.to_compact_wire() } else { env.to_wire() };
+            let wire: Vec<(String, Vec<u8>)> = wire.into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            let back = decode(&queue(), &record(env.key.as_deref(), &env.payload, &wire)).map_err(|b| b.0);
+            prop_assert_eq!(back, Ok(env));
+        }
+
+        #[test]
+        fn any_headers_decode_or_are_quarantined_without_a_panic(
+            headers in proptest::collection::vec(
+                (prop_oneof![Just("redrive-id".to_owned()), Just("redrive-version".to_owned()),
+                    Just("redrive-attempt".to_owned()), Just("redrive-history".to_owned()),
+                    Just("attempt".to_owned()), "\\PC{1,12}"],
+                 proptest::collection::vec(any::<u8>(), 0..24)),
+                0..6),
+            key in proptest::option::of("\\PC{0,8}"),
+        ) {
+            let _ = decode(&queue(), &record(key.as_deref(), b"x", &headers));
+        }
     }
 }

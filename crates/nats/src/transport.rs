@@ -1539,3 +1539,68 @@ mod tests {
         }
     }
 }
+
+/// Decoders under fire: whatever `to_headers` writes reads back equal, and arbitrary
+/// headers never panic the reader.
+#[cfg(test)]
+mod properties {
+    use async_nats::HeaderMap;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use redrive_core::{Envelope, Failure, FailureKind, MessageId, QueueName};
+
+    use super::{read_envelope, to_headers};
+
+    fn queue() -> QueueName {
+        QueueName::new("agent.tasks").expect("queue")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn an_envelope_reads_back_as_it_was_written(
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            key in proptest::option::of("[ -~]{1,20}"),
+            headers in proptest::collection::vec(("[a-zA-Z][a-zA-Z0-9_-]{0,12}", "[ -~]{0,20}"), 0..4),
+            message in "\\PC{0,80}",
+            failed in any::<bool>(),
+        ) {
+            let mut env = Envelope::new(queue(), payload);
+            env.key = key;
+            env.headers = headers
+                .into_iter()
+                .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
+                .collect();
+            if failed {
+                env.record_failure(Failure::new(FailureKind::Retry, "E", message, 5), "main");
+            }
+            let h = to_headers(&env, &[]);
+            let payload = Bytes::from(env.payload.to_vec());
+            let back = read_envelope(&queue(), None, Some(&h), &payload, || MessageId::at("s", 1, 1));
+            // NATS headers are a map: headers of different names come back in another
+            // order (each name's values keep theirs).
+            let sorted = |mut e: Envelope| {
+                e.headers.sort_by(|a, b| a.0.cmp(&b.0));
+                e
+            };
+            prop_assert_eq!(back.map(sorted), Ok(sorted(env)));
+        }
+
+        #[test]
+        fn any_headers_read_or_fail_without_a_panic(
+            pairs in proptest::collection::vec(
+                (prop_oneof![Just("redrive-wire".to_owned()), Just("redrive-id".to_owned()),
+                    Just("redrive-key".to_owned()), "[a-zA-Z][a-zA-Z0-9_-]{0,12}"], "[ -~]{0,40}"),
+                0..5),
+            subject_id in proptest::option::of(any::<u128>()),
+        ) {
+            let mut h = HeaderMap::new();
+            for (k, v) in &pairs {
+                h.append(k.as_str(), v.as_str());
+            }
+            let subject_id = subject_id.map(|n| MessageId::derived(n.to_be_bytes()));
+            let _ = read_envelope(&queue(), subject_id, Some(&h), &Bytes::from_static(b"x"), || MessageId::at("s", 1, 1));
+        }
+    }
+}

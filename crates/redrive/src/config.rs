@@ -710,3 +710,37 @@ warm = "7d"
         assert_eq!(config.rules[0].notify, ["pd"]);
     }
 }
+
+/// The config parser under fire: any text, and any value in any known key, is parsed
+/// or refused with its problems, never a panic.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::parse;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_text_parses_or_lists_its_problems(text in "\\PC{0,200}") {
+            let _ = parse(&text, None);
+        }
+
+        #[test]
+        fn any_value_of_a_known_key_parses_or_lists_its_problems(
+            section in prop_oneof![Just("store"), Just("broker"), Just("server"), Just("alerts"), Just("retention")],
+            key in prop_oneof![Just("url"), Just("bind"), Just("public_url"), Just("evaluate_every"),
+                Just("hot"), Just("warm"), Just("archive_dir"), Just("sweep_every"), Just("default_rule")],
+            value in prop_oneof!["\\PC{0,30}".prop_map(|v| format!("{v:?}")), any::<i64>().prop_map(|n| n.to_string()), Just("true".to_owned())],
+            queue in "\\PC{0,20}",
+            tiers in "\\PC{0,20}",
+            concurrency in any::<i64>(),
+        ) {
+            let text = format!(
+                "[{section}]\n{key} = {value}\n\n[[queues]]\nname = {queue:?}\ntiers = {tiers:?}\nconcurrency = {concurrency}\n"
+            );
+            let _ = parse(&text, None);
+        }
+    }
+}

@@ -74,11 +74,10 @@ pub(crate) fn encode(env: &Envelope, extra: &[(&str, String)]) -> Outgoing {
             .headers
             .iter()
             .all(|(k, v)| attribute_name_ok(k) && !v.is_empty() && sqs_text(v))
-        && {
-            let mut names: Vec<&str> = env.headers.iter().map(|(k, _)| k.as_str()).collect();
-            names.sort_unstable();
-            names.windows(2).all(|w| w[0] != w[1])
-        };
+        // SQS keeps attributes as a map: `decode` reads them back in name order, so
+        // only headers already in that order (and with distinct names) can travel as
+        // attributes without being reordered (found by the property tests).
+        && env.headers.windows(2).all(|w| w[0].0 < w[1].0);
     if own {
         for (k, v) in &env.headers {
             attributes.insert(k.clone(), text(v));
@@ -320,5 +319,75 @@ mod tests {
         let (why, raw) = decode(&queue(), &m).envelope.expect_err("malformed");
         assert!(why.contains("redrive"), "{why}");
         assert_eq!(raw.payload, b"keep me"[..]);
+    }
+}
+
+/// Decoders under fire: arbitrary messages never panic `decode`, and whatever `encode`
+/// writes reads back equal.
+#[cfg(test)]
+mod properties {
+    use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName as Sys};
+    use proptest::prelude::*;
+    use redrive_core::{Envelope, Failure, FailureKind, QueueName};
+
+    use super::{decode, encode};
+
+    fn queue() -> QueueName {
+        QueueName::new("agent.tasks").expect("queue")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn an_envelope_reads_back_as_it_was_written(
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            key in proptest::option::of("\\PC{1,20}"),
+            headers in proptest::collection::vec(("[a-zA-Z][a-zA-Z0-9 !._-]{0,12}", "\\PC{0,20}"), 0..12),
+            message in "\\PC{0,80}",
+            failed in any::<bool>(),
+        ) {
+            let mut env = Envelope::new(queue(), payload);
+            env.key = key;
+            env.headers = headers
+                .into_iter()
+                .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
+                .collect();
+            if failed {
+                env.record_failure(Failure::new(FailureKind::Retry, "E", message, 5), "main");
+            }
+            let out = encode(&env, &[]);
+            let mut m = Message::builder()
+                .message_id("2f0c4a4e-63a3-4c43-9b0a-3f1f9d2d1a11")
+                .body(out.body.clone())
+                .attributes(Sys::ApproximateReceiveCount, "1");
+            for (k, v) in &out.attributes {
+                m = m.message_attributes(k.clone(), v.clone());
+            }
+            let back = decode(&queue(), &m.build()).envelope.map_err(|(why, _)| why);
+            prop_assert_eq!(back, Ok(env));
+        }
+
+        #[test]
+        fn any_message_decodes_or_is_quarantined_without_a_panic(
+            body in proptest::option::of("\\PC{0,40}"),
+            attrs in proptest::collection::vec(
+                (prop_oneof![Just("redrive".to_owned()), Just("redrive-body".to_owned()), "\\PC{1,12}"], "\\PC{0,40}"),
+                0..5),
+            receives in proptest::option::of("\\PC{0,5}"),
+        ) {
+            let mut m = Message::builder();
+            if let Some(b) = body {
+                m = m.body(b);
+            }
+            if let Some(r) = receives {
+                m = m.attributes(Sys::ApproximateReceiveCount, r);
+            }
+            for (k, v) in attrs {
+                let v = MessageAttributeValue::builder().data_type("String").string_value(v).build().expect("value");
+                m = m.message_attributes(k, v);
+            }
+            let _ = decode(&queue(), &m.build());
+        }
     }
 }
