@@ -10,6 +10,7 @@ pub mod alert;
 mod brokered;
 mod duration;
 mod envelope;
+mod failpoint;
 mod fingerprint;
 mod outcome;
 mod policy;
@@ -28,6 +29,7 @@ pub use envelope::{
     Envelope, Failure, FailureKind, HEADER_PREFIX, MALFORMED, MAX_ERROR_BYTES, MAX_HISTORY,
     MessageId, WIRE_VERSION, WireError, truncate_utf8,
 };
+pub use failpoint::{FAILPOINTS, failpoint, failpoints_built};
 pub use fingerprint::{Fingerprint, normalize_message};
 pub use outcome::{HandlerError, HandlerResult, Outcome};
 pub use policy::{DEFAULT_TIERS, PolicyError, RetryPolicy, Step, Tier};

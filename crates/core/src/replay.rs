@@ -205,6 +205,7 @@ async fn replay_batch<T: Transport, S: DeadLetterStore>(
                     replayed: report.replayed,
                     source,
                 })?;
+            crate::failpoint("replay-published");
             let reason = if options.reason.is_empty() {
                 format!("replay to {queue}")
             } else {

@@ -64,6 +64,7 @@ impl DlqSource for KafkaTransport {
                 return Ok(moved);
             }
             store.insert_batch(&read.dead).await?;
+            redrive_core::failpoint("drain-stored");
             // Only now that the store has them are they committed past.
             let positions = read.positions;
             self.blocking(move |inner| {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering as AtomicOrdering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -98,20 +98,6 @@ struct Readers {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Test hook: `REDRIVE_KAFKA_FAILPOINT=NAME` aborts the process at that point, so tests
-/// can kill a consumer exactly between two steps.
-fn failpoint(name: &str) {
-    static AT: OnceLock<Option<String>> = OnceLock::new();
-    if AT
-        .get_or_init(|| std::env::var("REDRIVE_KAFKA_FAILPOINT").ok())
-        .as_deref()
-        == Some(name)
-    {
-        eprintln!("redrive: failpoint {name}: aborting");
-        std::process::abort();
-    }
 }
 
 impl KafkaConfig {
@@ -642,7 +628,7 @@ impl Transport for KafkaTransport {
         }
         let topic = self.topic(&d.token.shared.queue, &lane);
         self.produce(&topic, &env, &[]).await?;
-        failpoint("after-next-lane-produce");
+        redrive_core::failpoint("next-lane-written");
         // Only now may the source offset be committed past.
         Self::settle(d, Slot::Settled)
     }
@@ -659,7 +645,7 @@ impl Transport for KafkaTransport {
             &[("redrive-dead-at", now_ms().to_string())],
         )
         .await?;
-        failpoint("after-next-lane-produce");
+        redrive_core::failpoint("next-lane-written");
         Self::settle(d, Slot::Settled)
     }
 
@@ -683,7 +669,7 @@ impl Transport for KafkaTransport {
     ) -> Result<(), TransportError> {
         let topic = self.topic(&d.token.shared.queue, &Lane::Isolated);
         self.produce(&topic, envelope, &[]).await?;
-        failpoint("after-next-lane-produce");
+        redrive_core::failpoint("next-lane-written");
         Self::settle(d, Slot::Settled)
     }
 

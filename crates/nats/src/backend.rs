@@ -97,6 +97,7 @@ impl NatsTransport {
                     context: "store drained dead letters",
                     reason: e.to_string(),
                 })?;
+            redrive_core::failpoint("drain-stored");
             // Only now that the store has them are they acknowledged.
             for m in &msgs {
                 self.confirm(

@@ -1106,6 +1106,7 @@ impl Transport for NatsTransport {
             self.forget(d).await;
             self.publish_stored(n.subject, &env, "publish a retry to the main stream")
                 .await?;
+            redrive_core::failpoint("next-lane-written");
             self.confirm(Some(&d.token.reply), AckKind::Ack, "ack")
                 .await?;
             return Ok(());
@@ -1123,6 +1124,7 @@ impl Transport for NatsTransport {
         envelope: &Envelope,
     ) -> Result<(), TransportError> {
         self.publish_dead(envelope).await?;
+        redrive_core::failpoint("next-lane-written");
         // Only once the DLQ stream has it is the message terminated in main.
         self.confirm(Some(&d.token.reply), AckKind::Term, "terminate")
             .await?;
@@ -1178,6 +1180,7 @@ impl Transport for NatsTransport {
             "publish to the isolation stream",
         )
         .await?;
+        redrive_core::failpoint("next-lane-written");
         self.confirm(Some(&d.token.reply), AckKind::Ack, "ack")
             .await?;
         Ok(())

@@ -97,6 +97,7 @@ impl RedisTransport {
                     id: "batch".into(),
                     reason: format!("the dead-letter store refused it: {e}"),
                 })?;
+            redrive_core::failpoint("drain-stored");
             // Only now that the store has them are they acknowledged and removed.
             let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
             let mut pipe = redis::pipe();

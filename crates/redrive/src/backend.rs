@@ -169,33 +169,54 @@ pub async fn create_configured_lanes(cli: &Cli, store: &Any) -> Result<()> {
 }
 
 pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
-    match cli.broker_url() {
-        None => Ok(Any::Sqlite(open(cli.store_url(), create)?)),
+    open_urls(
+        cli.store_url(),
+        cli.broker_url(),
+        cli.sqs_endpoint.as_deref(),
+        create,
+    )
+    .await
+}
+
+/// Opens the backend of a store URL and an optional broker URL (what `open_any` reads
+/// from the command line).
+///
+/// # Errors
+///
+/// A URL that does not parse, or a backend that cannot be reached.
+pub async fn open_urls(
+    store_url: &str,
+    broker_url: Option<&str>,
+    sqs_endpoint: Option<&str>,
+    create: bool,
+) -> Result<Any> {
+    match broker_url {
+        None => Ok(Any::Sqlite(open(store_url, create)?)),
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let config = RedisConfig::new(url)?;
             let transport = config.connect().await.context("--broker")?;
-            let store = open(cli.store_url(), true)?;
+            let store = open(store_url, true)?;
             Ok(Any::Redis(RedisBackend::new(transport, store)))
         }
         Some(url) if url.starts_with("nats://") => {
             let config = NatsConfig::new(url)?;
             let transport = config.connect().await.context("--broker")?;
-            let store = open(cli.store_url(), true)?;
+            let store = open(store_url, true)?;
             Ok(Any::Nats(NatsBackend::new(transport, store)))
         }
         Some(url) if url.starts_with("kafka://") => {
             let config = KafkaConfig::new(url)?;
             let transport = config.connect().await.context("--broker")?;
-            let store = open(cli.store_url(), true)?;
+            let store = open(store_url, true)?;
             Ok(Any::Kafka(KafkaBackend::new(transport, store)))
         }
         Some(url) if url.starts_with("sqs://") => {
             let mut config = SqsConfig::new(url)?;
-            if let Some(endpoint) = &cli.sqs_endpoint {
+            if let Some(endpoint) = sqs_endpoint {
                 config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
             let transport = config.connect().await.context("--broker")?;
-            let store = open(cli.store_url(), true)?;
+            let store = open(store_url, true)?;
             Ok(Any::Sqs(SqsBackend::new(transport, store)))
         }
         Some(url) => {

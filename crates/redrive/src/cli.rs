@@ -403,12 +403,18 @@ pub struct BenchArgs {
     /// What to measure: `consume` (end-to-end throughput, retry lateness, memory),
     /// `triage` (response times of the UI and API over a large DLQ) or `crash-loop`
     /// (messages that kill their consumer among good ones: what reaches the DLQ, and
-    /// how much longer the queue takes than without them).
+    /// how much longer the queue takes than without them) or `crash-points` (the
+    /// process killed at every step boundary, in turn: what was lost, and what each
+    /// crash cost in extra deliveries; on the backend of --store / --broker).
     #[arg(long, default_value = "consume", value_name = "SCENARIO")]
     pub scenario: String,
     /// For `crash-loop`: how many messages kill their consumer.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub killers: usize,
+    /// For `crash-points`: how many times to kill the process, spread over the points
+    /// (needs a build with `--features redrive/failpoints`).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub kills: usize,
     /// For `triage`: how many dead messages to load.
     #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub dead: usize,

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Export(args)) => cmd::dlq::export(&cli, args).await,
             Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
+            Command::Bench(args) if args.scenario == "crash-points" => {
+                cmd::bench_crashpoints::run(&cli, args).await
+            }
             Command::Bench(args) => {
                 cmd::bench::run(cli.broker_url(), cli.sqs_endpoint.as_deref(), args).await
             }

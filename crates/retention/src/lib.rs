@@ -177,6 +177,7 @@ async fn archive_day<S: DeadLetterStore + RetentionStore>(
             path: target.display().to_string(),
             source: std::io::Error::other(e),
         })??;
+    redrive_core::failpoint("archive-renamed");
     archived += store
         .delete_archived(&ids, &target.display().to_string())
         .await?;

@@ -432,6 +432,7 @@ impl<T: Transport> Runner<T> {
                             // an idle wait: this one found messages, so look again now.
                             fetch_at = Instant::now();
                             let at = Instant::now();
+                            redrive_core::failpoint("fetched");
                             line.push(fetched.deliveries.into_iter().map(|d| (d, at)));
                         }
                         Err(e @ TransportError::Misconfigured { .. }) => {
@@ -1000,7 +1001,9 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                 }
             }
         };
+        redrive_core::failpoint("handled");
         self.settle(delivery, outcome, handler_secs).await;
+        redrive_core::failpoint("settled");
     }
 
     /// Runs the handler with a timeout, panic isolation and a lease heartbeat.

@@ -92,6 +92,7 @@ impl DlqSource for SqsTransport {
                 let dead: Vec<DeadLetter> =
                     messages.iter().map(|m| dead_letter(&queue, m)).collect();
                 store.insert_batch(&dead).await?;
+                redrive_core::failpoint("drain-stored");
                 // Only now that the store has them are they deleted from SQS.
                 let entries: Vec<DeleteMessageBatchRequestEntry> = messages
                     .iter()

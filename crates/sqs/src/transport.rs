@@ -944,6 +944,7 @@ impl Transport for SqsTransport {
             let delay = i32::try_from(ceil_secs(due_ms - now_ms())).unwrap_or(MAX_DELAY_SECS);
             self.send_to(&d.token.queue.url, &env, delay, "send a retry to main")
                 .await?;
+            redrive_core::failpoint("next-lane-written");
             self.delete(&d.token, &id).await?;
             self.forget(&d.token);
             return Ok(());
@@ -979,6 +980,7 @@ impl Transport for SqsTransport {
     ) -> Result<(), TransportError> {
         // The DLQ has it before main lets it go.
         self.send_dead(&d.token.queue, envelope).await?;
+        redrive_core::failpoint("next-lane-written");
         self.delete(&d.token, &envelope.id.to_string()).await?;
         self.forget(&d.token);
         Ok(())
@@ -1024,6 +1026,7 @@ impl Transport for SqsTransport {
         let q = &d.token.queue;
         self.send_to(&q.isolated_url, envelope, 0, "send to the isolation queue")
             .await?;
+        redrive_core::failpoint("next-lane-written");
         self.delete(&d.token, &envelope.id.to_string()).await?;
         self.forget(&d.token);
         Ok(())

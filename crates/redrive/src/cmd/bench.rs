@@ -247,7 +247,9 @@ pub async fn run(
             return Ok(ExitCode::SUCCESS);
         }
         "crash-loop" => return super::bench_crash::run(args).await,
-        other => bail!("invalid --scenario {other:?}: use consume, triage or crash-loop"),
+        other => {
+            bail!("invalid --scenario {other:?}: use consume, triage, crash-loop or crash-points")
+        }
     }
     let durability = match args.durability.as_str() {
         "full" => Durability::Full,

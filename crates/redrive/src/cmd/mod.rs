@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod bench_crash;
+pub mod bench_crashpoints;
 pub mod bench_kafka;
 pub mod bench_nats;
 pub mod bench_redis;
