@@ -515,8 +515,12 @@ impl ConsumerContext for Ctx {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        // A commit can succeed as a whole and fail for some partitions (a broker that
+        // restarted and does not know the member's generation yet, say): those are
+        // committed again too, or their offsets would stay behind for good.
+        let failed = offsets.elements().into_iter().find_map(|e| e.error().err());
+        if let Some(e) = result.err().or(failed) {
             tracing::warn!(queue = %self.shared.queue, error = %e, "offset commit failed; it will be retried");
             self.shared.lock().recommit = true;
         }
@@ -721,7 +725,7 @@ fn init_assigned(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
         let (c, m) = (at(&committed, &tp), at(&marks, &tp));
         let unfinished_below = if m > c { m } else { -1 };
         if unfinished_below >= 0 {
-            tracing::info!(queue = %shared.queue, topic = %tp.topic, partition = tp.partition, from = c, to = m, "records leased by a member that died: each counts a failed attempt");
+            tracing::info!(queue = %shared.queue, topic = %tp.topic, partition = tp.partition, from = c, to = m, "records leased by a member that stopped without settling them: each is a crash suspect, run alone");
         }
         let part = Part {
             epoch: st.epoch,
