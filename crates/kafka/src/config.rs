@@ -8,7 +8,8 @@ use crate::error::KafkaError;
 /// `prefix=P` (prepended to every topic name, default none),
 /// `partitions=N` (for main topics redrive creates, default 3), `replication=N`
 /// (default: the broker's own default), `ordered=true` (retry in place, see
-/// [`KafkaConfig::ordered`]), and any librdkafka client setting, recognised by
+/// [`KafkaConfig::ordered`]), `topics=auto` (see [`KafkaConfig::auto_topics`]), and
+/// any librdkafka client setting, recognised by
 /// the dot in its name (`security.protocol=SASL_SSL`, `sasl.mechanism=PLAIN`,
 /// `sasl.username=…`, `sasl.password=…`, `ssl.ca.location=…`).
 #[derive(Clone)]
@@ -30,6 +31,12 @@ pub struct KafkaConfig {
     /// blocking its partition, instead of going to a retry topic. Off by default: retry
     /// topics keep a partition flowing past a failing record, at the cost of order.
     pub ordered: bool,
+    /// `topics=auto`: the broker creates a topic when it is first asked for it
+    /// (`auto.create.topics.enable`), with its own default partition count, and redrive
+    /// asks for the lane topics' metadata instead of calling CreateTopics. For brokers
+    /// without the admin API (librdkafka's mock cluster, some proxies). The default,
+    /// `topics=create`, creates them with CreateTopics.
+    pub auto_topics: bool,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -40,6 +47,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("group", &self.group)
             .field("partitions", &self.partitions)
             .field("ordered", &self.ordered)
+            .field("auto_topics", &self.auto_topics)
             .field(
                 "client",
                 &self.client.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -82,6 +90,7 @@ impl KafkaConfig {
             prefix: String::new(),
             client: Vec::new(),
             ordered: false,
+            auto_topics: false,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let Some((key, value)) = pair.split_once('=') else {
@@ -114,11 +123,18 @@ impl KafkaConfig {
                         _ => return Err(bad(format!("ordered={value:?}: expected true or false"))),
                     };
                 }
+                "topics" => {
+                    config.auto_topics = match value {
+                        "create" => false,
+                        "auto" => true,
+                        _ => return Err(bad(format!("topics={value:?}: expected create or auto"))),
+                    };
+                }
                 _ if key.contains('.') => config.client.push((key.to_owned(), decode(value))),
                 _ => {
                     return Err(bad(format!(
                         "unknown option {key:?}; options are group=, prefix=, partitions=, replication=, \
-                         ordered= and librdkafka settings such as security.protocol="
+                         ordered=, topics= and librdkafka settings such as security.protocol="
                     )));
                 }
             }

@@ -9,7 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use redrive_core::{
@@ -22,6 +22,9 @@ use crate::consumer::{
     CALL_TIMEOUT, COMMIT_EVERY, COVER_AHEAD, Ctx, LaneTopic, Mark, Member, Polled, Shared, Slot, Tp,
 };
 use crate::error::{KafkaError, during};
+
+/// How an isolation lane's topic name ends (no queue name may end so).
+const ISOLATED_SUFFIX: &str = ".isolated";
 
 /// How a member fetches (each may be overridden in the broker URL). Public so that a
 /// benchmark's plain consumer can fetch the same way.
@@ -203,6 +206,23 @@ impl KafkaTransport {
             .collect())
     }
 
+    /// Creates `names` with `topics=auto`: asks for their metadata as a producer, which
+    /// a broker with `auto.create.topics.enable` answers by creating them with its
+    /// default partition count. The isolation lane is written to its partition 0 only,
+    /// so it keeps one line whatever the count.
+    async fn auto_create(&self, names: Vec<String>) -> Result<(), KafkaError> {
+        self.blocking(move |i| {
+            for name in &names {
+                i.producer
+                    .client()
+                    .fetch_metadata(Some(name), CALL_TIMEOUT)
+                    .map_err(|e| KafkaError::call(format!("create topic {name}"), e))?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
     /// Creates the lanes' topics that are missing, with the main topic's partition
     /// count, and checks the ones present.
     async fn ensure_topics(&self, queue: &QueueName, tiers: &[Tier]) -> Result<(), KafkaError> {
@@ -246,20 +266,25 @@ impl KafkaTransport {
                     )
                 })
                 .collect();
-            let results = self
-                .inner
-                .admin
-                .create_topics(
-                    new.iter(),
-                    &AdminOptions::new().request_timeout(Some(CALL_TIMEOUT)),
-                )
-                .await
-                .map_err(during("create topics"))?;
-            for r in results {
-                match r {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((topic, code)) => {
-                        return Err(KafkaError::call(format!("create topic {topic}"), code));
+            if self.inner.config.auto_topics {
+                self.auto_create(missing.iter().map(|n| (*n).clone()).collect())
+                    .await?;
+            } else {
+                let results = self
+                    .inner
+                    .admin
+                    .create_topics(
+                        new.iter(),
+                        &AdminOptions::new().request_timeout(Some(CALL_TIMEOUT)),
+                    )
+                    .await
+                    .map_err(during("create topics"))?;
+                for r in results {
+                    match r {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((topic, code)) => {
+                            return Err(KafkaError::call(format!("create topic {topic}"), code));
+                        }
                     }
                 }
             }
@@ -270,6 +295,15 @@ impl KafkaTransport {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if self.inner.config.auto_topics
+                && let Some(absent) = missing.iter().find(|n| !present.contains_key(**n))
+            {
+                return Err(KafkaError::call(
+                    format!("create topic {absent}"),
+                    "topics=auto, but the broker did not create it when asked for it; enable \
+                     auto.create.topics.enable on the broker, or drop topics=auto",
+                ));
             }
         }
         let mut known = lock(&self.inner.topics);
@@ -423,6 +457,11 @@ impl KafkaTransport {
             .headers(Self::headers(env, extra));
         if let Some(k) = &env.key {
             record = record.key(k.as_bytes());
+        }
+        if topic.ends_with(ISOLATED_SUFFIX) {
+            // One line for the queue's suspects, even on a topic made with more
+            // partitions than the one asked for (see `auto_create`).
+            record = record.partition(0);
         }
         self.inner.producer.send_result(record).map_err(|(e, _)| {
             let full =

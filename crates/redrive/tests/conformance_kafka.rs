@@ -109,12 +109,8 @@ async fn raw(
         .guard
         .downcast_ref::<(tempfile::TempDir, kafka_support::Scope)>()
         .unwrap();
-    let producer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_support::bootstrap())
-        // The test broker cannot fetch from inside a batch (see `kafka_support`).
-        .set("batch.num.messages", "1")
-        .create()
-        .unwrap();
+    // Batched as the broker under test allows (see `kafka_support::batched`).
+    let producer = kafka_support::plain_producer().create().unwrap();
     (producer, format!("{}{queue}", scope.prefix))
 }
 

@@ -19,6 +19,39 @@ pub fn bootstrap() -> String {
     kafka_url().trim_start_matches("kafka://").to_owned()
 }
 
+/// Whether the broker under test reads from inside a batch of several records
+/// (`REDRIVE_TEST_KAFKA_BATCHED=1`: `./scripts/test` sets it for librdkafka's mock
+/// cluster). tansu 0.6, the default test broker, does not: a fetch that starts inside a
+/// multi-record batch returns nothing, and it reports a partition's end as its last
+/// batch's first offset + 1, so against it every test produces one record per batch.
+pub fn batched() -> bool {
+    std::env::var("REDRIVE_TEST_KAFKA_BATCHED").is_ok_and(|v| v == "1")
+}
+
+/// URL options for producing as the broker under test allows: batches of many records
+/// lingering a few milliseconds as real producers send them, or one record per batch
+/// (see [`batched`]). tansu also answers every fetch only after the fetch's whole
+/// maximum wait, data or not, so the wait is kept short; real Kafka needs neither.
+pub fn producer_settings() -> &'static str {
+    if batched() {
+        "topics=auto&linger.ms=20&fetch.wait.max.ms=10"
+    } else {
+        "batch.num.messages=1&fetch.wait.max.ms=10"
+    }
+}
+
+/// The same as client properties, for a test's own plain producer.
+pub fn plain_producer() -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap());
+    if batched() {
+        config.set("linger.ms", "20");
+    } else {
+        config.set("batch.num.messages", "1");
+    }
+    config
+}
+
 /// A test's own topics (`<prefix>…`) and groups; its topics are deleted on drop.
 pub struct Scope {
     pub prefix: String,
@@ -34,14 +67,10 @@ impl Scope {
             .unwrap_or(0);
         let id = format!("t{:x}{:x}", std::process::id(), nanos);
         let prefix = format!("{id}.");
-        // tansu 0.6, the test broker, cannot fetch from an offset inside a batch of
-        // several records, and reports a partition's end as its last batch's first
-        // offset + 1: one record per produce batch keeps both right. It also answers
-        // every fetch only after the fetch's whole max wait, data or not, so the wait
-        // is kept short. Real Kafka needs neither setting.
         let url = format!(
-            "{}?prefix={prefix}&group={id}&batch.num.messages=1&fetch.wait.max.ms=10",
-            kafka_url()
+            "{}?prefix={prefix}&group={id}&{}",
+            kafka_url(),
+            producer_settings()
         );
         Self { prefix, url }
     }
