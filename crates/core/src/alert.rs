@@ -158,7 +158,8 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// The default rule of DESIGN.md: any DLQ depth above 0 for 5 minutes, every queue.
+    /// The default rule: any DLQ depth above 0 for 5 minutes, every queue
+    /// (docs/design.md, "Triage, paging, retention, security").
     #[must_use]
     pub fn default_rule(notify: Vec<String>) -> Self {
         Self {

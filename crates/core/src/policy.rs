@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::duration::{DurationError, format_duration, parse_duration};
 
-/// The default tiers of DESIGN.md.
+/// The default tiers (docs/design.md, "Lanes and tiers").
 pub const DEFAULT_TIERS: &str = "5s,30s,5m";
 
 /// The longest delay a handler may ask for with `RetryAfter`; longer requests are capped.

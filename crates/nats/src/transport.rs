@@ -1245,8 +1245,8 @@ impl Transport for NatsTransport {
 
     fn fetches_in_flight(&self) -> usize {
         // The server serves pull requests in turn; with the next one already waiting it
-        // goes on sending while the runner takes in the batch it just answered (bench:
-        // BENCHMARKS.md, eighth session).
+        // goes on sending while the runner takes in the batch it just answered
+        // (BENCHMARKS.md, NATS: "two pulls in flight").
         2
     }
 }

@@ -133,8 +133,6 @@ impl Any {
     }
 }
 
-/// Opens what `--store` and `--broker` say. With a broker, the store is the dead-letter
-/// store of record and is created when missing.
 /// The tiers `queue` is configured with in the config file, else the default.
 pub fn configured_tiers(cli: &Cli, queue: &QueueName) -> String {
     cli.loaded
@@ -168,6 +166,12 @@ pub async fn create_configured_lanes(cli: &Cli, store: &Any) -> Result<()> {
     Ok(())
 }
 
+/// Opens what `--store` and `--broker` say. With a broker, the store is the dead-letter
+/// store of record and is created when missing.
+///
+/// # Errors
+///
+/// A URL that does not parse, or a backend that cannot be reached.
 pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
     open_urls(
         cli.store_url(),

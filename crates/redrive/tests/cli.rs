@@ -54,7 +54,7 @@ fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The handler of the issue's scripted session, in plain sh: exit 65 on malformed
+/// A sidecar handler in plain sh: exit 65 on malformed
 /// input, 75 on the first delivery of every 10th task, always fail every 50th.
 const HANDLER: &str = r#"p=$(cat)
 case "$p" in
@@ -66,7 +66,7 @@ if [ $((n % 10)) -eq 0 ] && [ "$REDRIVE_ATTEMPT" = 0 ]; then echo "task $n is bu
 exit 0"#;
 
 #[test]
-fn the_scripted_session_of_the_foundation_issue() {
+fn publish_consume_triage_and_replay_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.db");
     let mut input = String::new();
@@ -566,7 +566,7 @@ async fn wait_for_pages(sink: &redrive_conformance::http_sink::HttpSink, n: usiz
     }
 }
 
-/// The issue's figure: a DLQ that stays non-empty for the rule's duration produces
+/// A DLQ that stays non-empty for the rule's duration produces
 /// exactly one PagerDuty trigger, and emptying it exactly one resolve with the same
 /// dedup_key, with restarts of `serve` in between (one of them a SIGKILL while pending).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

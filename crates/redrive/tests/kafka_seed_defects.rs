@@ -1,5 +1,7 @@
 //! One test per defect of the hand-written Kafka retry consumer that redrive replaces
-//! (see `shared/seed`): each would fail on the defect and passes on redrive.
+//! (the common pattern: a loop that produces a failed record to a retry topic with
+//! `attempt` / `error` headers, then commits): each would fail on the defect and passes
+//! on redrive.
 //!
 //! 1. Retry topics consumed at once, so the delays never happen.
 //! 2. A payload that fails to parse raises outside the `try` and kills the loop.

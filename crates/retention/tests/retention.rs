@@ -243,7 +243,7 @@ async fn warm_must_be_longer_than_hot() {
     );
 }
 
-/// The figure: 100,000 dead messages past hot and warm end up archived, and the
+/// At scale: 100,000 dead messages past hot and warm end up archived, and the
 /// archive imports back byte-exact.
 #[tokio::test]
 async fn one_hundred_thousand_archived_and_restored_byte_exact() {

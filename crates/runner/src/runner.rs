@@ -75,7 +75,7 @@ impl Default for RunnerConfig {
             max_messages: None,
             idle_poll: Duration::from_millis(100),
             // Per-fetch costs (a broker round trip, a lease transaction) add up: at 256
-            // the NATS bench's median ratio was 0.64x, at 1024 0.71-0.75x (BENCHMARKS.md).
+            // the NATS bench's median ratio was 0.64x, at 1024 0.71-0.75x (BENCHMARKS.md, NATS).
             fetch_batch: 1024,
             max_payload: 16 * 1024 * 1024,
         }

@@ -1,6 +1,6 @@
 //! Handlers for agents written in any language: run a command per message (`--exec`)
 //! or POST it to an HTTP endpoint (`--webhook`). Both map their results onto redrive's
-//! outcomes as DESIGN.md tabulates.
+//! outcomes as docs/design.md tabulates ("Outcomes").
 
 mod exec;
 mod webhook;
