@@ -19,22 +19,34 @@ pub fn bootstrap() -> String {
     kafka_url().trim_start_matches("kafka://").to_owned()
 }
 
-/// Whether the broker under test reads from inside a batch of several records
-/// (`REDRIVE_TEST_KAFKA_BATCHED=1`: `./scripts/test` sets it for librdkafka's mock
-/// cluster). tansu 0.6, the default test broker, does not: a fetch that starts inside a
-/// multi-record batch returns nothing, and it reports a partition's end as its last
-/// batch's first offset + 1, so against it every test produces one record per batch.
-pub fn batched() -> bool {
-    std::env::var("REDRIVE_TEST_KAFKA_BATCHED").is_ok_and(|v| v == "1")
+/// Whether the broker under test is librdkafka's mock cluster (`crates/kafka-mock`,
+/// `REDRIVE_TEST_KAFKA_MOCK=1`; `./scripts/test` runs the Kafka tests on it as well as
+/// on tansu). What differs:
+/// - it reads from inside a batch of several records, as a real broker does; tansu 0.6,
+///   the default test broker, does not (a fetch that starts inside a multi-record batch
+///   returns nothing, and it reports a partition's end as its last batch's first offset
+///   + 1), so against tansu every test produces one record per batch;
+/// - it has no CreateTopics (redrive's URL takes `topics=auto`) and no DeleteTopics (a
+///   test's topics stay in its memory until it exits);
+/// - it holds a rebalance for a second less than the members' session timeout.
+pub fn mock() -> bool {
+    std::env::var("REDRIVE_TEST_KAFKA_MOCK").is_ok_and(|v| v == "1")
 }
 
-/// URL options for producing as the broker under test allows: batches of many records
-/// lingering a few milliseconds as real producers send them, or one record per batch
-/// (see [`batched`]). tansu also answers every fetch only after the fetch's whole
-/// maximum wait, data or not, so the wait is kept short; real Kafka needs neither.
+/// Whether producers send batches of many records (see [`mock`]).
+pub fn batched() -> bool {
+    mock()
+}
+
+/// URL options for the broker under test (see [`mock`]): batches of many records
+/// lingering a few milliseconds as real producers send them, or one record per batch;
+/// lane topics created by a metadata request where CreateTopics is missing; a 2 s
+/// session instead of redrive's 6 s where rebalances wait for it. tansu also answers
+/// every fetch only after the fetch's whole maximum wait, data or not, so the wait is
+/// kept short. Real Kafka needs none of these.
 pub fn producer_settings() -> &'static str {
     if batched() {
-        "topics=auto&linger.ms=20&fetch.wait.max.ms=10"
+        "topics=auto&linger.ms=20&fetch.wait.max.ms=10&session.timeout.ms=2000&heartbeat.interval.ms=300"
     } else {
         "batch.num.messages=1&fetch.wait.max.ms=10"
     }
@@ -78,6 +90,9 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        if mock() {
+            return; // No DeleteTopics: the request would wait out its whole timeout.
+        }
         let prefix = self.prefix.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
