@@ -14,6 +14,11 @@ pub const DEFAULT_TIERS: &str = "5s,30s,5m";
 /// The longest delay a handler may ask for with `RetryAfter`; longer requests are capped.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(12 * 3600);
 
+/// Deliveries a message gets with `tiers` retry tiers: one per tier plus the first.
+pub(crate) fn attempts_for(tiers: usize) -> u32 {
+    u32::try_from(tiers).unwrap_or(u32::MAX - 1).saturating_add(1)
+}
+
 /// Why a policy could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -190,7 +195,7 @@ impl RetryPolicy {
     /// Deliveries a message gets before it is dead: one per tier plus the first.
     #[must_use]
     pub fn max_attempts(&self) -> u32 {
-        u32::try_from(self.tiers.len()).unwrap_or(u32::MAX - 1) + 1
+        attempts_for(self.tiers.len())
     }
 
     /// Decides where a message goes after its `failed`-th failed attempt (1-based).

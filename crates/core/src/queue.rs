@@ -156,6 +156,15 @@ pub struct LaneSet {
     pub tiers: Vec<Tier>,
 }
 
+impl LaneSet {
+    /// Deliveries a message of this queue gets before it is dead, as its retry policy
+    /// counts them ([`crate::RetryPolicy::max_attempts`]).
+    #[must_use]
+    pub fn max_attempts(&self) -> u32 {
+        crate::policy::attempts_for(self.tiers.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

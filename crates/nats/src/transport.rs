@@ -688,7 +688,7 @@ impl NatsTransport {
             .get_stream(&n.stream)
             .await
             .map_err(call("open the main stream"))?;
-        let max_attempts = i64::try_from(lanes.tiers.len()).unwrap_or(16) + 1;
+        let max_attempts = i64::from(lanes.max_attempts());
         let consumer: Consumer = stream
             .get_or_create_consumer(
                 CONSUMER,

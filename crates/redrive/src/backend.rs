@@ -18,6 +18,40 @@ use redrive_sqs::{SqsBackend, SqsConfig};
 
 use crate::cli::Cli;
 
+/// What `--broker` names, parsed once by its backend's own URL parser.
+pub enum Broker {
+    /// `redis://` or `rediss://`.
+    Redis(RedisConfig),
+    /// `nats://`.
+    Nats(NatsConfig),
+    /// `kafka://`.
+    Kafka(KafkaConfig),
+    /// `sqs://`.
+    Sqs(SqsConfig),
+}
+
+impl Broker {
+    /// Parses a broker URL: the scheme picks the backend, whose parser checks the rest.
+    ///
+    /// # Errors
+    ///
+    /// An unknown scheme (the message lists the supported ones), or the backend's own
+    /// error for the rest of the URL.
+    pub fn parse(url: &str) -> Result<Self> {
+        let scheme = url.split("://").next().unwrap_or(url);
+        Ok(match scheme {
+            "redis" | "rediss" => Self::Redis(RedisConfig::new(url)?),
+            "nats" => Self::Nats(NatsConfig::new(url)?),
+            "kafka" => Self::Kafka(KafkaConfig::new(url)?),
+            "sqs" => Self::Sqs(SqsConfig::new(url)?),
+            _ => bail!(
+                "unsupported broker {scheme:?}: this build supports redis://HOST:PORT, \
+                 nats://HOST:PORT, kafka://HOST:PORT[,HOST:PORT…] and sqs://REGION"
+            ),
+        })
+    }
+}
+
 /// Opens the SQLite store. Commands that only read pass `create = false`, so a mistyped
 /// path is an error instead of a new, empty store.
 pub fn open(url: &str, create: bool) -> Result<Sqlite> {
@@ -194,42 +228,33 @@ pub async fn open_urls(
     sqs_endpoint: Option<&str>,
     create: bool,
 ) -> Result<Any> {
-    match broker_url {
-        None => Ok(Any::Sqlite(open(store_url, create)?)),
-        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-            let config = RedisConfig::new(url)?;
+    let Some(url) = broker_url else {
+        return Ok(Any::Sqlite(open(store_url, create)?));
+    };
+    let broker = Broker::parse(url)?;
+    // With a broker, the store is the dead-letter store of record: created when missing.
+    let store = || open(store_url, true);
+    Ok(match broker {
+        Broker::Redis(config) => {
             let transport = config.connect().await.context("--broker")?;
-            let store = open(store_url, true)?;
-            Ok(Any::Redis(RedisBackend::new(transport, store)))
+            Any::Redis(RedisBackend::new(transport, store()?))
         }
-        Some(url) if url.starts_with("nats://") => {
-            let config = NatsConfig::new(url)?;
+        Broker::Nats(config) => {
             let transport = config.connect().await.context("--broker")?;
-            let store = open(store_url, true)?;
-            Ok(Any::Nats(NatsBackend::new(transport, store)))
+            Any::Nats(NatsBackend::new(transport, store()?))
         }
-        Some(url) if url.starts_with("kafka://") => {
-            let config = KafkaConfig::new(url)?;
+        Broker::Kafka(config) => {
             let transport = config.connect().await.context("--broker")?;
-            let store = open(store_url, true)?;
-            Ok(Any::Kafka(KafkaBackend::new(transport, store)))
+            Any::Kafka(KafkaBackend::new(transport, store()?))
         }
-        Some(url) if url.starts_with("sqs://") => {
-            let mut config = SqsConfig::new(url)?;
+        Broker::Sqs(mut config) => {
             if let Some(endpoint) = sqs_endpoint {
                 config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
             let transport = config.connect().await.context("--broker")?;
-            let store = open(store_url, true)?;
-            Ok(Any::Sqs(SqsBackend::new(transport, store)))
+            Any::Sqs(SqsBackend::new(transport, store()?))
         }
-        Some(url) => {
-            let scheme = url.split("://").next().unwrap_or(url);
-            bail!(
-                "unsupported broker {scheme:?} in --broker: this build supports redis://HOST:PORT, nats://HOST:PORT, kafka://HOST:PORT[,HOST:PORT…] and sqs://REGION"
-            )
-        }
-    }
+    })
 }
 
 /// A delivery of either backend.

@@ -538,29 +538,9 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
 
 /// Checks a broker URL with the parser of its backend.
 fn check_broker(url: &str) -> Result<(), String> {
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        redrive_redis::RedisConfig::new(url)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    } else if url.starts_with("nats://") {
-        redrive_nats::NatsConfig::new(url)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    } else if url.starts_with("kafka://") {
-        redrive_kafka::KafkaConfig::new(url)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    } else if url.starts_with("sqs://") {
-        redrive_sqs::SqsConfig::new(url)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    } else {
-        Err(format!(
-            "unsupported broker {:?}; this build supports redis://HOST:PORT, nats://HOST:PORT, \
-             kafka://HOST:PORT[,HOST:PORT…] and sqs://REGION",
-            url.split("://").next().unwrap_or(url)
-        ))
-    }
+    crate::backend::Broker::parse(url)
+        .map(drop)
+        .map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]

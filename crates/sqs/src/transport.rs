@@ -341,7 +341,7 @@ impl SqsTransport {
                 )));
             }
         }
-        let max = lanes.tiers.len() + 1;
+        let max = lanes.max_attempts() as usize;
         let wanted = backstop(max);
         let client = &self.inner.client;
         let arn = client

@@ -13,6 +13,7 @@ use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::{Durability, SqliteConfig};
 use serde::Serialize;
 
+use crate::backend::Broker;
 use crate::cli::BenchArgs;
 use crate::output::json_line;
 use crate::output::outln;
@@ -190,8 +191,8 @@ pub async fn run(
     args: &BenchArgs,
 ) -> Result<ExitCode> {
     if let Some(url) = broker {
-        if !(url.starts_with("nats://") || url.starts_with("kafka://") || url.starts_with("sqs://"))
-        {
+        let kind = Broker::parse(url)?;
+        if let Broker::Redis(_) = kind {
             if args.rounds > 1 {
                 bail!(
                     "--rounds applies to the nats://, kafka:// and sqs:// benches; the Redis \
@@ -205,12 +206,11 @@ pub async fn run(
         // round's ratio is noise-prone, the median of several alternating rounds less so.
         let mut ratios = Vec::with_capacity(usize::from(args.rounds));
         for _ in 0..args.rounds {
-            ratios.push(if url.starts_with("nats://") {
-                super::bench_nats::run(url, args).await?
-            } else if url.starts_with("kafka://") {
-                super::bench_kafka::run(url, args).await?
-            } else {
-                super::bench_sqs::run(url, sqs_endpoint, args).await?
+            ratios.push(match kind {
+                Broker::Nats(_) => super::bench_nats::run(url, args).await?,
+                Broker::Kafka(_) => super::bench_kafka::run(url, args).await?,
+                Broker::Sqs(_) => super::bench_sqs::run(url, sqs_endpoint, args).await?,
+                Broker::Redis(_) => unreachable!("the Redis bench returned above"),
             });
         }
         if ratios.len() > 1 {
