@@ -16,7 +16,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(12 * 3600);
 
 /// Deliveries a message gets with `tiers` retry tiers: one per tier plus the first.
 pub(crate) fn attempts_for(tiers: usize) -> u32 {
-    u32::try_from(tiers).unwrap_or(u32::MAX - 1).saturating_add(1)
+    u32::try_from(tiers)
+        .unwrap_or(u32::MAX - 1)
+        .saturating_add(1)
 }
 
 /// Why a policy could not be built.

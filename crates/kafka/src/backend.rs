@@ -13,9 +13,10 @@ use redrive_core::{
     now_ms,
 };
 
-use crate::consumer::{CALL_TIMEOUT, decode};
+use crate::consumer::CALL_TIMEOUT;
 use crate::error::{KafkaError, during};
 use crate::transport::{Inner, KafkaTransport};
+use crate::wire::decode;
 
 /// Kafka lanes and a dead-letter store, as one backend.
 pub type KafkaBackend<S> = Brokered<KafkaTransport, S>;

@@ -18,6 +18,7 @@ mod consumer;
 mod error;
 mod slots;
 mod transport;
+mod wire;
 
 pub use backend::KafkaBackend;
 pub use config::KafkaConfig;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
@@ -22,6 +21,7 @@ use crate::consumer::{
     CALL_TIMEOUT, COMMIT_EVERY, COVER_AHEAD, Ctx, LaneTopic, Mark, Member, Polled, Shared, Slot, Tp,
 };
 use crate::error::{KafkaError, during};
+use crate::wire::encode;
 
 /// How an isolation lane's topic name ends (no queue name may end so).
 const ISOLATED_SUFFIX: &str = ".isolated";
@@ -421,31 +421,6 @@ impl KafkaTransport {
         Ok(member)
     }
 
-    fn headers(env: &Envelope, extra: &[(&str, String)]) -> OwnedHeaders {
-        // A record that never failed carries its id alone: every header is bytes in each
-        // record and in every fetch of it (BENCHMARKS.md, Kafka: one header instead of four
-        // raised the consume rate by half).
-        let wire = if extra.is_empty() && env.is_fresh() {
-            env.to_compact_wire()
-        } else {
-            env.to_wire()
-        };
-        let mut h = OwnedHeaders::new_with_capacity(wire.len() + extra.len());
-        for (k, v) in &wire {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        for (k, v) in extra {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        h
-    }
-
     /// Queues a record for `topic`; the returned future resolves once the broker has it.
     fn send(
         &self,
@@ -455,7 +430,7 @@ impl KafkaTransport {
     ) -> Result<DeliveryFuture, (rdkafka::error::KafkaError, bool)> {
         let mut record = FutureRecord::to(topic)
             .payload(&env.payload[..])
-            .headers(Self::headers(env, extra));
+            .headers(encode(env, extra));
         if let Some(k) = &env.key {
             record = record.key(k.as_bytes());
         }

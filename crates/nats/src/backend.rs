@@ -9,10 +9,9 @@ use redrive_core::{
     Brokered, DeadLetter, DeadLetterStore, DlqSource, Envelope, QueueName, StoreError,
 };
 
-use crate::transport::{
-    NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, id_in_stream,
-    wire_of,
-};
+use crate::error::{NatsError, call};
+use crate::transport::{NatsTransport, durable, fetch_batch};
+use crate::wire::{created_ms, envelope_of, id_in_stream, wire_of};
 
 /// JetStream lanes and a dead-letter store, as one backend.
 pub type NatsBackend<S> = Brokered<NatsTransport, S>;

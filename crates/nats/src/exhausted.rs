@@ -19,10 +19,9 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use redrive_core::{Envelope, QueueName, now_ms};
 
-use crate::transport::{
-    NatsError, NatsTransport, call, created_ms, durable, envelope_of, fetch_batch, id_in_stream,
-    id_of_subject, read_envelope, wire_of,
-};
+use crate::error::{NatsError, call};
+use crate::transport::{NatsTransport, durable, fetch_batch};
+use crate::wire::{created_ms, envelope_of, id_in_stream, id_of_subject, read_envelope, wire_of};
 
 /// How often a consumer looks for exhausted messages while it fetches.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(5);

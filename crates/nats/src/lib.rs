@@ -17,8 +17,13 @@
 //! consumer's own backoff (ignored by `Nak` without a delay) is not used.
 
 mod backend;
+mod config;
+mod error;
 mod exhausted;
 mod transport;
+mod wire;
 
 pub use backend::NatsBackend;
-pub use transport::{IdPlacement, NatsConfig, NatsError, NatsTransport, Token};
+pub use config::{IdPlacement, NatsConfig};
+pub use error::NatsError;
+pub use transport::{NatsTransport, Token};

@@ -6,7 +6,8 @@ use redis::Value;
 use redrive_core::{Brokered, DeadLetter, DeadLetterStore, DlqSource, QueueName, StoreError};
 
 use crate::error::RedisError;
-use crate::transport::{Entry, RedisTransport, entries, envelope_of, read_reply};
+use crate::transport::RedisTransport;
+use crate::wire::{Entry, entries, envelope_of, read_reply};
 
 /// Redis lanes and a dead-letter store, as one backend.
 pub type RedisBackend<S> = Brokered<RedisTransport, S>;

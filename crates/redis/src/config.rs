@@ -1,9 +1,6 @@
 //! Where the Redis server is, and how to connect.
 
-use std::time::Duration;
-
 use crate::error::RedisError;
-use crate::transport::RedisTransport;
 
 /// How to reach Redis.
 #[derive(Clone)]
@@ -77,35 +74,5 @@ impl RedisConfig {
             .map_or(self.url.as_str(), |(_, r)| r);
         let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
         format!("redis://{host}")
-    }
-
-    /// Connects, and checks the server answers (the start-up health check).
-    ///
-    /// # Errors
-    ///
-    /// [`RedisError::Unreachable`] naming the address when Redis is down or refuses.
-    pub async fn connect(&self) -> Result<RedisTransport, RedisError> {
-        let unreachable = |e: redis::RedisError| RedisError::Unreachable {
-            address: self.shown(),
-            reason: e.to_string(),
-        };
-        let client = redis::Client::open(self.url.as_str()).map_err(unreachable)?;
-        let settings = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2);
-        let mut conn = client
-            .get_connection_manager_with_config(settings)
-            .await
-            .map_err(unreachable)?;
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(unreachable)?;
-        Ok(RedisTransport::new(
-            conn,
-            self.shown(),
-            self.namespace.clone(),
-        ))
     }
 }

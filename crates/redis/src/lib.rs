@@ -20,6 +20,7 @@ mod config;
 mod error;
 mod scripts;
 mod transport;
+mod wire;
 
 pub use backend::RedisBackend;
 pub use config::RedisConfig;

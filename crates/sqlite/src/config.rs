@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use crate::db::Sqlite;
 use crate::error::SqliteError;
 
 /// How hard a commit is pushed to disk before it is acknowledged.
@@ -70,16 +69,6 @@ impl SqliteConfig {
             }
         }
         Ok(config)
-    }
-
-    /// Opens (creating if needed) the store.
-    ///
-    /// # Errors
-    ///
-    /// Returns [`SqliteError::Open`] naming the file when it cannot be created, opened,
-    /// switched to WAL mode or given its schema.
-    pub fn open(&self) -> Result<Sqlite, SqliteError> {
-        Sqlite::open(self)
     }
 }
 

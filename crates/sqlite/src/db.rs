@@ -435,3 +435,15 @@ fn run_group(conn: &Connection, jobs: Vec<Job>) {
         done(result);
     }
 }
+
+impl SqliteConfig {
+    /// Opens (creating if needed) the store.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`SqliteError::Open`] naming the file when it cannot be created, opened,
+    /// switched to WAL mode or given its schema.
+    pub fn open(&self) -> Result<Sqlite, SqliteError> {
+        Sqlite::open(self)
+    }
+}

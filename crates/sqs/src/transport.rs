@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aws_config::retry::RetryConfig;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName, QueueAttributeName,
@@ -1178,5 +1179,57 @@ impl LaneStats for SqsTransport {
             .map(|t| (t.name().to_owned(), 0))
             .collect();
         Ok(d)
+    }
+}
+
+impl SqsConfig {
+    /// Builds the client ([`Self::sdk_client`]) and checks SQS answers (one
+    /// `ListQueues`).
+    ///
+    /// # Errors
+    ///
+    /// [`SqsError::Unreachable`] when there are no credentials, the endpoint does not
+    /// answer, or SQS refuses the credentials.
+    pub async fn connect(&self) -> Result<SqsTransport, SqsError> {
+        let address = self.address();
+        let unreachable = |reason: String| SqsError::Unreachable {
+            address: address.clone(),
+            reason,
+        };
+        let (client, calls) = self.sdk_client().await?;
+        // One quick call: an endpoint that is down fails here, not on the first fetch.
+        let probe = client
+            .list_queues()
+            .queue_name_prefix(format!("{}redrive-probe", self.prefix))
+            .max_results(1)
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Config::builder().retry_config(
+                    RetryConfig::standard()
+                        .with_max_attempts(4)
+                        .with_initial_backoff(Duration::from_millis(50)),
+                ),
+            )
+            .send();
+        match tokio::time::timeout(Duration::from_secs(10), probe).await {
+            Err(_) => return Err(unreachable("no answer within 10 s".into())),
+            Ok(Err(e)) => {
+                let e = during("list queues")(e);
+                let hint = match e.code() {
+                    Some(
+                        "InvalidClientTokenId"
+                        | "UnrecognizedClientException"
+                        | "SignatureDoesNotMatch"
+                        | "InvalidAccessKeyId"
+                        | "AccessDenied"
+                        | "AccessDeniedException",
+                    ) => " (the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_PROFILE)",
+                    _ => "",
+                };
+                return Err(unreachable(format!("{e}{hint}")));
+            }
+            Ok(Ok(_)) => {}
+        }
+        Ok(SqsTransport::new(client, self.clone(), calls))
     }
 }
