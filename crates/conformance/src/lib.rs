@@ -33,7 +33,7 @@ pub struct Cli {
 }
 
 /// One fresh backend for one scenario.
-pub struct Backend<T, S> {
+pub struct Fixture<T, S> {
     /// Its transport.
     pub transport: T,
     /// Its dead-letter store.
@@ -52,7 +52,7 @@ pub trait Harness: Send + Sync {
     type S: DeadLetterStore + Clone;
 
     /// A fresh backend with no messages, isolated from every other scenario.
-    fn open(&self) -> impl Future<Output = Backend<Self::T, Self::S>> + Send;
+    fn open(&self) -> impl Future<Output = Fixture<Self::T, Self::S>> + Send;
 
     /// Writes messages redrive cannot read to `queue`'s main lane with the backend's
     /// own client (SQL for SQLite), as a careless or hostile producer would: missing
@@ -60,7 +60,7 @@ pub trait Harness: Send + Sync {
     /// Returns how many it wrote.
     fn write_malformed(
         &self,
-        b: &Backend<Self::T, Self::S>,
+        b: &Fixture<Self::T, Self::S>,
         queue: &QueueName,
     ) -> impl Future<Output = usize> + Send;
 
@@ -68,7 +68,7 @@ pub trait Harness: Send + Sync {
     /// producer that knows nothing of redrive would: no redrive headers at all.
     fn publish_plain(
         &self,
-        b: &Backend<Self::T, Self::S>,
+        b: &Fixture<Self::T, Self::S>,
         queue: &QueueName,
         payload: &[u8],
     ) -> impl Future<Output = ()> + Send;

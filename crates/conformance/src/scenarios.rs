@@ -10,7 +10,7 @@ use redrive_core::{
 };
 use redrive_runner::{Handler, Runner, RunnerConfig, handler_fn};
 
-use crate::{Backend, Harness, LATENESS_BOUND_MS};
+use crate::{Fixture, Harness, LATENESS_BOUND_MS};
 
 /// Longest any single scenario run may take before the test fails instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
@@ -80,7 +80,7 @@ impl Seen {
     }
 }
 
-async fn open<H: Harness>(h: &H) -> Backend<H::T, H::S> {
+async fn open<H: Harness>(h: &H) -> Fixture<H::T, H::S> {
     h.open().await
 }
 
@@ -402,7 +402,7 @@ pub async fn graceful_shutdown_releases_without_counting<H: Harness>(h: &H) {
 }
 
 async fn cli_consume(
-    b: &Backend<impl Transport, impl DeadLetterStore>,
+    b: &Fixture<impl Transport, impl DeadLetterStore>,
     extra: &[&str],
 ) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(&b.cli.bin);
@@ -530,7 +530,7 @@ pub async fn crash_looping_message_reaches_the_dlq<H: Harness>(h: &H) {
 /// Runs `redrive consume --until-idle` with `args` until a run ends on its own, starting
 /// it again after every death as a supervisor would; returns how many runs died.
 async fn supervise(
-    b: &Backend<impl Transport, impl DeadLetterStore>,
+    b: &Fixture<impl Transport, impl DeadLetterStore>,
     args: &[&str],
     lease: Duration,
 ) -> usize {

@@ -130,7 +130,7 @@ fn check_path(path: &Path, create: bool) -> Result<()> {
 /// dead-letter store of record.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // One per process, cloned rarely: boxing buys nothing.
-pub enum Any {
+pub enum AnyBackend {
     /// Everything in one SQLite file.
     Sqlite(Sqlite),
     /// Redis lanes, SQLite dead letters.
@@ -143,7 +143,7 @@ pub enum Any {
     Sqs(SqsBackend<Sqlite>),
 }
 
-impl Any {
+impl AnyBackend {
     /// The SQLite store (alert state, retention, audit).
     pub fn sqlite(&self) -> &Sqlite {
         match self {
@@ -182,7 +182,7 @@ pub fn configured_tiers(cli: &Cli, queue: &QueueName) -> String {
 /// # Errors
 ///
 /// A queue name or tier list that does not parse, or a backend that refuses.
-pub async fn create_configured_lanes(cli: &Cli, store: &Any) -> Result<()> {
+pub async fn create_configured_lanes(cli: &Cli, store: &AnyBackend) -> Result<()> {
     for name in cli.loaded.queues.keys() {
         let queue = QueueName::new(name.as_str())?;
         let tiers = configured_tiers(cli, &queue);
@@ -206,7 +206,7 @@ pub async fn create_configured_lanes(cli: &Cli, store: &Any) -> Result<()> {
 /// # Errors
 ///
 /// A URL that does not parse, or a backend that cannot be reached.
-pub async fn open_any(cli: &Cli, create: bool) -> Result<Any> {
+pub async fn open_any(cli: &Cli, create: bool) -> Result<AnyBackend> {
     open_urls(
         cli.store_url(),
         cli.broker_url(),
@@ -227,9 +227,9 @@ pub async fn open_urls(
     broker_url: Option<&str>,
     sqs_endpoint: Option<&str>,
     create: bool,
-) -> Result<Any> {
+) -> Result<AnyBackend> {
     let Some(url) = broker_url else {
-        return Ok(Any::Sqlite(open(store_url, create)?));
+        return Ok(AnyBackend::Sqlite(open(store_url, create)?));
     };
     let broker = Broker::parse(url)?;
     // With a broker, the store is the dead-letter store of record: created when missing.
@@ -237,27 +237,27 @@ pub async fn open_urls(
     Ok(match broker {
         Broker::Redis(config) => {
             let transport = config.connect().await.context("--broker")?;
-            Any::Redis(RedisBackend::new(transport, store()?))
+            AnyBackend::Redis(RedisBackend::new(transport, store()?))
         }
         Broker::Nats(config) => {
             let transport = config.connect().await.context("--broker")?;
-            Any::Nats(NatsBackend::new(transport, store()?))
+            AnyBackend::Nats(NatsBackend::new(transport, store()?))
         }
         Broker::Kafka(config) => {
             let transport = config.connect().await.context("--broker")?;
-            Any::Kafka(KafkaBackend::new(transport, store()?))
+            AnyBackend::Kafka(KafkaBackend::new(transport, store()?))
         }
         Broker::Sqs(mut config) => {
             if let Some(endpoint) = sqs_endpoint {
                 config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
             let transport = config.connect().await.context("--broker")?;
-            Any::Sqs(SqsBackend::new(transport, store()?))
+            AnyBackend::Sqs(SqsBackend::new(transport, store()?))
         }
     })
 }
 
-/// A delivery of either backend.
+/// A delivery of any backend.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // Moved once per delivery; a box would allocate as much.
 pub enum AnyToken {
@@ -293,23 +293,23 @@ fn mismatch() -> TransportError {
 macro_rules! settle {
     ($self:expr, $d:expr, |$b:ident, $x:ident| $call:expr) => {
         match ($self, &$d.token) {
-            (Any::Sqlite($b), AnyToken::Sqlite(t)) => {
+            (AnyBackend::Sqlite($b), AnyToken::Sqlite(t)) => {
                 let $x = with_token($d, *t);
                 $call
             }
-            (Any::Redis($b), AnyToken::Redis(t)) => {
+            (AnyBackend::Redis($b), AnyToken::Redis(t)) => {
                 let $x = with_token($d, t.clone());
                 $call
             }
-            (Any::Nats($b), AnyToken::Nats(t)) => {
+            (AnyBackend::Nats($b), AnyToken::Nats(t)) => {
                 let $x = with_token($d, t.clone());
                 $call
             }
-            (Any::Kafka($b), AnyToken::Kafka(t)) => {
+            (AnyBackend::Kafka($b), AnyToken::Kafka(t)) => {
                 let $x = with_token($d, t.clone());
                 $call
             }
-            (Any::Sqs($b), AnyToken::Sqs(t)) => {
+            (AnyBackend::Sqs($b), AnyToken::Sqs(t)) => {
                 let $x = with_token($d, t.clone());
                 $call
             }
@@ -318,14 +318,14 @@ macro_rules! settle {
     };
 }
 
-macro_rules! both {
+macro_rules! each_backend {
     ($self:expr, |$b:ident| $call:expr) => {
         match $self {
-            Any::Sqlite($b) => $call,
-            Any::Redis($b) => $call,
-            Any::Nats($b) => $call,
-            Any::Kafka($b) => $call,
-            Any::Sqs($b) => $call,
+            AnyBackend::Sqlite($b) => $call,
+            AnyBackend::Redis($b) => $call,
+            AnyBackend::Nats($b) => $call,
+            AnyBackend::Kafka($b) => $call,
+            AnyBackend::Sqs($b) => $call,
         }
     };
 }
@@ -348,14 +348,14 @@ fn wrap<T>(f: Fetched<T>, w: impl Fn(T) -> AnyToken) -> Fetched<AnyToken> {
     }
 }
 
-impl Transport for Any {
+impl Transport for AnyBackend {
     type Token = AnyToken;
 
     async fn publish(&self, queue: &QueueName, batch: Vec<Envelope>) -> Result<(), TransportError> {
-        both!(self, |b| b.publish(queue, batch).await)
+        each_backend!(self, |b| b.publish(queue, batch).await)
     }
     async fn create_lanes(&self, lanes: &LaneSet) -> Result<(), TransportError> {
-        both!(self, |b| b.create_lanes(lanes).await)
+        each_backend!(self, |b| b.create_lanes(lanes).await)
     }
     async fn fetch(
         &self,
@@ -424,35 +424,35 @@ impl Transport for Any {
         }
     }
     async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {
-        both!(self, |b| b.isolated_due(lanes).await)
+        each_backend!(self, |b| b.isolated_due(lanes).await)
     }
     fn isolates(&self) -> bool {
-        both!(self, |b| b.isolates())
+        each_backend!(self, |b| b.isolates())
     }
     fn max_fetch(&self) -> usize {
-        both!(self, |b| b.max_fetch())
+        each_backend!(self, |b| b.max_fetch())
     }
 
     fn fetches_in_flight(&self) -> usize {
-        both!(self, |b| b.fetches_in_flight())
+        each_backend!(self, |b| b.fetches_in_flight())
     }
 }
 
-impl LaneStats for Any {
+impl LaneStats for AnyBackend {
     async fn depths(&self) -> Result<Vec<QueueDepths>, TransportError> {
-        both!(self, |b| b.depths().await)
+        each_backend!(self, |b| b.depths().await)
     }
     async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
-        both!(self, |b| b.queue_depths(lanes).await)
+        each_backend!(self, |b| b.queue_depths(lanes).await)
     }
 }
 
-impl DeadLetterStore for Any {
+impl DeadLetterStore for AnyBackend {
     async fn insert(&self, dead: &DeadLetter) -> Result<bool, StoreError> {
-        both!(self, |b| b.insert(dead).await)
+        each_backend!(self, |b| b.insert(dead).await)
     }
     async fn insert_batch(&self, dead: &[DeadLetter]) -> Result<u64, StoreError> {
-        both!(self, |b| b.insert_batch(dead).await)
+        each_backend!(self, |b| b.insert_batch(dead).await)
     }
     async fn list(
         &self,
@@ -460,20 +460,20 @@ impl DeadLetterStore for Any {
         cursor: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        both!(self, |b| b.list(filter, cursor, limit).await)
+        each_backend!(self, |b| b.list(filter, cursor, limit).await)
     }
     async fn groups(
         &self,
         filter: &DeadFilter,
         limit: usize,
     ) -> Result<Vec<DeadGroup>, StoreError> {
-        both!(self, |b| b.groups(filter, limit).await)
+        each_backend!(self, |b| b.groups(filter, limit).await)
     }
     async fn count(&self, filter: &DeadFilter) -> Result<u64, StoreError> {
-        both!(self, |b| b.count(filter).await)
+        each_backend!(self, |b| b.count(filter).await)
     }
     async fn get(&self, id: &MessageId) -> Result<Option<DeadLetter>, StoreError> {
-        both!(self, |b| b.get(id).await)
+        each_backend!(self, |b| b.get(id).await)
     }
     async fn mark_replayed(
         &self,
@@ -481,7 +481,7 @@ impl DeadLetterStore for Any {
         actor: &str,
         reason: &str,
     ) -> Result<u64, StoreError> {
-        both!(self, |b| b.mark_replayed(ids, actor, reason).await)
+        each_backend!(self, |b| b.mark_replayed(ids, actor, reason).await)
     }
     async fn purge(
         &self,
@@ -489,16 +489,16 @@ impl DeadLetterStore for Any {
         actor: &str,
         reason: &str,
     ) -> Result<u64, StoreError> {
-        both!(self, |b| b.purge(selection, actor, reason).await)
+        each_backend!(self, |b| b.purge(selection, actor, reason).await)
     }
     async fn stats(&self) -> Result<Vec<DeadStats>, StoreError> {
-        both!(self, |b| b.stats().await)
+        each_backend!(self, |b| b.stats().await)
     }
     async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        both!(self, |b| b.audit_log(limit).await)
+        each_backend!(self, |b| b.audit_log(limit).await)
     }
     async fn depth(&self, queue: Option<&QueueName>) -> Result<u64, StoreError> {
-        both!(self, |b| b.depth(queue).await)
+        each_backend!(self, |b| b.depth(queue).await)
     }
 }
 

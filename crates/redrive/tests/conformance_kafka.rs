@@ -7,7 +7,7 @@
 
 mod kafka_support;
 
-use redrive_conformance::{Backend, Cli, Harness};
+use redrive_conformance::{Fixture, Cli, Harness};
 use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
@@ -18,7 +18,7 @@ impl Harness for KafkaHarness {
     type T = KafkaBackend<Sqlite>;
     type S = KafkaBackend<Sqlite>;
 
-    async fn open(&self) -> Backend<Self::T, Self::S> {
+    async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
         let scope = kafka_support::Scope::new();
@@ -29,7 +29,7 @@ impl Harness for KafkaHarness {
             .unwrap_or_else(|e| panic!("{e} (run ./scripts/test, or set REDRIVE_TEST_KAFKA_URL)"));
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = KafkaBackend::new(transport, store);
-        Backend {
+        Fixture {
             transport: backend.clone(),
             store: backend,
             cli: Cli {
@@ -45,7 +45,7 @@ impl Harness for KafkaHarness {
         }
     }
 
-    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+    async fn write_malformed(&self, b: &Fixture<Self::T, Self::S>, queue: &QueueName) -> usize {
         let (producer, topic) = raw(b, queue).await;
         let records: [(&str, &str, &[u8]); 3] = [
             ("redrive-version", "99", b"from a future redrive"),
@@ -81,7 +81,7 @@ impl Harness for KafkaHarness {
 
     async fn publish_plain(
         &self,
-        b: &Backend<Self::T, Self::S>,
+        b: &Fixture<Self::T, Self::S>,
         queue: &QueueName,
         payload: &[u8],
     ) {
@@ -97,7 +97,7 @@ impl Harness for KafkaHarness {
 /// A plain producer, and the scenario's topic for `queue` (a record produced to it is
 /// how another producer publishes to redrive). The queue's topics are made first.
 async fn raw(
-    b: &Backend<KafkaBackend<Sqlite>, KafkaBackend<Sqlite>>,
+    b: &Fixture<KafkaBackend<Sqlite>, KafkaBackend<Sqlite>>,
     queue: &QueueName,
 ) -> (rdkafka::producer::FutureProducer, String) {
     let lanes = LaneSet {

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-use redrive_conformance::{Backend, Cli, Harness};
+use redrive_conformance::{Fixture, Cli, Harness};
 use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
@@ -23,7 +23,7 @@ impl Harness for NatsHarness {
     type T = NatsBackend<Sqlite>;
     type S = NatsBackend<Sqlite>;
 
-    async fn open(&self) -> Backend<Self::T, Self::S> {
+    async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
         let nanos = std::time::SystemTime::now()
@@ -42,7 +42,7 @@ impl Harness for NatsHarness {
             });
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = NatsBackend::new(transport, store);
-        Backend {
+        Fixture {
             transport: backend.clone(),
             store: backend,
             cli: Cli {
@@ -61,7 +61,7 @@ impl Harness for NatsHarness {
         }
     }
 
-    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+    async fn write_malformed(&self, b: &Fixture<Self::T, Self::S>, queue: &QueueName) -> usize {
         let (js, subject) = raw(b, queue).await;
         let messages: [(&str, &str, &[u8]); 3] = [
             ("redrive-wire", "{not json", b"wire header that is not JSON"),
@@ -86,7 +86,7 @@ impl Harness for NatsHarness {
 
     async fn publish_plain(
         &self,
-        b: &Backend<Self::T, Self::S>,
+        b: &Fixture<Self::T, Self::S>,
         queue: &QueueName,
         payload: &[u8],
     ) {
@@ -102,7 +102,7 @@ impl Harness for NatsHarness {
 /// A plain JetStream client, and the scenario's subject for `queue` (a publish to it is
 /// how another producer publishes to redrive). The queue's streams are made first.
 async fn raw(
-    b: &Backend<NatsBackend<Sqlite>, NatsBackend<Sqlite>>,
+    b: &Fixture<NatsBackend<Sqlite>, NatsBackend<Sqlite>>,
     queue: &QueueName,
 ) -> (async_nats::jetstream::Context, String) {
     let lanes = LaneSet {

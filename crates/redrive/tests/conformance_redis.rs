@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-use redrive_conformance::{Backend, Cli, Harness};
+use redrive_conformance::{Fixture, Cli, Harness};
 use redrive_core::QueueName;
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
@@ -19,7 +19,7 @@ impl Harness for RedisHarness {
     type T = RedisBackend<Sqlite>;
     type S = RedisBackend<Sqlite>;
 
-    async fn open(&self) -> Backend<Self::T, Self::S> {
+    async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
         let namespace = format!("test-{}", uuid_like());
@@ -32,7 +32,7 @@ impl Harness for RedisHarness {
             .unwrap_or_else(|e| panic!("{e} (start redis-server, or set REDRIVE_TEST_REDIS_URL)"));
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = RedisBackend::new(transport, store);
-        Backend {
+        Fixture {
             transport: backend.clone(),
             store: backend,
             cli: Cli {
@@ -51,7 +51,7 @@ impl Harness for RedisHarness {
         }
     }
 
-    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+    async fn write_malformed(&self, b: &Fixture<Self::T, Self::S>, queue: &QueueName) -> usize {
         let (mut conn, stream) = raw(b, queue).await;
         let entries: [&[(&str, &[u8])]; 4] = [
             &[("task", b"no payload field")],
@@ -82,7 +82,7 @@ impl Harness for RedisHarness {
 
     async fn publish_plain(
         &self,
-        b: &Backend<Self::T, Self::S>,
+        b: &Fixture<Self::T, Self::S>,
         queue: &QueueName,
         payload: &[u8],
     ) {
@@ -101,7 +101,7 @@ impl Harness for RedisHarness {
 /// A plain Redis connection, and the scenario's main stream for `queue` (`XADD` to it is
 /// how another producer publishes to redrive).
 async fn raw(
-    b: &Backend<RedisBackend<Sqlite>, RedisBackend<Sqlite>>,
+    b: &Fixture<RedisBackend<Sqlite>, RedisBackend<Sqlite>>,
     queue: &QueueName,
 ) -> (redis::aio::MultiplexedConnection, String) {
     let namespace = &b.guard.downcast_ref::<Cleanup>().unwrap().namespace;

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-use redrive_conformance::{Backend, Cli, Harness};
+use redrive_conformance::{Fixture, Cli, Harness};
 use redrive_core::QueueName;
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -10,7 +10,7 @@ struct SqliteHarness;
 
 /// A connection of its own to the scenario's database file, as another program would
 /// open it.
-fn connect(b: &Backend<Sqlite, Sqlite>) -> rusqlite::Connection {
+fn connect(b: &Fixture<Sqlite, Sqlite>) -> rusqlite::Connection {
     let url = &b.cli.backend_args[1];
     let path = url.strip_prefix("sqlite://").unwrap();
     let conn = rusqlite::Connection::open(path).unwrap();
@@ -38,11 +38,11 @@ impl Harness for SqliteHarness {
     type T = Sqlite;
     type S = Sqlite;
 
-    async fn open(&self) -> Backend<Sqlite, Sqlite> {
+    async fn open(&self) -> Fixture<Sqlite, Sqlite> {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("conformance.db");
         let store = SqliteConfig::new(&path).open().expect("open store");
-        Backend {
+        Fixture {
             transport: store.clone(),
             store,
             cli: Cli {
@@ -53,7 +53,7 @@ impl Harness for SqliteHarness {
         }
     }
 
-    async fn write_malformed(&self, b: &Backend<Sqlite, Sqlite>, queue: &QueueName) -> usize {
+    async fn write_malformed(&self, b: &Fixture<Sqlite, Sqlite>, queue: &QueueName) -> usize {
         let conn = connect(b);
         let rows: [(&[u8], &str); 4] = [
             (b"headers that are not JSON", "{not json"),
@@ -70,7 +70,7 @@ impl Harness for SqliteHarness {
         rows.len()
     }
 
-    async fn publish_plain(&self, b: &Backend<Sqlite, Sqlite>, queue: &QueueName, payload: &[u8]) {
+    async fn publish_plain(&self, b: &Fixture<Sqlite, Sqlite>, queue: &QueueName, payload: &[u8]) {
         insert(&connect(b), queue, &payload, &"[]");
     }
 }

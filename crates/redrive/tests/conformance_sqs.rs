@@ -8,7 +8,7 @@
 mod sqs_support;
 
 use aws_sdk_sqs::types::MessageAttributeValue;
-use redrive_conformance::{Backend, Cli, Harness};
+use redrive_conformance::{Fixture, Cli, Harness};
 use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use redrive_sqs::{SqsBackend, SqsConfig};
@@ -19,7 +19,7 @@ impl Harness for SqsHarness {
     type T = SqsBackend<Sqlite>;
     type S = SqsBackend<Sqlite>;
 
-    async fn open(&self) -> Backend<Self::T, Self::S> {
+    async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
         let scope = sqs_support::Scope::new();
@@ -36,7 +36,7 @@ impl Harness for SqsHarness {
             });
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = SqsBackend::new(transport, store);
-        Backend {
+        Fixture {
             transport: backend.clone(),
             store: backend,
             cli: Cli {
@@ -52,7 +52,7 @@ impl Harness for SqsHarness {
         }
     }
 
-    async fn write_malformed(&self, b: &Backend<Self::T, Self::S>, queue: &QueueName) -> usize {
+    async fn write_malformed(&self, b: &Fixture<Self::T, Self::S>, queue: &QueueName) -> usize {
         let (client, url) = raw(b, queue).await;
         let text = |v: &str| {
             MessageAttributeValue::builder()
@@ -85,7 +85,7 @@ impl Harness for SqsHarness {
 
     async fn publish_plain(
         &self,
-        b: &Backend<Self::T, Self::S>,
+        b: &Fixture<Self::T, Self::S>,
         queue: &QueueName,
         payload: &[u8],
     ) {
@@ -103,7 +103,7 @@ impl Harness for SqsHarness {
 /// A plain SQS client, and the scenario's SQS queue for `queue` (a message sent to it is
 /// how another producer publishes to redrive). The queue's SQS queues are made first.
 async fn raw(
-    b: &Backend<SqsBackend<Sqlite>, SqsBackend<Sqlite>>,
+    b: &Fixture<SqsBackend<Sqlite>, SqsBackend<Sqlite>>,
     queue: &QueueName,
 ) -> (aws_sdk_sqs::Client, String) {
     let lanes = LaneSet {

@@ -288,7 +288,7 @@ impl<T: Transport> Runner<T> {
         let mut probing: Option<(JoinHandle<Result<bool, TransportError>>, u64)> = None;
         let mut fetch_at = Instant::now();
         let mut came_back_empty = false;
-        let mut pace = Pace::new();
+        let mut pace = StartRate::new();
         // Isolation rounds run the isolation lane's due messages one at a time, each with
         // the process to itself: one at the start (a crashed predecessor's suspects), one
         // when this run isolated a suspect, and one when a look says one is due.
@@ -352,32 +352,21 @@ impl<T: Transport> Runner<T> {
             } else {
                 pace.ahead(concurrency, fetch_batch, self.config.lease)
             };
-            let incoming: usize = asked.iter().map(|(_, n)| n).sum();
-            // Still to lease before `--max-messages` is reached.
-            let left = remaining.saturating_sub(waiting + incoming);
-            let room = (concurrency + ahead)
-                .saturating_sub(busy + waiting + incoming)
-                .min(fetch_batch)
-                .min(left);
-            // Fetch once a worthwhile batch fits, not as soon as one slot frees: with fast
-            // handlers that would be one broker round trip (or one lease write) per
-            // message or two.
-            let worth = (ahead.min(fetch_batch) / 2).clamp(1, left.max(1));
-            // Settles wake this loop only once a worthwhile fetch fits again: a wake-up
-            // per settled delivery cost more than fast handlers themselves. Every settle
-            // wakes it while the last fetch found nothing (what it settles may have made
-            // more ready, a Kafka partition's next records say) and, with everything
-            // left to run already leased, to see the end.
-            // With fetches in flight and the pace fallen, no settle may make room: then
-            // only a fetch coming back wakes the loop.
-            let every_settle = came_back_empty || left == 0;
-            let wake_on = if every_settle {
-                Some(WakeOn::AnySettle)
-            } else {
-                (concurrency + ahead)
-                    .checked_sub(worth + incoming)
-                    .map(WakeOn::AtMost)
-            };
+            let FetchPlan {
+                room,
+                worth,
+                every_settle,
+                wake_on,
+            } = FetchPlan::new(Window {
+                concurrency,
+                ahead,
+                fetch_batch,
+                busy,
+                waiting,
+                incoming: asked.iter().map(|(_, n)| n).sum(),
+                remaining,
+                came_back_empty,
+            });
             let may_fetch = fetching.len() < overlap;
             if may_fetch
                 && (room < worth || every_settle)
@@ -580,14 +569,14 @@ impl<T: Transport + LaneStats> Runner<T> {
 }
 
 /// How fast deliveries start, measured over the last quarter second or so, or over the
-/// last [`Pace::SAMPLE`] starts when those come sooner.
-struct Pace {
+/// last [`StartRate::SAMPLE`] starts when those come sooner.
+struct StartRate {
     since: Instant,
     started_then: u64,
     per_sec: f64,
 }
 
-impl Pace {
+impl StartRate {
     const WINDOW: Duration = Duration::from_millis(250);
     /// Enough starts to measure by: fast handlers reach their pace within milliseconds
     /// instead of running a whole window on one slot's worth of fetch-ahead.
@@ -683,8 +672,74 @@ struct LineState<D> {
     wake_on: Option<WakeOn>,
 }
 
-/// When a settle wakes the fetch loop.
+/// What the fetch loop knows when it decides whether to fetch.
 #[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Handler slots.
+    concurrency: usize,
+    /// How many deliveries to lease beyond the slots (from the pace).
+    ahead: usize,
+    /// The most one fetch may ask for.
+    fetch_batch: usize,
+    /// Deliveries running, and leased ones waiting in the line.
+    busy: usize,
+    waiting: usize,
+    /// What the fetches in flight asked for.
+    incoming: usize,
+    /// Deliveries still to start before `--max-messages` (`usize::MAX` without it).
+    remaining: usize,
+    /// The last fetch found nothing.
+    came_back_empty: bool,
+}
+
+/// The fetch loop's decision, worked out from a [`Window`] alone (pure: table-tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FetchPlan {
+    /// How many deliveries a fetch now may ask for.
+    room: usize,
+    /// The least worth a fetch: once this much fits, not as soon as one slot frees
+    /// (with fast handlers that would be one broker round trip, or one lease write, per
+    /// message or two).
+    worth: usize,
+    /// Every settle wakes the loop: the last fetch found nothing (what a settle frees
+    /// may make more ready, a Kafka partition's next records say), or everything left
+    /// to run is already leased (to see the end).
+    every_settle: bool,
+    /// Which settle wakes the loop; `None` when no settle can make room (fetches in
+    /// flight and the pace fallen): then only a fetch coming back wakes it.
+    wake_on: Option<WakeOn>,
+}
+
+impl FetchPlan {
+    fn new(w: Window) -> Self {
+        // Still to lease before `--max-messages` is reached.
+        let left = w.remaining.saturating_sub(w.waiting + w.incoming);
+        let room = (w.concurrency + w.ahead)
+            .saturating_sub(w.busy + w.waiting + w.incoming)
+            .min(w.fetch_batch)
+            .min(left);
+        let worth = (w.ahead.min(w.fetch_batch) / 2).clamp(1, left.max(1));
+        // Settles wake the loop only once a worthwhile fetch fits again: a wake-up per
+        // settled delivery cost more than fast handlers themselves.
+        let every_settle = w.came_back_empty || left == 0;
+        let wake_on = if every_settle {
+            Some(WakeOn::AnySettle)
+        } else {
+            (w.concurrency + w.ahead)
+                .checked_sub(worth + w.incoming)
+                .map(WakeOn::AtMost)
+        };
+        Self {
+            room,
+            worth,
+            every_settle,
+            wake_on,
+        }
+    }
+}
+
+/// When a settle wakes the fetch loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WakeOn {
     /// The next settle, whatever it leaves.
     AnySettle,
@@ -1214,5 +1269,158 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
             Ok(s) => (*s).to_owned(),
             Err(_) => "the handler panicked with a non-text payload".to_owned(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{FetchPlan, StartRate, WakeOn, Window};
+
+    /// A window of 50 slots, fetch batch 1,024, nothing running, no `--max-messages`.
+    fn window() -> Window {
+        Window {
+            concurrency: 50,
+            ahead: 50,
+            fetch_batch: 1024,
+            busy: 0,
+            waiting: 0,
+            incoming: 0,
+            remaining: usize::MAX,
+            came_back_empty: false,
+        }
+    }
+
+    #[test]
+    fn the_fetch_plan_follows_the_window() {
+        let cases: [(&str, Window, FetchPlan); 7] = [
+            (
+                "idle: room for the slots and one slot's worth ahead",
+                window(),
+                FetchPlan {
+                    room: 100,
+                    worth: 25,
+                    every_settle: false,
+                    wake_on: Some(WakeOn::AtMost(75)),
+                },
+            ),
+            (
+                "busy and waiting deliveries take room",
+                Window {
+                    busy: 50,
+                    waiting: 30,
+                    ..window()
+                },
+                FetchPlan {
+                    room: 20,
+                    worth: 25,
+                    every_settle: false,
+                    wake_on: Some(WakeOn::AtMost(75)),
+                },
+            ),
+            (
+                "what a fetch in flight asked for takes room, and lowers the wake-up",
+                Window {
+                    busy: 50,
+                    incoming: 40,
+                    ..window()
+                },
+                FetchPlan {
+                    room: 10,
+                    worth: 25,
+                    every_settle: false,
+                    wake_on: Some(WakeOn::AtMost(35)),
+                },
+            ),
+            (
+                "a fast pace fetches ahead up to a fetch batch",
+                Window {
+                    ahead: 4096,
+                    ..window()
+                },
+                FetchPlan {
+                    room: 1024,
+                    worth: 512,
+                    every_settle: false,
+                    wake_on: Some(WakeOn::AtMost(3634)),
+                },
+            ),
+            (
+                "--max-messages caps room and worth at what is left",
+                Window {
+                    remaining: 7,
+                    waiting: 3,
+                    ..window()
+                },
+                FetchPlan {
+                    room: 4,
+                    worth: 4,
+                    every_settle: false,
+                    wake_on: Some(WakeOn::AtMost(96)),
+                },
+            ),
+            (
+                "everything left already leased: every settle wakes the loop",
+                Window {
+                    remaining: 5,
+                    waiting: 5,
+                    ..window()
+                },
+                FetchPlan {
+                    room: 0,
+                    worth: 1,
+                    every_settle: true,
+                    wake_on: Some(WakeOn::AnySettle),
+                },
+            ),
+            (
+                "the last fetch came back empty: every settle wakes the loop",
+                Window {
+                    came_back_empty: true,
+                    ..window()
+                },
+                FetchPlan {
+                    room: 100,
+                    worth: 25,
+                    every_settle: true,
+                    wake_on: Some(WakeOn::AnySettle),
+                },
+            ),
+        ];
+        for (what, w, want) in cases {
+            assert_eq!(FetchPlan::new(w), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn no_settle_can_make_room_when_fetches_in_flight_asked_for_it_all() {
+        let w = Window {
+            ahead: 10,
+            concurrency: 10,
+            incoming: 30,
+            ..window()
+        };
+        assert_eq!(FetchPlan::new(w).wake_on, None);
+    }
+
+    #[test]
+    fn fetch_ahead_follows_the_start_rate_between_a_slot_and_a_batch() {
+        let at = |per_sec: f64| StartRate {
+            per_sec,
+            ..StartRate::new()
+        };
+        let lease = Duration::from_secs(30);
+        // (starts per second, deliveries held ahead): one per slot at least, what starts
+        // within a second, at most a fetch batch.
+        for (per_sec, want) in [(0.0, 50), (49.0, 50), (600.0, 600), (50_000.0, 1024)] {
+            assert_eq!(
+                at(per_sec).ahead(50, 1024, lease),
+                want,
+                "{per_sec} starts/s"
+            );
+        }
+        // A short lease shortens the horizon to a quarter of it: 400 ms at 1,000/s.
+        assert_eq!(at(1000.0).ahead(50, 1024, Duration::from_millis(1600)), 400);
     }
 }

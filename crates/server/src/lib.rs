@@ -33,7 +33,7 @@ use axum::routing::{get, post};
 pub use crate::auth::{Auth, Role, SignIn, Tokens};
 pub use crate::history::DepthHistory;
 pub use crate::metrics::Metrics;
-pub use crate::triage::{Backend, Triage};
+pub use crate::triage::{LanesAndStore, Triage};
 
 /// Largest request body accepted (an edited payload is the biggest legitimate one).
 pub const MAX_BODY: usize = 2 * 1024 * 1024;

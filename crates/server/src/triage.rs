@@ -73,12 +73,12 @@ pub trait Triage: Send + Sync + 'static {
 
 /// A transport and a store, as one [`Triage`].
 #[derive(Debug, Clone)]
-pub struct Backend<T, S> {
+pub struct LanesAndStore<T, S> {
     transport: T,
     store: S,
 }
 
-impl<T, S> Backend<T, S> {
+impl<T, S> LanesAndStore<T, S> {
     /// Pairs a transport with its dead-letter store.
     pub fn new(transport: T, store: S) -> Self {
         Self { transport, store }
@@ -103,7 +103,7 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BackendError {
     Box::new(e)
 }
 
-impl<T, S> Triage for Backend<T, S>
+impl<T, S> Triage for LanesAndStore<T, S>
 where
     T: Transport + LaneStats,
     S: DeadLetterStore,

@@ -14,7 +14,7 @@ use redrive_core::{
 };
 use redrive_server::alerting::Alerting;
 use redrive_server::notify::{Notifier, Notifiers};
-use redrive_server::{Backend, Metrics, Triage};
+use redrive_server::{LanesAndStore, Metrics, Triage};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use serde_json::Value;
 
@@ -63,7 +63,7 @@ fn alerting(
         ),
     ]))
     .unwrap();
-    let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
+    let triage: Arc<dyn Triage> = Arc::new(LanesAndStore::new(store.clone(), store.clone()));
     Alerting::new(
         store.clone(),
         triage,

@@ -10,7 +10,7 @@ use axum::http::{Request, StatusCode, header};
 use redrive_core::{
     DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, LaneStats, QueueName, Transport,
 };
-use redrive_server::{App, Auth, Backend, Metrics, Tokens, Triage};
+use redrive_server::{App, Auth, LanesAndStore, Metrics, Tokens, Triage};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -78,7 +78,7 @@ async fn fixture(tokens: Tokens, dead_count: usize) -> Fixture {
         ))
         .await
         .unwrap();
-    let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
+    let triage: Arc<dyn Triage> = Arc::new(LanesAndStore::new(store.clone(), store.clone()));
     let app = Arc::new(App::new(
         triage,
         Auth::new(tokens),

@@ -29,7 +29,7 @@ use redrive_core::{
 };
 use serde::Serialize;
 
-use crate::backend::{self, Any};
+use crate::backend::{self, AnyBackend};
 use crate::cli::{BenchArgs, Cli};
 use crate::output::{json_line, outln, table};
 
@@ -151,7 +151,7 @@ fn starts(log: &Path) -> BTreeMap<String, usize> {
 }
 
 async fn publish(
-    store: &Any,
+    store: &AnyBackend,
     queue: &QueueName,
     from: usize,
     n: usize,
@@ -164,7 +164,7 @@ async fn publish(
     Ok(ids)
 }
 
-async fn dead_ids(store: &Any, queue: &QueueName) -> Result<BTreeSet<MessageId>> {
+async fn dead_ids(store: &AnyBackend, queue: &QueueName) -> Result<BTreeSet<MessageId>> {
     let filter = DeadFilter {
         queue: Some(queue.clone()),
         ..DeadFilter::default()
@@ -177,7 +177,7 @@ async fn dead_ids(store: &Any, queue: &QueueName) -> Result<BTreeSet<MessageId>>
         .collect())
 }
 
-async fn drained(store: &Any, lanes: &LaneSet) -> Result<bool> {
+async fn drained(store: &AnyBackend, lanes: &LaneSet) -> Result<bool> {
     Ok(store.queue_depths(lanes).await?.is_drained())
 }
 
@@ -185,7 +185,7 @@ async fn drained(store: &Any, lanes: &LaneSet) -> Result<bool> {
 /// messages, then check every message was handled or is dead.
 async fn consume_point(
     t: &Target,
-    store: &Any,
+    store: &AnyBackend,
     point: &'static str,
     n: usize,
     quota: usize,
@@ -285,7 +285,7 @@ fn result(
 
 /// Dead letters into the broker's DLQ (poison, consumed cleanly), then `dlq list`
 /// killed between storing a drained batch and acknowledging it.
-async fn drain_point(t: &Target, store: &Any, n: usize, quota: usize) -> Result<PointJson> {
+async fn drain_point(t: &Target, store: &AnyBackend, n: usize, quota: usize) -> Result<PointJson> {
     let queue = QueueName::new(format!("crash.drain.{:x}", fastrand::u32(..)))?;
     // Stopped by count, not by `--until-idle`: the idle check reads depths, and reading
     // depths drains the broker's DLQ, which is the step under test.
@@ -350,7 +350,7 @@ async fn drain_point(t: &Target, store: &Any, n: usize, quota: usize) -> Result<
 
 /// Dead letters in the store, then `dlq replay --all` killed between publishing them
 /// back and marking them replayed, then a consume (now succeeding) of what came back.
-async fn replay_point(t: &Target, store: &Any, n: usize, quota: usize) -> Result<PointJson> {
+async fn replay_point(t: &Target, store: &AnyBackend, n: usize, quota: usize) -> Result<PointJson> {
     let queue = QueueName::new(format!("crash.replay.{:x}", fastrand::u32(..)))?;
     let log = t.dir.join(format!("{queue}.log"));
     let fixed = t.dir.join(format!("{queue}.fixed"));
@@ -397,7 +397,7 @@ async fn replay_point(t: &Target, store: &Any, n: usize, quota: usize) -> Result
 
 /// Dead letters 40 days old in the store, then `retention run` killed between an archive
 /// file's rename and the deletion of its messages.
-async fn archive_point(t: &Target, store: &Any, n: usize, quota: usize) -> Result<PointJson> {
+async fn archive_point(t: &Target, store: &AnyBackend, n: usize, quota: usize) -> Result<PointJson> {
     let queue = QueueName::new(format!("crash.archive.{:x}", fastrand::u32(..)))?;
     let mut ids = BTreeSet::new();
     let mut kills = 0;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use redrive_core::{LaneSet, QueueName, RetryPolicy, Transport};
 use redrive_runner::{Runner, RunnerConfig, Summary};
-use redrive_server::{Backend, Metrics, Triage};
+use redrive_server::{LanesAndStore, Metrics, Triage};
 use redrive_sidecar::{ExecHandler, WebhookHandler};
 use serde::Serialize;
 
@@ -97,7 +97,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     if let Some(addr) = args.metrics_bind {
         let metrics = Arc::new(Metrics::new());
         runner = runner.observe(Arc::clone(&metrics) as Arc<dyn redrive_runner::Observer>);
-        let triage: Arc<dyn Triage> = Arc::new(Backend::new(store.clone(), store.clone()));
+        let triage: Arc<dyn Triage> = Arc::new(LanesAndStore::new(store.clone(), store.clone()));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on --metrics-bind {addr}"))?;

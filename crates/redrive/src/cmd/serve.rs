@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use redrive_server::alerting::{AlertView, Alerting};
 use redrive_server::notify::Notifiers;
-use redrive_server::{App, Auth, Backend, Metrics, Tokens, Triage};
+use redrive_server::{App, Auth, LanesAndStore, Metrics, Tokens, Triage};
 use redrive_sqlite::Sqlite;
 
 use super::{duration_flag, shutdown_signal};
@@ -25,7 +25,7 @@ pub fn tokens(file: Option<&std::path::Path>) -> Result<Tokens> {
 
 /// The triage facade over an embedded store.
 pub fn triage(store: &Sqlite) -> Arc<dyn Triage> {
-    Arc::new(Backend::new(store.clone(), store.clone()))
+    Arc::new(LanesAndStore::new(store.clone(), store.clone()))
 }
 
 /// Builds the app over an embedded store and binds it.
@@ -72,7 +72,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     backend::create_configured_lanes(cli, &any).await?;
     let store = any.sqlite().clone();
     let metrics = Arc::new(Metrics::new());
-    let any_triage: Arc<dyn Triage> = Arc::new(Backend::new(any.clone(), any.clone()));
+    let any_triage: Arc<dyn Triage> = Arc::new(LanesAndStore::new(any.clone(), any.clone()));
     let (mut app, listener, addr) = prepare(
         any_triage,
         Auth::new(tokens).with_secure_cookies(args.cookie_secure),
