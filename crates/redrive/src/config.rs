@@ -212,12 +212,22 @@ impl Checker<'_> {
     }
 }
 
-/// Parses and validates configuration text.
+/// Parses and validates configuration text, with notifier URLs and keys overridden by
+/// `REDRIVE_NOTIFIER_<NAME>_URL` / `_ROUTING_KEY` from the environment.
 ///
 /// # Errors
 ///
 /// Every problem found, each with its line when known.
 pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
+    parse_with_env(text, file, &|name| std::env::var(name).ok())
+}
+
+/// [`parse`], with the environment as a lookup (tests pass their own).
+fn parse_with_env(
+    text: &str,
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<Problem>> {
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, &s));
         vec![Problem {
@@ -234,6 +244,20 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         ..Config::default()
     };
 
+    check_places(&mut c, &raw, &mut config, file);
+    check_queues(&mut c, &raw, &mut config);
+    check_notifiers(&mut c, &raw, &mut config, env);
+    check_alerts(&mut c, &raw, &mut config);
+    check_retention(&mut c, &raw, &mut config, file);
+    if c.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(c.problems)
+    }
+}
+
+/// The store, the broker and the server section.
+fn check_places(c: &mut Checker<'_>, raw: &Raw, config: &mut Config, file: Option<&Path>) {
     if let Some(url) = &raw.store.url {
         match redrive_sqlite::SqliteConfig::from_url(url.get_ref()) {
             Ok(_) => config.store = Some(url.get_ref().clone()),
@@ -265,8 +289,11 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             c.at(&url.span(), "server.public_url: expected an http:// or https:// URL (used for links in notifications)".into());
         }
     }
-    config.token_file = raw.server.token_file.map(|f| beside(file, &f));
+    config.token_file = raw.server.token_file.as_deref().map(|f| beside(file, f));
+}
 
+/// The `[[queues]]` tables.
+fn check_queues(c: &mut Checker<'_>, raw: &Raw, config: &mut Config) {
     for q in &raw.queues {
         let name = q.name.get_ref();
         if let Err(e) = QueueName::new(name) {
@@ -306,7 +333,15 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             },
         );
     }
+}
 
+/// The `[notifiers.NAME]` tables, URLs and keys overridden from `env_var`.
+fn check_notifiers(
+    c: &mut Checker<'_>,
+    raw: &Raw,
+    config: &mut Config,
+    env_var: &dyn Fn(&str) -> Option<String>,
+) {
     for (name, n) in &raw.notifiers {
         let span = n.span();
         let n = n.get_ref();
@@ -316,9 +351,7 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             name.to_ascii_uppercase()
                 .replace(|ch: char| !ch.is_ascii_alphanumeric(), "_")
         );
-        let url = std::env::var(format!("{env}_URL"))
-            .ok()
-            .or_else(|| n.url.clone());
+        let url = env_var(&format!("{env}_URL")).or_else(|| n.url.clone());
         let notifier = match n.kind.as_str() {
             "slack" | "webhook" => match url {
                 Some(u) if url_ok(&u) => Some(if n.kind == "slack" {
@@ -345,9 +378,7 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
                 }
             },
             "pagerduty" => {
-                let key = std::env::var(format!("{env}_ROUTING_KEY"))
-                    .ok()
-                    .or_else(|| n.routing_key.clone());
+                let key = env_var(&format!("{env}_ROUTING_KEY")).or_else(|| n.routing_key.clone());
                 match key {
                     Some(routing_key) if !routing_key.trim().is_empty() => {
                         let url = url.unwrap_or_else(|| PAGERDUTY_EVENTS_URL.to_owned());
@@ -378,7 +409,10 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             config.notifiers.insert(name.clone(), notifier);
         }
     }
+}
 
+/// The `[alerts]` section and its rules (the default rule unless told otherwise).
+fn check_alerts(c: &mut Checker<'_>, raw: &Raw, config: &mut Config) {
     if let Some(every) = &raw.alerts.evaluate_every
         && let Some(d) = c.duration("alerts.evaluate_every", every)
     {
@@ -445,7 +479,10 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
         }
     }
     config.rules = rules;
+}
 
+/// The `[retention]` section.
+fn check_retention(c: &mut Checker<'_>, raw: &Raw, config: &mut Config, file: Option<&Path>) {
     let hot = raw
         .retention
         .hot
@@ -472,18 +509,13 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Vec<Problem>> {
             .unwrap_or(0..0);
         c.at(&span, "retention.warm: must be longer than retention.hot (both are ages: hot until `hot`, warm until `warm`, archived after)".into());
     }
-    if let Some(dir) = raw.retention.archive_dir {
-        config.retention.archive_dir = beside(file, &dir);
+    if let Some(dir) = &raw.retention.archive_dir {
+        config.retention.archive_dir = beside(file, dir);
     }
     if let Some(every) = &raw.retention.sweep_every
         && let Some(d) = c.duration("retention.sweep_every", every)
     {
         config.sweep_every = d;
-    }
-    if c.problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(c.problems)
     }
 }
 
@@ -688,6 +720,35 @@ warm = "7d"
             "dlq_depth > 0 for 5m"
         );
         assert_eq!(config.rules[0].notify, ["pd"]);
+    }
+
+    #[test]
+    fn the_environment_overrides_notifier_secrets_and_fills_missing_ones() {
+        let text = "[notifiers.on-call]\nkind = \"pagerduty\"\nrouting_key = \"from-file\"\n\
+                    [notifiers.chat]\nkind = \"slack\"\n";
+        let env = |name: &str| match name {
+            "REDRIVE_NOTIFIER_ON_CALL_ROUTING_KEY" => Some("from-env".to_owned()),
+            "REDRIVE_NOTIFIER_CHAT_URL" => Some("https://hooks.example/x".to_owned()),
+            _ => None,
+        };
+        let config = parse_with_env(text, None, &env).unwrap();
+        match &config.notifiers["on-call"] {
+            Notifier::PagerDuty { routing_key, .. } => assert_eq!(routing_key, "from-env"),
+            other => panic!("{other:?}"),
+        }
+        match &config.notifiers["chat"] {
+            Notifier::Slack { url } => assert_eq!(url, "https://hooks.example/x"),
+            other => panic!("{other:?}"),
+        }
+        // Without the environment, the Slack notifier has no URL: a problem naming the
+        // variable that would give it one.
+        let problems = parse_with_env(text, None, &|_| None).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("REDRIVE_NOTIFIER_CHAT_URL")),
+            "{problems:?}"
+        );
     }
 }
 

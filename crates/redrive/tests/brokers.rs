@@ -84,11 +84,17 @@ fn main() -> ExitCode {
     for set in SETS.iter() {
         let url = std::env::var(set.var).unwrap_or_else(|_| set.default.to_owned());
         if !set.on {
-            println!("  {:<12} off   ({}, default {})", set.feature, set.var, set.default);
+            println!(
+                "  {:<12} off   ({}, default {})",
+                set.feature, set.var, set.default
+            );
             continue;
         }
         let Some(address) = first_address(&url) else {
-            println!("  {:<12} FAIL  {}={url:?} names no host:port", set.feature, set.var);
+            println!(
+                "  {:<12} FAIL  {}={url:?} names no host:port",
+                set.feature, set.var
+            );
             failed = true;
             continue;
         };

@@ -7,7 +7,7 @@
 
 mod kafka_support;
 
-use redrive_conformance::{Fixture, Cli, Harness};
+use redrive_conformance::{Cli, Fixture, Harness};
 use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-use redrive_conformance::{Fixture, Cli, Harness};
+use redrive_conformance::{Cli, Fixture, Harness};
 use redrive_core::QueueName;
 use redrive_sqlite::{Sqlite, SqliteConfig};
 

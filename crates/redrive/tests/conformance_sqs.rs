@@ -8,7 +8,7 @@
 mod sqs_support;
 
 use aws_sdk_sqs::types::MessageAttributeValue;
-use redrive_conformance::{Fixture, Cli, Harness};
+use redrive_conformance::{Cli, Fixture, Harness};
 use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use redrive_sqs::{SqsBackend, SqsConfig};

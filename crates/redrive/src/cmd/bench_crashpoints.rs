@@ -397,7 +397,12 @@ async fn replay_point(t: &Target, store: &AnyBackend, n: usize, quota: usize) ->
 
 /// Dead letters 40 days old in the store, then `retention run` killed between an archive
 /// file's rename and the deletion of its messages.
-async fn archive_point(t: &Target, store: &AnyBackend, n: usize, quota: usize) -> Result<PointJson> {
+async fn archive_point(
+    t: &Target,
+    store: &AnyBackend,
+    n: usize,
+    quota: usize,
+) -> Result<PointJson> {
     let queue = QueueName::new(format!("crash.archive.{:x}", fastrand::u32(..)))?;
     let mut ids = BTreeSet::new();
     let mut kills = 0;
