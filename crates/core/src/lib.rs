@@ -18,6 +18,8 @@ mod queue;
 mod replay;
 mod retention;
 mod store;
+#[cfg(feature = "test-util")]
+pub mod testing;
 mod time;
 mod transport;
 
