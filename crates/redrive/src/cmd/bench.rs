@@ -251,6 +251,18 @@ pub async fn run(
             bail!("invalid --scenario {other:?}: use consume, triage, crash-loop or crash-points")
         }
     }
+    let (result, samples) = embedded(args).await?;
+    if args.json {
+        json_line(&result);
+    } else {
+        print_embedded(&result, samples);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The embedded bench: the raw commit rate of the disk, then publish and consume on a
+/// scratch store. Returns the figures and how many retry-lateness samples they rest on.
+async fn embedded(args: &BenchArgs) -> Result<(BenchJson, usize)> {
     let durability = match args.durability.as_str() {
         "full" => Durability::Full,
         "relaxed" => Durability::Relaxed,
@@ -346,51 +358,52 @@ pub async fn run(
         peak_rss_mib: peak_rss_mib(),
     };
     store.close();
-    if args.json {
-        json_line(&result);
-    } else {
-        outln!(
-            "redrive bench: sqlite, durability {}, {} messages, concurrency {}",
-            result.durability,
-            result.messages,
-            result.concurrency
-        );
-        outln!(
-            "  raw SQLite commits/s (1 row per txn)  {:>10.0}",
-            result.raw_commits_per_sec
-        );
-        outln!(
-            "  publish msgs/s                        {:>10.0}",
-            result.publish_msgs_per_sec
-        );
-        outln!(
-            "  consume msgs/s                        {:>10.0}",
-            result.consume_msgs_per_sec
-        );
-        outln!(
-            "  end to end msgs/s (publish+consume)   {:>10.0}",
-            result.end_to_end_msgs_per_sec
-        );
-        outln!(
-            "  fsynced commits per message (consume) {:>10.3}",
-            result.consume_commits_per_msg
-        );
-        outln!(
-            "  outcomes: {} ok, {} retried, {} dead",
-            result.succeeded,
-            result.retried,
-            result.dead_lettered
-        );
-        outln!(
-            "  retry lateness ms: p50 {} p99 {} max {} ({} samples)",
-            result.retry_lateness_p50_ms,
-            result.retry_lateness_p99_ms,
-            result.retry_lateness_max_ms,
-            lateness.len()
-        );
-        outln!("  peak RSS {:.1} MiB", result.peak_rss_mib);
-    }
-    Ok(ExitCode::SUCCESS)
+    let samples = lateness.len();
+    Ok((result, samples))
+}
+
+/// The embedded bench's figures as a table.
+fn print_embedded(result: &BenchJson, samples: usize) {
+    outln!(
+        "redrive bench: sqlite, durability {}, {} messages, concurrency {}",
+        result.durability,
+        result.messages,
+        result.concurrency
+    );
+    outln!(
+        "  raw SQLite commits/s (1 row per txn)  {:>10.0}",
+        result.raw_commits_per_sec
+    );
+    outln!(
+        "  publish msgs/s                        {:>10.0}",
+        result.publish_msgs_per_sec
+    );
+    outln!(
+        "  consume msgs/s                        {:>10.0}",
+        result.consume_msgs_per_sec
+    );
+    outln!(
+        "  end to end msgs/s (publish+consume)   {:>10.0}",
+        result.end_to_end_msgs_per_sec
+    );
+    outln!(
+        "  fsynced commits per message (consume) {:>10.3}",
+        result.consume_commits_per_msg
+    );
+    outln!(
+        "  outcomes: {} ok, {} retried, {} dead",
+        result.succeeded,
+        result.retried,
+        result.dead_lettered
+    );
+    outln!(
+        "  retry lateness ms: p50 {} p99 {} max {} ({} samples)",
+        result.retry_lateness_p50_ms,
+        result.retry_lateness_p99_ms,
+        result.retry_lateness_max_ms,
+        samples
+    );
+    outln!("  peak RSS {:.1} MiB", result.peak_rss_mib);
 }
 
 #[cfg(test)]
