@@ -109,7 +109,9 @@ impl MemoryTransport {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn settle<R>(
@@ -122,12 +124,13 @@ impl MemoryTransport {
         let seq = state.next;
         state.next += 1;
         let lanes = state.queues.entry(token.queue.clone()).or_default();
-        let leased = lanes
-            .leased
-            .remove(&token.lease)
-            .ok_or_else(|| TransportError::LeaseLost {
-                id: d.envelope.id.to_string(),
-            })?;
+        let leased =
+            lanes
+                .leased
+                .remove(&token.lease)
+                .ok_or_else(|| TransportError::LeaseLost {
+                    id: d.envelope.id.to_string(),
+                })?;
         Ok(then(lanes, leased.waiting, seq))
     }
 
@@ -179,10 +182,7 @@ impl MemoryTransport {
         self.most_fetching.load(Ordering::SeqCst)
     }
 
-    async fn answer(
-        &self,
-        deliveries: Vec<Delivery<MemoryToken>>,
-    ) -> Fetched<MemoryToken> {
+    async fn answer(&self, deliveries: Vec<Delivery<MemoryToken>>) -> Fetched<MemoryToken> {
         if let Some(delay) = &self.fetch_delay {
             delay().await;
         }
@@ -233,7 +233,13 @@ impl Lanes {
             },
         };
         self.leases += 1;
-        self.leased.insert(id, Leased { waiting, expires_ms });
+        self.leased.insert(
+            id,
+            Leased {
+                waiting,
+                expires_ms,
+            },
+        );
         delivery
     }
 }
@@ -278,7 +284,10 @@ impl Transport for MemoryTransport {
             q.expire(now, next);
             let mut out = Vec::new();
             while out.len() < max {
-                let due_later = q.later.first_key_value().is_some_and(|((due, _), _)| *due <= now);
+                let due_later = q
+                    .later
+                    .first_key_value()
+                    .is_some_and(|((due, _), _)| *due <= now);
                 let waiting = if due_later {
                     q.later.pop_first().map(|(_, w)| w)
                 } else {
@@ -366,7 +375,12 @@ impl Transport for MemoryTransport {
         let deliveries = match q.isolated.pop_front() {
             Some(waiting) => {
                 *next += 1;
-                vec![q.lease(&lanes.queue, waiting, *next, now.saturating_add(millis(lease)))]
+                vec![q.lease(
+                    &lanes.queue,
+                    waiting,
+                    *next,
+                    now.saturating_add(millis(lease)),
+                )]
             }
             None => Vec::new(),
         };
@@ -415,4 +429,32 @@ impl Transport for MemoryTransport {
     fn fetches_in_flight(&self) -> usize {
         self.fetches_in_flight.unwrap_or(1)
     }
+}
+
+/// An envelope of queue `agent.tasks` built from arbitrary parts, as the wire-format
+/// property tests of every backend draw them: user headers named `redrive-…` are left
+/// out (those names are redrive's own), and when `failed`, one retry failure with
+/// `message` is recorded, so the envelope travels in its full form.
+#[must_use]
+pub fn sample_envelope(
+    payload: Vec<u8>,
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    message: String,
+    failed: bool,
+) -> Envelope {
+    let queue = QueueName::new("agent.tasks").unwrap_or_else(|e| unreachable!("{e}"));
+    let mut env = Envelope::new(queue, payload);
+    env.key = key;
+    env.headers = headers
+        .into_iter()
+        .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
+        .collect();
+    if failed {
+        env.record_failure(
+            crate::Failure::new(crate::FailureKind::Retry, "E", message, 5),
+            "main",
+        );
+    }
+    env
 }

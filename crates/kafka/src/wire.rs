@@ -200,7 +200,8 @@ mod properties {
     use proptest::prelude::*;
     use rdkafka::Timestamp;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-    use redrive_core::{Envelope, Failure, FailureKind, QueueName};
+    use redrive_core::QueueName;
+    use redrive_core::testing::sample_envelope;
 
     use super::decode;
 
@@ -238,15 +239,7 @@ mod properties {
             message in "\\PC{0,80}",
             failed in any::<bool>(),
         ) {
-            let mut env = Envelope::new(queue(), payload);
-            env.key = key;
-            env.headers = headers
-                .into_iter()
-                .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
-                .collect();
-            if failed {
-                env.record_failure(Failure::new(FailureKind::Retry, "E", message, 5), "main");
-            }
+            let env = sample_envelope(payload, key, headers, message, failed);
             // As the transport writes a record: the compact form when it never failed.
             let wire = if env.is_fresh() { env.to_compact_wire() } else { env.to_wire() };
             let wire: Vec<(String, Vec<u8>)> = wire.into_iter().map(|(k, v)| (k, v.into_bytes())).collect();

@@ -324,7 +324,8 @@ mod properties {
     use async_nats::HeaderMap;
     use bytes::Bytes;
     use proptest::prelude::*;
-    use redrive_core::{Envelope, Failure, FailureKind, MessageId, QueueName};
+    use redrive_core::testing::sample_envelope;
+    use redrive_core::{Envelope, MessageId, QueueName};
 
     use super::{read_envelope, to_headers};
 
@@ -343,15 +344,7 @@ mod properties {
             message in "\\PC{0,80}",
             failed in any::<bool>(),
         ) {
-            let mut env = Envelope::new(queue(), payload);
-            env.key = key;
-            env.headers = headers
-                .into_iter()
-                .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
-                .collect();
-            if failed {
-                env.record_failure(Failure::new(FailureKind::Retry, "E", message, 5), "main");
-            }
+            let env = sample_envelope(payload, key, headers, message, failed);
             let h = to_headers(&env, &[]);
             let payload = Bytes::from(env.payload.to_vec());
             let back = read_envelope(&queue(), None, Some(&h), &payload, || MessageId::at("s", 1, 1));

@@ -328,7 +328,8 @@ mod tests {
 mod properties {
     use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName as Sys};
     use proptest::prelude::*;
-    use redrive_core::{Envelope, Failure, FailureKind, QueueName};
+    use redrive_core::QueueName;
+    use redrive_core::testing::sample_envelope;
 
     use super::{decode, encode};
 
@@ -347,15 +348,7 @@ mod properties {
             message in "\\PC{0,80}",
             failed in any::<bool>(),
         ) {
-            let mut env = Envelope::new(queue(), payload);
-            env.key = key;
-            env.headers = headers
-                .into_iter()
-                .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("redrive-"))
-                .collect();
-            if failed {
-                env.record_failure(Failure::new(FailureKind::Retry, "E", message, 5), "main");
-            }
+            let env = sample_envelope(payload, key, headers, message, failed);
             let out = encode(&env, &[]);
             let mut m = Message::builder()
                 .message_id("2f0c4a4e-63a3-4c43-9b0a-3f1f9d2d1a11")
