@@ -20,6 +20,13 @@ use redrive_sqlite::SqliteConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_broker_outage_mid_run_loses_no_acknowledged_record() {
+    // `REDRIVE_TEST_LOG=redrive_kafka=trace` shows what the consumer did.
+    if let Ok(filter) = std::env::var("REDRIVE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let cluster = MockCluster::new(1).unwrap();
     let url = format!(
         "kafka://{}?prefix=outage.&group=outage&topics=auto&linger.ms=20&fetch.wait.max.ms=10",
