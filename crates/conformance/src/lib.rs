@@ -11,7 +11,9 @@
 //! Delays are milliseconds, so the whole suite runs in seconds on any backend.
 
 pub mod http_sink;
+pub mod own_server;
 pub mod scenarios;
+pub mod under_load;
 
 use std::future::Future;
 use std::path::PathBuf;

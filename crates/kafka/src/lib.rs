@@ -17,6 +17,8 @@ mod config;
 mod consumer;
 mod error;
 mod slots;
+#[cfg(feature = "test-util")]
+pub mod testing;
 mod transport;
 mod wire;
 

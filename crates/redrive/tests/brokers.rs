@@ -2,7 +2,8 @@
 //!
 //! The tests that need a running Redis, NATS, Kafka or SQS-compatible server are behind
 //! features (`redis-tests`, `nats-tests`, `kafka-tests`, `sqs-tests`, or all four as
-//! `broker-tests`), so `cargo test` passes on a machine with no broker. This target
+//! `broker-tests`; `nats-tests` and `kafka-tests` also turn on the `integration-tests`
+//! of the NATS and Kafka crates), so `cargo test` passes on a machine with no broker. This target
 //! (no test harness: it prints to the terminal) says which are off and how to turn them
 //! on, and for those that are on, fails at once, naming the address, when the broker
 //! does not answer, instead of letting every test of the set time out one by one.
@@ -74,7 +75,7 @@ fn main() -> ExitCode {
         println!(
             "broker tests not run: {} (each needs its broker running). `./scripts/test` \
              starts every broker and runs them all; or start one and run \
-             `cargo test -p redrive --features redrive/<set>` (all four: \
+             `cargo test --workspace --features redrive/<set>` (all four: \
              `redrive/broker-tests`), with the address in the variable below if not the \
              default.",
             off.join(", ")

@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-mod kafka_support;
-
 use redrive_conformance::{Cli, Fixture, Harness};
 use redrive_core::{LaneSet, LaneStats, QueueName};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
@@ -21,7 +19,7 @@ impl Harness for KafkaHarness {
     async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
-        let scope = kafka_support::Scope::new();
+        let scope = redrive_kafka::testing::Scope::new();
         let transport = KafkaConfig::new(&scope.url)
             .unwrap()
             .connect()
@@ -107,10 +105,10 @@ async fn raw(
     b.transport.queue_depths(&lanes).await.unwrap();
     let (_, scope) = b
         .guard
-        .downcast_ref::<(tempfile::TempDir, kafka_support::Scope)>()
+        .downcast_ref::<(tempfile::TempDir, redrive_kafka::testing::Scope)>()
         .unwrap();
-    // Batched as the broker under test allows (see `kafka_support::batched`).
-    let producer = kafka_support::plain_producer().create().unwrap();
+    // Batched as the broker under test allows (see `redrive_kafka::testing::batched`).
+    let producer = redrive_kafka::testing::plain_producer().create().unwrap();
     (producer, format!("{}{queue}", scope.prefix))
 }
 

@@ -13,8 +13,6 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-mod kafka_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +26,7 @@ use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_runner::{Handler, Runner, RunnerConfig, handler_fn, json_handler};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
-use kafka_support::Scope;
+use redrive_kafka::testing::Scope;
 
 fn queue() -> QueueName {
     QueueName::new("agent.tasks").unwrap()
@@ -97,7 +95,7 @@ impl Seen {
 /// Produces a record the way a hand-written producer would, straight to `topic`.
 async fn produce_raw(topic: &str, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_support::bootstrap())
+        .set("bootstrap.servers", redrive_kafka::testing::bootstrap())
         .create()
         .unwrap();
     let mut h = OwnedHeaders::new();

@@ -11,9 +11,7 @@ use std::time::Duration;
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::SqliteConfig;
 
-mod own_server;
-mod under_load;
-use own_server::{OwnServer, free_port};
+use redrive_conformance::own_server::{OwnServer, free_port};
 
 /// A test-owned redis-server with an fsync-always append-only file in `dir`: killed,
 /// it keeps everything it acknowledged.
@@ -74,7 +72,7 @@ async fn a_redis_restart_mid_run_loses_no_acknowledged_message() {
         .open()
         .unwrap();
     let backend = RedisBackend::new(transport, store);
-    let load = under_load::start(&backend, "restart.test", 3000, false).await;
+    let load = redrive_conformance::under_load::start(&backend, "restart.test", 3000, false).await;
     // Let it get going, then kill Redis and bring it back on the same files.
     load.a_fifth_handled(Duration::from_secs(20)).await;
     redis.kill();

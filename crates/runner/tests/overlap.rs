@@ -1,6 +1,11 @@
 //! A transport that lets the runner keep two fetches in flight (NATS does, so the
 //! server always has the next pull request waiting) still sees every message handled
 //! once, and every message it leased either settled or released.
+//!
+//! Two of the three on Tokio's paused clock: the fetches' 20 ms and the runner's poll
+//! waits pass as soon as nothing else can run, so the runs take no wall-clock time for
+//! their waits and interleave the same way on a loaded machine. (The in-memory transport's leases and
+//! due times read the wall clock; the leases here are far longer than a run.)
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
@@ -102,6 +107,9 @@ async fn run(total: usize, end: End, overlap: usize) -> Ran {
     }
 }
 
+// On the real clock: the runner fetches ahead by the pace of handler starts over time,
+// and on the paused clock, where every start lands on the instant a fetch returns, it
+// never found room for a second fetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_fetches_in_flight_hand_every_message_out_once() {
     let ran = run(3000, End::After(3000), 2).await;
@@ -114,7 +122,7 @@ async fn two_fetches_in_flight_hand_every_message_out_once() {
     assert_eq!(ran.acked, (0..3000).collect::<Vec<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_fetch_at_a_time_unless_the_transport_allows_more() {
     let ran = run(2000, End::After(2000), 1).await;
     assert_eq!(ran.most_fetching, 1);
@@ -122,7 +130,7 @@ async fn one_fetch_at_a_time_unless_the_transport_allows_more() {
     assert_eq!(ran.acked, (0..2000).collect::<Vec<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn at_shutdown_what_both_fetches_leased_is_released_not_lost() {
     let ran = run(50_000, End::ShutdownAt(700), 2).await;
     assert_eq!(ran.delivered as usize, ran.acked.len());

@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-mod kafka_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +16,7 @@ use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
 
-use kafka_support::Scope;
+use redrive_kafka::testing::Scope;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_mode_retries_in_place_and_keeps_per_key_order() {

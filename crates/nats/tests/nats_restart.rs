@@ -15,9 +15,7 @@ use std::time::Duration;
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_sqlite::SqliteConfig;
 
-mod own_server;
-mod under_load;
-use own_server::{OwnServer, free_port};
+use redrive_conformance::own_server::{OwnServer, free_port};
 
 /// A test-owned nats-server with JetStream on disk in `dir`.
 fn own_nats(dir: &Path) -> OwnServer {
@@ -41,7 +39,7 @@ async fn a_nats_restart_mid_run_loses_no_acknowledged_message() {
         .open()
         .unwrap();
     let backend = NatsBackend::new(transport, store);
-    let load = under_load::start(&backend, "restart.test", 2000, false).await;
+    let load = redrive_conformance::under_load::start(&backend, "restart.test", 2000, false).await;
     load.a_fifth_handled(Duration::from_secs(20)).await;
     nats.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,6 +1,6 @@
-//! What the Kafka tests share: a per-test topic prefix and group, deleted afterwards.
-
-#![allow(dead_code)] // Each test binary uses part of it.
+//! What the Kafka tests share, here and in the `redrive` crate (feature `test-util`):
+//! the broker under test, its settings, and a per-test topic prefix and group whose
+//! topics are deleted afterwards.
 
 use std::time::Duration;
 
@@ -66,11 +66,15 @@ pub fn plain_producer() -> rdkafka::ClientConfig {
 
 /// A test's own topics (`<prefix>…`) and groups; its topics are deleted on drop.
 pub struct Scope {
+    /// The prefix of every topic of this test (`t<pid><nanos>.`).
     pub prefix: String,
+    /// The `kafka://` URL of the broker under test with this scope's prefix, group and
+    /// [`producer_settings`].
     pub url: String,
 }
 
 impl Scope {
+    /// A scope no other test shares (named from the process id and the clock).
     #[allow(clippy::new_without_default)] // A fresh, unique scope each call: not a default.
     pub fn new() -> Self {
         let nanos = std::time::SystemTime::now()

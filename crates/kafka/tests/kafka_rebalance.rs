@@ -9,8 +9,6 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-mod kafka_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +19,7 @@ use redrive_runner::{Runner, RunnerConfig, Summary, handler_fn};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 use tokio::sync::watch;
 
-use kafka_support::Scope;
+use redrive_kafka::testing::Scope;
 
 const RECORDS: usize = 400;
 

@@ -1,7 +1,7 @@
 //! A server process a test owns (on a free port, with its own data directory), so it
 //! can kill and restart it without touching the shared one.
 
-#![allow(dead_code)] // Each test binary uses part of it.
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ pub struct OwnServer {
     program: &'static str,
     args: Vec<String>,
     child: Option<Child>,
+    /// The loopback port it listens on.
     pub port: u16,
 }
 

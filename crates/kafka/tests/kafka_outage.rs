@@ -12,8 +12,6 @@ use rdkafka::mocking::MockCluster;
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_sqlite::SqliteConfig;
 
-mod under_load;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_broker_outage_mid_run_loses_no_acknowledged_record() {
     // `REDRIVE_TEST_LOG=redrive_kafka=trace` shows what the consumer did.
@@ -34,7 +32,7 @@ async fn a_kafka_broker_outage_mid_run_loses_no_acknowledged_record() {
         .open()
         .unwrap();
     let backend = KafkaBackend::new(transport, store);
-    let load = under_load::start(&backend, "outage.test", 2000, true).await;
+    let load = redrive_conformance::under_load::start(&backend, "outage.test", 2000, true).await;
     load.a_fifth_handled(Duration::from_secs(60)).await;
     cluster.broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
