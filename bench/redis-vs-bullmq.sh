@@ -16,12 +16,12 @@ TIERS="${DELAY_MS}ms,$((2 * DELAY_MS))ms,$((4 * DELAY_MS))ms"
 export REDIS_URL N CONCURRENCY DELAY_MS
 
 redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "no Redis at $REDIS_URL" >&2; exit 1; }
-cargo build --release -p redrive -q
+cargo build --release -p redrive-bench -q
 (cd bench/bullmq && { [ -d node_modules ] || npm install --no-audit --no-fund --silent; })
 
 out="$(mktemp)"
 for _ in $(seq "$ROUNDS"); do
-    ./target/release/redrive bench --broker "$REDIS_URL" -n "$N" -c "$CONCURRENCY" --tiers "$TIERS" --json | tee -a "$out"
+    ./target/release/redrive-bench "$REDIS_URL" -n "$N" -c "$CONCURRENCY" --tiers "$TIERS" --json | tee -a "$out"
     node bench/bullmq/bench.mjs | tee -a "$out"
 done
 node -e '

@@ -430,12 +430,7 @@ pub struct BenchArgs {
     /// full (fsync every commit, the default) or relaxed.
     #[arg(long, default_value = "full", value_name = "MODE")]
     pub durability: String,
-    /// With `--broker` nats://, kafka:// or sqs://: run redrive and the plain client
-    /// this many times, alternating, and print the median ratio as well.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    pub rounds: u16,
-    /// Print the result as one JSON object (with `--rounds`, one per round, then the
-    /// median).
+    /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
 }

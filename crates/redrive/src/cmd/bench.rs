@@ -13,7 +13,6 @@ use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::{Durability, SqliteConfig};
 use serde::Serialize;
 
-use crate::backend::Broker;
 use crate::cli::BenchArgs;
 use crate::output::json_line;
 use crate::output::outln;
@@ -71,24 +70,6 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// CPU time this process has used so far (user + system, all threads), in seconds;
-/// `None` where `/proc` is not there. Ten-millisecond resolution: meaningful over a
-/// phase of a second or more.
-pub(crate) fn cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start after its ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    // utime and stime are fields 14 and 15 of the line (indexes 11 and 12 from the state
-    // field, the third), in clock ticks of 1/100 s (Linux's USER_HZ).
-    Some((ticks(11)? + ticks(12)?) / 100.0)
-}
-
-/// Client CPU per consumed message, in microseconds, between two [`cpu_secs`] readings.
-pub(crate) fn cpu_us_per_msg(before: Option<f64>, after: Option<f64>, n: usize) -> Option<f64> {
-    Some((after? - before?) * 1e6 / n.max(1) as f64)
-}
-
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -97,147 +78,21 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Publishes `{"n":0}` … `{"n":N-1}` to `queue` in batches of `chunk`; returns the
-/// seconds it took.
-pub(crate) async fn publish_numbered<T: redrive_core::Transport>(
-    transport: &T,
-    queue: &redrive_core::QueueName,
-    n: usize,
-    chunk: usize,
-) -> Result<f64> {
-    let started = std::time::Instant::now();
-    for batch in (0..n).collect::<Vec<_>>().chunks(chunk) {
-        transport
-            .publish(
-                queue,
-                batch
-                    .iter()
-                    .map(|i| redrive_core::Envelope::new(queue.clone(), format!("{{\"n\":{i}}}")))
-                    .collect(),
-            )
-            .await?;
-    }
-    Ok(started.elapsed().as_secs_f64())
-}
-
-/// Consumes `n` messages of `queue` with a no-op handler on `concurrency` slots, as the
-/// broker benches do; returns the seconds from the first message handed out to the last.
-pub(crate) async fn consume_noop<T: Transport>(
-    transport: T,
-    queue: QueueName,
-    n: usize,
-    concurrency: usize,
-) -> Result<f64> {
-    use std::sync::Arc;
-    let config = RunnerConfig {
-        concurrency,
-        lease: Duration::from_secs(30),
-        idle_poll: Duration::from_millis(20),
-        max_messages: Some(n as u64),
-        ..RunnerConfig::default()
-    };
-    // From the first message handed to the handler to the last, reading the clock only
-    // for those two (a read per message showed in profiles).
-    let first = Arc::new(std::sync::OnceLock::new());
-    let last = Arc::new(std::sync::OnceLock::new());
-    let handed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (f, l) = (Arc::clone(&first), Arc::clone(&last));
-    Runner::new(transport, queue, RetryPolicy::parse("1s")?, config)
-        .run(
-            handler_fn(move |_m: Envelope| {
-                f.get_or_init(Instant::now);
-                if handed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
-                    l.get_or_init(Instant::now);
-                }
-                async { Ok(()) }
-            }),
-            std::future::pending(),
-        )
-        .await?;
-    let ended = last.get().copied().unwrap_or_else(Instant::now);
-    let started = first.get().copied().unwrap_or(ended);
-    Ok(ended.duration_since(started).as_secs_f64().max(0.001))
-}
-
-/// The JSON line of a bench with a plain client run twice, on bare messages and on
-/// messages carrying an id as redrive's do (NATS; the Kafka bench adds a fourth side).
-pub(crate) fn json_three_sides<S: serde::Serialize>(
-    mine: &S,
-    plain: &S,
-    plain_with_id: &S,
-    ratio: f64,
-    ratio_with_id: f64,
-) {
-    crate::output::json_line(&serde_json::json!({
-        "redrive": mine,
-        "plain": plain,
-        "plain_with_id": plain_with_id,
-        "ratio": ratio,
-        "ratio_with_id": ratio_with_id,
-    }));
-}
-
 /// The message number in `{"n":123}`.
-pub(crate) fn number(payload: &[u8]) -> u64 {
+fn number(payload: &[u8]) -> u64 {
     payload
         .iter()
         .filter(|b| b.is_ascii_digit())
         .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
 }
 
-pub async fn run(
-    broker: Option<&str>,
-    sqs_endpoint: Option<&str>,
-    args: &BenchArgs,
-) -> Result<ExitCode> {
-    if let Some(url) = broker {
-        let kind = Broker::parse(url)?;
-        if let Broker::Redis(_) = kind {
-            if args.rounds > 1 {
-                bail!(
-                    "--rounds applies to the nats://, kafka:// and sqs:// benches; the Redis \
-                     bench is compared with BullMQ by bench/redis-vs-bullmq.sh"
-                );
-            }
-            super::bench_redis::run(url, args).await?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        // Both sides run once per round, one after the other: on a shared machine one
-        // round's ratio is noise-prone, the median of several alternating rounds less so.
-        let mut ratios = Vec::with_capacity(usize::from(args.rounds));
-        for _ in 0..args.rounds {
-            ratios.push(match kind {
-                Broker::Nats(_) => super::bench_nats::run(url, args).await?,
-                Broker::Kafka(_) => super::bench_kafka::run(url, args).await?,
-                Broker::Sqs(_) => super::bench_sqs::run(url, sqs_endpoint, args).await?,
-                Broker::Redis(_) => unreachable!("the Redis bench returned above"),
-            });
-        }
-        if ratios.len() > 1 {
-            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-            ratios.sort_by(f64::total_cmp);
-            let mid = ratios.len() / 2;
-            let median = if ratios.len() % 2 == 0 {
-                f64::midpoint(ratios[mid - 1], ratios[mid])
-            } else {
-                ratios[mid]
-            };
-            if args.json {
-                json_line(&serde_json::json!({ "rounds": ratios.len(), "median_ratio": median }));
-            } else {
-                outln!(
-                    "median ratio over {} rounds: {median:.2}x (each: {})",
-                    ratios.len(),
-                    each.join(", ")
-                );
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    if args.rounds > 1 {
+pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
+    if broker.is_some() {
         bail!(
-            "--rounds applies to the nats://, kafka:// and sqs:// benches (with --broker); \
-             the embedded bench runs once"
+            "--scenario {} runs on the embedded store; with --broker, `redrive bench` runs \
+             --scenario crash-points. redrive beside each broker's plain client is the \
+             redrive-bench program: cargo run --release -p redrive-bench -- URL",
+            args.scenario
         );
     }
     match args.scenario.as_str() {

@@ -1,4 +1,4 @@
-//! `redrive bench --broker kafka://…`: no-failure throughput of the Kafka backend beside a
+//! `redrive-bench kafka://…`: no-failure throughput of the Kafka backend beside a
 //! plain rdkafka consumer (poll, store the offset, commit in batches) of the same number
 //! of records, on the same broker, with the same client settings (the member's fetch
 //! settings included), in the same run.
@@ -26,8 +26,7 @@ use redrive_kafka::{FETCH_SETTINGS, KafkaBackend, KafkaConfig};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
-use crate::cli::BenchArgs;
-use crate::output::outln;
+use crate::Args;
 
 #[derive(Serialize)]
 struct Side {
@@ -176,16 +175,19 @@ async fn plain(config: &KafkaConfig, topic: &str, n: usize, mode: Plain) -> Resu
 }
 
 async fn redrive(url: &str, n: usize, concurrency: usize) -> Result<Side> {
-    let transport = KafkaConfig::new(url)?.connect().await.context("--broker")?;
+    let transport = KafkaConfig::new(url)?
+        .connect()
+        .await
+        .context("connecting to the broker")?;
     let dir = tempfile::Builder::new()
         .prefix("redrive-bench-")
         .tempdir()?;
     let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
     let backend = KafkaBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
-    let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 5000).await?;
+    let publish_secs = crate::measure::publish_numbered(&backend, &queue, n, 5000).await?;
     let started = Instant::now();
-    let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
+    let consume_secs = crate::measure::consume_noop(backend, queue, n, concurrency).await?;
     let total_secs = started.elapsed().as_secs_f64();
     Ok(Side {
         tool: "redrive",
@@ -197,7 +199,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize) -> Result<Side> {
     })
 }
 
-pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
+pub async fn run(url: &str, args: &Args) -> Result<f64> {
     let run_prefix = format!("bench{}.", now_ms());
     let sep = if url.contains('?') { '&' } else { '?' };
     let url = format!(
@@ -235,7 +237,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
     if args.json {
-        crate::output::json_line(&serde_json::json!({
+        crate::measure::json_line(&serde_json::json!({
             "redrive": mine,
             "plain": theirs,
             "plain_with_id": with_id,
@@ -247,16 +249,12 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         }));
     } else {
         for s in [&mine, &theirs, &with_id, &reads_id] {
-            outln!(
+            println!(
                 "{:<20} publish {:.2}s  first→last record {:.2}s  {:>8.0} msgs/s  (with group join {:.2}s)",
-                s.tool,
-                s.publish_secs,
-                s.consume_secs,
-                s.consume_msgs_per_sec,
-                s.total_secs
+                s.tool, s.publish_secs, s.consume_secs, s.consume_msgs_per_sec, s.total_secs
             );
         }
-        outln!(
+        println!(
             "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id header: \
              {ratio_with_id:.2}x; redrive / plain reading the id: {ratio_reads_id:.2}x; \
              plain reading the id / plain: {reads_id_to_plain:.2}x)"

@@ -1,4 +1,4 @@
-//! `redrive bench --broker sqs://…`: no-failure throughput and SQS calls per message of
+//! `redrive-bench sqs://…`: no-failure throughput and SQS calls per message of
 //! the SQS backend beside a plain aws-sdk-sqs loop (send in batches of 10, receive 10,
 //! delete the batch) over the same number of messages, on the same endpoint, in the
 //! same run. SQS bills per call, so calls per message is the figure that matters most.
@@ -14,8 +14,8 @@ use redrive_sqlite::SqliteConfig;
 use redrive_sqs::{SqsBackend, SqsConfig};
 use serde::Serialize;
 
-use crate::cli::BenchArgs;
-use crate::output::{json_line, outln};
+use crate::Args;
+use crate::measure::json_line;
 
 #[derive(Serialize)]
 struct Side {
@@ -140,7 +140,7 @@ async fn plain(config: &SqsConfig, n: usize) -> Result<Side> {
 }
 
 async fn redrive(config: &SqsConfig, n: usize, concurrency: usize) -> Result<Side> {
-    let transport = config.connect().await.context("--broker")?;
+    let transport = config.connect().await.context("connecting to the broker")?;
     let dir = tempfile::Builder::new()
         .prefix("redrive-bench-")
         .tempdir()?;
@@ -148,10 +148,10 @@ async fn redrive(config: &SqsConfig, n: usize, concurrency: usize) -> Result<Sid
     let backend = SqsBackend::new(transport.clone(), store);
     let queue = QueueName::new("bench")?;
     let setup_calls = transport.api_calls();
-    let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 1000).await?;
+    let publish_secs = crate::measure::publish_numbered(&backend, &queue, n, 1000).await?;
     let publish_calls = transport.api_calls() - setup_calls;
     let before = transport.api_calls();
-    let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
+    let consume_secs = crate::measure::consume_noop(backend, queue, n, concurrency).await?;
     // Three calls set the redrive policy once per queue (read the DLQ's ARN, read and
     // set the policy): setup, not per message.
     let consume_calls = (transport.api_calls() - before).saturating_sub(3);
@@ -176,7 +176,7 @@ async fn clean_up(config: &SqsConfig) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<f64> {
+pub async fn run(url: &str, endpoint: Option<&str>, args: &Args) -> Result<f64> {
     let mut config = SqsConfig::new(url)?;
     if let Some(e) = endpoint {
         config.set_endpoint(e).context("--sqs-endpoint")?;
@@ -192,7 +192,7 @@ pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<
     .await;
     // Leave the account as it was, whatever happened.
     if let Err(e) = clean_up(&config).await {
-        tracing::warn!(error = %e, "could not delete the bench's queues");
+        eprintln!("warning: could not delete the bench's queues: {e:#}");
     }
     let (mine, theirs) = result?;
     let ratio = mine.consume_msgs_per_sec / theirs.consume_msgs_per_sec;
@@ -200,7 +200,7 @@ pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<
         json_line(&serde_json::json!({ "redrive": mine, "plain": theirs, "ratio": ratio }));
     } else {
         for s in [&mine, &theirs] {
-            outln!(
+            println!(
                 "{:<20} publish {:.2}s ({} calls)  consume {:.2}s {:>7.0} msgs/s  {:.3} calls/msg consuming, {:.3} in all",
                 s.tool,
                 s.publish_secs,
@@ -211,7 +211,7 @@ pub async fn run(url: &str, endpoint: Option<&str>, args: &BenchArgs) -> Result<
                 s.calls_per_msg
             );
         }
-        outln!("ratio redrive / plain: {ratio:.2}x");
+        println!("ratio redrive / plain: {ratio:.2}x");
     }
     Ok(ratio)
 }

@@ -1,4 +1,4 @@
-//! `redrive bench --broker nats://…`: no-failure throughput of the NATS backend beside a
+//! `redrive-bench nats://…`: no-failure throughput of the NATS backend beside a
 //! plain async-nats pull consumer doing publish + fetch + ack of the same number of
 //! messages, on the same server, in the same run.
 //!
@@ -16,8 +16,7 @@ use redrive_nats::{IdPlacement, NatsBackend, NatsConfig};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
-use crate::cli::BenchArgs;
-use crate::output::outln;
+use crate::Args;
 
 #[derive(Serialize)]
 struct Side {
@@ -77,7 +76,7 @@ async fn plain(url: &str, n: usize, namespace: &str, with_id: Option<IdPlacement
         a.await?;
     }
     let publish_secs = started.elapsed().as_secs_f64();
-    let cpu = super::bench::cpu_secs();
+    let cpu = crate::measure::cpu_secs();
     let consumer: jetstream::consumer::Consumer<pull::Config> = s
         .get_or_create_consumer(
             "plain",
@@ -101,7 +100,7 @@ async fn plain(url: &str, n: usize, namespace: &str, with_id: Option<IdPlacement
         }
     }
     let consume_secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-    let consume_cpu_us_per_msg = super::bench::cpu_us_per_msg(cpu, super::bench::cpu_secs(), n);
+    let consume_cpu_us_per_msg = crate::measure::cpu_us_per_msg(cpu, crate::measure::cpu_secs(), n);
     let _ = js.delete_stream(&name).await;
     Ok(Side {
         tool: match with_id {
@@ -126,17 +125,17 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
     let transport = NatsConfig::new(&format!("{url}{sep}namespace={namespace}"))?
         .connect()
         .await
-        .context("--broker")?;
+        .context("connecting to the broker")?;
     let dir = tempfile::Builder::new()
         .prefix("redrive-bench-")
         .tempdir()?;
     let store = SqliteConfig::new(dir.path().join("dead.db")).open()?;
     let backend = NatsBackend::new(transport, store);
     let queue = QueueName::new("bench")?;
-    let publish_secs = super::bench::publish_numbered(&backend, &queue, n, 1000).await?;
-    let cpu = super::bench::cpu_secs();
-    let consume_secs = super::bench::consume_noop(backend, queue, n, concurrency).await?;
-    let consume_cpu_us_per_msg = super::bench::cpu_us_per_msg(cpu, super::bench::cpu_secs(), n);
+    let publish_secs = crate::measure::publish_numbered(&backend, &queue, n, 1000).await?;
+    let cpu = crate::measure::cpu_secs();
+    let consume_secs = crate::measure::consume_noop(backend, queue, n, concurrency).await?;
+    let consume_cpu_us_per_msg = crate::measure::cpu_us_per_msg(cpu, crate::measure::cpu_secs(), n);
     Ok(Side {
         tool: "redrive",
         messages: n,
@@ -147,7 +146,7 @@ async fn redrive(url: &str, n: usize, concurrency: usize, namespace: &str) -> Re
     })
 }
 
-pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
+pub async fn run(url: &str, args: &Args) -> Result<f64> {
     let namespace = format!("bench{}", redrive_core::now_ms());
     let n = args.messages;
     let placement = NatsConfig::new(url)?.ids;
@@ -171,22 +170,25 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<f64> {
         }
     }
     if args.json {
-        super::bench::json_three_sides(&mine, &theirs, &with_id, ratio, ratio_with_id);
+        crate::measure::json_line(&serde_json::json!({
+            "redrive": mine,
+            "plain": theirs,
+            "plain_with_id": with_id,
+            "ratio": ratio,
+            "ratio_with_id": ratio_with_id,
+        }));
     } else {
         for s in [&mine, &theirs, &with_id] {
             let cpu = s
                 .consume_cpu_us_per_msg
                 .map(|us| format!("  {us:.1} µs CPU/msg"))
                 .unwrap_or_default();
-            outln!(
+            println!(
                 "{:<22} publish {:.2}s  consume {:.2}s  {:>8.0} msgs/s{cpu}",
-                s.tool,
-                s.publish_secs,
-                s.consume_secs,
-                s.consume_msgs_per_sec
+                s.tool, s.publish_secs, s.consume_secs, s.consume_msgs_per_sec
             );
         }
-        outln!(
+        println!(
             "ratio redrive / plain: {ratio:.2}x  (redrive / plain with an id: {ratio_with_id:.2}x)"
         );
     }

@@ -1,4 +1,4 @@
-//! `redrive bench --broker redis://…`: the Redis backend under the scenario of the
+//! `redrive-bench redis://…`: the Redis backend under the scenario of the
 //! BullMQ comparison (`bench/redis-vs-bullmq.sh`): N jobs published in bulk, consumed
 //! with concurrency C and a no-op handler; 10% fail once, 1% always fail (dead after
 //! max attempts). Timed from the first fetch until every job is done or dead.
@@ -12,8 +12,8 @@ use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
-use crate::cli::BenchArgs;
-use crate::output::{json_line, outln};
+use crate::Args;
+use crate::measure::json_line;
 
 #[derive(Serialize)]
 struct RedisBench {
@@ -29,7 +29,7 @@ struct RedisBench {
     retried: u64,
 }
 
-pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
+pub async fn run(url: &str, args: &Args) -> Result<()> {
     let namespace = format!("bench-{}", redrive_core::now_ms());
     let url_ns = format!(
         "{url}{}namespace={namespace}",
@@ -38,7 +38,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let transport = RedisConfig::new(url_ns.as_str())?
         .connect()
         .await
-        .context("--broker")?;
+        .context("connecting to the broker")?;
     let dir = tempfile::Builder::new()
         .prefix("redrive-bench-")
         .tempdir()
@@ -68,7 +68,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     let runner = Runner::new(backend.clone(), queue.clone(), policy, config).until_idle();
     let stats = runner.stats();
     let handler = handler_fn(|msg: Envelope| async move {
-        let n = super::bench::number(&msg.payload);
+        let n = crate::measure::number(&msg.payload);
         if n % 100 == 7 {
             return Err(HandlerError::retry(
                 "AlwaysFails",
@@ -118,23 +118,17 @@ pub async fn run(url: &str, args: &BenchArgs) -> Result<()> {
     if args.json {
         json_line(&result);
     } else {
-        outln!(
+        println!(
             "redrive bench: redis, {} jobs, concurrency {}, tiers {}",
-            result.jobs,
-            result.concurrency,
-            result.tiers
+            result.jobs, result.concurrency, result.tiers
         );
-        outln!(
+        println!(
             "  publish {:.2}s, process {:.2}s: {:.0} jobs/s",
-            result.publish_secs,
-            result.process_secs,
-            result.jobs_per_sec
+            result.publish_secs, result.process_secs, result.jobs_per_sec
         );
-        outln!(
+        println!(
             "  {} completed, {} dead, {} retries",
-            result.completed,
-            result.dead,
-            result.retried
+            result.completed, result.dead, result.retried
         );
     }
     Ok(())
