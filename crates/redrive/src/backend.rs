@@ -167,13 +167,14 @@ impl AnyBackend {
     }
 }
 
-/// The tiers `queue` is configured with in the config file, else the default.
-pub fn configured_tiers(cli: &Cli, queue: &QueueName) -> String {
+/// The retry policy `queue` is configured with in the config file, else the default
+/// tiers (`5s,30s,5m`).
+pub fn configured_policy(cli: &Cli, queue: &QueueName) -> redrive_core::RetryPolicy {
     cli.loaded
         .queues
         .get(queue.as_str())
         .and_then(|q| q.tiers.clone())
-        .unwrap_or_else(|| redrive_core::DEFAULT_TIERS.to_owned())
+        .unwrap_or_default()
 }
 
 /// Creates the lanes of every queue of the config file (`consume` and `serve` do at
@@ -181,16 +182,13 @@ pub fn configured_tiers(cli: &Cli, queue: &QueueName) -> String {
 ///
 /// # Errors
 ///
-/// A queue name or tier list that does not parse, or a backend that refuses.
+/// A queue name that does not parse, or a backend that refuses.
 pub async fn create_configured_lanes(cli: &Cli, store: &AnyBackend) -> Result<()> {
     for name in cli.loaded.queues.keys() {
         let queue = QueueName::new(name.as_str())?;
-        let tiers = configured_tiers(cli, &queue);
-        let policy = redrive_core::RetryPolicy::parse(&tiers)
-            .with_context(|| format!("queue {queue} in the config file: invalid tiers"))?;
         let lanes = LaneSet {
+            tiers: configured_policy(cli, &queue).tiers().to_vec(),
             queue,
-            tiers: policy.tiers().to_vec(),
         };
         store
             .create_lanes(&lanes)

@@ -106,8 +106,8 @@ struct RawRetention {
 /// A queue's consume settings.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
-    /// Retry tiers.
-    pub tiers: Option<String>,
+    /// Retry tiers, parsed once when the file is loaded.
+    pub tiers: Option<RetryPolicy>,
     /// Handler timeout.
     pub timeout: Option<Duration>,
     /// Concurrency.
@@ -299,11 +299,16 @@ fn check_queues(c: &mut Checker<'_>, raw: &Raw, config: &mut Config) {
         if let Err(e) = QueueName::new(name) {
             c.at(&q.name.span(), format!("queues.name: {e}"));
         }
-        if let Some(tiers) = &q.tiers
-            && let Err(e) = RetryPolicy::parse(tiers.get_ref())
-        {
-            c.at(&tiers.span(), format!("queues.tiers: {e}"));
-        }
+        let tiers = q
+            .tiers
+            .as_ref()
+            .and_then(|t| match RetryPolicy::parse(t.get_ref()) {
+                Ok(policy) => Some(policy),
+                Err(e) => {
+                    c.at(&t.span(), format!("queues.tiers: {e}"));
+                    None
+                }
+            });
         let timeout = q
             .timeout
             .as_ref()
@@ -327,7 +332,7 @@ fn check_queues(c: &mut Checker<'_>, raw: &Raw, config: &mut Config) {
         config.queues.insert(
             name.clone(),
             QueueConfig {
-                tiers: q.tiers.as_ref().map(|t| t.get_ref().clone()),
+                tiers,
                 timeout,
                 concurrency,
             },

@@ -33,10 +33,6 @@ struct SummaryJson<'a> {
 pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     let queue = QueueName::new(&args.queue)?;
     let configured = cli.loaded.queues.get(queue.as_str());
-    let tiers = args
-        .tiers
-        .clone()
-        .unwrap_or_else(|| backend::configured_tiers(cli, &queue));
     let timeout = match &args.timeout {
         Some(t) => duration_flag("--timeout", t)?,
         None => configured
@@ -47,10 +43,12 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         .concurrency
         .or_else(|| configured.and_then(|q| q.concurrency))
         .unwrap_or(8);
-    let policy = RetryPolicy::parse(&tiers)
-        .context("invalid --tiers")?
-        .with_jitter(args.jitter)
-        .context("invalid --jitter")?;
+    let policy = match &args.tiers {
+        Some(t) => RetryPolicy::parse(t).context("invalid --tiers")?,
+        None => backend::configured_policy(cli, &queue),
+    }
+    .with_jitter(args.jitter)
+    .context("invalid --jitter")?;
     let config = RunnerConfig {
         concurrency,
         timeout,

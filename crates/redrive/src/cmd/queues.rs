@@ -66,12 +66,11 @@ async fn create(cli: &Cli, args: &CreateQueuesArgs) -> Result<ExitCode> {
     let mut wanted = Vec::with_capacity(args.queues.len());
     for name in &args.queues {
         let queue = QueueName::new(name)?;
-        let tiers = match &args.tiers {
-            Some(t) => t.clone(),
-            None => backend::configured_tiers(cli, &queue),
+        let policy = match &args.tiers {
+            Some(t) => RetryPolicy::parse(t)
+                .with_context(|| format!("invalid tiers {t:?} for queue {queue}"))?,
+            None => backend::configured_policy(cli, &queue),
         };
-        let policy = RetryPolicy::parse(&tiers)
-            .with_context(|| format!("invalid tiers {tiers:?} for queue {queue}"))?;
         wanted.push(LaneSet {
             queue,
             tiers: policy.tiers().to_vec(),
