@@ -13,6 +13,7 @@
 pub mod http_sink;
 pub mod own_server;
 pub mod scenarios;
+pub mod store;
 pub mod under_load;
 
 use std::future::Future;

@@ -40,7 +40,7 @@ pub use replay::{Pace, ReplayError, ReplayOptions, ReplayReport, Unpaced, replay
 pub use retention::RetentionStore;
 pub use store::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
-    DeadStats, StoreError,
+    DeadStats, StoreError, describe_replayed,
 };
 pub use time::{MAX_TIME_MS, is_valid_time, now_ms};
 pub use transport::{Delivery, Fetched, LaneStats, QueueDepths, Transport, TransportError};

@@ -63,6 +63,26 @@ pub enum DeadSelection {
     Filter(DeadFilter),
 }
 
+impl DeadSelection {
+    /// How the audit log names this selection.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Ids(ids) => format!("{} id(s)", ids.len()),
+            Self::Filter(f) => format!("{f:?}"),
+        }
+    }
+}
+
+/// How the audit log names the messages of a replay: the id of one, or how many.
+#[must_use]
+pub fn describe_replayed(ids: &[MessageId]) -> String {
+    match ids {
+        [one] => one.to_string(),
+        many => format!("{} messages", many.len()),
+    }
+}
+
 /// Dead messages that share a fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadGroup {

@@ -3,7 +3,7 @@
 
 use redrive_core::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
-    DeadStats, MessageId, QueueName, StoreError, now_ms,
+    DeadStats, MessageId, QueueName, StoreError, describe_replayed, now_ms,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
@@ -87,13 +87,6 @@ fn audit(
     .and_then(|mut s| s.execute(params![now_ms(), actor, action, detail, count, reason]))
     .map_err(SqliteError::query("write audit log"))?;
     Ok(())
-}
-
-fn describe(selection: &DeadSelection) -> String {
-    match selection {
-        DeadSelection::Ids(ids) => format!("{} id(s)", ids.len()),
-        DeadSelection::Filter(f) => format!("{f:?}"),
-    }
 }
 
 impl DeadLetterStore for Sqlite {
@@ -236,6 +229,7 @@ impl DeadLetterStore for Sqlite {
         actor: &str,
         reason: &str,
     ) -> Result<u64, StoreError> {
+        let detail = describe_replayed(ids);
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let (actor, reason) = (actor.to_owned(), reason.to_owned());
         self.write(move |conn| {
@@ -250,10 +244,6 @@ impl DeadLetterStore for Sqlite {
                     .execute([id])
                     .map_err(SqliteError::query("mark replayed"))? as u64;
             }
-            let detail = match ids.as_slice() {
-                [one] => one.clone(),
-                many => format!("{} messages", many.len()),
-            };
             audit(conn, &actor, "replay", &detail, n, &reason)?;
             Ok(n)
         })
@@ -292,7 +282,7 @@ impl DeadLetterStore for Sqlite {
                         .map_err(SqliteError::query("purge"))? as u64
                 }
             };
-            audit(conn, &actor, "purge", &describe(&selection), n, &reason)?;
+            audit(conn, &actor, "purge", &selection.describe(), n, &reason)?;
             Ok(n)
         })
         .await

@@ -1,0 +1,338 @@
+//! What every dead-letter store must do, written once and generic over the store:
+//! inserts that a drain may repeat, listings in order with a cursor, every filter,
+//! groups by fingerprint, replay and purge with their audit entries, and the counts
+//! metrics and alerts read.
+//!
+//! A store joins by invoking [`store_conformance!`](crate::store_conformance) with an
+//! expression that opens a fresh, empty store (and what must live as long as it).
+
+#![allow(clippy::unwrap_used)] // Scenarios panic with the failing value; that is their job.
+
+use redrive_core::{
+    Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, Failure, FailureKind,
+    MessageId, QueueName,
+};
+
+/// A dead message of `queue` that failed with `class`/`message`, dead at `dead_at_ms`.
+#[must_use]
+pub fn dead(queue: &str, class: &str, message: &str, payload: &str, dead_at_ms: i64) -> DeadLetter {
+    let queue = QueueName::new(queue).unwrap();
+    let mut envelope = Envelope::new(queue, payload.to_owned());
+    envelope.key = Some("k-1".into());
+    envelope.headers = vec![("trace".into(), "t-1".into())];
+    envelope.record_failure(
+        Failure::new(
+            FailureKind::Retry,
+            class,
+            "first try failed",
+            dead_at_ms - 10,
+        ),
+        "main",
+    );
+    envelope.record_failure(
+        Failure::new(FailureKind::Poison, class, message, dead_at_ms),
+        "retry.5s",
+    );
+    DeadLetter {
+        envelope,
+        dead_at_ms,
+    }
+}
+
+fn ids(letters: &[DeadLetter]) -> Vec<MessageId> {
+    letters.iter().map(|d| d.envelope.id).collect()
+}
+
+/// A dead message reads back as it was stored, and storing it again (a drain that
+/// repeats after a crash) changes nothing.
+pub async fn an_insert_reads_back_and_repeats_harmlessly<S: DeadLetterStore>(s: &S) {
+    let d = dead(
+        "agent.tasks",
+        "Invalid",
+        "bad json at 3",
+        "{\"x\":1}",
+        1_000,
+    );
+    assert!(s.insert(&d).await.unwrap(), "the first insert stores it");
+    assert!(!s.insert(&d).await.unwrap(), "the second does nothing");
+    assert_eq!(s.insert_batch(std::slice::from_ref(&d)).await.unwrap(), 0);
+    let back = s.get(&d.envelope.id).await.unwrap().expect("stored");
+    assert_eq!(back, d, "every field, history included, reads back");
+    assert_eq!(s.depth(None).await.unwrap(), 1);
+    assert_eq!(s.get(&MessageId::new()).await.unwrap(), None);
+}
+
+/// Listings are oldest first, continue after a cursor, and honour every filter.
+pub async fn listings_are_ordered_paged_and_filtered<S: DeadLetterStore>(s: &S) {
+    let a = dead("agent.tasks", "Invalid", "bad json", "alpha", 1_000);
+    let b = dead("agent.tasks", "Timeout", "model timed out", "beta", 2_000);
+    let c = dead("billing", "Invalid", "bad json", "gamma", 3_000);
+    assert_eq!(
+        s.insert_batch(&[c.clone(), a.clone(), b.clone()])
+            .await
+            .unwrap(),
+        3
+    );
+
+    let all = s.list(&DeadFilter::default(), None, 10).await.unwrap();
+    assert_eq!(ids(&all), ids(&[a.clone(), b.clone(), c.clone()]));
+    let first = s.list(&DeadFilter::default(), None, 2).await.unwrap();
+    assert_eq!(ids(&first), ids(&[a.clone(), b.clone()]));
+    let cursor = Cursor {
+        dead_at_ms: b.dead_at_ms,
+        id: b.envelope.id,
+    };
+    let rest = s
+        .list(&DeadFilter::default(), Some(&cursor), 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), ids(std::slice::from_ref(&c)));
+
+    let by = |f: DeadFilter| async move { ids(&s.list(&f, None, 10).await.unwrap()) };
+    let queue = Some(QueueName::new("billing").unwrap());
+    assert_eq!(
+        by(DeadFilter {
+            queue,
+            ..DeadFilter::default()
+        })
+        .await,
+        ids(std::slice::from_ref(&c))
+    );
+    let class = Some("Timeout".to_owned());
+    assert_eq!(
+        by(DeadFilter {
+            error_class: class,
+            ..DeadFilter::default()
+        })
+        .await,
+        ids(std::slice::from_ref(&b))
+    );
+    let fingerprint = Some(a.envelope.last_failure().unwrap().fingerprint.to_string());
+    assert_eq!(
+        by(DeadFilter {
+            fingerprint,
+            ..DeadFilter::default()
+        })
+        .await,
+        ids(&[a.clone(), c.clone()])
+    );
+    assert_eq!(
+        by(DeadFilter {
+            since_ms: Some(2_000),
+            until_ms: Some(3_000),
+            ..DeadFilter::default()
+        })
+        .await,
+        ids(std::slice::from_ref(&b))
+    );
+    assert_eq!(
+        by(DeadFilter {
+            text: Some("timed out".into()),
+            ..DeadFilter::default()
+        })
+        .await,
+        ids(std::slice::from_ref(&b)),
+        "text matches the error"
+    );
+    assert_eq!(
+        by(DeadFilter {
+            text: Some("gamm".into()),
+            ..DeadFilter::default()
+        })
+        .await,
+        ids(std::slice::from_ref(&c)),
+        "text matches the payload"
+    );
+    let invalid = DeadFilter {
+        error_class: Some("Invalid".into()),
+        ..DeadFilter::default()
+    };
+    assert_eq!(s.count(&invalid).await.unwrap(), 2);
+    assert_eq!(s.count(&DeadFilter::default()).await.unwrap(), 3);
+    assert_eq!(
+        s.depth(Some(&QueueName::new("agent.tasks").unwrap()))
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+/// Groups by fingerprint, largest first, with the queues each spans.
+pub async fn groups_are_by_fingerprint_largest_first<S: DeadLetterStore>(s: &S) {
+    let batch = [
+        dead("agent.tasks", "Invalid", "bad json", "1", 1_000),
+        dead("billing", "Invalid", "bad json", "2", 2_000),
+        dead("agent.tasks", "Invalid", "bad json", "3", 3_000),
+        dead("agent.tasks", "Timeout", "model timed out", "4", 4_000),
+    ];
+    s.insert_batch(&batch).await.unwrap();
+    let groups = s.groups(&DeadFilter::default(), 10).await.unwrap();
+    assert_eq!(groups.len(), 2);
+    let big = &groups[0];
+    assert_eq!((big.error_class.as_str(), big.count), ("Invalid", 3));
+    assert_eq!(big.sample_error, "bad json");
+    let mut queues = big.queues.clone();
+    queues.sort();
+    assert_eq!(queues, ["agent.tasks", "billing"]);
+    assert!(
+        big.first_seen_ms <= 1_000 && big.last_seen_ms == 3_000,
+        "{big:?}"
+    );
+    assert_eq!(
+        (groups[1].error_class.as_str(), groups[1].count),
+        ("Timeout", 1)
+    );
+    let billing = DeadFilter {
+        queue: Some(QueueName::new("billing").unwrap()),
+        ..DeadFilter::default()
+    };
+    let groups = s.groups(&billing, 10).await.unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].count, 1);
+    let recent = DeadFilter {
+        since_ms: Some(2_500),
+        ..DeadFilter::default()
+    };
+    let counts: Vec<u64> = s
+        .groups(&recent, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.count)
+        .collect();
+    assert_eq!(counts, [1, 1]);
+    assert_eq!(s.groups(&DeadFilter::default(), 1).await.unwrap().len(), 1);
+}
+
+/// A replayed message leaves the DLQ (once), is audited, and comes back to life when it
+/// dies again.
+pub async fn replay_marks_once_audits_and_a_second_death_revives<S: DeadLetterStore>(s: &S) {
+    let d = dead("agent.tasks", "Invalid", "bad json", "x", 1_000);
+    let other = dead("agent.tasks", "Invalid", "bad json", "y", 1_500);
+    s.insert_batch(&[d.clone(), other.clone()]).await.unwrap();
+    let id = d.envelope.id;
+    assert_eq!(
+        s.mark_replayed(&[id], "alice", "fixed the parser")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.mark_replayed(&[id], "alice", "again").await.unwrap(), 0);
+    assert_eq!(s.get(&id).await.unwrap(), None, "replayed: no longer dead");
+    assert_eq!(s.depth(None).await.unwrap(), 1);
+    let log = s.audit_log(10).await.unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(
+        (log[1].action.as_str(), log[1].actor.as_str(), log[1].count),
+        ("replay", "alice", 1)
+    );
+    assert_eq!(log[1].reason, "fixed the parser");
+    assert_eq!(log[0].count, 0, "newest first");
+
+    let mut again = d.clone();
+    again.dead_at_ms = 9_000;
+    assert!(
+        s.insert(&again).await.unwrap(),
+        "dead again after its replay"
+    );
+    assert_eq!(s.get(&id).await.unwrap().unwrap().dead_at_ms, 9_000);
+    let stats = s.stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!((stats[0].dead, stats[0].total), (2, 2));
+    assert_eq!(stats[0].oldest_dead_at_ms, Some(1_500));
+}
+
+/// Purges by id and by filter delete only dead messages, with an audit entry each.
+pub async fn purges_delete_what_they_select_and_are_audited<S: DeadLetterStore>(s: &S) {
+    let a = dead("agent.tasks", "Invalid", "bad json", "a", 1_000);
+    let b = dead("agent.tasks", "Timeout", "model timed out", "b", 2_000);
+    let c = dead("billing", "Timeout", "model timed out", "c", 3_000);
+    s.insert_batch(&[a.clone(), b.clone(), c.clone()])
+        .await
+        .unwrap();
+    let by_id = DeadSelection::Ids(vec![a.envelope.id, MessageId::new()]);
+    assert_eq!(s.purge(&by_id, "bob", "noise").await.unwrap(), 1);
+    let timeouts = DeadSelection::Filter(DeadFilter {
+        error_class: Some("Timeout".into()),
+        queue: Some(QueueName::new("agent.tasks").unwrap()),
+        ..DeadFilter::default()
+    });
+    assert_eq!(s.purge(&timeouts, "bob", "model fixed").await.unwrap(), 1);
+    assert_eq!(
+        ids(&s.list(&DeadFilter::default(), None, 10).await.unwrap()),
+        ids(&[c])
+    );
+    let log = s.audit_log(10).await.unwrap();
+    let actions: Vec<(&str, u64)> = log.iter().map(|e| (e.action.as_str(), e.count)).collect();
+    assert_eq!(actions, [("purge", 1), ("purge", 1)]);
+    assert_eq!(log[0].reason, "model fixed");
+    let stats = s.stats().await.unwrap();
+    let dead: u64 = stats.iter().map(|st| st.dead).sum();
+    assert_eq!(
+        dead, 1,
+        "purged messages are gone from the counts: {stats:?}"
+    );
+}
+
+/// Payloads of any bytes and hostile text in every field are stored and read back
+/// exactly.
+pub async fn hostile_bytes_read_back_exactly<S: DeadLetterStore>(s: &S) {
+    let queue = QueueName::new("agent.tasks").unwrap();
+    let payload: Vec<u8> = (0..=255u8).chain([0, 0, 0xff]).collect();
+    let mut envelope = Envelope::new(queue, payload);
+    envelope.key = Some("'; DROP TABLE dead_letters; --".into());
+    envelope.headers = vec![("x-evil".into(), "\u{1b}]0;pwned\u{7}<script>".into())];
+    envelope.record_failure(
+        Failure::new(
+            FailureKind::Poison,
+            "Bad\"Class",
+            "line 1\nline 2 \u{0} nul",
+            5,
+        ),
+        "main",
+    );
+    let d = DeadLetter {
+        envelope,
+        dead_at_ms: 5,
+    };
+    assert!(s.insert(&d).await.unwrap());
+    assert_eq!(s.get(&d.envelope.id).await.unwrap().unwrap(), d);
+    let found = s
+        .list(
+            &DeadFilter {
+                text: Some("line 2".into()),
+                ..DeadFilter::default()
+            },
+            None,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&found), ids(&[d]));
+}
+
+/// Expands to one `#[tokio::test]` per store scenario; `$open` is an expression (it may
+/// `.await`) that gives a fresh, empty store as `(guard, store)`: the guard (a scratch
+/// directory, say) is kept until the scenario ends.
+#[macro_export]
+macro_rules! store_conformance {
+    ($open:expr) => {
+        $crate::store_conformance!(@each $open;
+            an_insert_reads_back_and_repeats_harmlessly,
+            listings_are_ordered_paged_and_filtered,
+            groups_are_by_fingerprint_largest_first,
+            replay_marks_once_audits_and_a_second_death_revives,
+            purges_delete_what_they_select_and_are_audited,
+            hostile_bytes_read_back_exactly
+        );
+    };
+    (@each $open:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (_guard, store) = $open;
+                $crate::store::$name(&store).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,170 @@
+//! The connection pool, and the schema redrive creates and migrates itself.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::config::PostgresConfig;
+use crate::error::PgError;
+
+/// The schema's migrations, in order: version N is `MIGRATIONS[N - 1]`. A migration is
+/// never edited once released; a change is a new one at the end.
+const MIGRATIONS: &[&str] = &[
+    // 1: dead letters and the audit log.
+    r"
+    CREATE TABLE dead_letters (
+        id              TEXT    PRIMARY KEY,
+        queue           TEXT    NOT NULL,
+        replayed        BOOLEAN NOT NULL DEFAULT false,
+        dead_at_ms      BIGINT  NOT NULL,
+        attempts        BIGINT  NOT NULL,
+        error_class     TEXT    NOT NULL,
+        error           TEXT    NOT NULL,
+        fingerprint     TEXT    NOT NULL,
+        first_failed_ms BIGINT,
+        last_failed_ms  BIGINT,
+        key             BYTEA,              -- UTF-8; bytes, because text cannot hold NUL
+        payload         BYTEA   NOT NULL,   -- zstd-compressed when `compressed` (warm)
+        headers         TEXT    NOT NULL,   -- the envelope's wire headers, JSON
+        compressed      BOOLEAN NOT NULL DEFAULT false
+    );
+    CREATE INDEX dead_by_time  ON dead_letters (dead_at_ms, id) WHERE NOT replayed;
+    CREATE INDEX dead_by_queue ON dead_letters (queue, dead_at_ms, id) WHERE NOT replayed;
+    CREATE INDEX dead_by_fp    ON dead_letters (fingerprint, last_failed_ms) WHERE NOT replayed;
+
+    CREATE TABLE audit (
+        seq    BIGSERIAL PRIMARY KEY,
+        at_ms  BIGINT NOT NULL,
+        actor  TEXT   NOT NULL,
+        action TEXT   NOT NULL,
+        detail TEXT   NOT NULL,
+        count  BIGINT NOT NULL,
+        reason TEXT   NOT NULL
+    );
+    ",
+];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// A PostgreSQL store: a pool of connections to one schema. Cheap to clone; every clone
+/// shares the pool. Any number of processes, on any hosts, may open the same schema.
+#[derive(Clone)]
+pub struct Postgres {
+    pub(crate) pool: Pool,
+    pub(crate) display: String,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres")
+            .field("url", &self.display)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// Connects, creates the schema when it is missing and brings it to
+    /// [`SCHEMA_VERSION`]. Processes that start together migrate one at a time.
+    ///
+    /// # Errors
+    ///
+    /// The server cannot be reached, a migration fails (then none of it is applied), or
+    /// the schema is newer than this build ([`PgError::TooNew`]).
+    pub async fn open(&self) -> Result<Postgres, PgError> {
+        let manager = Manager::from_config(
+            self.pg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .build()
+            .map_err(|e| PgError::Unavailable {
+                address: self.display.clone(),
+                reason: e.to_string(),
+            })?;
+        let store = Postgres {
+            pool,
+            display: self.display.clone(),
+        };
+        migrate(&store, &self.schema).await?;
+        Ok(store)
+    }
+}
+
+impl Postgres {
+    /// A connection from the pool.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
+        self.pool.get().await.map_err(|e| PgError::Unavailable {
+            address: self.display.clone(),
+            // The pool's error wraps the driver's; its innermost cause says what happened.
+            reason: match e {
+                deadpool_postgres::PoolError::Backend(e) => e.to_string(),
+                other => other.to_string(),
+            },
+        })
+    }
+}
+
+async fn migrate(store: &Postgres, schema: &str) -> Result<(), PgError> {
+    let mut client = store.client().await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(PgError::query("begin the migration"))?;
+    // One migrating process at a time per schema: the lock is held until the commit.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('redrive schema ' || $1))",
+        &[&schema],
+    )
+    .await
+    .map_err(PgError::query("lock the schema for migration"))?;
+    // The name was checked to be a plain lower-case identifier; quoted all the same.
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+         CREATE TABLE IF NOT EXISTS \"{schema}\".schema_version (version INTEGER NOT NULL);"
+    ))
+    .await
+    .map_err(PgError::query("create the schema"))?;
+    let found: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM schema_version", &[])
+        .await
+        .map_err(PgError::query("read the schema version"))?
+        .and_then(|row| row.get(0));
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        // Ended here, not when the connection goes back to the pool.
+        let _ = tx.rollback().await;
+        return Err(PgError::TooNew {
+            schema: schema.to_owned(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.batch_execute(sql)
+            .await
+            .map_err(PgError::query("apply a schema migration"))?;
+        tx.execute("DELETE FROM schema_version", &[])
+            .await
+            .map_err(PgError::query("record the schema version"))?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(PgError::query("record the schema version"))?;
+        tracing::info!(schema, version, "PostgreSQL schema migrated");
+    }
+    tx.commit()
+        .await
+        .map_err(PgError::query("commit the migration"))?;
+    Ok(())
+}
