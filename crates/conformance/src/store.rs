@@ -1,13 +1,16 @@
 //! What every dead-letter store must do, written once and generic over the store:
 //! inserts that a drain may repeat, listings in order with a cursor, every filter,
-//! groups by fingerprint, replay and purge with their audit entries, and the counts
-//! metrics and alerts read.
+//! groups by fingerprint, replay and purge with their audit entries, the counts
+//! metrics and alerts read, and the alert state with its notification outbox.
 //!
 //! A store joins by invoking [`store_conformance!`](crate::store_conformance) with an
 //! expression that opens a fresh, empty store (and what must live as long as it).
 
 #![allow(clippy::unwrap_used)] // Scenarios panic with the failing value; that is their job.
 
+use redrive_core::alert::{
+    AlertPhase, AlertState, AlertStore, NewNotification, NotificationKind, Transition,
+};
 use redrive_core::{
     Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, Failure, FailureKind,
     MessageId, QueueName,
@@ -311,6 +314,126 @@ pub async fn hostile_bytes_read_back_exactly<S: DeadLetterStore>(s: &S) {
     assert_eq!(ids(&found), ids(&[d]));
 }
 
+fn alert(rule: &str, phase: AlertPhase, since_ms: i64, value: u64) -> AlertState {
+    AlertState {
+        rule: rule.into(),
+        queue: "agent.tasks".into(),
+        phase,
+        since_ms,
+        fired_ms: (phase != AlertPhase::Pending).then_some(since_ms + 300_000),
+        resolved_ms: (phase == AlertPhase::Resolved).then_some(since_ms + 900_000),
+        value,
+    }
+}
+
+/// Alert transitions and their notifications are stored together; a transition applied
+/// twice (two evaluations racing, or one repeated after a crash) leaves one alert; the
+/// outbox hands out what is due and records each delivery.
+pub async fn alerts_and_their_outbox_persist<S: AlertStore>(s: &S) {
+    let pending = alert("dlq-not-empty", AlertPhase::Pending, 1_000, 1);
+    s.apply_transitions(vec![Transition::Pending(pending.clone())], vec![])
+        .await
+        .unwrap();
+    s.apply_transitions(vec![Transition::Pending(pending.clone())], vec![])
+        .await
+        .unwrap();
+    assert_eq!(s.open_alerts().await.unwrap(), [pending]);
+
+    let firing = alert("dlq-not-empty", AlertPhase::Firing, 1_000, 3);
+    let page = |kind, state: &AlertState| NewNotification {
+        notifier: "pagerduty".into(),
+        kind,
+        expr: "dlq_depth > 0 for 5m".into(),
+        state: state.clone(),
+    };
+    s.apply_transitions(
+        vec![Transition::Fired(firing.clone())],
+        vec![page(NotificationKind::Trigger, &firing)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.open_alerts().await.unwrap(), [firing.clone()]);
+    let due = s
+        .due_notifications(firing.fired_ms.unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    let n = &due[0];
+    assert_eq!(
+        (n.kind, n.value, n.attempts),
+        (NotificationKind::Trigger, 3, 0)
+    );
+    assert_eq!(n.at_ms, firing.fired_ms.unwrap());
+    assert!(
+        s.due_notifications(n.at_ms - 1, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
+
+    // A failure is retried later; a success takes it out of the due list.
+    s.record_delivery(
+        n.id,
+        Err(("503 from the pager".into(), Some(n.at_ms + 5_000))),
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.due_notifications(n.at_ms + 4_999, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = s.due_notifications(n.at_ms + 5_000, 10).await.unwrap();
+    assert_eq!(
+        (again[0].attempts, again[0].last_error.as_deref()),
+        (1, Some("503 from the pager"))
+    );
+    s.record_delivery(n.id, Ok(n.at_ms + 5_100)).await.unwrap();
+    assert!(
+        s.due_notifications(i64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let resolved = alert("dlq-not-empty", AlertPhase::Resolved, 1_000, 0);
+    s.apply_transitions(
+        vec![Transition::Resolved(resolved.clone())],
+        vec![page(NotificationKind::Resolve, &resolved)],
+    )
+    .await
+    .unwrap();
+    assert!(s.open_alerts().await.unwrap().is_empty());
+    assert_eq!(s.past_alerts(10).await.unwrap(), [resolved]);
+    let recent = s.recent_notifications(10).await.unwrap();
+    let kinds: Vec<_> = recent
+        .iter()
+        .map(|n| (n.kind, n.sent_ms.is_some(), n.failed))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (NotificationKind::Resolve, false, false),
+            (NotificationKind::Trigger, true, false)
+        ],
+        "newest first"
+    );
+    // Given up: failed, and never due again.
+    let resolve = &recent[0];
+    s.record_delivery(resolve.id, Err(("400 bad key".into(), None)))
+        .await
+        .unwrap();
+    assert!(
+        s.due_notifications(i64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.recent_notifications(1).await.unwrap()[0].failed);
+}
+
 /// Expands to one `#[tokio::test]` per store scenario; `$open` is an expression (it may
 /// `.await`) that gives a fresh, empty store as `(guard, store)`: the guard (a scratch
 /// directory, say) is kept until the scenario ends.
@@ -323,7 +446,8 @@ macro_rules! store_conformance {
             groups_are_by_fingerprint_largest_first,
             replay_marks_once_audits_and_a_second_death_revives,
             purges_delete_what_they_select_and_are_audited,
-            hostile_bytes_read_back_exactly
+            hostile_bytes_read_back_exactly,
+            alerts_and_their_outbox_persist
         );
     };
     (@each $open:expr; $($name:ident),*) => {

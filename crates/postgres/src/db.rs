@@ -41,6 +41,40 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT   NOT NULL
     );
     ",
+    // 2: alert state and the notification outbox.
+    r"
+    -- One row per (rule, queue) while pending or firing; resolved rows stay as history.
+    CREATE TABLE alerts (
+        seq         BIGSERIAL PRIMARY KEY,
+        rule        TEXT   NOT NULL,
+        queue       TEXT   NOT NULL,
+        phase       TEXT   NOT NULL,
+        since_ms    BIGINT NOT NULL,
+        fired_ms    BIGINT,
+        resolved_ms BIGINT,
+        value       BIGINT NOT NULL
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts (rule, queue) WHERE phase <> 'resolved';
+
+    -- Written in the transaction of the transition they announce, then delivered (and
+    -- retried) from here.
+    CREATE TABLE alert_outbox (
+        id         BIGSERIAL PRIMARY KEY,
+        notifier   TEXT    NOT NULL,
+        kind       TEXT    NOT NULL,
+        rule       TEXT    NOT NULL,
+        expr       TEXT    NOT NULL,
+        queue      TEXT    NOT NULL,
+        value      BIGINT  NOT NULL,
+        at_ms      BIGINT  NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_ms    BIGINT,             -- NULL once sent or given up
+        sent_ms    BIGINT,
+        failed     BOOLEAN NOT NULL DEFAULT false,
+        last_error TEXT
+    );
+    CREATE INDEX alert_outbox_due ON alert_outbox (next_ms) WHERE next_ms IS NOT NULL;
+    ",
 ];
 
 /// The newest schema version this build knows.

@@ -14,7 +14,7 @@ use crate::error::PgError;
 /// Text PostgreSQL can hold: it refuses NUL in `text`, and a handler's error may carry
 /// one. Only searchable copies go through here; the envelope itself (its history
 /// included) is kept exactly in `headers`, which is JSON and escapes it.
-fn text(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn text(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains('\0') {
         std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
     } else {
@@ -194,7 +194,7 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-fn limit(n: usize) -> i64 {
+pub(crate) fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
