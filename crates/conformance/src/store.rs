@@ -352,7 +352,7 @@ pub async fn alerts_and_their_outbox_persist<S: AlertStore>(s: &S) {
     )
     .await
     .unwrap();
-    assert_eq!(s.open_alerts().await.unwrap(), [firing.clone()]);
+    assert_eq!(s.open_alerts().await.unwrap(), std::slice::from_ref(&firing));
     let due = s
         .due_notifications(firing.fired_ms.unwrap(), 10)
         .await
