@@ -1,7 +1,8 @@
 //! What every dead-letter store must do, written once and generic over the store:
 //! inserts that a drain may repeat, listings in order with a cursor, every filter,
 //! groups by fingerprint, replay and purge with their audit entries, the counts
-//! metrics and alerts read, and the alert state with its notification outbox.
+//! metrics and alerts read, the alert state with its notification outbox, and what
+//! retention needs (compression in place, whole days to archive, deletes after).
 //!
 //! A store joins by invoking [`store_conformance!`](crate::store_conformance) with an
 //! expression that opens a fresh, empty store (and what must live as long as it).
@@ -13,7 +14,7 @@ use redrive_core::alert::{
 };
 use redrive_core::{
     Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, Failure, FailureKind,
-    MessageId, QueueName,
+    MessageId, QueueName, RetentionStore,
 };
 
 /// A dead message of `queue` that failed with `class`/`message`, dead at `dead_at_ms`.
@@ -352,7 +353,10 @@ pub async fn alerts_and_their_outbox_persist<S: AlertStore>(s: &S) {
     )
     .await
     .unwrap();
-    assert_eq!(s.open_alerts().await.unwrap(), std::slice::from_ref(&firing));
+    assert_eq!(
+        s.open_alerts().await.unwrap(),
+        std::slice::from_ref(&firing)
+    );
     let due = s
         .due_notifications(firing.fired_ms.unwrap(), 10)
         .await
@@ -434,6 +438,79 @@ pub async fn alerts_and_their_outbox_persist<S: AlertStore>(s: &S) {
     assert!(s.recent_notifications(1).await.unwrap()[0].failed);
 }
 
+/// Retention's seam: warm payloads are compressed in place and still read back
+/// exactly; whole past days are offered for archiving; archived messages are deleted
+/// with an audit entry; replayed history is forgotten past its cutoff.
+pub async fn retention_compresses_archives_and_forgets<S: DeadLetterStore + RetentionStore>(s: &S) {
+    const DAY: i64 = 86_400_000;
+    let old = dead(
+        "agent.tasks",
+        "Invalid",
+        "bad json",
+        &"x".repeat(2_000),
+        10 * DAY + 5,
+    );
+    let warm = dead(
+        "billing",
+        "Invalid",
+        "bad json",
+        &"y".repeat(2_000),
+        11 * DAY + 7,
+    );
+    let hot = dead("agent.tasks", "Invalid", "bad json", "z", 12 * DAY + 9);
+    s.insert_batch(&[old.clone(), warm.clone(), hot.clone()])
+        .await
+        .unwrap();
+
+    assert_eq!(s.compress_between(0, 12 * DAY).await.unwrap(), 2);
+    assert_eq!(
+        s.compress_between(0, 12 * DAY).await.unwrap(),
+        0,
+        "once only"
+    );
+    assert_eq!(
+        s.get(&old.envelope.id).await.unwrap().unwrap(),
+        old,
+        "reads back as stored"
+    );
+    let listed = s.list(&DeadFilter::default(), None, 10).await.unwrap();
+    assert_eq!(listed, [old.clone(), warm.clone(), hot.clone()]);
+
+    let days = s.archivable_days(12 * DAY + 100).await.unwrap();
+    assert_eq!(
+        days,
+        [
+            ("agent.tasks".to_owned(), 10 * DAY),
+            ("billing".to_owned(), 11 * DAY)
+        ]
+    );
+    let n = s
+        .delete_archived(
+            &[old.envelope.id, hot.envelope.id],
+            "agent.tasks-day10.jsonl.zst",
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let log = s.audit_log(1).await.unwrap();
+    assert_eq!((log[0].action.as_str(), log[0].count), ("archive", 2));
+    assert_eq!(log[0].detail, "agent.tasks-day10.jsonl.zst");
+
+    s.mark_replayed(&[warm.envelope.id], "alice", "fixed")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.forget_replayed_before(11 * DAY).await.unwrap(),
+        0,
+        "died after the cutoff"
+    );
+    assert_eq!(s.forget_replayed_before(12 * DAY).await.unwrap(), 1);
+    assert!(
+        s.stats().await.unwrap().is_empty(),
+        "nothing left, not even history"
+    );
+}
+
 /// Expands to one `#[tokio::test]` per store scenario; `$open` is an expression (it may
 /// `.await`) that gives a fresh, empty store as `(guard, store)`: the guard (a scratch
 /// directory, say) is kept until the scenario ends.
@@ -447,7 +524,8 @@ macro_rules! store_conformance {
             replay_marks_once_audits_and_a_second_death_revives,
             purges_delete_what_they_select_and_are_audited,
             hostile_bytes_read_back_exactly,
-            alerts_and_their_outbox_persist
+            alerts_and_their_outbox_persist,
+            retention_compresses_archives_and_forgets
         );
     };
     (@each $open:expr; $($name:ident),*) => {

@@ -11,6 +11,7 @@ mod alerts;
 mod config;
 mod db;
 mod error;
+mod retention;
 mod store;
 
 pub use config::{PostgresConfig, without_password};
