@@ -133,13 +133,28 @@ impl Postgres {
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
         self.pool.get().await.map_err(|e| PgError::Unavailable {
             address: self.display.clone(),
-            // The pool's error wraps the driver's; its innermost cause says what happened.
+            // The pool's error wraps the driver's, whose causes say what happened
+            // ("error connecting to server: Connection refused").
             reason: match e {
-                deadpool_postgres::PoolError::Backend(e) => e.to_string(),
+                deadpool_postgres::PoolError::Backend(e) => with_causes(&e),
                 other => other.to_string(),
             },
         })
     }
+}
+
+/// An error and its causes, on one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 async fn migrate(store: &Postgres, schema: &str) -> Result<(), PgError> {

@@ -14,6 +14,8 @@ use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
+
+use crate::store::AnyStore;
 use redrive_sqs::{SqsBackend, SqsConfig};
 
 use crate::cli::Cli;
@@ -58,8 +60,8 @@ pub fn open(url: &str, create: bool) -> Result<Sqlite> {
     if !url.starts_with("sqlite:") {
         let scheme = url.split("://").next().unwrap_or(url);
         bail!(
-            "unsupported store {scheme:?} in --store {:?}: this build supports sqlite://PATH \
-             (e.g. sqlite://redrive.db); brokers go in --broker",
+            "unsupported store {scheme:?} in --store {:?}: use sqlite://PATH (e.g. \
+             sqlite://redrive.db) or postgres://USER@HOST/DATABASE; brokers go in --broker",
             without_secrets(url)
         );
     }
@@ -133,25 +135,25 @@ fn check_path(path: &Path, create: bool) -> Result<()> {
 pub enum AnyBackend {
     /// Everything in one SQLite file.
     Sqlite(Sqlite),
-    /// Redis lanes, SQLite dead letters.
-    Redis(RedisBackend<Sqlite>),
-    /// NATS JetStream lanes, SQLite dead letters.
-    Nats(NatsBackend<Sqlite>),
-    /// Kafka topics, SQLite dead letters.
-    Kafka(KafkaBackend<Sqlite>),
-    /// SQS queues, SQLite dead letters.
-    Sqs(SqsBackend<Sqlite>),
+    /// Redis lanes; dead letters in SQLite or PostgreSQL.
+    Redis(RedisBackend<AnyStore>),
+    /// NATS JetStream lanes; dead letters in SQLite or PostgreSQL.
+    Nats(NatsBackend<AnyStore>),
+    /// Kafka topics; dead letters in SQLite or PostgreSQL.
+    Kafka(KafkaBackend<AnyStore>),
+    /// SQS queues; dead letters in SQLite or PostgreSQL.
+    Sqs(SqsBackend<AnyStore>),
 }
 
 impl AnyBackend {
-    /// The SQLite store (alert state, retention, audit).
-    pub fn sqlite(&self) -> &Sqlite {
+    /// The dead-letter store of record (alert state, retention, audit).
+    pub fn store(&self) -> AnyStore {
         match self {
-            Self::Sqlite(s) => s,
-            Self::Redis(r) => r.store(),
-            Self::Nats(n) => n.store(),
-            Self::Kafka(k) => k.store(),
-            Self::Sqs(q) => q.store(),
+            Self::Sqlite(s) => AnyStore::Sqlite(s.clone()),
+            Self::Redis(r) => r.store().clone(),
+            Self::Nats(n) => n.store().clone(),
+            Self::Kafka(k) => k.store().clone(),
+            Self::Sqs(q) => q.store().clone(),
         }
     }
 
@@ -227,30 +229,31 @@ pub async fn open_urls(
     create: bool,
 ) -> Result<AnyBackend> {
     let Some(url) = broker_url else {
-        return Ok(AnyBackend::Sqlite(open(store_url, create)?));
+        let store = crate::store::open(store_url, create).await?;
+        return Ok(AnyBackend::Sqlite(store.embedded()?.clone()));
     };
     let broker = Broker::parse(url)?;
     // With a broker, the store is the dead-letter store of record: created when missing.
-    let store = || open(store_url, true);
+    let store = crate::store::open(store_url, true).await?;
     Ok(match broker {
         Broker::Redis(config) => {
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Redis(RedisBackend::new(transport, store()?))
+            AnyBackend::Redis(RedisBackend::new(transport, store))
         }
         Broker::Nats(config) => {
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Nats(NatsBackend::new(transport, store()?))
+            AnyBackend::Nats(NatsBackend::new(transport, store))
         }
         Broker::Kafka(config) => {
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Kafka(KafkaBackend::new(transport, store()?))
+            AnyBackend::Kafka(KafkaBackend::new(transport, store))
         }
         Broker::Sqs(mut config) => {
             if let Some(endpoint) = sqs_endpoint {
                 config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Sqs(SqsBackend::new(transport, store()?))
+            AnyBackend::Sqs(SqsBackend::new(transport, store))
         }
     })
 }

@@ -21,7 +21,9 @@ pub const DEFAULT_STORE: &str = "sqlite://redrive.db";
 )]
 pub struct Cli {
     /// Where lanes and dead letters live: sqlite://PATH[?durability=full|relaxed]
-    /// [default: sqlite://redrive.db]
+    /// [default: sqlite://redrive.db], or, with --broker, dead letters, alert state and
+    /// the audit log in PostgreSQL, shared by any number of hosts:
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?schema=NAME&pool=N&sslmode=disable]
     #[arg(long, global = true, env = "REDRIVE_STORE", value_name = "URL")]
     pub store: Option<String>,
 

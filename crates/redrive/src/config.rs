@@ -259,8 +259,8 @@ fn parse_with_env(
 /// The store, the broker and the server section.
 fn check_places(c: &mut Checker<'_>, raw: &Raw, config: &mut Config, file: Option<&Path>) {
     if let Some(url) = &raw.store.url {
-        match redrive_sqlite::SqliteConfig::from_url(url.get_ref()) {
-            Ok(_) => config.store = Some(url.get_ref().clone()),
+        match crate::store::check_url(url.get_ref()) {
+            Ok(()) => config.store = Some(url.get_ref().clone()),
             Err(e) => c.at(&url.span(), format!("store.url: {e}")),
         }
     }
@@ -620,7 +620,7 @@ mod tests {
     fn every_problem_is_reported_with_its_line() {
         let text = r#"
 [store]
-url = "postgres://x"
+url = "mysql://x"
 
 [[queues]]
 name = "bad name"
@@ -642,7 +642,7 @@ warm = "7d"
         let problems = parse(text, None).unwrap_err();
         let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let expect = [
-            ("line 3: store.url", "sqlite://"),
+            ("line 3: store.url", "sqlite://PATH or postgres://"),
             ("line 6: queues.name", "invalid queue name"),
             ("line 7: queues.tiers", "tier 2"),
             ("line 8: queues.concurrency", "from 1 to 10000"),

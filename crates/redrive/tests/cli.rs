@@ -966,18 +966,30 @@ fn careless_input_gets_clear_errors() {
         "{err}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
-        .args([
-            "--store",
-            "postgres://app:s3cret-pw@db.example:5432/redrive",
-            "queues",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("unsupported store") && !err.contains("s3cret-pw"),
-        "{err}"
-    );
+    // A store that is not there, and one of no known kind: clear errors, never the
+    // password.
+    for (store, says) in [
+        (
+            "postgres://app:s3cret-pw@127.0.0.1:1/redrive",
+            "is unavailable: error connecting to server",
+        ),
+        (
+            "mysql://app:s3cret-pw@db.example:3306/redrive",
+            "unsupported store",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+            .args([
+                "--store",
+                store,
+                "--broker",
+                "redis://127.0.0.1:1",
+                "queues",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(says) && !err.contains("s3cret-pw"), "{err}");
+    }
 }

@@ -64,7 +64,7 @@ pub async fn retention_run(cli: &Cli, as_json: bool) -> Result<ExitCode> {
         .drain()
         .await
         .context("draining the broker's DLQ before the sweep")?;
-    let store = store.sqlite().clone();
+    let store = store.store();
     let retention = &cli.loaded.retention;
     let report = redrive_retention::sweep(&store, retention, now_ms(), None)
         .await
@@ -96,7 +96,7 @@ pub async fn retention_run(cli: &Cli, as_json: bool) -> Result<ExitCode> {
 }
 
 pub async fn archive_import(cli: &Cli, files: &[PathBuf], as_json: bool) -> Result<ExitCode> {
-    let store = backend::open(cli.store_url(), true)?;
+    let store = crate::store::open(cli.store_url(), true).await?;
     let (mut read, mut inserted) = (0u64, 0u64);
     for file in files {
         let (r, i) = redrive_retention::import_file(&store, file)

@@ -143,6 +143,6 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
             summary.reason, summary.delivered, s.succeeded, s.retried, s.dead, summary.released
         );
     }
-    store.sqlite().close();
+    store.store().close();
     Ok(ExitCode::SUCCESS)
 }

@@ -70,7 +70,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let any = backend::open_any(cli, true).await?;
     backend::create_configured_lanes(cli, &any).await?;
-    let store = any.sqlite().clone();
+    let store = any.store();
     let metrics = Arc::new(Metrics::new());
     let any_triage: Arc<dyn Triage> = Arc::new(LanesAndStore::new(any.clone(), any.clone()));
     let (mut app, listener, addr) = prepare(
