@@ -643,6 +643,38 @@ pub struct NewNotification {
     pub state: AlertState,
 }
 
+impl Transition {
+    /// `(rule, queue, kind)` of the notification this transition announces: `Fired` a
+    /// trigger, `Resolved` a resolve, the others none.
+    #[must_use]
+    pub fn announces(&self) -> Option<(String, String, NotificationKind)> {
+        match self {
+            Self::Fired(s) => Some((s.rule.clone(), s.queue.clone(), NotificationKind::Trigger)),
+            Self::Resolved(s) => Some((s.rule.clone(), s.queue.clone(), NotificationKind::Resolve)),
+            Self::Pending(_) | Self::Cancelled(_) | Self::Updated(_) => None,
+        }
+    }
+}
+
+/// The notifications to enqueue for the transitions a store actually applied: `changed`
+/// holds `(rule, queue, kind)` of each `Fired` or `Resolved` that changed the stored
+/// phase. One applied a second time (two evaluators racing, a round repeated after a
+/// crash) changes nothing and so announces nothing: a page is sent once.
+#[must_use]
+pub fn announced(
+    notifications: Vec<NewNotification>,
+    changed: &[(String, String, NotificationKind)],
+) -> Vec<NewNotification> {
+    notifications
+        .into_iter()
+        .filter(|n| {
+            changed.iter().any(|(rule, queue, kind)| {
+                *rule == n.state.rule && *queue == n.state.queue && *kind == n.kind
+            })
+        })
+        .collect()
+}
+
 /// Capability: persist alert state and the notification outbox, so a restart neither
 /// pages again for an open alert nor forgets a pending one or an unsent page.
 pub trait AlertStore: Send + Sync {
@@ -708,4 +740,26 @@ pub trait AlertStore: Send + Sync {
         &self,
         limit: usize,
     ) -> impl std::future::Future<Output = Result<Vec<Notification>, crate::StoreError>> + Send;
+
+    /// Takes or keeps, for `for_ms` from `now_ms`, the right to do `role` (`alerts`:
+    /// evaluate rules and send notifications; `retention`: sweep) as `holder`; `false`
+    /// while another holder's lease runs. Many processes share a store that has more
+    /// than one host behind it; each calls this before each round, and the one that
+    /// gets `true` does the round, so a page is sent once. A holder that dies is
+    /// replaced once its lease runs out. A store only one process opens (SQLite's file)
+    /// keeps the default: always `true`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable; the caller then skips the round.
+    fn lead(
+        &self,
+        role: &str,
+        holder: &str,
+        now_ms: i64,
+        for_ms: i64,
+    ) -> impl std::future::Future<Output = Result<bool, crate::StoreError>> + Send {
+        let _ = (role, holder, now_ms, for_ms);
+        async { Ok(true) }
+    }
 }

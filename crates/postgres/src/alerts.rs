@@ -3,7 +3,8 @@
 
 use redrive_core::StoreError;
 use redrive_core::alert::{
-    AlertPhase, AlertState, AlertStore, NewNotification, Notification, NotificationKind, Transition,
+    AlertPhase, AlertState, AlertStore, NewNotification, Notification, NotificationKind,
+    Transition, announced,
 };
 use tokio_postgres::GenericClient;
 
@@ -52,9 +53,11 @@ fn notification(r: &tokio_postgres::Row) -> Notification {
     }
 }
 
-async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<(), PgError> {
+/// Applies one transition; returns whether it changed the stored phase to what it
+/// announces (`Fired`, `Resolved`).
+async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<bool, PgError> {
     let q = PgError::query("apply alert transition");
-    match t {
+    let changed = match t {
         Transition::Pending(s) => {
             tx.execute(
                 "INSERT INTO alerts (rule, queue, phase, since_ms, value) VALUES ($1, $2, 'pending', $3, $4)
@@ -63,6 +66,7 @@ async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<(), PgError> {
             )
             .await
             .map_err(q)?;
+            false
         }
         Transition::Fired(s) => {
             let updated = tx
@@ -78,15 +82,16 @@ async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<(), PgError> {
                 )
                 .await
                 .map_err(PgError::query("fire alert"))?;
-            if updated == 0 {
-                tx.execute(
-                    "INSERT INTO alerts (rule, queue, phase, since_ms, fired_ms, value) VALUES ($1, $2, 'firing', $3, $4, $5)
-                     ON CONFLICT (rule, queue) WHERE phase <> 'resolved' DO NOTHING",
-                    &[&text(&s.rule), &text(&s.queue), &s.since_ms, &s.fired_ms, &value(s.value)],
-                )
-                .await
-                .map_err(q)?;
-            }
+            updated == 1
+                || tx
+                    .execute(
+                        "INSERT INTO alerts (rule, queue, phase, since_ms, fired_ms, value) VALUES ($1, $2, 'firing', $3, $4, $5)
+                         ON CONFLICT (rule, queue) WHERE phase <> 'resolved' DO NOTHING",
+                        &[&text(&s.rule), &text(&s.queue), &s.since_ms, &s.fired_ms, &value(s.value)],
+                    )
+                    .await
+                    .map_err(q)?
+                    == 1
         }
         Transition::Updated(s) => {
             tx.execute(
@@ -95,6 +100,7 @@ async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<(), PgError> {
             )
             .await
             .map_err(q)?;
+            false
         }
         Transition::Resolved(s) => {
             tx.execute(
@@ -108,7 +114,8 @@ async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<(), PgError> {
                 ],
             )
             .await
-            .map_err(q)?;
+            .map_err(q)?
+                == 1
         }
         Transition::Cancelled(s) => {
             tx.execute(
@@ -117,9 +124,10 @@ async fn apply(tx: &impl GenericClient, t: &Transition) -> Result<(), PgError> {
             )
             .await
             .map_err(q)?;
+            false
         }
-    }
-    Ok(())
+    };
+    Ok(changed)
 }
 
 impl AlertStore for Postgres {
@@ -163,10 +171,13 @@ impl AlertStore for Postgres {
             .transaction()
             .await
             .map_err(PgError::query("begin alert transitions"))?;
+        let mut changed = Vec::new();
         for t in &transitions {
-            apply(&*tx, t).await?;
+            if apply(&*tx, t).await? {
+                changed.extend(t.announces());
+            }
         }
-        for n in &notifications {
+        for n in &announced(notifications, &changed) {
             let at = match n.kind {
                 NotificationKind::Trigger => n.state.fired_ms.unwrap_or(n.state.since_ms),
                 NotificationKind::Resolve => n.state.resolved_ms.unwrap_or(n.state.since_ms),
@@ -230,6 +241,30 @@ impl AlertStore for Postgres {
         }
         .map_err(PgError::query("record delivery"))?;
         Ok(())
+    }
+
+    async fn lead(
+        &self,
+        role: &str,
+        holder: &str,
+        now_ms: i64,
+        for_ms: i64,
+    ) -> Result<bool, StoreError> {
+        // Taken when free or run out, kept (renewed) by its holder, in one statement:
+        // two processes asking at once cannot both get it.
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "INSERT INTO leases (role, holder, until_ms) VALUES ($1, $2, $3::bigint + $4::bigint)
+                 ON CONFLICT (role) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                 WHERE leases.holder = excluded.holder OR leases.until_ms <= $3::bigint
+                 RETURNING holder",
+                &[&role, &text(holder), &now_ms, &for_ms],
+            )
+            .await
+            .map_err(PgError::query("take the lease"))?;
+        Ok(row.is_some())
     }
 
     async fn recent_notifications(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {

@@ -75,6 +75,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX alert_outbox_due ON alert_outbox (next_ms) WHERE next_ms IS NOT NULL;
     ",
+    // 3: who evaluates alerts, and who sweeps, among the processes sharing the schema.
+    r"
+    CREATE TABLE leases (
+        role     TEXT   PRIMARY KEY,
+        holder   TEXT   NOT NULL,
+        until_ms BIGINT NOT NULL
+    );
+    ",
 ];
 
 /// The newest schema version this build knows.
@@ -144,7 +152,7 @@ impl Postgres {
 }
 
 /// An error and its causes, on one line.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

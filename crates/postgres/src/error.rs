@@ -35,8 +35,9 @@ pub enum PgError {
         /// The newest this build knows.
         known: i32,
     },
-    /// A statement failed.
-    #[error("PostgreSQL store: {context}: {source}")]
+    /// A statement failed (with the server's message: the driver's own text for it is
+    /// only "db error").
+    #[error("PostgreSQL store: {context}: {}", crate::db::with_causes(source))]
     Query {
         /// What was being done.
         context: &'static str,
@@ -67,7 +68,7 @@ impl From<PgError> for StoreError {
                 source: reason.into(),
             },
             other => Self::Backend {
-                context: "PostgreSQL store".to_owned(),
+                context: "dead-letter store".to_owned(),
                 source: Box::new(other),
             },
         }

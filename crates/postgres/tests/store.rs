@@ -135,3 +135,37 @@ async fn a_server_that_is_not_there_is_a_clear_error_without_the_password() {
     );
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_holder_leads_until_its_lease_runs_out() {
+    use redrive_core::alert::AlertStore;
+    let (_schema, s) = fresh().await;
+    assert!(
+        s.lead("alerts", "a", 1_000, 3_000).await.unwrap(),
+        "free: taken"
+    );
+    assert!(
+        !s.lead("alerts", "b", 1_500, 3_000).await.unwrap(),
+        "held by a"
+    );
+    assert!(
+        s.lead("retention", "b", 1_500, 3_000).await.unwrap(),
+        "another role is free"
+    );
+    assert!(
+        s.lead("alerts", "a", 3_500, 3_000).await.unwrap(),
+        "a renews, to 6,500"
+    );
+    assert!(
+        !s.lead("alerts", "b", 6_499, 3_000).await.unwrap(),
+        "renewed: still a's"
+    );
+    assert!(
+        s.lead("alerts", "b", 6_500, 3_000).await.unwrap(),
+        "run out: b takes over"
+    );
+    assert!(
+        !s.lead("alerts", "a", 6_600, 3_000).await.unwrap(),
+        "a lost it"
+    );
+}

@@ -182,6 +182,15 @@ impl AlertStore for AnyStore {
     async fn recent_notifications(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
         each_store!(self, |s| s.recent_notifications(limit).await)
     }
+    async fn lead(
+        &self,
+        role: &str,
+        holder: &str,
+        now_ms: i64,
+        for_ms: i64,
+    ) -> Result<bool, StoreError> {
+        each_store!(self, |s| s.lead(role, holder, now_ms, for_ms).await)
+    }
 }
 
 impl RetentionStore for AnyStore {

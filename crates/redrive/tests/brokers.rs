@@ -1,8 +1,8 @@
 //! Which broker tests this run includes, and whether their brokers answer.
 //!
 //! The tests that need a running Redis, NATS, Kafka or SQS-compatible server are behind
-//! features (`redis-tests`, `nats-tests`, `kafka-tests`, `sqs-tests`, or all four as
-//! `broker-tests`; `nats-tests` and `kafka-tests` also turn on the `integration-tests`
+//! features (`redis-tests`, `nats-tests`, `kafka-tests`, `sqs-tests`, `postgres-tests`,
+//! or all of them as `broker-tests`; `nats-tests` and `kafka-tests` also turn on the `integration-tests`
 //! of the NATS and Kafka crates), so `cargo test` passes on a machine with no broker. This target
 //! (no test harness: it prints to the terminal) says which are off and how to turn them
 //! on, and for those that are on, fails at once, naming the address, when the broker
@@ -20,7 +20,7 @@ struct Set {
     default: &'static str,
 }
 
-const SETS: [Set; 4] = [
+const SETS: [Set; 5] = [
     Set {
         feature: "redis-tests",
         on: cfg!(feature = "redis-tests"),
@@ -44,6 +44,12 @@ const SETS: [Set; 4] = [
         on: cfg!(feature = "sqs-tests"),
         var: "REDRIVE_TEST_SQS_ENDPOINT",
         default: "http://127.0.0.1:9324",
+    },
+    Set {
+        feature: "postgres-tests",
+        on: cfg!(feature = "postgres-tests"),
+        var: "REDRIVE_TEST_POSTGRES_URL",
+        default: "postgres://postgres@127.0.0.1:5432/test",
     },
 ];
 
@@ -75,7 +81,7 @@ fn main() -> ExitCode {
         println!(
             "broker tests not run: {} (each needs its broker running). `./scripts/test` \
              starts every broker and runs them all; or start one and run \
-             `cargo test --workspace --features redrive/<set>` (all four: \
+             `cargo test --workspace --features redrive/<set>` (all of them: \
              `redrive/broker-tests`), with the address in the variable below if not the \
              default.",
             off.join(", ")

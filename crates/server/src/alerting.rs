@@ -211,13 +211,38 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
         }
     }
 
-    /// Evaluates and delivers every `every`, forever.
+    /// Evaluates and delivers every `every`, forever, in the rounds this process leads:
+    /// of all the processes sharing the store, one at a time evaluates and sends
+    /// ([`AlertStore::lead`]), and when it dies another takes over once its lease of
+    /// three rounds (at least 1 s, at most a minute) has run out.
     pub async fn run(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let holder = redrive_core::MessageId::new().to_string();
+        let lease = (every * 3).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(60_000);
+        let mut leading = false;
         loop {
             tick.tick().await;
             let now = now_ms();
+            match self.store.lead("alerts", &holder, now, lease_ms).await {
+                Ok(true) if !leading => {
+                    leading = true;
+                    tracing::info!(%holder, "this process evaluates alerts and sends notifications");
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    if leading {
+                        tracing::warn!(%holder, "another process now evaluates alerts");
+                    }
+                    leading = false;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot tell whether this process leads alerting; skipping the round");
+                    continue;
+                }
+            }
             if let Err(e) = self.evaluate(now).await {
                 tracing::error!(error = %e, "alert evaluation failed");
             }

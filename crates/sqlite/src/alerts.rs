@@ -3,7 +3,8 @@
 
 use redrive_core::StoreError;
 use redrive_core::alert::{
-    AlertPhase, AlertState, AlertStore, NewNotification, Notification, NotificationKind, Transition,
+    AlertPhase, AlertState, AlertStore, NewNotification, Notification, NotificationKind,
+    Transition, announced,
 };
 use rusqlite::{Connection, params};
 
@@ -49,7 +50,9 @@ const STATE_COLUMNS: &str = "rule, queue, phase, since_ms, fired_ms, resolved_ms
 const OUTBOX_COLUMNS: &str =
     "id, notifier, kind, rule, expr, queue, value, at_ms, attempts, last_error, sent_ms, failed";
 
-fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
+/// Applies one transition; returns whether it changed the stored phase to what it
+/// announces (`Fired`, `Resolved`).
+fn apply(conn: &Connection, t: &Transition) -> Result<bool, SqliteError> {
     let q = SqliteError::query("apply alert transition");
     match t {
         Transition::Pending(s) => {
@@ -69,13 +72,15 @@ fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
                 )
                 .map_err(SqliteError::query("fire alert"))?;
             if updated == 0 {
-                conn.execute(
+                let inserted = conn.execute(
                     "INSERT INTO alerts (rule, queue, phase, since_ms, fired_ms, value) VALUES (?1, ?2, 'firing', ?3, ?4, ?5)
                      ON CONFLICT (rule, queue) WHERE phase != 'resolved' DO NOTHING",
                     params![s.rule, s.queue, s.since_ms, s.fired_ms, s.value],
                 )
                 .map_err(q)?;
+                return Ok(inserted == 1);
             }
+            return Ok(true);
         }
         Transition::Updated(s) => {
             conn.execute(
@@ -85,12 +90,14 @@ fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
             .map_err(q)?;
         }
         Transition::Resolved(s) => {
-            conn.execute(
-                "UPDATE alerts SET phase = 'resolved', resolved_ms = ?3, value = ?4
-                 WHERE rule = ?1 AND queue = ?2 AND phase = 'firing'",
-                params![s.rule, s.queue, s.resolved_ms, s.value],
-            )
-            .map_err(q)?;
+            let updated = conn
+                .execute(
+                    "UPDATE alerts SET phase = 'resolved', resolved_ms = ?3, value = ?4
+                     WHERE rule = ?1 AND queue = ?2 AND phase = 'firing'",
+                    params![s.rule, s.queue, s.resolved_ms, s.value],
+                )
+                .map_err(q)?;
+            return Ok(updated == 1);
         }
         Transition::Cancelled(s) => {
             conn.execute(
@@ -100,7 +107,7 @@ fn apply(conn: &Connection, t: &Transition) -> Result<(), SqliteError> {
             .map_err(q)?;
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 impl AlertStore for Sqlite {
@@ -135,9 +142,13 @@ impl AlertStore for Sqlite {
         notifications: Vec<NewNotification>,
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
+            let mut changed = Vec::new();
             for t in &transitions {
-                apply(conn, t)?;
+                if apply(conn, t)? {
+                    changed.extend(t.announces());
+                }
             }
+            let notifications = announced(notifications, &changed);
             let mut insert = conn
                 .prepare_cached(
                     "INSERT INTO alert_outbox (notifier, kind, rule, expr, queue, value, at_ms, next_ms)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use redrive_core::alert::AlertStore;
 use redrive_server::alerting::{AlertView, Alerting};
 use redrive_server::notify::Notifiers;
 use redrive_server::{App, Auth, LanesAndStore, Metrics, Tokens, Triage};
@@ -105,11 +106,23 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
         let every = config.sweep_every;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // One process sweeps at a time among those sharing the store, so each day is
+            // archived once; another takes over two sweeps after it dies.
+            let holder = redrive_core::MessageId::new().to_string();
+            let lease_ms =
+                i64::try_from(every.as_millis().saturating_mul(2)).unwrap_or(i64::MAX / 4);
             loop {
                 tick.tick().await;
-                match redrive_retention::sweep(&store, &retention, redrive_core::now_ms(), None)
-                    .await
-                {
+                let now = redrive_core::now_ms();
+                match store.lead("retention", &holder, now, lease_ms).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot tell whether this process leads retention; skipping the sweep");
+                        continue;
+                    }
+                }
+                match redrive_retention::sweep(&store, &retention, now, None).await {
                     Ok(r) if r.compressed + r.archived + r.forgotten > 0 => {
                         tracing::info!(
                             compressed = r.compressed,
