@@ -4,6 +4,12 @@
 
 use std::future::Future;
 
+/// A day in milliseconds: archives cover whole UTC days.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// The zstd level of warm payloads: fast, and most of the gain.
+pub const WARM_ZSTD_LEVEL: i32 = 3;
+
 use crate::envelope::MessageId;
 use crate::store::StoreError;
 

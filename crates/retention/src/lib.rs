@@ -18,8 +18,7 @@ use redrive_core::{Cursor, DeadFilter, DeadLetterStore, QueueName, RetentionStor
 
 pub use archive::{ArchiveRecord, FailPoint, import_file, read_file};
 
-/// One day in ms.
-pub const DAY_MS: i64 = 86_400_000;
+pub use redrive_core::DAY_MS;
 
 /// Retention settings.
 #[derive(Debug, Clone)]

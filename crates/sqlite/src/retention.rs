@@ -1,17 +1,14 @@
 //! The embedded [`RetentionStore`]: warm messages get their payloads compressed in
 //! place; archived ones are deleted only after the archive file is on disk.
 
-use redrive_core::{MessageId, RetentionStore, StoreError, now_ms};
+use redrive_core::{DAY_MS, MessageId, RetentionStore, StoreError, WARM_ZSTD_LEVEL, now_ms};
 use rusqlite::params;
 
 use crate::db::Sqlite;
 use crate::error::SqliteError;
 
-const DAY_MS: i64 = 86_400_000;
 /// Rows compressed per write transaction.
 const COMPRESS_BATCH: i64 = 500;
-/// zstd level for warm payloads: fast, and most of the gain.
-const LEVEL: i32 = 3;
 
 impl RetentionStore for Sqlite {
     async fn compress_between(&self, from_ms: i64, to_ms: i64) -> Result<u64, StoreError> {
@@ -52,7 +49,7 @@ impl RetentionStore for Sqlite {
             let compressed = tokio::task::spawn_blocking(move || {
                 rows.into_iter()
                     .map(|(id, payload)| {
-                        zstd::encode_all(payload.as_slice(), LEVEL).map(|c| (id, c))
+                        zstd::encode_all(payload.as_slice(), WARM_ZSTD_LEVEL).map(|c| (id, c))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
