@@ -1,10 +1,13 @@
 //! The connection pool, and the schema redrive creates and migrates itself.
 
+use std::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::config::PostgresConfig;
 use crate::error::PgError;
+use crate::wake::Wakeups;
 
 /// The schema's migrations, in order: version N is `MIGRATIONS[N - 1]`. A migration is
 /// never edited once released; a change is a new one at the end.
@@ -83,6 +86,45 @@ const MIGRATIONS: &[&str] = &[
         until_ms BIGINT NOT NULL
     );
     ",
+    // 4: lanes. A row is a message in main, a retry tier or the isolation lane; a
+    // leased row's `due_ms` is its lease expiry, so one index finds both due messages
+    // and expired leases. A producer that knows nothing of redrive may insert
+    // `(queue, payload)` and let the defaults fill in the rest.
+    r"
+    CREATE TABLE queues (
+        name       TEXT   PRIMARY KEY,
+        tiers      TEXT,                -- the tier names a consumer registered, comma-separated
+        created_ms BIGINT NOT NULL
+    );
+
+    CREATE TABLE messages (
+        seq          BIGSERIAL PRIMARY KEY,
+        queue        TEXT     NOT NULL,
+        lane         TEXT     NOT NULL DEFAULT 'main'
+                     CHECK (lane IN ('main', 'isolated') OR lane LIKE 'retry.%'),
+        -- 0: a retry tier, 1: main, 2: the isolation lane (fetch order, and the index).
+        kind         SMALLINT NOT NULL GENERATED ALWAYS AS
+                     (CASE WHEN lane = 'main' THEN 1 WHEN lane = 'isolated' THEN 2 ELSE 0 END) STORED,
+        due_ms       BIGINT   NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+        leased       BOOLEAN  NOT NULL DEFAULT false,
+        lease_id     BIGINT   NOT NULL DEFAULT 0,
+        published_ms BIGINT   NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+        key          BYTEA,             -- UTF-8
+        payload      BYTEA    NOT NULL,
+        headers      TEXT     NOT NULL DEFAULT '[]'  -- the envelope's wire headers, JSON
+    );
+    CREATE INDEX messages_due ON messages (queue, kind, due_ms, seq);
+
+    -- Whoever inserts (redrive or plain SQL), consumers waiting on the queue wake up.
+    CREATE FUNCTION messages_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('redrive', TG_TABLE_SCHEMA || '.' || q.queue)
+            FROM (SELECT DISTINCT queue FROM inserted) q;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER messages_notify AFTER INSERT ON messages
+        REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION messages_notify();
+    ",
 ];
 
 /// The newest schema version this build knows.
@@ -94,6 +136,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 pub struct Postgres {
     pub(crate) pool: Pool,
     pub(crate) display: String,
+    pub(crate) wakeups: Arc<Wakeups>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -130,6 +173,7 @@ impl PostgresConfig {
         let store = Postgres {
             pool,
             display: self.display.clone(),
+            wakeups: Arc::new(Wakeups::new(self.pg.clone(), self.schema.clone())),
         };
         migrate(&store, &self.schema).await?;
         Ok(store)

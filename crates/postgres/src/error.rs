@@ -1,6 +1,6 @@
 //! Errors of the PostgreSQL store, and their mapping onto the core error type.
 
-use redrive_core::StoreError;
+use redrive_core::{StoreError, TransportError};
 
 /// An error of the PostgreSQL store.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,9 @@ pub enum PgError {
         /// The cause.
         source: tokio_postgres::Error,
     },
+    /// A delivery's lease was lost: it ran out and the message was leased again.
+    #[error("lease lost for message {0}")]
+    LeaseLost(String),
     /// A row could not be read back as a message.
     #[error("PostgreSQL store: message {id} is unreadable: {reason}")]
     Corrupt {
@@ -69,6 +72,28 @@ impl From<PgError> for StoreError {
             },
             other => Self::Backend {
                 context: "dead-letter store".to_owned(),
+                source: Box::new(other),
+            },
+        }
+    }
+}
+
+impl From<PgError> for TransportError {
+    fn from(e: PgError) -> Self {
+        match e {
+            PgError::Unavailable { address, reason } => Self::Unavailable {
+                backend: "postgres",
+                address,
+                source: reason.into(),
+            },
+            PgError::LeaseLost(id) => Self::LeaseLost { id },
+            PgError::Query { context, source } if source.is_closed() => Self::Unavailable {
+                backend: "postgres",
+                address: context.to_owned(),
+                source: Box::new(source),
+            },
+            other => Self::Backend {
+                context: "PostgreSQL lanes".to_owned(),
                 source: Box::new(other),
             },
         }

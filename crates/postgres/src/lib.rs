@@ -13,7 +13,12 @@ mod db;
 mod error;
 mod retention;
 mod store;
+#[cfg(feature = "test-util")]
+pub mod testing;
+mod transport;
+mod wake;
 
 pub use config::{PostgresConfig, without_password};
 pub use db::{Postgres, SCHEMA_VERSION};
 pub use error::PgError;
+pub use transport::Token;

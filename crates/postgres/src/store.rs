@@ -120,6 +120,61 @@ fn to_dead(row: &tokio_postgres::Row) -> Result<DeadLetter, PgError> {
     })
 }
 
+/// A dead letter's column values, in `INSERT_DEAD`'s order.
+pub(crate) struct DeadRow<'a> {
+    id: String,
+    queue: &'a str,
+    dead_at_ms: i64,
+    attempts: i64,
+    class: String,
+    error: String,
+    fingerprint: String,
+    first_failed_ms: Option<i64>,
+    last_failed_ms: Option<i64>,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+    headers: String,
+}
+
+impl<'a> DeadRow<'a> {
+    pub(crate) fn new(dead: &'a DeadLetter) -> Self {
+        let env = &dead.envelope;
+        let last = env.last_failure();
+        Self {
+            id: env.id.to_string(),
+            queue: env.queue.as_str(),
+            dead_at_ms: dead.dead_at_ms,
+            attempts: i64::from(env.attempt),
+            class: text(last.map_or("unknown", |f| f.class.as_str())).into_owned(),
+            error: text(last.map_or("", |f| f.message.as_str())).into_owned(),
+            fingerprint: last.map_or(String::new(), |f| f.fingerprint.to_string()),
+            first_failed_ms: env.first_failed_ms,
+            last_failed_ms: last.map(|f| f.at_ms),
+            key: env.key.as_ref().map(String::as_bytes),
+            payload: &env.payload[..],
+            headers: serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned()),
+        }
+    }
+}
+
+/// The twelve arguments of a dead-letter insert, in column order.
+pub(crate) fn insert_dead_params<'a>(row: &'a DeadRow<'_>) -> [&'a (dyn ToSql + Sync); 12] {
+    [
+        &row.id,
+        &row.queue,
+        &row.dead_at_ms,
+        &row.attempts,
+        &row.class,
+        &row.error,
+        &row.fingerprint,
+        &row.first_failed_ms,
+        &row.last_failed_ms,
+        &row.key,
+        &row.payload,
+        &row.headers,
+    ]
+}
+
 /// Inserts a dead message; a replayed row of the same id comes back to life, a dead one
 /// is left alone. Returns whether a row was written.
 async fn insert_dead(
@@ -127,27 +182,9 @@ async fn insert_dead(
     statement: &tokio_postgres::Statement,
     dead: &DeadLetter,
 ) -> Result<bool, PgError> {
-    let env = &dead.envelope;
-    let last = env.last_failure();
-    let headers = serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned());
+    let row = DeadRow::new(dead);
     let changed = client
-        .execute(
-            statement,
-            &[
-                &env.id.to_string(),
-                &env.queue.as_str(),
-                &dead.dead_at_ms,
-                &i64::from(env.attempt),
-                &text(last.map_or("unknown", |f| f.class.as_str())),
-                &text(last.map_or("", |f| f.message.as_str())),
-                &last.map_or(String::new(), |f| f.fingerprint.to_string()),
-                &env.first_failed_ms,
-                &last.map(|f| f.at_ms),
-                &env.key.as_ref().map(String::as_bytes),
-                &&env.payload[..],
-                &headers,
-            ],
-        )
+        .execute(statement, &insert_dead_params(&row))
         .await
         .map_err(PgError::query("insert dead letter"))?;
     Ok(changed == 1)

@@ -8,66 +8,10 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use redrive_core::DeadLetterStore;
+use redrive_postgres::testing::{TestSchema, server_url};
 use redrive_postgres::{PgError, Postgres, PostgresConfig, SCHEMA_VERSION};
 
-fn server_url() -> String {
-    std::env::var("REDRIVE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A schema of this test's own, dropped (with everything in it) on drop. The drop blocks
-/// its thread, so the tests run on a multi-threaded runtime: the pool's connections must
-/// keep being driven meanwhile.
-struct Schema {
-    name: String,
-}
-
-impl Schema {
-    fn new() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        Self {
-            name: format!("t{}_{nanos}", std::process::id()),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("{}?schema={}", server_url(), self.name)
-    }
-
-    async fn open(&self) -> Postgres {
-        PostgresConfig::new(&self.url())
-            .unwrap()
-            .open()
-            .await
-            .unwrap_or_else(|e| panic!("{e} (start PostgreSQL, or set REDRIVE_TEST_POSTGRES_URL)"))
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let (url, name) = (server_url(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+type Schema = TestSchema;
 
 async fn fresh() -> (Schema, Postgres) {
     let schema = Schema::new();

@@ -12,6 +12,7 @@ use redrive_core::{
 };
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_nats::{NatsBackend, NatsConfig};
+use redrive_postgres::{Postgres, PostgresConfig};
 use redrive_redis::{RedisBackend, RedisConfig};
 use redrive_sqlite::{Sqlite, SqliteConfig};
 
@@ -21,6 +22,7 @@ use redrive_sqs::{SqsBackend, SqsConfig};
 use crate::cli::Cli;
 
 /// What `--broker` names, parsed once by its backend's own URL parser.
+#[allow(clippy::large_enum_variant)] // Parsed once per process.
 pub enum Broker {
     /// `redis://` or `rediss://`.
     Redis(RedisConfig),
@@ -30,6 +32,8 @@ pub enum Broker {
     Kafka(KafkaConfig),
     /// `sqs://`.
     Sqs(SqsConfig),
+    /// `postgres://` or `postgresql://`: lanes and dead letters in one database.
+    Postgres(PostgresConfig),
 }
 
 impl Broker {
@@ -46,9 +50,11 @@ impl Broker {
             "nats" => Self::Nats(NatsConfig::new(url)?),
             "kafka" => Self::Kafka(KafkaConfig::new(url)?),
             "sqs" => Self::Sqs(SqsConfig::new(url)?),
+            "postgres" | "postgresql" => Self::Postgres(PostgresConfig::new(url)?),
             _ => bail!(
                 "unsupported broker {scheme:?}: this build supports redis://HOST:PORT, \
-                 nats://HOST:PORT, kafka://HOST:PORT[,HOST:PORT…] and sqs://REGION"
+                 nats://HOST:PORT, kafka://HOST:PORT[,HOST:PORT…], sqs://REGION and \
+                 postgres://USER@HOST/DATABASE"
             ),
         })
     }
@@ -143,6 +149,8 @@ pub enum AnyBackend {
     Kafka(KafkaBackend<AnyStore>),
     /// SQS queues; dead letters in SQLite or PostgreSQL.
     Sqs(SqsBackend<AnyStore>),
+    /// Everything in one PostgreSQL schema.
+    Postgres(Postgres),
 }
 
 impl AnyBackend {
@@ -154,13 +162,14 @@ impl AnyBackend {
             Self::Nats(n) => n.store().clone(),
             Self::Kafka(k) => k.store().clone(),
             Self::Sqs(q) => q.store().clone(),
+            Self::Postgres(p) => AnyStore::Postgres(p.clone()),
         }
     }
 
     /// Moves a broker's waiting dead messages into the store; returns how many.
     pub async fn drain(&self) -> Result<u64, StoreError> {
         match self {
-            Self::Sqlite(_) => Ok(0),
+            Self::Sqlite(_) | Self::Postgres(_) => Ok(0),
             Self::Redis(r) => r.drain().await,
             Self::Nats(n) => n.drain().await,
             Self::Kafka(k) => k.drain().await,
@@ -229,31 +238,52 @@ pub async fn open_urls(
     create: bool,
 ) -> Result<AnyBackend> {
     let Some(url) = broker_url else {
-        let store = crate::store::open(store_url, create).await?;
-        return Ok(AnyBackend::Sqlite(store.embedded()?.clone()));
+        return Ok(match crate::store::open(store_url, create).await? {
+            AnyStore::Sqlite(s) => AnyBackend::Sqlite(s),
+            // PostgreSQL holds lanes as well as dead letters, as SQLite does.
+            AnyStore::Postgres(p) => AnyBackend::Postgres(p),
+        });
     };
-    let broker = Broker::parse(url)?;
     // With a broker, the store is the dead-letter store of record: created when missing.
-    let store = crate::store::open(store_url, true).await?;
-    Ok(match broker {
+    let store = || crate::store::open(store_url, true);
+    Ok(match Broker::parse(url)? {
         Broker::Redis(config) => {
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Redis(RedisBackend::new(transport, store))
+            AnyBackend::Redis(RedisBackend::new(transport, store().await?))
         }
         Broker::Nats(config) => {
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Nats(NatsBackend::new(transport, store))
+            AnyBackend::Nats(NatsBackend::new(transport, store().await?))
         }
         Broker::Kafka(config) => {
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Kafka(KafkaBackend::new(transport, store))
+            AnyBackend::Kafka(KafkaBackend::new(transport, store().await?))
         }
         Broker::Sqs(mut config) => {
             if let Some(endpoint) = sqs_endpoint {
                 config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Sqs(SqsBackend::new(transport, store))
+            AnyBackend::Sqs(SqsBackend::new(transport, store().await?))
+        }
+        Broker::Postgres(config) => {
+            // The lanes' database is the store of record too (a move to the DLQ is one
+            // transaction): another store beside it would split the dead letters.
+            let same = store_url == crate::cli::DEFAULT_STORE
+                || PostgresConfig::new(store_url).is_ok_and(|s| s.display() == config.display());
+            if !same {
+                bail!(
+                    "--broker {} keeps the dead letters in the same database: drop --store {} \
+                     (or give the same URL)",
+                    config.display(),
+                    without_secrets(store_url)
+                );
+            }
+            let lanes = config
+                .open()
+                .await
+                .with_context(|| format!("opening --broker {}", config.display()))?;
+            AnyBackend::Postgres(lanes)
         }
     })
 }
@@ -272,6 +302,8 @@ pub enum AnyToken {
     Kafka(redrive_kafka::Token),
     /// SQS.
     Sqs(redrive_sqs::Token),
+    /// PostgreSQL.
+    Postgres(redrive_postgres::Token),
 }
 
 fn with_token<T>(d: &Delivery<AnyToken>, token: T) -> Delivery<T> {
@@ -314,6 +346,10 @@ macro_rules! settle {
                 let $x = with_token($d, t.clone());
                 $call
             }
+            (AnyBackend::Postgres($b), AnyToken::Postgres(t)) => {
+                let $x = with_token($d, *t);
+                $call
+            }
             _ => Err(mismatch()),
         }
     };
@@ -327,6 +363,7 @@ macro_rules! each_backend {
             AnyBackend::Nats($b) => $call,
             AnyBackend::Kafka($b) => $call,
             AnyBackend::Sqs($b) => $call,
+            AnyBackend::Postgres($b) => $call,
         }
     };
 }
@@ -370,6 +407,7 @@ impl Transport for AnyBackend {
             Self::Nats(n) => Ok(wrap(n.fetch(lanes, max, lease).await?, AnyToken::Nats)),
             Self::Kafka(k) => Ok(wrap(k.fetch(lanes, max, lease).await?, AnyToken::Kafka)),
             Self::Sqs(q) => Ok(wrap(q.fetch(lanes, max, lease).await?, AnyToken::Sqs)),
+            Self::Postgres(p) => Ok(wrap(p.fetch(lanes, max, lease).await?, AnyToken::Postgres)),
         }
     }
     async fn ack(&self, d: &Delivery<AnyToken>) -> Result<(), TransportError> {
@@ -422,6 +460,10 @@ impl Transport for AnyBackend {
             Self::Nats(n) => Ok(wrap(n.fetch_isolated(lanes, lease).await?, AnyToken::Nats)),
             Self::Kafka(k) => Ok(wrap(k.fetch_isolated(lanes, lease).await?, AnyToken::Kafka)),
             Self::Sqs(q) => Ok(wrap(q.fetch_isolated(lanes, lease).await?, AnyToken::Sqs)),
+            Self::Postgres(p) => Ok(wrap(
+                p.fetch_isolated(lanes, lease).await?,
+                AnyToken::Postgres,
+            )),
         }
     }
     async fn isolated_due(&self, lanes: &LaneSet) -> Result<Option<i64>, TransportError> {

@@ -62,21 +62,6 @@ pub async fn open(url: &str, create: bool) -> Result<AnyStore> {
 }
 
 impl AnyStore {
-    /// The embedded store, for what only it can do (lanes without a broker).
-    ///
-    /// # Errors
-    ///
-    /// On PostgreSQL, which holds no lanes.
-    pub fn embedded(&self) -> Result<&Sqlite> {
-        match self {
-            Self::Sqlite(s) => Ok(s),
-            Self::Postgres(_) => bail!(
-                "--store postgres://… holds dead letters, alert state and the audit log; the \
-                 lanes need a broker: add --broker (redis://, nats://, kafka:// or sqs://)"
-            ),
-        }
-    }
-
     /// Flushes and closes what needs it (SQLite's writer) before the process exits.
     pub fn close(&self) {
         if let Self::Sqlite(s) = self {
