@@ -7,16 +7,17 @@
 //!   header, and reading that header).
 //! - `sqs://…`: no-failure throughput and API calls per message beside an aws-sdk-sqs
 //!   loop.
-//! - `redis://…`: redrive alone under the scenario `bench/redis-vs-bullmq.sh` runs
-//!   BullMQ through (10% fail once, 1% always fail).
+//! - `redis://…` and `postgres://…`: redrive alone under the scenario that
+//!   `bench/redis-vs-bullmq.sh` runs BullMQ through and `bench/postgres-vs-pgboss.sh`
+//!   pg-boss (10% fail once, 1% always fail).
 //!
 //! The figures and what limits each are in BENCHMARKS.md. The user-facing benches
 //! (embedded throughput, triage, crash loops, crash points) are `redrive bench`.
 
+mod failing;
 mod kafka;
 mod measure;
 mod nats;
-mod redis;
 mod sqs;
 
 use std::process::ExitCode;
@@ -28,7 +29,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "redrive-bench", version)]
 pub struct Args {
-    /// The broker: nats://, kafka://, sqs:// or redis:// (with redrive's options, as
+    /// The broker: nats://, kafka://, sqs://, redis:// or postgres:// (with redrive's options, as
     /// `redrive --broker` takes them).
     #[arg(value_name = "URL")]
     pub broker: String,
@@ -38,7 +39,7 @@ pub struct Args {
     /// Handlers running at once on redrive's side.
     #[arg(long, short, default_value_t = 50, value_name = "N")]
     pub concurrency: usize,
-    /// For redis://: the retry tiers of the jobs that fail.
+    /// For redis:// and postgres://: the retry tiers of the jobs that fail.
     #[arg(long, default_value = "50ms,100ms,200ms", value_name = "LIST")]
     pub tiers: String,
     /// For sqs://: an SQS-compatible endpoint instead of AWS's (AWS_ENDPOINT_URL works
@@ -79,14 +80,18 @@ fn main() -> ExitCode {
 async fn run(args: &Args) -> Result<()> {
     let url = args.broker.as_str();
     let scheme = url.split_once("://").map_or("", |(s, _)| s);
-    if matches!(scheme, "redis" | "rediss") {
+    if matches!(scheme, "redis" | "rediss" | "postgres" | "postgresql") {
         if args.rounds > 1 {
             bail!(
-                "--rounds applies to the nats://, kafka:// and sqs:// benches; the Redis \
-                 bench is compared with BullMQ by bench/redis-vs-bullmq.sh"
+                "--rounds applies to the nats://, kafka:// and sqs:// benches; the Redis and \
+                 PostgreSQL benches are compared with BullMQ and pg-boss by the scripts in bench/"
             );
         }
-        return redis::run(url, args).await;
+        return if scheme.starts_with("redis") {
+            failing::redis(url, args).await
+        } else {
+            failing::postgres(url, args).await
+        };
     }
     let mut ratios = Vec::with_capacity(usize::from(args.rounds));
     for _ in 0..args.rounds {
@@ -94,7 +99,10 @@ async fn run(args: &Args) -> Result<()> {
             "nats" => nats::run(url, args).await?,
             "kafka" => kafka::run(url, args).await?,
             "sqs" => sqs::run(url, args.sqs_endpoint.as_deref(), args).await?,
-            _ => bail!("unsupported broker {url:?}: use nats://, kafka://, sqs:// or redis://"),
+            _ => bail!(
+                "unsupported broker {url:?}: use nats://, kafka://, sqs://, redis:// or \
+                 postgres://"
+            ),
         });
     }
     if ratios.len() > 1 {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use crate::acks::Acks;
 use crate::config::PostgresConfig;
 use crate::error::PgError;
 use crate::wake::Wakeups;
@@ -137,6 +138,7 @@ pub struct Postgres {
     pub(crate) pool: Pool,
     pub(crate) display: String,
     pub(crate) wakeups: Arc<Wakeups>,
+    pub(crate) acks: Arc<Acks>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -171,6 +173,7 @@ impl PostgresConfig {
                 reason: e.to_string(),
             })?;
         let store = Postgres {
+            acks: Arc::new(Acks::new(pool.clone(), self.display.clone())),
             pool,
             display: self.display.clone(),
             wakeups: Arc::new(Wakeups::new(self.pg.clone(), self.schema.clone())),

@@ -7,6 +7,7 @@
 //! [`DeadLetterStore`](redrive_core::DeadLetterStore): inserts are idempotent by
 //! message id, so two processes draining the same broker store each dead message once.
 
+mod acks;
 mod alerts;
 mod config;
 mod db;

@@ -71,8 +71,6 @@ const NEXT_DUE: &str = "
 
 const ISOLATED_DUE: &str = "SELECT min(due_ms) FROM messages WHERE queue = $1 AND kind = 2";
 
-const ACK: &str = "DELETE FROM messages WHERE seq = $1 AND lease_id = $2";
-
 /// The move to a retry tier, which wakes whoever waits on the queue (the tier's due
 /// time may be sooner than what they wait for).
 const RETRY: &str = "
@@ -417,9 +415,8 @@ impl Transport for Postgres {
 
     async fn ack(&self, delivery: &Delivery<Token>) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
-        Ok(self
-            .settle(ACK, "ack", &delivery.envelope.id, &[&seq, &lease_id])
-            .await?)
+        let deleted = self.acks.ack(seq, lease_id).await?;
+        Ok(fenced(u64::from(deleted), &delivery.envelope.id)?)
     }
 
     async fn retry(

@@ -482,9 +482,12 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<ExitCode> {
     let backend = broker
         .map_or("sqlite", |b| b.split("://").next().unwrap_or(b))
         .to_owned();
+    // PostgreSQL keeps its dead letters beside its lanes, as the embedded store does.
+    let lanes_and_store = matches!(backend.as_str(), "postgres" | "postgresql");
     let store_url = match broker {
         // The embedded backend: a scratch store of its own.
         None => format!("sqlite://{}", dir.path().join("lanes.db").display()),
+        Some(url) if lanes_and_store => url.to_owned(),
         Some(_) => format!("sqlite://{}", dir.path().join("dead.db").display()),
     };
     child_args.extend(["--store".to_owned(), store_url.clone()]);
@@ -508,13 +511,14 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<ExitCode> {
     // The points this backend has: a move that is one atomic step has no point between
     // writing the next lane and releasing the source; the embedded store has no broker
     // DLQ to drain.
-    let atomic_moves = matches!(backend.as_str(), "sqlite" | "redis" | "rediss");
+    let atomic_moves =
+        lanes_and_store || matches!(backend.as_str(), "sqlite" | "redis" | "rediss");
     let mut points: Vec<&'static str> = vec!["fetched", "handled"];
     if !atomic_moves {
         points.push("next-lane-written");
     }
     points.push("settled");
-    if broker.is_some() {
+    if broker.is_some() && !lanes_and_store {
         points.push("drain-stored");
     }
     points.extend(["replay-published", "archive-renamed"]);
