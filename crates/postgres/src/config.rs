@@ -3,6 +3,31 @@
 use std::str::FromStr;
 
 use crate::error::PgError;
+use crate::tls::{SslMode, TlsSettings};
+
+/// `%XX` escapes decoded (a path in a URL query may carry them).
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// Where the store lives and how to reach it.
 ///
@@ -12,9 +37,13 @@ use crate::error::PgError;
 /// - `schema=NAME`: the schema redrive's tables live in (default `redrive`), so several
 ///   deployments can share one database;
 /// - `pool=N`: connections kept open (default 8).
+///
+/// TLS follows libpq: `sslmode=disable|prefer|require|verify-ca|verify-full` (default
+/// `prefer`) and `sslrootcert=FILE` (PEM); see [`SslMode`].
 #[derive(Clone)]
 pub struct PostgresConfig {
     pub(crate) pg: tokio_postgres::Config,
+    pub(crate) tls: TlsSettings,
     /// The schema redrive's tables live in.
     pub schema: String,
     /// Connections kept open.
@@ -54,6 +83,10 @@ impl PostgresConfig {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut schema = "redrive".to_owned();
         let mut pool_size = 8;
+        let mut tls = TlsSettings {
+            mode: SslMode::Prefer,
+            root_cert: None,
+        };
         let mut passed = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -66,11 +99,16 @@ impl PostgresConfig {
                         .filter(|n| (1..=256).contains(n))
                         .ok_or_else(|| invalid(format!("pool={value}: expected 1 to 256")))?;
                 }
-                "sslmode" if !matches!(value, "disable" | "prefer" | "allow") => {
-                    return Err(invalid(format!(
-                        "sslmode={value}: this build speaks to PostgreSQL without TLS; use \
-                         sslmode=disable on a trusted network, or a TLS-terminating proxy"
-                    )));
+                "sslmode" => {
+                    tls.mode = SslMode::parse(value).ok_or_else(|| {
+                        invalid(format!(
+                            "sslmode={value}: expected disable, prefer, require, verify-ca or \
+                             verify-full"
+                        ))
+                    })?;
+                }
+                "sslrootcert" if !value.is_empty() => {
+                    tls.root_cert = Some(percent_decoded(value).into());
                 }
                 _ => passed.push(pair),
             }
@@ -99,11 +137,13 @@ impl PostgresConfig {
             ));
         }
         pg.options(format!("-c search_path={schema}"));
+        pg.ssl_mode(tls.mode.negotiation());
         if pg.get_application_name().is_none() {
             pg.application_name("redrive");
         }
         Ok(Self {
             pg,
+            tls,
             display: format!("{}?schema={schema}", without_password(base)),
             schema,
             pool_size,
@@ -166,7 +206,10 @@ mod tests {
             ("postgres://u:pw@h/db?schema=Team-A", "schema=Team-A"),
             ("postgres://u:pw@h/db?schema=", "schema="),
             ("postgres://u:pw@h/db?pool=0", "pool=0"),
-            ("postgres://u:pw@h/db?sslmode=require", "without TLS"),
+            (
+                "postgres://u:pw@h/db?sslmode=sometimes",
+                "sslmode=sometimes",
+            ),
             ("postgres://u:pw@h/db?no_such_option=1", "no_such_option"),
             ("postgres://u:pw@h", "no database"),
         ] {

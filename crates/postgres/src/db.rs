@@ -158,13 +158,14 @@ impl PostgresConfig {
     /// The server cannot be reached, a migration fails (then none of it is applied), or
     /// the schema is newer than this build ([`PgError::TooNew`]).
     pub async fn open(&self) -> Result<Postgres, PgError> {
-        let manager = Manager::from_config(
-            self.pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = self.tls.connector()?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(self.pg.clone(), tls.clone(), manager_config),
+            None => Manager::from_config(self.pg.clone(), NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .build()
@@ -176,7 +177,7 @@ impl PostgresConfig {
             acks: Arc::new(Acks::new(pool.clone(), self.display.clone())),
             pool,
             display: self.display.clone(),
-            wakeups: Arc::new(Wakeups::new(self.pg.clone(), self.schema.clone())),
+            wakeups: Arc::new(Wakeups::new(self.pg.clone(), tls, self.schema.clone())),
         };
         migrate(&store, &self.schema).await?;
         Ok(store)

@@ -22,6 +22,10 @@ pub enum PgError {
         /// The cause.
         reason: String,
     },
+    /// TLS could not be set up as the URL asks (a root certificate file that does not
+    /// read, no trusted roots).
+    #[error("PostgreSQL TLS: {0}")]
+    Tls(String),
     /// The schema was written by a newer redrive.
     #[error(
         "the PostgreSQL schema {schema} is at version {found}, newer than this redrive \

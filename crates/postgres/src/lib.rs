@@ -16,10 +16,12 @@ mod retention;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
+mod tls;
 mod transport;
 mod wake;
 
 pub use config::{PostgresConfig, without_password};
 pub use db::{Postgres, SCHEMA_VERSION};
 pub use error::PgError;
+pub use tls::SslMode;
 pub use transport::Token;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The notification channel, shared by every schema of a database (the payload names
 /// the schema).
@@ -21,6 +22,7 @@ pub(crate) const CHANNEL: &str = "redrive";
 /// The listening side, one per [`Postgres`](crate::Postgres) and its clones.
 pub(crate) struct Wakeups {
     pg: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
     /// `SCHEMA.`: what a notification for this schema starts with.
     prefix: String,
     queues: Mutex<HashMap<String, watch::Sender<u64>>>,
@@ -30,9 +32,14 @@ pub(crate) struct Wakeups {
 }
 
 impl Wakeups {
-    pub(crate) fn new(pg: tokio_postgres::Config, schema: String) -> Self {
+    pub(crate) fn new(
+        pg: tokio_postgres::Config,
+        tls: Option<MakeRustlsConnect>,
+        schema: String,
+    ) -> Self {
         Self {
             pg,
+            tls,
             prefix: format!("{schema}."),
             queues: Mutex::new(HashMap::new()),
             started: AtomicBool::new(false),
@@ -57,6 +64,7 @@ impl Wakeups {
             tokio::spawn(listen(
                 Arc::downgrade(self),
                 self.pg.clone(),
+                self.tls.clone(),
                 self.prefix.clone(),
                 stop_rx,
             ));
@@ -89,6 +97,7 @@ impl Wakeups {
 async fn listen(
     wakeups: Weak<Wakeups>,
     pg: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
     prefix: String,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -96,7 +105,7 @@ async fn listen(
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            ended = session(&wakeups, &pg, &prefix, &mut backoff) => {
+            ended = session(&wakeups, &pg, tls.as_ref(), &prefix, &mut backoff) => {
                 if let Err(e) = ended {
                     tracing::warn!(error = %crate::db::with_causes(&e), retry_in_ms = backoff.as_millis() as u64,
                         "PostgreSQL wake-up connection lost; idle consumers poll each second meanwhile");
@@ -114,10 +123,33 @@ async fn listen(
 async fn session(
     wakeups: &Weak<Wakeups>,
     pg: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
     prefix: &str,
     backoff: &mut Duration,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut conn) = pg.connect(NoTls).await?;
+    match tls {
+        Some(tls) => {
+            let (client, conn) = pg.connect(tls.clone()).await?;
+            listen_on(wakeups, &client, conn, prefix, backoff).await
+        }
+        None => {
+            let (client, conn) = pg.connect(NoTls).await?;
+            listen_on(wakeups, &client, conn, prefix, backoff).await
+        }
+    }
+}
+
+async fn listen_on<S, T>(
+    wakeups: &Weak<Wakeups>,
+    client: &tokio_postgres::Client,
+    mut conn: tokio_postgres::Connection<S, T>,
+    prefix: &str,
+    backoff: &mut Duration,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let statement = format!("LISTEN {CHANNEL}");
     let listen = client.batch_execute(&statement);
     tokio::pin!(listen);

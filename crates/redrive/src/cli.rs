@@ -21,9 +21,11 @@ pub const DEFAULT_STORE: &str = "sqlite://redrive.db";
 )]
 pub struct Cli {
     /// Where lanes and dead letters live: sqlite://PATH[?durability=full|relaxed]
-    /// [default: sqlite://redrive.db], or, with --broker, dead letters, alert state and
-    /// the audit log in PostgreSQL, shared by any number of hosts:
-    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?schema=NAME&pool=N&sslmode=disable]
+    /// [default: sqlite://redrive.db], or a PostgreSQL schema shared by any number of
+    /// hosts (lanes too without --broker; with it, dead letters, alert state and the audit
+    /// log):
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?schema=NAME&pool=N&sslmode=MODE&sslrootcert=FILE]
+    /// (sslmode as libpq: disable, prefer, require, verify-ca, verify-full)
     #[arg(long, global = true, env = "REDRIVE_STORE", value_name = "URL")]
     pub store: Option<String>,
 
@@ -33,8 +35,9 @@ pub struct Cli {
     /// replication=, ordered=true for strict per-key order with retries in place, and
     /// librdkafka settings such as security.protocol=SASL_SSL) or sqs://REGION[?prefix=NAME&wait=SECONDS] (AWS
     /// credentials from the standard environment / profile chain; queue agent.tasks is
-    /// the SQS queue agent-tasks). Without it, lanes live in the --store file. With it,
-    /// --store holds the dead-letter store of record.
+    /// the SQS queue agent-tasks), or postgres://… (lanes and dead letters in one
+    /// PostgreSQL schema, as --store takes it). Without it, lanes live in --store. With
+    /// it, --store holds the dead-letter store of record.
     #[arg(long, global = true, env = "REDRIVE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
 

@@ -511,8 +511,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<ExitCode> {
     // The points this backend has: a move that is one atomic step has no point between
     // writing the next lane and releasing the source; the embedded store has no broker
     // DLQ to drain.
-    let atomic_moves =
-        lanes_and_store || matches!(backend.as_str(), "sqlite" | "redis" | "rediss");
+    let atomic_moves = lanes_and_store || matches!(backend.as_str(), "sqlite" | "redis" | "rediss");
     let mut points: Vec<&'static str> = vec!["fetched", "handled"];
     if !atomic_moves {
         points.push("next-lane-written");
