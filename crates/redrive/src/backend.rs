@@ -244,27 +244,32 @@ pub async fn open_urls(
             AnyStore::Postgres(p) => AnyBackend::Postgres(p),
         });
     };
-    // With a broker, the store is the dead-letter store of record: created when missing.
+    // With a broker, the store is the dead-letter store of record: created when missing,
+    // and opened first, so that a bad --store is reported before the broker is tried.
     let store = || crate::store::open(store_url, true);
     Ok(match Broker::parse(url)? {
         Broker::Redis(config) => {
+            let store = store().await?;
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Redis(RedisBackend::new(transport, store().await?))
+            AnyBackend::Redis(RedisBackend::new(transport, store))
         }
         Broker::Nats(config) => {
+            let store = store().await?;
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Nats(NatsBackend::new(transport, store().await?))
+            AnyBackend::Nats(NatsBackend::new(transport, store))
         }
         Broker::Kafka(config) => {
+            let store = store().await?;
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Kafka(KafkaBackend::new(transport, store().await?))
+            AnyBackend::Kafka(KafkaBackend::new(transport, store))
         }
         Broker::Sqs(mut config) => {
             if let Some(endpoint) = sqs_endpoint {
                 config.set_endpoint(endpoint).context("--sqs-endpoint")?;
             }
+            let store = store().await?;
             let transport = config.connect().await.context("--broker")?;
-            AnyBackend::Sqs(SqsBackend::new(transport, store().await?))
+            AnyBackend::Sqs(SqsBackend::new(transport, store))
         }
         Broker::Postgres(config) => {
             // The lanes' database is the store of record too (a move to the DLQ is one

@@ -993,3 +993,26 @@ fn careless_input_gets_clear_errors() {
         assert!(err.contains(says) && !err.contains("s3cret-pw"), "{err}");
     }
 }
+
+#[test]
+fn a_postgres_broker_refuses_a_second_store_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("other.db").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args([
+            "--broker",
+            "postgres://app:s3cret-pw@127.0.0.1:1/ops?schema=agents",
+            "--store",
+            &store,
+            "queues",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("keeps the dead letters in the same database") && err.contains(&store),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "{err}");
+}
