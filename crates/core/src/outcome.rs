@@ -6,6 +6,7 @@
 //! | `Err(HandlerError::retry(..))` | transient: next retry tier |
 //! | `Err(HandlerError::retry_after(d, ..))` | transient, and wait at least `d` |
 //! | `Err(HandlerError::poison(..))` | permanently invalid: straight to the DLQ |
+//! | `Err(HandlerError::crashed_beside_others(..))` | the process running it died while it ran beside others: run it alone to find the culprit |
 //!
 //! Panics, timeouts and lease expiry are classified by the runner, not the handler.
 
@@ -21,6 +22,8 @@ enum Verdict {
     Retry,
     RetryAfter(Duration),
     Poison,
+    Suspect,
+    Crashed,
 }
 
 /// A handler's failure: transient (retry, optionally after a delay) or poison.
@@ -67,6 +70,31 @@ impl HandlerError {
         }
     }
 
+    /// The process running the message (a worker) died while it ran this message beside
+    /// others, so any of them may have killed it. The runner moves the message to the
+    /// isolation lane uncounted, to run alone; where it cannot (a backend that does not
+    /// isolate, or the message already ran alone), it counts as a crash of this message.
+    #[must_use]
+    pub fn crashed_beside_others(class: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            verdict: Verdict::Suspect,
+            class: class.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The process running the message (a worker) died while it ran this message alone:
+    /// the crash is this message's, counted as one, and the message runs alone from now
+    /// on.
+    #[must_use]
+    pub fn crashed(class: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            verdict: Verdict::Crashed,
+            class: class.into(),
+            message: message.into(),
+        }
+    }
+
     /// A transient failure from any error; the class is the error type's short name.
     #[must_use]
     pub fn from_error<E: std::error::Error>(error: &E) -> Self {
@@ -95,10 +123,12 @@ impl HandlerError {
     }
 
     fn kind(&self) -> FailureKind {
-        if self.is_poison() {
-            FailureKind::Poison
-        } else {
-            FailureKind::Retry
+        match self.verdict {
+            Verdict::Poison => FailureKind::Poison,
+            // A crash is recorded as the consumer stopping without an outcome, which is
+            // what makes a message run alone from then on.
+            Verdict::Suspect | Verdict::Crashed => FailureKind::LeaseExpired,
+            Verdict::Retry | Verdict::RetryAfter(_) => FailureKind::Retry,
         }
     }
 }
@@ -123,6 +153,13 @@ pub enum Outcome {
         /// A delay the handler asked for.
         retry_after: Option<Duration>,
     },
+    /// The process running the message died beside others
+    /// ([`HandlerError::crashed_beside_others`]): a crash suspect, to be run alone. The
+    /// failure is what is counted where it cannot be.
+    Suspect {
+        /// The crash, as it is recorded.
+        failure: Failure,
+    },
 }
 
 impl Outcome {
@@ -133,10 +170,15 @@ impl Outcome {
             Ok(()) => Self::Ok,
             Err(e) => {
                 let retry_after = e.requested_delay();
+                let suspect = e.verdict == Verdict::Suspect;
                 let failure = Failure::new(e.kind(), e.class, e.message, at_ms);
-                Self::Failed {
-                    failure,
-                    retry_after,
+                if suspect {
+                    Self::Suspect { failure }
+                } else {
+                    Self::Failed {
+                        failure,
+                        retry_after,
+                    }
                 }
             }
         }
@@ -238,6 +280,7 @@ mod tests {
                     assert_eq!(failure.at_ms, 5);
                     Some((failure.kind, failure.class.clone(), retry_after))
                 }
+                Outcome::Suspect { .. } => panic!("no crash in this table"),
             };
             assert_eq!(got, want.map(|(k, c, d)| (k, c.to_owned(), d)));
         }
@@ -263,6 +306,29 @@ mod tests {
             };
             assert_eq!((failure.class.as_str(), failure.kind), (class, kind));
         }
+    }
+
+    #[test]
+    fn worker_crashes_are_suspects_beside_others_and_counted_alone() {
+        let Outcome::Suspect { failure } = Outcome::from_result(
+            Err(HandlerError::crashed_beside_others(
+                "worker_crashed",
+                "exit 9",
+            )),
+            1,
+        ) else {
+            panic!("expected a suspect")
+        };
+        assert_eq!(failure.kind, FailureKind::LeaseExpired);
+        let Outcome::Failed { failure, .. } =
+            Outcome::from_result(Err(HandlerError::crashed("worker_crashed", "exit 9")), 1)
+        else {
+            panic!("expected a failure")
+        };
+        assert_eq!(
+            (failure.kind, failure.class.as_str()),
+            (FailureKind::LeaseExpired, "worker_crashed")
+        );
     }
 
     #[test]

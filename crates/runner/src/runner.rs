@@ -997,11 +997,17 @@ impl<T: Transport, H: Handler> Worker<T, H> {
 
     /// Moves a crash suspect to the isolation lane, uncounted, to be run alone.
     async fn isolate(&self, delivery: &Delivery<T::Token>) {
+        let why = delivery.unfinished_before.then_some(SUSPECT);
+        self.isolate_noting(delivery, why).await;
+    }
+
+    /// As [`Self::isolate`], recording `why` (uncounted) when it is a new suspicion.
+    async fn isolate_noting(&self, delivery: &Delivery<T::Token>, why: Option<&str>) {
         let mut envelope = delivery.envelope.clone();
-        if delivery.unfinished_before {
+        if let Some(why) = why {
             let now = now_ms();
             self.suspect_at_ms.store(now, Ordering::Relaxed);
-            envelope.record_suspected_crash(SUSPECT, now, &delivery.lane.label());
+            envelope.record_suspected_crash(why, now, &delivery.lane.label());
         }
         match self.transport.isolate(delivery, &envelope).await {
             Ok(()) => {
@@ -1055,6 +1061,22 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                     return;
                 }
             }
+        };
+        let outcome = match outcome {
+            // The process that ran it (a worker) died while it ran beside others: run it
+            // alone to learn whose crash it was. Where it already ran alone, or cannot be
+            // isolated, the crash is counted against it.
+            Outcome::Suspect { failure } => {
+                if delivery.lane != Lane::Isolated && self.transport.isolates() {
+                    Box::pin(self.isolate_noting(delivery, Some(&failure.message))).await;
+                    return;
+                }
+                Outcome::Failed {
+                    failure,
+                    retry_after: None,
+                }
+            }
+            other => other,
         };
         redrive_core::failpoint("handled");
         self.settle(delivery, outcome, handler_secs).await;
@@ -1123,16 +1145,22 @@ impl<T: Transport, H: Handler> Worker<T, H> {
         let id = delivery.envelope.id;
         let mut attempt = 0u32;
         loop {
-            let result = match &outcome {
-                Outcome::Ok => self.transport.ack(delivery).await.map(|()| None),
+            let failed = match &outcome {
+                Outcome::Ok => None,
                 Outcome::Failed {
                     failure,
                     retry_after,
-                } => {
+                } => Some((failure, *retry_after)),
+                // A suspect that could not be isolated is counted like any failure.
+                Outcome::Suspect { failure } => Some((failure, None)),
+            };
+            let result = match failed {
+                None => self.transport.ack(delivery).await.map(|()| None),
+                Some((failure, retry_after)) => {
                     let mut env = delivery.envelope.clone();
                     env.record_failure(failure.clone(), &delivery.lane.label());
                     let poison = failure.kind == FailureKind::Poison;
-                    match self.policy.decide(env.attempt, poison, *retry_after) {
+                    match self.policy.decide(env.attempt, poison, retry_after) {
                         Step::Retry { tier, delay } => {
                             let due =
                                 now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);

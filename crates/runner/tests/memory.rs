@@ -145,3 +145,94 @@ async fn a_delivery_whose_consumer_died_is_run_alone_and_not_charged() {
     // without running it), and from the isolation lane (run alone).
     assert_eq!(transport.leases(&queue), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_crash_beside_others_is_run_alone_and_charged_only_alone() {
+    let queue = QueueName::new("worker.crash").unwrap();
+    let transport = Arc::new(MemoryTransport::new());
+    let batch: Vec<Envelope> = ["innocent", "culprit"]
+        .into_iter()
+        .map(|p| Envelope::new(queue.clone(), p))
+        .collect();
+    let culprit = batch[1].id;
+    transport.publish(&queue, batch).await.unwrap();
+
+    // (payload, attempt, whether it was the only message in its worker)
+    let seen: Arc<Mutex<Vec<(String, u32, bool)>>> = Arc::default();
+    let log = Arc::clone(&seen);
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runner: Runner<MemoryTransport> = Runner::new(
+        Arc::clone(&transport),
+        queue.clone(),
+        RetryPolicy::parse("20ms").unwrap(),
+        RunnerConfig {
+            max_messages: None,
+            ..config(0)
+        },
+    );
+    // Until the innocent message is done and the culprit dead.
+    let watched = Arc::clone(&transport);
+    let q = queue.clone();
+    let settled = async move {
+        while watched.dead(&q).is_empty() || watched.acked(&q).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        runner.run(
+            handler_fn(move |env: Envelope| {
+                let payload = String::from_utf8(env.payload.to_vec()).unwrap();
+                let (log, running) = (Arc::clone(&log), Arc::clone(&running));
+                async move {
+                    // Both are held until both run, as two deliveries of one worker are.
+                    let alone = {
+                        running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        running.load(std::sync::atomic::Ordering::SeqCst) == 1
+                    };
+                    log.lock()
+                        .unwrap()
+                        .push((payload.clone(), env.attempt, alone));
+                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    // The culprit kills its worker every time; the innocent one only
+                    // dies with it.
+                    match (payload.as_str(), alone) {
+                        ("culprit", true) => Err(HandlerError::crashed("worker_crashed", "exit 9")),
+                        ("culprit", false) | ("innocent", false) => Err(
+                            HandlerError::crashed_beside_others("worker_crashed", "exit 9"),
+                        ),
+                        _ => Ok(()),
+                    }
+                }
+            }),
+            settled,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    // The innocent message is never charged: it ran at attempt 0 each time.
+    assert!(
+        seen.iter()
+            .filter(|(p, _, _)| p == "innocent")
+            .all(|(_, attempt, _)| *attempt == 0),
+        "{seen:?}"
+    );
+    assert_eq!(transport.acked(&queue).len(), 1);
+    // The culprit is charged only for the crashes it had alone, and ends dead.
+    let dead = transport.dead(&queue);
+    assert_eq!(dead.len(), 1, "{seen:?}");
+    assert_eq!(dead[0].id, culprit);
+    let charged: Vec<_> = dead[0].history.iter().filter(|f| f.counted).collect();
+    assert_eq!(charged.len(), 2, "{:?}", dead[0].history);
+    assert!(charged.iter().all(|f| f.class == "worker_crashed"));
+    assert!(
+        seen.iter()
+            .filter(|(p, attempt, _)| p == "culprit" && *attempt > 0)
+            .all(|(_, _, alone)| *alone),
+        "after its first crash the culprit runs alone: {seen:?}"
+    );
+}

@@ -159,7 +159,7 @@ mod tests {
     fn class(o: &Outcome) -> Option<(String, bool, String)> {
         match o {
             Outcome::Ok => None,
-            Outcome::Failed { failure, .. } => Some((
+            Outcome::Failed { failure, .. } | Outcome::Suspect { failure } => Some((
                 failure.class.clone(),
                 failure.kind == redrive_core::FailureKind::Poison,
                 failure.message.clone(),

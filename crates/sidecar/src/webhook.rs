@@ -240,6 +240,7 @@ mod tests {
                     failure,
                     retry_after,
                 } => Some((failure.class, failure.kind, retry_after)),
+                Outcome::Suspect { failure } => Some((failure.class, failure.kind, None)),
             };
             assert_eq!(
                 got,
