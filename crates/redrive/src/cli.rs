@@ -163,7 +163,7 @@ pub struct PublishArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("handler").required(true).args(["exec", "webhook"]))]
+#[command(group = clap::ArgGroup::new("handler").required(true).args(["exec", "webhook", "worker"]))]
 pub struct ConsumeArgs {
     /// The queue, e.g. agent.tasks.
     pub queue: String,
@@ -176,6 +176,16 @@ pub struct ConsumeArgs {
     /// other 4xx poison.
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
+    /// Start this shell command as long-lived worker processes and hand them messages
+    /// as JSON lines on stdin, reading one result line each from stdout (stderr is the
+    /// worker's log). The protocol: docs/worker-protocol.md; helpers for Python and
+    /// TypeScript: clients/.
+    #[arg(long, value_name = "CMD")]
+    pub worker: Option<String>,
+    /// With --worker: how many worker processes [default: 1]. --concurrency bounds the
+    /// messages in flight over all of them.
+    #[arg(long, value_name = "N", requires = "worker", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// Messages handled at once [default: the queue's config, else 8].
     #[arg(long, short, value_name = "N")]
     pub concurrency: Option<usize>,

@@ -1,12 +1,15 @@
-//! Handlers for agents written in any language: run a command per message (`--exec`)
-//! or POST it to an HTTP endpoint (`--webhook`). Both map their results onto redrive's
+//! Handlers for agents written in any language: run a command per message (`--exec`),
+//! POST it to an HTTP endpoint (`--webhook`), or hand it to long-lived worker processes
+//! (`--worker`). Both map their results onto redrive's
 //! outcomes as docs/design.md tabulates ("Outcomes").
 
 mod exec;
 mod webhook;
+mod worker;
 
 pub use exec::{EX_DATAERR, EX_TEMPFAIL, ExecHandler};
 pub use webhook::{WebhookError, WebhookHandler};
+pub use worker::{PROTOCOL_VERSION, WorkerHandler};
 
 /// Keeps the last `max` bytes written to it.
 #[derive(Debug, Default)]

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use redrive_core::{LaneSet, QueueName, RetryPolicy, Transport};
 use redrive_runner::{Runner, RunnerConfig, Summary};
 use redrive_server::{LanesAndStore, Metrics, Triage};
-use redrive_sidecar::{ExecHandler, WebhookHandler};
+use redrive_sidecar::{ExecHandler, WebhookHandler, WorkerHandler};
 use serde::Serialize;
 
 use super::{duration_flag, shutdown_signal};
@@ -110,17 +110,23 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         });
     }
     let stats = runner.stats();
-    let summary: Summary = match (&args.exec, &args.webhook) {
-        (Some(cmd), _) => {
+    let summary: Summary = match (&args.exec, &args.webhook, &args.worker) {
+        (Some(cmd), _, _) => {
             runner
                 .run(ExecHandler::new(cmd.clone()), shutdown_signal())
                 .await?
         }
-        (None, Some(url)) => {
+        (None, Some(url), _) => {
             let handler = WebhookHandler::new(url, timeout).context("invalid --webhook")?;
             runner.run(handler, shutdown_signal()).await?
         }
-        (None, None) => anyhow::bail!("give --exec CMD or --webhook URL"),
+        (None, None, Some(cmd)) => {
+            let workers = usize::from(args.workers.unwrap_or(1));
+            runner
+                .run(WorkerHandler::new(cmd.clone(), workers), shutdown_signal())
+                .await?
+        }
+        (None, None, None) => anyhow::bail!("give --exec CMD, --webhook URL or --worker CMD"),
     };
     let s = stats.snapshot();
     if args.json {

@@ -1,0 +1,95 @@
+"""The Python helper on its own: the handshake, results for each outcome, sync and
+async handlers, payloads that are not text, and stdout kept for the protocol."""
+
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import redrive_worker as rw  # noqa: E402
+
+
+def delivery(id_, payload, attempt=0, **extra):
+    line = {"type": "delivery", "id": id_, "queue": "q", "attempt": attempt, "payload": payload}
+    line.update(extra)
+    return json.dumps(line) + "\n"
+
+
+def serve(handler, lines, concurrency=1):
+    out = io.StringIO()
+    rw.run(handler, concurrency=concurrency, stdin=io.StringIO("".join(lines)), stdout=out)
+    return [json.loads(l) for l in out.getvalue().splitlines()]
+
+
+def handler(msg):
+    if msg.text == "bad":
+        raise rw.Poison("no prompt", error_class="SchemaError")
+    if msg.text == "busy":
+        raise rw.Retry("rate limited", after=2.5)
+    if msg.text == "boom":
+        raise ValueError("unexpected")
+
+
+class ResultsTest(unittest.TestCase):
+    def test_handshake_then_one_result_per_delivery(self):
+        lines = serve(handler, [delivery("a", "fine"), delivery("b", "bad"), delivery("c", "busy"), delivery("d", "boom")])
+        self.assertEqual(lines[0], {"redrive_worker": 1, "concurrency": 1})
+        by_id = {l["id"]: l for l in lines[1:]}
+        self.assertEqual(by_id["a"]["outcome"], "ok")
+        self.assertEqual((by_id["b"]["outcome"], by_id["b"]["class"], by_id["b"]["message"]), ("poison", "SchemaError", "no prompt"))
+        self.assertEqual((by_id["c"]["outcome"], by_id["c"]["retry_after"]), ("retry", 2.5))
+        self.assertEqual((by_id["d"]["outcome"], by_id["d"]["class"]), ("retry", "ValueError"))
+
+    def test_async_handlers_run_concurrently(self):
+        running = []
+        peak = []
+
+        async def slow(msg):
+            running.append(msg.id)
+            peak.append(len(running))
+            await asyncio.sleep(0.05)
+            running.remove(msg.id)
+
+        lines = serve(slow, [delivery(str(i), "x") for i in range(6)], concurrency=3)
+        self.assertEqual(lines[0]["concurrency"], 3)
+        self.assertEqual(sorted(l["id"] for l in lines[1:]), [str(i) for i in range(6)])
+        self.assertTrue(all(l["outcome"] == "ok" for l in lines[1:]))
+        self.assertGreater(max(peak), 1)
+
+    def test_message_fields_and_binary_payloads(self):
+        seen = []
+        raw = bytes(range(256))
+        serve(seen.append, [
+            delivery("a", '{"n": 1}', attempt=2, key="k", headers={"x-tenant": "acme"}, replays=1),
+            json.dumps({"type": "delivery", "id": "b", "queue": "q", "attempt": 0,
+                        "payload_base64": base64.b64encode(raw).decode()}) + "\n",
+        ])
+        a, b = seen
+        self.assertEqual((a.id, a.attempt, a.key, a.headers, a.replays, a.json()), ("a", 2, "k", {"x-tenant": "acme"}, 1, {"n": 1}))
+        self.assertEqual(b.payload, raw)
+
+    def test_print_in_a_handler_does_not_reach_the_protocol(self):
+        script = textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {os.path.join(os.path.dirname(__file__), "..", "src")!r})
+            import redrive_worker as rw
+            def handle(msg):
+                print("a log line from the handler")
+            rw.run(handle)
+        """)
+        done = subprocess.run([sys.executable, "-c", script], input=delivery("a", "x"),
+                              capture_output=True, text=True, timeout=30, check=True)
+        out = [json.loads(l) for l in done.stdout.splitlines()]
+        self.assertEqual(out, [{"redrive_worker": 1, "concurrency": 1}, {"type": "result", "id": "a", "outcome": "ok"}])
+        self.assertIn("a log line from the handler", done.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()

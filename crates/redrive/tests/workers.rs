@@ -1,0 +1,149 @@
+//! `consume --worker` with the Python helper (clients/python): a scripted session of a
+//! good message, a poison one, a transient one that asks to wait 1.5 s, one that always
+//! fails, and one that kills its worker process, consumed by one worker taking two at a
+//! time. Needs `python3` (3.9 or newer).
+
+#![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use serde_json::Value;
+
+const AGENT: &str = r#"
+import os, sys, time
+sys.path.insert(0, os.environ["HELPER"])
+import redrive_worker as rw
+
+log = open(os.environ["LOG"], "a", buffering=1)
+
+def handle(msg):
+    def note(what):
+        log.write(f"{msg.text} {msg.attempt} {what} {time.time()}\n")
+    note("start")
+    print(f"working on {msg.text}")  # a log line: must not break the protocol
+    if msg.text == "bad":
+        raise rw.Poison("no prompt in the task", error_class="SchemaError")
+    if msg.text == "later" and msg.attempt == 0:
+        note("fail")
+        raise rw.Retry("the model is busy", after=1.5, error_class="RateLimited")
+    if msg.text == "crash":
+        os._exit(9)
+    if msg.text == "always":
+        time.sleep(0.05)
+        raise RuntimeError("always fails")
+    time.sleep(0.05)
+
+rw.run(handle, concurrency=2)
+"#;
+
+fn redrive(store: &str, args: &[&str], stdin: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--store", store])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "redrive {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_python_worker_session_ends_where_each_message_belongs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("w.db").display());
+    let agent = dir.path().join("agent.py");
+    std::fs::write(&agent, AGENT).unwrap();
+    let log = dir.path().join("log");
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/python/src");
+
+    redrive(
+        &store,
+        &["publish", "agent.tasks"],
+        "good\nbad\nlater\nalways\ncrash\ngood2\n",
+    );
+    let worker = format!(
+        "HELPER={helper} LOG={} python3 {}",
+        log.display(),
+        agent.display()
+    );
+    redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--worker",
+            &worker,
+            "--concurrency",
+            "2",
+            "--tiers",
+            "100ms,200ms",
+            "--jitter",
+            "0",
+            "--until-idle",
+        ],
+        "",
+    );
+
+    // Where everything ended.
+    let queues = redrive(&store, &["queues", "--json"], "");
+    let depths: Value = serde_json::from_str(queues.lines().next().unwrap()).unwrap();
+    assert_eq!(depths["dlq"], 3, "{queues}");
+    let dead: HashMap<String, Value> = redrive(&store, &["dlq", "list", "--json"], "")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|d| (d["payload"].as_str().unwrap().to_owned(), d))
+        .collect();
+    let summary = |p: &str| {
+        let d = &dead[p];
+        (
+            d["error_class"].as_str().unwrap().to_owned(),
+            d["attempts"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(summary("bad"), ("SchemaError".into(), 1));
+    assert_eq!(summary("always"), ("RuntimeError".into(), 3));
+    assert_eq!(summary("crash"), ("worker_crashed".into(), 3));
+    assert!(
+        dead["crash"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("exit status: 9"),
+        "{}",
+        dead["crash"]
+    );
+    // The crashes are charged to the message that caused them, never to the ones that
+    // shared its worker.
+    for (payload, d) in &dead {
+        for failure in d["history"].as_array().unwrap() {
+            if failure["counted"] == true && failure["error_class"] == "worker_crashed" {
+                assert_eq!(payload, "crash", "{d}");
+            }
+        }
+    }
+
+    // The transient one waited at least the 1.5 s it asked for (its tier is 100 ms).
+    let log = std::fs::read_to_string(&log).unwrap();
+    let at = |what: &str| -> f64 {
+        log.lines()
+            .find(|l| l.starts_with(what))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no {what:?} in\n{log}"))
+            .parse()
+            .unwrap()
+    };
+    let waited = at("later 1 start") - at("later 0 fail");
+    assert!(waited >= 1.5, "retried after {waited:.3} s:\n{log}");
+    // And the good ones ran.
+    for good in ["good 0 start", "good2 0 start"] {
+        assert!(log.lines().any(|l| l.starts_with(good)), "{log}");
+    }
+}

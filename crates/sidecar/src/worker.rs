@@ -1,0 +1,416 @@
+//! `--worker CMD`: long-lived worker processes speaking JSON lines on stdin/stdout
+//! (docs/worker-protocol.md), for agents that pay a heavy start-up (an LLM SDK's import)
+//! once instead of once per message.
+//!
+//! A worker says in its first line how many deliveries it takes at once; redrive then
+//! writes one line per delivery and reads one line per result. stderr is the worker's
+//! log, passed to redrive's. A worker that exits takes what it had in flight with it:
+//! a delivery it held alone is charged with the crash ([`HandlerError::crashed`]),
+//! deliveries it held beside others are crash suspects, run alone to find the culprit
+//! ([`HandlerError::crashed_beside_others`]). A delivery whose handler timed out stops
+//! its worker (the only way to stop its work). A stopped worker is started again on the
+//! next delivery, after a backoff that grows with the crashes in a row.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use redrive_core::{Envelope, HandlerError, HandlerResult};
+use redrive_runner::Handler;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{ChildStdin, Command};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How long a worker may take to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// stderr lines kept per worker for the failure message of a crash.
+const STDERR_LINES: usize = 20;
+
+/// The longest wait before starting a worker again after crashes in a row.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs deliveries on long-lived worker processes.
+#[derive(Clone)]
+pub struct WorkerHandler {
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for WorkerHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandler")
+            .field("command", &self.pool.command)
+            .field("workers", &self.pool.slots.len())
+            .finish()
+    }
+}
+
+struct Pool {
+    command: String,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+}
+
+/// One place for a worker process, started when first needed and again after it stops.
+struct Slot {
+    index: usize,
+    live: tokio::sync::Mutex<Option<Arc<Worker>>>,
+    /// Crashes since the last answer: the restart backoff.
+    crashes: Arc<AtomicU32>,
+}
+
+/// A running worker process.
+struct Worker {
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    pending: Mutex<HashMap<String, oneshot::Sender<HandlerResult>>>,
+    permits: Arc<Semaphore>,
+    dead: AtomicBool,
+    kill: Notify,
+}
+
+/// The worker's first line.
+#[derive(Deserialize)]
+struct Handshake {
+    redrive_worker: u32,
+    #[serde(default = "one")]
+    concurrency: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A result line.
+#[derive(Deserialize)]
+struct Reply {
+    id: String,
+    outcome: String,
+    #[serde(default)]
+    class: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    /// Seconds before the retry may run.
+    #[serde(default)]
+    retry_after: Option<f64>,
+}
+
+impl Reply {
+    fn into_result(self) -> HandlerResult {
+        let class = self.class.unwrap_or_else(|| self.outcome.clone());
+        let message = self.message.unwrap_or_default();
+        match self.outcome.as_str() {
+            "ok" => Ok(()),
+            "poison" => Err(HandlerError::poison(class, message)),
+            "retry" => match self.retry_after.filter(|s| s.is_finite() && *s > 0.0) {
+                // At most a week: a longer wait is a mistake, not a plan.
+                Some(secs) => Err(HandlerError::retry_after(
+                    Duration::from_secs_f64(secs.min(7.0 * 86_400.0)),
+                    class,
+                    message,
+                )),
+                None => Err(HandlerError::retry(class, message)),
+            },
+            other => Err(HandlerError::retry(
+                "worker_protocol",
+                format!("the worker answered outcome {other:?}; expected ok, retry or poison"),
+            )),
+        }
+    }
+}
+
+impl WorkerHandler {
+    /// `workers` processes of `command` (run with `sh -c`), started when first needed.
+    #[must_use]
+    pub fn new(command: impl Into<String>, workers: usize) -> Self {
+        let slots = (0..workers.max(1))
+            .map(|index| Slot {
+                index,
+                live: tokio::sync::Mutex::new(None),
+                crashes: Arc::new(AtomicU32::new(0)),
+            })
+            .collect();
+        Self {
+            pool: Arc::new(Pool {
+                command: command.into(),
+                slots,
+                next: AtomicUsize::new(0),
+            }),
+        }
+    }
+}
+
+impl Slot {
+    /// The live worker, started (after the backoff its crashes call for) when there is
+    /// none.
+    async fn worker(&self, command: &str) -> Result<Arc<Worker>, HandlerError> {
+        let mut live = self.live.lock().await;
+        if let Some(w) = live.as_ref().filter(|w| !w.dead.load(Ordering::Acquire)) {
+            return Ok(Arc::clone(w));
+        }
+        let crashes = self.crashes.load(Ordering::Relaxed);
+        if crashes > 0 {
+            let backoff = Duration::from_millis(100u64 << crashes.min(7)).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff).await;
+        }
+        let worker = start(command, self.index, Arc::clone(&self.crashes)).await?;
+        *live = Some(Arc::clone(&worker));
+        Ok(worker)
+    }
+}
+
+async fn start(
+    command: &str,
+    index: usize,
+    crashes: Arc<AtomicU32>,
+) -> Result<Arc<Worker>, HandlerError> {
+    let unavailable = |why: String| {
+        crashes.fetch_add(1, Ordering::Relaxed);
+        HandlerError::retry("worker_unavailable", format!("worker `{command}`: {why}"))
+    };
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .env("REDRIVE_WORKER_INDEX", index.to_string())
+        .spawn()
+        .map_err(|e| unavailable(format!("cannot start it: {e}")))?;
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(unavailable("its pipes could not be opened".into()));
+    };
+    let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    tokio::spawn(log_stderr(stderr, index, Arc::clone(&tail)));
+    let mut lines = BufReader::new(stdout).lines();
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, lines.next_line()).await {
+        Ok(Ok(Some(line))) => line,
+        Ok(Ok(None) | Err(_)) => {
+            let status = child
+                .wait()
+                .await
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
+            return Err(unavailable(format!(
+                "it exited ({status}) before its handshake{}",
+                stderr_suffix(&tail)
+            )));
+        }
+        Err(_) => {
+            return Err(unavailable(format!(
+                "no handshake within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    let handshake: Handshake = serde_json::from_str(&first).map_err(|e| {
+        unavailable(format!(
+            "its first line is not a handshake ({e}): {}",
+            first.chars().take(200).collect::<String>()
+        ))
+    })?;
+    if handshake.redrive_worker != PROTOCOL_VERSION {
+        return Err(unavailable(format!(
+            "it speaks protocol version {}; this redrive speaks {PROTOCOL_VERSION}",
+            handshake.redrive_worker
+        )));
+    }
+    let capacity = handshake.concurrency.clamp(1, 10_000);
+    tracing::info!(worker = index, capacity, pid = child.id(), "worker started");
+    let worker = Arc::new(Worker {
+        stdin: tokio::sync::Mutex::new(stdin),
+        pending: Mutex::new(HashMap::new()),
+        permits: Arc::new(Semaphore::new(capacity)),
+        dead: AtomicBool::new(false),
+        kill: Notify::new(),
+    });
+    let command = command.to_owned();
+    let w = Arc::clone(&worker);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => answer(&w, &line, index, &crashes),
+                    Ok(None) | Err(_) => break,
+                },
+                () = w.kill.notified() => {
+                    let _ = child.start_kill();
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        w.dead.store(true, Ordering::Release);
+        crashes.fetch_add(1, Ordering::Relaxed);
+        let held: Vec<_> = lock(&w.pending).drain().collect();
+        tracing::warn!(worker = index, %status, in_flight = held.len(), "worker stopped");
+        let why = format!(
+            "worker `{command}` exited ({status}){}",
+            stderr_suffix(&tail)
+        );
+        let alone = held.len() == 1;
+        for (_, reply) in held {
+            let _ = reply.send(Err(if alone {
+                HandlerError::crashed("worker_crashed", why.clone())
+            } else {
+                HandlerError::crashed_beside_others("worker_crashed", why.clone())
+            }));
+        }
+    });
+    Ok(worker)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Routes one stdout line to the delivery it answers.
+fn answer(worker: &Worker, line: &str, index: usize, crashes: &AtomicU32) {
+    if line.trim().is_empty() {
+        return;
+    }
+    let reply: Reply = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(worker = index, error = %e, line = %line.chars().take(200).collect::<String>(),
+                "the worker wrote a line that is not a result (stdout is for the protocol; log to stderr)");
+            return;
+        }
+    };
+    let Some(waiting) = lock(&worker.pending).remove(&reply.id) else {
+        tracing::warn!(worker = index, id = %reply.id, "the worker answered a delivery it does not hold");
+        return;
+    };
+    crashes.store(0, Ordering::Relaxed);
+    let _ = waiting.send(reply.into_result());
+}
+
+async fn log_stderr(
+    stderr: tokio::process::ChildStderr,
+    index: usize,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "redrive::worker", worker = index, "{line}");
+        let mut tail = lock(&tail);
+        if tail.len() == STDERR_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.chars().take(500).collect());
+    }
+}
+
+fn stderr_suffix(tail: &Mutex<VecDeque<String>>) -> String {
+    let tail = lock(tail);
+    if tail.is_empty() {
+        " (no stderr)".to_owned()
+    } else {
+        format!(
+            "; its last stderr lines: {}",
+            tail.iter().cloned().collect::<Vec<_>>().join(" | ")
+        )
+    }
+}
+
+/// One delivery's line.
+fn delivery_line(msg: &Envelope) -> String {
+    let headers: serde_json::Map<String, serde_json::Value> = msg
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let mut line = serde_json::json!({
+        "type": "delivery",
+        "id": msg.id.to_string(),
+        "queue": msg.queue.as_str(),
+        "attempt": msg.attempt,
+        "replays": msg.replays,
+        "key": msg.key,
+        "headers": headers,
+    });
+    match std::str::from_utf8(&msg.payload) {
+        Ok(text) => line["payload"] = serde_json::Value::String(text.to_owned()),
+        Err(_) => {
+            line["payload_base64"] = serde_json::Value::String(
+                base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+            );
+        }
+    }
+    let mut text = line.to_string();
+    text.push('\n');
+    text
+}
+
+/// Removes an unanswered delivery when its handler is dropped (the runner's timeout),
+/// and stops the worker: that is the only way to stop the work it is doing.
+struct InFlight {
+    worker: Arc<Worker>,
+    id: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if lock(&self.worker.pending).remove(&self.id).is_some() {
+            tracing::warn!(id = %self.id, "a delivery was abandoned (timeout or shutdown): stopping its worker");
+            self.worker.kill.notify_one();
+        }
+    }
+}
+
+impl Handler for WorkerHandler {
+    async fn handle(&self, msg: Envelope) -> HandlerResult {
+        let pool = &self.pool;
+        let slot = &pool.slots[pool.next.fetch_add(1, Ordering::Relaxed) % pool.slots.len()];
+        let line = delivery_line(&msg);
+        let id = msg.id.to_string();
+        let worker = slot.worker(&pool.command).await?;
+        let permit = Arc::clone(&worker.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| HandlerError::retry("worker_unavailable", "the worker is gone"))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&worker.pending).insert(id.clone(), tx);
+        let in_flight = InFlight {
+            worker: Arc::clone(&worker),
+            id,
+            _permit: permit,
+        };
+        if worker.dead.load(Ordering::Acquire) {
+            // It stopped between being picked and taking this delivery, which it never
+            // saw: not its crash.
+            lock(&worker.pending).remove(&in_flight.id);
+            return Err(HandlerError::retry(
+                "worker_unavailable",
+                "the worker stopped before it received this message",
+            ));
+        }
+        {
+            let mut stdin = worker.stdin.lock().await;
+            // A write that fails means the worker is stopping; its reader answers for
+            // everything it held, this delivery included.
+            let _ = stdin.write_all(line.as_bytes()).await;
+            let _ = stdin.flush().await;
+        }
+        let result = rx.await.unwrap_or_else(|_| {
+            Err(HandlerError::crashed_beside_others(
+                "worker_crashed",
+                "the worker stopped without answering",
+            ))
+        });
+        // Answered: nothing for the guard to undo.
+        drop(in_flight);
+        result
+    }
+}
