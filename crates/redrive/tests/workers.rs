@@ -1,7 +1,7 @@
-//! `consume --worker` with the Python helper (clients/python): a scripted session of a
-//! good message, a poison one, a transient one that asks to wait 1.5 s, one that always
-//! fails, and one that kills its worker process, consumed by one worker taking two at a
-//! time. Needs `python3` (3.9 or newer).
+//! `consume --worker` with the helpers (clients/python, clients/typescript): a scripted
+//! session of a good message, a poison one, a transient one that asks to wait 1.5 s, one
+//! that always fails, and one that kills its worker process, consumed by one worker
+//! taking two at a time. Needs `python3` (3.9 or newer) and `node` (18 or newer).
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
@@ -37,6 +37,28 @@ def handle(msg):
 rw.run(handle, concurrency=2)
 "#;
 
+const AGENT_JS: &str = r#"
+import { appendFileSync } from 'node:fs';
+const { run, Poison, Retry } = await import(process.env.HELPER);
+
+const note = (msg, what) =>
+  appendFileSync(process.env.LOG, `${msg.text} ${msg.attempt} ${what} ${Date.now() / 1000}\n`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+await run(async (msg) => {
+  note(msg, 'start');
+  console.log(`working on ${msg.text}`); // a log line: must not break the protocol
+  if (msg.text === 'bad') throw new Poison('no prompt in the task', { errorClass: 'SchemaError' });
+  if (msg.text === 'later' && msg.attempt === 0) {
+    note(msg, 'fail');
+    throw new Retry('the model is busy', { after: 1.5, errorClass: 'RateLimited' });
+  }
+  if (msg.text === 'crash') process.exit(9);
+  await sleep(50);
+  if (msg.text === 'always') throw new Error('always fails');
+}, { concurrency: 2 });
+"#;
+
 fn redrive(store: &str, args: &[&str], stdin: &str) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
         .args(["--store", store])
@@ -59,22 +81,33 @@ fn redrive(store: &str, args: &[&str], stdin: &str) -> String {
 #[test]
 fn a_python_worker_session_ends_where_each_message_belongs() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite://{}", dir.path().join("w.db").display());
     let agent = dir.path().join("agent.py");
     std::fs::write(&agent, AGENT).unwrap();
-    let log = dir.path().join("log");
     let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/python/src");
+    session(&dir, &format!("HELPER={helper} python3 {}", agent.display()), "RuntimeError");
+}
+
+#[test]
+fn a_typescript_worker_session_ends_where_each_message_belongs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("agent.mjs");
+    std::fs::write(&agent, AGENT_JS).unwrap();
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/typescript/index.js");
+    session(&dir, &format!("HELPER=file://{helper} node {}", agent.display()), "Error");
+}
+
+/// Runs the scripted session with `command` as the worker and checks where each
+/// message ended; `error_class` is what the always-failing one is dead with.
+fn session(dir: &tempfile::TempDir, command: &str, error_class: &str) {
+    let store = format!("sqlite://{}", dir.path().join("w.db").display());
+    let log = dir.path().join("log");
 
     redrive(
         &store,
         &["publish", "agent.tasks"],
         "good\nbad\nlater\nalways\ncrash\ngood2\n",
     );
-    let worker = format!(
-        "HELPER={helper} LOG={} python3 {}",
-        log.display(),
-        agent.display()
-    );
+    let worker = format!("LOG={} {command}", log.display());
     redrive(
         &store,
         &[
@@ -110,7 +143,7 @@ fn a_python_worker_session_ends_where_each_message_belongs() {
         )
     };
     assert_eq!(summary("bad"), ("SchemaError".into(), 1));
-    assert_eq!(summary("always"), ("RuntimeError".into(), 3));
+    assert_eq!(summary("always"), (error_class.to_owned(), 3));
     assert_eq!(summary("crash"), ("worker_crashed".into(), 3));
     assert!(
         dead["crash"]["error"]
