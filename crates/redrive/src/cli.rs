@@ -169,11 +169,13 @@ pub struct ConsumeArgs {
     pub queue: String,
     /// Run this shell command per message: payload on stdin; exit 0 ok, 65 poison,
     /// 75 or any other non-zero retry. Sets REDRIVE_ID, REDRIVE_QUEUE, REDRIVE_ATTEMPT,
-    /// REDRIVE_KEY and REDRIVE_HEADER_<NAME>.
+    /// REDRIVE_KEY and REDRIVE_HEADER_<NAME>; a JSON result written to the file
+    /// REDRIVE_RESULT_FILE names ({"outcome": "retry", "retry_after": 30, …}) decides
+    /// instead of the exit status.
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
     /// POST each payload to this URL: 2xx ok, 5xx/408/429 retry (Retry-After honoured),
-    /// other 4xx poison.
+    /// other 4xx poison; a JSON body with an "outcome" decides instead.
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
     /// Start this shell command as long-lived worker processes and hand them messages

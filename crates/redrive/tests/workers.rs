@@ -84,7 +84,11 @@ fn a_python_worker_session_ends_where_each_message_belongs() {
     let agent = dir.path().join("agent.py");
     std::fs::write(&agent, AGENT).unwrap();
     let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/python/src");
-    session(&dir, &format!("HELPER={helper} python3 {}", agent.display()), "RuntimeError");
+    session(
+        &dir,
+        &format!("HELPER={helper} python3 {}", agent.display()),
+        "RuntimeError",
+    );
 }
 
 #[test]
@@ -92,8 +96,15 @@ fn a_typescript_worker_session_ends_where_each_message_belongs() {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("agent.mjs");
     std::fs::write(&agent, AGENT_JS).unwrap();
-    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/typescript/index.js");
-    session(&dir, &format!("HELPER=file://{helper} node {}", agent.display()), "Error");
+    let helper = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../clients/typescript/index.js"
+    );
+    session(
+        &dir,
+        &format!("HELPER=file://{helper} node {}", agent.display()),
+        "Error",
+    );
 }
 
 /// Runs the scripted session with `command` as the worker and checks where each

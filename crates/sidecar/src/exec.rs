@@ -7,6 +7,11 @@
 //! | 75 (`EX_TEMPFAIL`) or any other non-zero, or killed by a signal | retry |
 //!
 //! The last 4 KiB of stderr become the error message; stdout passes through.
+//!
+//! A command can say more than its exit status: a JSON document written to the file
+//! `$REDRIVE_RESULT_FILE` names (`{"outcome": "retry", "class": "RateLimited",
+//! "message": "…", "retry_after": 30}`, as a worker answers; docs/worker-protocol.md)
+//! decides the outcome instead of the exit status.
 
 use std::process::Stdio;
 
@@ -15,7 +20,7 @@ use redrive_runner::Handler;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use crate::Tail;
+use crate::{Structured, Tail};
 
 /// Exit status meaning "the input is invalid": poison.
 pub const EX_DATAERR: i32 = 65;
@@ -39,7 +44,7 @@ impl ExecHandler {
         }
     }
 
-    fn command_for(&self, msg: &Envelope) -> Command {
+    fn command_for(&self, msg: &Envelope, result_file: &std::path::Path) -> Command {
         let mut cmd = Command::new(&self.shell);
         cmd.arg("-c")
             .arg(&self.command)
@@ -51,11 +56,49 @@ impl ExecHandler {
             .env("REDRIVE_QUEUE", msg.queue.as_str())
             .env("REDRIVE_ATTEMPT", msg.attempt.to_string())
             .env("REDRIVE_REPLAYS", msg.replays.to_string())
-            .env("REDRIVE_KEY", msg.key.as_deref().unwrap_or(""));
+            .env("REDRIVE_KEY", msg.key.as_deref().unwrap_or(""))
+            .env("REDRIVE_RESULT_FILE", result_file);
         for (name, value) in &msg.headers {
             cmd.env(header_env_name(name), value);
         }
         cmd
+    }
+}
+
+/// Where a command may write its structured result; removed when dropped.
+struct ResultFile(std::path::PathBuf);
+
+impl ResultFile {
+    fn new(msg: &Envelope) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(std::env::temp_dir().join(format!(
+            "redrive-result-{}-{n}-{}.json",
+            std::process::id(),
+            msg.id
+        )))
+    }
+
+    /// The result the command wrote, if it wrote one (a document that does not read is
+    /// reported and ignored: the exit status decides).
+    fn read(&self) -> Option<HandlerResult> {
+        let bytes = std::fs::read(&self.0).ok()?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        match Structured::parse(&bytes[..bytes.len().min(64 * 1024)])? {
+            Ok(s) => Some(s.into_result()),
+            Err(why) => {
+                tracing::warn!(file = %self.0.display(), reason = %why, "ignoring a result file that does not read; the exit status decides");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ResultFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -75,9 +118,13 @@ fn header_env_name(header: &str) -> String {
 
 impl Handler for ExecHandler {
     async fn handle(&self, msg: Envelope) -> HandlerResult {
-        let mut child = self.command_for(&msg).spawn().map_err(|e| {
-            HandlerError::retry("spawn", format!("cannot start `{}`: {e}", self.command))
-        })?;
+        let result_file = ResultFile::new(&msg);
+        let mut child = self
+            .command_for(&msg, &result_file.0)
+            .spawn()
+            .map_err(|e| {
+                HandlerError::retry("spawn", format!("cannot start `{}`: {e}", self.command))
+            })?;
         let mut stdin = child.stdin.take();
         let mut stderr = child.stderr.take();
         let payload = msg.payload;
@@ -110,6 +157,9 @@ impl Handler for ExecHandler {
                 format!("waiting for `{}` failed: {e}", self.command),
             )
         })?;
+        if let Some(structured) = result_file.read() {
+            return structured;
+        }
         let stderr = tail.text();
         let describe = |what: String| {
             if stderr.is_empty() {
@@ -164,6 +214,52 @@ mod tests {
                 failure.kind == redrive_core::FailureKind::Poison,
                 failure.message.clone(),
             )),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_file_decides_over_the_exit_status() {
+        let retry = run(
+            r#"cat >/dev/null; echo '{"outcome":"retry","class":"RateLimited","message":"429","retry_after":7}' > "$REDRIVE_RESULT_FILE"; exit 0"#,
+            "x",
+        )
+        .await;
+        let Outcome::Failed {
+            failure,
+            retry_after,
+        } = retry
+        else {
+            panic!("expected a retry, got {retry:?}")
+        };
+        assert_eq!(
+            (failure.class.as_str(), retry_after),
+            ("RateLimited", Some(std::time::Duration::from_secs(7)))
+        );
+        assert_eq!(
+            class(&run(r#"echo '{"outcome":"poison","class":"SchemaError","message":"no prompt"}' > "$REDRIVE_RESULT_FILE""#, "x").await),
+            Some(("SchemaError".into(), true, "no prompt".into()))
+        );
+        // A document that does not read is ignored: the exit status decides.
+        assert_eq!(
+            class(&run(r#"echo 'not json' > "$REDRIVE_RESULT_FILE"; exit 65"#, "x").await)
+                .map(|c| c.0),
+            Some("exit_65".into())
+        );
+        // And the file is gone afterwards.
+        let path = run_and_print_result_path().await;
+        assert!(!std::path::Path::new(&path).exists(), "{path}");
+    }
+
+    /// The path a command was given, printed to stderr by it.
+    async fn run_and_print_result_path() -> String {
+        match run(
+            r#"echo '{}' > "$REDRIVE_RESULT_FILE"; echo "$REDRIVE_RESULT_FILE" >&2; exit 3"#,
+            "x",
+        )
+        .await
+        {
+            Outcome::Failed { failure, .. } => failure.message,
+            other => panic!("{other:?}"),
         }
     }
 

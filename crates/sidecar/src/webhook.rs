@@ -6,6 +6,10 @@
 //! | 429 or 503 with `Retry-After` | retry, not before that delay |
 //! | 5xx, 408, 429, connection error, timeout | retry |
 //! | other 4xx | poison |
+//!
+//! A JSON response body with an `outcome` (`{"outcome": "retry", "class":
+//! "RateLimited", "message": "…", "retry_after": 30}`, as a worker answers;
+//! docs/worker-protocol.md) decides instead of the status, whatever the status.
 
 use std::time::Duration;
 
@@ -13,7 +17,7 @@ use redrive_core::{Envelope, HandlerError, HandlerResult, MAX_ERROR_BYTES};
 use redrive_runner::Handler;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::Tail;
+use crate::{Structured, Tail};
 
 /// The webhook handler could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -154,14 +158,25 @@ impl Handler for WebhookHandler {
             }
         };
         let status = response.status();
-        if status.is_success() {
+        let json = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if status.is_success() && !json {
             return Ok(());
         }
         let wait = retry_after(response.headers());
-        let mut tail = Tail::new(MAX_ERROR_BYTES);
-        if let Ok(body) = response.bytes().await {
-            tail.push(&body);
+        let body = response.bytes().await.unwrap_or_default();
+        if json && let Some(Ok(structured)) = Structured::parse(&body[..body.len().min(64 * 1024)])
+        {
+            return structured.into_result();
         }
+        if status.is_success() {
+            return Ok(());
+        }
+        let mut tail = Tail::new(MAX_ERROR_BYTES);
+        tail.push(&body);
         let body = tail.text();
         let class = format!("http_{}", status.as_u16());
         let message = if body.is_empty() {
@@ -210,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn status_codes_map_to_outcomes() {
-        let table: [(&'static str, Option<(&str, FailureKind, Option<Duration>)>); 6] = [
+        let table: [(&'static str, Option<(&str, FailureKind, Option<Duration>)>); 9] = [
             ("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", None),
             (
                 "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
@@ -231,6 +246,24 @@ mod tests {
             (
                 "HTTP/1.1 422 Unprocessable Entity\r\nContent-Length: 9\r\n\r\nbad field",
                 Some(("http_422", FailureKind::Poison, None)),
+            ),
+            // A JSON body with an outcome decides, whatever the status.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 57\r\n\r\n{\"outcome\":\"retry\",\"class\":\"RateLimited\",\"retry_after\":3}",
+                Some((
+                    "RateLimited",
+                    FailureKind::Retry,
+                    Some(Duration::from_secs(3)),
+                )),
+            ),
+            (
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 42\r\n\r\n{\"outcome\":\"poison\",\"class\":\"SchemaError\"}",
+                Some(("SchemaError", FailureKind::Poison, None)),
+            ),
+            // Without an outcome, the status decides.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}",
+                None,
             ),
         ];
         for (response, want) in table {

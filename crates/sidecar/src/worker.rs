@@ -25,6 +25,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
+use crate::Structured;
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -91,38 +93,8 @@ fn one() -> usize {
 #[derive(Deserialize)]
 struct Reply {
     id: String,
-    outcome: String,
-    #[serde(default)]
-    class: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-    /// Seconds before the retry may run.
-    #[serde(default)]
-    retry_after: Option<f64>,
-}
-
-impl Reply {
-    fn into_result(self) -> HandlerResult {
-        let class = self.class.unwrap_or_else(|| self.outcome.clone());
-        let message = self.message.unwrap_or_default();
-        match self.outcome.as_str() {
-            "ok" => Ok(()),
-            "poison" => Err(HandlerError::poison(class, message)),
-            "retry" => match self.retry_after.filter(|s| s.is_finite() && *s > 0.0) {
-                // At most a week: a longer wait is a mistake, not a plan.
-                Some(secs) => Err(HandlerError::retry_after(
-                    Duration::from_secs_f64(secs.min(7.0 * 86_400.0)),
-                    class,
-                    message,
-                )),
-                None => Err(HandlerError::retry(class, message)),
-            },
-            other => Err(HandlerError::retry(
-                "worker_protocol",
-                format!("the worker answered outcome {other:?}; expected ok, retry or poison"),
-            )),
-        }
-    }
+    #[serde(flatten)]
+    result: Structured,
 }
 
 impl WorkerHandler {
@@ -292,7 +264,7 @@ fn answer(worker: &Worker, line: &str, index: usize, crashes: &AtomicU32) {
         return;
     };
     crashes.store(0, Ordering::Relaxed);
-    let _ = waiting.send(reply.into_result());
+    let _ = waiting.send(reply.result.into_result());
 }
 
 async fn log_stderr(
