@@ -420,7 +420,9 @@ pub struct BenchArgs {
     /// What to measure: `consume` (end-to-end throughput, retry lateness, memory),
     /// `triage` (response times of the UI and API over a large DLQ) or `crash-loop`
     /// (messages that kill their consumer among good ones: what reaches the DLQ, and
-    /// how much longer the queue takes than without them) or `crash-points` (the
+    /// how much longer the queue takes than without them), `handlers` (a no-op handler
+    /// in process, as --worker Python and TypeScript helpers, as a --webhook and as
+    /// --exec, side by side: needs python3 and node) or `crash-points` (the
     /// process killed at every step boundary, in turn: what was lost, and what each
     /// crash cost in extra deliveries; on the backend of --store / --broker).
     #[arg(long, default_value = "consume", value_name = "SCENARIO")]

@@ -102,8 +102,12 @@ pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         "crash-loop" => return super::bench_crash::run(args).await,
+        "handlers" => return super::bench_handlers::run(args).await,
         other => {
-            bail!("invalid --scenario {other:?}: use consume, triage, crash-loop or crash-points")
+            bail!(
+                "invalid --scenario {other:?}: use consume, triage, crash-loop, handlers or \
+                 crash-points"
+            )
         }
     }
     let (result, samples) = embedded(args).await?;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod bench;
 pub mod bench_crash;
 pub mod bench_crashpoints;
+pub mod bench_handlers;
 pub mod bench_triage;
 pub mod consume;
 pub mod demo;
