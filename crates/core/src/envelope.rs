@@ -421,6 +421,12 @@ impl Envelope {
         id
     }
 
+    /// [`Self::to_wire`] as the JSON list of name/value pairs the stores and Redis keep.
+    #[must_use]
+    pub fn to_wire_json(&self) -> String {
+        serde_json::to_string(&self.to_wire()).unwrap_or_else(|_| "[]".to_owned())
+    }
+
     /// The envelope as wire headers: redrive's own, then the user's.
     #[must_use]
     pub fn to_wire(&self) -> Vec<(String, String)> {

@@ -279,6 +279,29 @@ pub struct QueueDepths {
 }
 
 impl QueueDepths {
+    /// Counts `count` messages waiting (not in flight) in the lane labelled `label`
+    /// ([`Lane::label`]); `oldest_published_ms` ages main. A retry tier not yet listed is
+    /// added; an unknown label counts as main.
+    pub fn add_waiting(
+        &mut self,
+        label: &str,
+        count: u64,
+        oldest_published_ms: Option<i64>,
+        now_ms: i64,
+    ) {
+        match Lane::from_label(label) {
+            Some(Lane::Retry(tier)) => match self.retry.iter_mut().find(|(t, _)| *t == tier) {
+                Some((_, n)) => *n += count,
+                None => self.retry.push((tier, count)),
+            },
+            Some(Lane::Isolated) => self.isolated += count,
+            _ => {
+                self.main += count;
+                self.oldest_main_age_ms = oldest_published_ms.map(|o| (now_ms - o).max(0));
+            }
+        }
+    }
+
     /// Nothing waiting in main, any retry tier or the isolation lane, and nothing in
     /// flight.
     #[must_use]

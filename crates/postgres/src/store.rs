@@ -152,7 +152,7 @@ impl<'a> DeadRow<'a> {
             last_failed_ms: last.map(|f| f.at_ms),
             key: env.key.as_ref().map(String::as_bytes),
             payload: &env.payload[..],
-            headers: serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned()),
+            headers: env.to_wire_json(),
         }
     }
 }

@@ -122,10 +122,6 @@ fn lease_ms(lease: Duration) -> i64 {
     i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
-fn headers_json(env: &Envelope) -> String {
-    serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned())
-}
-
 fn fenced(changed: u64, id: &MessageId) -> Result<(), PgError> {
     if changed == 1 {
         Ok(())
@@ -342,7 +338,7 @@ impl Transport for Postgres {
         for mut env in batch {
             env.queue = queue.clone();
             not_before.push(env.not_before_ms);
-            headers.push(headers_json(&env));
+            headers.push(env.to_wire_json());
             keys.push(env.key.map(String::into_bytes));
             payloads.push(env.payload.to_vec());
         }
@@ -428,7 +424,7 @@ impl Transport for Postgres {
     ) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
         let lane = Lane::Retry(tier.name().to_owned()).label();
-        let headers = headers_json(envelope);
+        let headers = envelope.to_wire_json();
         let wake = self.wakeups.payload(envelope.queue.as_str());
         Ok(self
             .settle(
@@ -469,7 +465,7 @@ impl Transport for Postgres {
         envelope: &Envelope,
     ) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
-        let headers = headers_json(envelope);
+        let headers = envelope.to_wire_json();
         Ok(self
             .settle(
                 ISOLATE,
@@ -541,21 +537,8 @@ impl Postgres {
             let count = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
             if row.get(1) {
                 depths.inflight += count;
-                continue;
-            }
-            match Lane::from_label(&lane) {
-                Some(Lane::Retry(tier)) => {
-                    match depths.retry.iter_mut().find(|(t, _)| *t == tier) {
-                        Some((_, n)) => *n += count,
-                        None => depths.retry.push((tier, count)),
-                    }
-                }
-                Some(Lane::Isolated) => depths.isolated += count,
-                _ => {
-                    depths.main += count;
-                    let oldest: Option<i64> = row.get(3);
-                    depths.oldest_main_age_ms = oldest.map(|o| (now - o).max(0));
-                }
+            } else {
+                depths.add_waiting(&lane, count, row.get(3), now);
             }
         }
         let dlq: i64 = client

@@ -137,5 +137,5 @@ fn entry_id(key: &str, e: &Entry) -> MessageId {
 }
 
 pub(crate) fn wire(env: &Envelope) -> String {
-    serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned())
+    env.to_wire_json()
 }

@@ -31,10 +31,6 @@ pub struct Token {
     lease_id: i64,
 }
 
-pub(crate) fn headers_json(env: &Envelope) -> String {
-    serde_json::to_string(&env.to_wire()).unwrap_or_else(|_| "[]".to_owned())
-}
-
 pub(crate) fn envelope_from_row(
     queue: &str,
     key: Option<String>,
@@ -86,7 +82,7 @@ pub(crate) fn insert_dead(
             last.map(|f| f.at_ms),
             env.key,
             &env.payload[..],
-            headers_json(env),
+            env.to_wire_json(),
         ])
         .map_err(SqliteError::query("insert dead letter"))?;
     Ok(changed == 1)
@@ -318,7 +314,7 @@ impl Transport for Sqlite {
                         now,
                         env.key,
                         &env.payload[..],
-                        headers_json(&env)
+                        env.to_wire_json()
                     ])
                     .map_err(SqliteError::query("publish"))?;
             }
@@ -406,7 +402,7 @@ impl Transport for Sqlite {
         let Token { seq, lease_id } = delivery.token;
         let id = envelope.id.to_string();
         let lane = Lane::Retry(tier.name().to_owned()).label();
-        let headers = headers_json(envelope);
+        let headers = envelope.to_wire_json();
         self.write_one(move |conn| {
             let changed = conn
                 .prepare_cached(
@@ -464,7 +460,7 @@ impl Transport for Sqlite {
     ) -> Result<(), TransportError> {
         let Token { seq, lease_id } = delivery.token;
         let id = envelope.id.to_string();
-        let headers = headers_json(envelope);
+        let headers = envelope.to_wire_json();
         self.write_one(move |conn| {
             let changed = conn
                 .prepare_cached(
@@ -562,18 +558,8 @@ fn queue_depths_on(
     for (lane, inflight, count, oldest) in rows {
         if inflight {
             depths.inflight += count;
-            continue;
-        }
-        match Lane::from_label(&lane) {
-            Some(Lane::Retry(tier)) => match depths.retry.iter_mut().find(|(t, _)| *t == tier) {
-                Some((_, n)) => *n += count,
-                None => depths.retry.push((tier, count)),
-            },
-            Some(Lane::Isolated) => depths.isolated += count,
-            _ => {
-                depths.main += count;
-                depths.oldest_main_age_ms = oldest.map(|o| (now - o).max(0));
-            }
+        } else {
+            depths.add_waiting(&lane, count, oldest, now);
         }
     }
     depths.dlq = conn
