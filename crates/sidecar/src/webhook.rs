@@ -168,9 +168,14 @@ impl Handler for WebhookHandler {
         }
         let wait = retry_after(response.headers());
         let body = response.bytes().await.unwrap_or_default();
-        if json && let Some(Ok(structured)) = Structured::parse(&body[..body.len().min(64 * 1024)])
-        {
-            return structured.into_result();
+        if json {
+            match Structured::parse(&body[..body.len().min(64 * 1024)]) {
+                Some(Ok(structured)) => return structured.into_result(),
+                Some(Err(why)) => {
+                    tracing::warn!(url = %self.shown, reason = %why, "ignoring a JSON result that does not read; the HTTP status decides");
+                }
+                None => {}
+            }
         }
         if status.is_success() {
             return Ok(());
