@@ -618,18 +618,16 @@ impl Envelope {
                 env.history.push(failure);
             }
             env.attempt = attempt;
-            env.headers = headers
-                .into_iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "attempt" | "error" | "trace"))
-                .collect();
-        } else {
-            // A stray `redrive-*` header (a key a producer set by hand) is redrive's, not
-            // the user's.
-            env.headers = headers
-                .into_iter()
-                .filter(|(k, _)| !is_redrive_header(k))
-                .collect();
         }
+        // A stray `redrive-*` header (a key a producer set by hand) is redrive's, not the
+        // user's: kept, it would be written back as redrive's own and fail to read.
+        env.headers = headers
+            .into_iter()
+            .filter(|(k, _)| {
+                !is_redrive_header(k)
+                    && !(attempt.is_some() && matches!(k.as_str(), "attempt" | "error" | "trace"))
+            })
+            .collect();
         env
     }
 }
