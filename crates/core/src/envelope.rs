@@ -621,12 +621,11 @@ impl Envelope {
         }
         // A stray `redrive-*` header (a key a producer set by hand) is redrive's, not the
         // user's: kept, it would be written back as redrive's own and fail to read.
+        let read_as_legacy =
+            |k: &str| attempt.is_some() && matches!(k, "attempt" | "error" | "trace");
         env.headers = headers
             .into_iter()
-            .filter(|(k, _)| {
-                !is_redrive_header(k)
-                    && !(attempt.is_some() && matches!(k.as_str(), "attempt" | "error" | "trace"))
-            })
+            .filter(|(k, _)| !is_redrive_header(k) && !read_as_legacy(k))
             .collect();
         env
     }
