@@ -16,9 +16,30 @@ export interface Message {
   readonly text: string;
   /** The payload parsed as JSON. */
   json<T = unknown>(): T;
+  /**
+   * Notes what this attempt used: if it fails, redrive keeps it with the failure (shown
+   * per attempt in triage, summed per error group). Costs add up; the last model and
+   * tool named win.
+   */
+  record(what: AgentContext): void;
 }
 
-export interface FailureOptions {
+/** What an attempt cost. */
+export interface Cost {
+  inputTokens?: number;
+  outputTokens?: number;
+  /** US dollars. */
+  usd?: number;
+}
+
+/** What an attempt used: the model it called, the tool it ran, what it cost. */
+export interface AgentContext {
+  model?: string;
+  tool?: string;
+  cost?: Cost;
+}
+
+export interface FailureOptions extends AgentContext {
   /** The error class failures are grouped by in triage (default: the exception's name). */
   errorClass?: string;
 }
@@ -27,12 +48,18 @@ export interface FailureOptions {
 export class Poison extends Error {
   constructor(message?: string, options?: FailureOptions);
   readonly errorClass?: string;
+  readonly model?: string;
+  readonly tool?: string;
+  readonly cost?: Cost;
 }
 
 /** A transient failure: the next retry tier, and at least `after` seconds when given. */
 export class Retry extends Error {
   constructor(message?: string, options?: FailureOptions & { after?: number });
   readonly errorClass?: string;
+  readonly model?: string;
+  readonly tool?: string;
+  readonly cost?: Cost;
   readonly after?: number;
 }
 

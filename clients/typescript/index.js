@@ -3,11 +3,18 @@ import { createInterface } from 'node:readline';
 
 export const PROTOCOL_VERSION = 1;
 
+function agentOptions(target, options) {
+  target.errorClass = options.errorClass;
+  target.model = options.model;
+  target.tool = options.tool;
+  target.cost = options.cost;
+}
+
 export class Poison extends Error {
   constructor(message = '', options = {}) {
     super(message);
     this.name = 'Poison';
-    this.errorClass = options.errorClass;
+    agentOptions(this, options);
   }
 }
 
@@ -15,8 +22,26 @@ export class Retry extends Error {
   constructor(message = '', options = {}) {
     super(message);
     this.name = 'Retry';
-    this.errorClass = options.errorClass;
+    agentOptions(this, options);
     this.after = options.after;
+  }
+}
+
+const AGENT = Symbol('agent');
+
+/** The model, tool and cost one attempt recorded: the last model and tool win, costs add up. */
+class Agent {
+  record({ model, tool, cost } = {}) {
+    if (model !== undefined) this.model = String(model);
+    if (tool !== undefined) this.tool = String(tool);
+    if (cost !== undefined) {
+      const c = this.cost ?? { inputTokens: 0, outputTokens: 0, usd: 0 };
+      this.cost = {
+        inputTokens: c.inputTokens + Number(cost.inputTokens ?? 0),
+        outputTokens: c.outputTokens + Number(cost.outputTokens ?? 0),
+        usd: c.usd + Number(cost.usd ?? 0),
+      };
+    }
   }
 }
 
@@ -24,7 +49,9 @@ function message(line) {
   const payload = line.payload_base64 !== undefined
     ? Buffer.from(line.payload_base64, 'base64')
     : Buffer.from(String(line.payload ?? ''), 'utf8');
+  const agent = new Agent();
   return Object.freeze({
+    [AGENT]: agent,
     id: line.id,
     queue: line.queue ?? '',
     attempt: Number(line.attempt ?? 0),
@@ -34,10 +61,11 @@ function message(line) {
     payload,
     get text() { return payload.toString('utf8'); },
     json() { return JSON.parse(payload.toString('utf8')); },
+    record(what) { agent.record(what); },
   });
 }
 
-function result(id, error) {
+function result(id, error, agent = new Agent()) {
   if (error === undefined) return { type: 'result', id, outcome: 'ok' };
   const outcome = error instanceof Poison ? 'poison' : 'retry';
   const out = {
@@ -49,6 +77,15 @@ function result(id, error) {
   };
   if (error instanceof Retry && typeof error.after === 'number' && Number.isFinite(error.after)) {
     out.retry_after = error.after;
+  }
+  if (error instanceof Poison || error instanceof Retry) {
+    agent.record({ model: error.model, tool: error.tool, cost: error.cost });
+  }
+  if (agent.model !== undefined) out.model = agent.model;
+  if (agent.tool !== undefined) out.tool = agent.tool;
+  if (agent.cost !== undefined) {
+    const { inputTokens, outputTokens, usd } = agent.cost;
+    out.cost = { input_tokens: Math.trunc(inputTokens), output_tokens: Math.trunc(outputTokens), usd };
   }
   return out;
 }
@@ -82,12 +119,13 @@ export async function run(handler, options = {}) {
     if ((line.type ?? 'delivery') !== 'delivery') continue;
     const task = (async () => {
       let error;
+      const msg = message(line);
       try {
-        await handler(message(line));
+        await handler(msg);
       } catch (e) {
         error = e ?? new Error('thrown without a value');
       }
-      send(result(line.id, error));
+      send(result(line.id, error, msg[AGENT]));
     })();
     running.add(task);
     task.finally(() => running.delete(task));

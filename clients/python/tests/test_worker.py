@@ -47,6 +47,34 @@ class ResultsTest(unittest.TestCase):
         self.assertEqual((by_id["c"]["outcome"], by_id["c"]["retry_after"]), ("retry", 2.5))
         self.assertEqual((by_id["d"]["outcome"], by_id["d"]["class"]), ("retry", "ValueError"))
 
+    def test_model_tool_and_cost_go_with_a_failure(self):
+        def agent(msg):
+            msg.record(model="gpt-4o-mini", cost=rw.Cost(input_tokens=1000, output_tokens=200, usd=0.001))
+            msg.record(tool="web_search", cost=rw.Cost(input_tokens=500, usd=0.0005))
+            if msg.text == "fine":
+                return
+            if msg.text == "limit":
+                raise rw.Retry("429", after=1, tool="summarize", cost=rw.Cost(output_tokens=1))
+            raise KeyError("results")
+
+        async def agent_async(msg):
+            agent(msg)
+
+        for h in (agent, agent_async):
+            lines = serve(h, [delivery("a", "fine"), delivery("b", "limit"), delivery("c", "boom")])
+            by_id = {l["id"]: l for l in lines[1:]}
+            self.assertNotIn("cost", by_id["a"], "a success reports no cost")
+            self.assertEqual(by_id["b"]["model"], "gpt-4o-mini")
+            self.assertEqual(by_id["b"]["tool"], "summarize", "the exception's tool wins")
+            self.assertEqual(by_id["b"]["cost"]["input_tokens"], 1500)
+            self.assertEqual(by_id["b"]["cost"]["output_tokens"], 201)
+            self.assertAlmostEqual(by_id["b"]["cost"]["usd"], 0.0015)
+            self.assertEqual((by_id["c"]["class"], by_id["c"]["tool"]), ("KeyError", "web_search"))
+
+    def test_nothing_recorded_adds_no_fields(self):
+        lines = serve(handler, [delivery("b", "bad")])
+        self.assertFalse({"model", "tool", "cost"} & set(lines[1]))
+
     def test_async_handlers_run_concurrently(self):
         running = []
         peak = []

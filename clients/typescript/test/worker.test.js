@@ -38,6 +38,25 @@ test('a handshake, then one result per delivery', async () => {
   assert.deepEqual([by.d.outcome, by.d.class], ['retry', 'TypeError']);
 });
 
+test('model, tool and cost go with a failure, and only then', async () => {
+  const agent = async (msg) => {
+    msg.record({ model: 'gpt-4o-mini', cost: { inputTokens: 1000, outputTokens: 200, usd: 0.001 } });
+    msg.record({ tool: 'web_search', cost: { inputTokens: 500, usd: 0.0005 } });
+    if (msg.text === 'fine') return;
+    if (msg.text === 'limit') throw new Retry('429', { after: 1, tool: 'summarize', cost: { outputTokens: 1 } });
+    throw new RangeError('results');
+  };
+  const [, ...results] = await serve(agent, [delivery('a', 'fine'), delivery('b', 'limit'), delivery('c', 'boom')]);
+  const by = Object.fromEntries(results.map((r) => [r.id, r]));
+  assert.equal(by.a.cost, undefined, 'a success reports no cost');
+  assert.deepEqual([by.b.model, by.b.tool], ['gpt-4o-mini', 'summarize']);
+  assert.deepEqual([by.b.cost.input_tokens, by.b.cost.output_tokens], [1500, 201]);
+  assert.ok(Math.abs(by.b.cost.usd - 0.0015) < 1e-12);
+  assert.deepEqual([by.c.class, by.c.tool], ['RangeError', 'web_search']);
+  const [, plain] = await serve(handler, [delivery('x', 'bad')]);
+  assert.deepEqual(['model', 'tool', 'cost'].filter((f) => f in plain), []);
+});
+
 test('async handlers run side by side', async () => {
   let running = 0;
   let peak = 0;

@@ -13,8 +13,8 @@ use redrive_core::alert::{
     AlertPhase, AlertState, AlertStore, NewNotification, NotificationKind, Transition,
 };
 use redrive_core::{
-    Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope, Failure, FailureKind,
-    MessageId, QueueName, RetentionStore,
+    AgentContext, Cost, Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope,
+    Failure, FailureKind, MessageId, QueueName, RetentionStore,
 };
 
 /// A dead message of `queue` that failed with `class`/`message`, dead at `dead_at_ms`.
@@ -244,6 +244,116 @@ pub async fn replay_marks_once_audits_and_a_second_death_revives<S: DeadLetterSt
     assert_eq!(stats.len(), 1);
     assert_eq!((stats[0].dead, stats[0].total), (2, 2));
     assert_eq!(stats[0].oldest_dead_at_ms, Some(1_500));
+}
+
+/// A dead message whose two failed attempts each reported a model, a tool and a cost.
+fn dead_with_cost(queue: &str, payload: &str, dead_at_ms: i64) -> DeadLetter {
+    let mut d = dead(queue, "http_503", "upstream down", payload, dead_at_ms);
+    let env = &mut d.envelope;
+    env.history.clear();
+    env.attempt = 0;
+    env.spent = Cost::default();
+    for (n, tool) in [(1, "web_search"), (2, "summarize")] {
+        let mut f = Failure::new(
+            FailureKind::Retry,
+            "http_503",
+            "upstream down",
+            dead_at_ms - 10 + n,
+        );
+        f.agent = AgentContext {
+            model: Some("gpt-4o-mini".into()),
+            tool: Some(tool.into()),
+            cost: Cost::new(1_000, 250, 0.0125),
+        };
+        env.record_failure(f, "main");
+    }
+    d
+}
+
+/// A group sums the attempts of its messages and what their failed attempts cost; the
+/// sums follow replays, purges and compression, and each attempt keeps its own model,
+/// tool and cost.
+pub async fn groups_sum_attempts_and_what_failures_cost<S: DeadLetterStore + RetentionStore>(
+    s: &S,
+) {
+    let batch = [
+        dead_with_cost("agent.tasks", "1", 1_000),
+        dead_with_cost("agent.tasks", "2", 2_000),
+        dead_with_cost("billing", "3", 3_000),
+        dead("agent.tasks", "Invalid", "bad json", "4", 4_000),
+    ];
+    s.insert_batch(&batch).await.unwrap();
+    let costly = |groups: &[redrive_core::DeadGroup]| {
+        groups
+            .iter()
+            .find(|g| g.error_class == "http_503")
+            .cloned()
+            .unwrap()
+    };
+    let g = costly(&s.groups(&DeadFilter::default(), 10).await.unwrap());
+    assert_eq!((g.count, g.attempts), (3, 6));
+    assert_eq!(
+        g.spent,
+        Cost {
+            input_tokens: 6_000,
+            output_tokens: 1_500,
+            usd_micros: 75_000
+        }
+    );
+    let plain = s
+        .groups(
+            &DeadFilter {
+                error_class: Some("Invalid".into()),
+                ..DeadFilter::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!((plain[0].attempts, plain[0].spent), (2, Cost::default()));
+    // A filter the summary cannot answer sums the messages themselves.
+    let recent = DeadFilter {
+        since_ms: Some(1_500),
+        ..DeadFilter::default()
+    };
+    let g = costly(&s.groups(&recent, 10).await.unwrap());
+    assert_eq!((g.count, g.attempts, g.spent.usd_micros), (2, 4, 50_000));
+
+    let back = s.get(&batch[0].envelope.id).await.unwrap().unwrap();
+    assert_eq!(
+        back, batch[0],
+        "each attempt reads back with its model, tool and cost"
+    );
+    assert_eq!(
+        back.envelope.history[0].agent.tool.as_deref(),
+        Some("web_search")
+    );
+
+    s.compress_between(0, 10_000).await.unwrap();
+    s.mark_replayed(&[batch[0].envelope.id], "alice", "fixed")
+        .await
+        .unwrap();
+    s.purge(
+        &DeadSelection::Ids(vec![batch[2].envelope.id]),
+        "alice",
+        "noise",
+    )
+    .await
+    .unwrap();
+    let g = costly(&s.groups(&DeadFilter::default(), 10).await.unwrap());
+    assert_eq!(
+        (
+            g.count,
+            g.attempts,
+            g.spent.input_tokens,
+            g.spent.usd_micros
+        ),
+        (1, 2, 2_000, 25_000)
+    );
+    // Dead again after its replay: counted again, once.
+    s.insert(&batch[0]).await.unwrap();
+    let g = costly(&s.groups(&DeadFilter::default(), 10).await.unwrap());
+    assert_eq!((g.count, g.attempts, g.spent.usd_micros), (2, 4, 50_000));
 }
 
 /// Purges by id and by filter delete only dead messages, with an audit entry each.
@@ -534,6 +644,7 @@ macro_rules! store_conformance {
             an_insert_reads_back_and_repeats_harmlessly,
             listings_are_ordered_paged_and_filtered,
             groups_are_by_fingerprint_largest_first,
+            groups_sum_attempts_and_what_failures_cost,
             replay_marks_once_audits_and_a_second_death_revives,
             purges_delete_what_they_select_and_are_audited,
             hostile_bytes_read_back_exactly,

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::agent::{AgentContext, Cost, CostJson};
 use crate::fingerprint::Fingerprint;
 use crate::queue::{QueueError, QueueName};
 
@@ -181,6 +182,8 @@ pub struct Failure {
     /// message (its consumer stopped while it was in flight beside others) is kept in
     /// the history for triage but not counted.
     pub counted: bool,
+    /// The model, tool and cost the handler reported for this attempt.
+    pub agent: AgentContext,
 }
 
 impl Failure {
@@ -204,6 +207,7 @@ impl Failure {
             message,
             fingerprint,
             counted: true,
+            agent: AgentContext::default(),
         }
     }
 }
@@ -232,6 +236,8 @@ pub struct Envelope {
     pub first_failed_ms: Option<i64>,
     /// Failed attempts, oldest first (at most [`MAX_HISTORY`]).
     pub history: Vec<Failure>,
+    /// What every failed attempt cost, summed (kept when the history is trimmed).
+    pub spent: Cost,
 }
 
 /// One history entry as written in the `redrive-history` header.
@@ -247,6 +253,13 @@ struct WireFailure {
     /// Written only when false: `counted` is the rule, and older readers skip it.
     #[serde(default = "counts", skip_serializing_if = "Clone::clone")]
     c: bool,
+    /// The agent context, written only when the handler reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cost: Option<CostJson>,
 }
 
 fn counts() -> bool {
@@ -275,6 +288,7 @@ impl Envelope {
             not_before_ms: None,
             first_failed_ms: None,
             history: Vec::new(),
+            spent: Cost::default(),
         }
     }
 
@@ -308,8 +322,10 @@ impl Envelope {
         self.push_history(failure);
     }
 
-    /// Appends to the history, trimming it to its first entry and the latest ones.
+    /// Appends to the history, trimming it to its first entry and the latest ones, and
+    /// adds what the attempt cost to what the message has cost.
     fn push_history(&mut self, failure: Failure) {
+        self.spent.add(failure.agent.cost);
         self.history.push(failure);
         if self.history.len() > MAX_HISTORY {
             self.history.remove(1);
@@ -387,6 +403,7 @@ impl Envelope {
             && self.not_before_ms.is_none()
             && self.first_failed_ms.is_none()
             && self.history.is_empty()
+            && self.spent.is_zero()
     }
 
     /// The compact wire form of a fresh envelope ([`Self::is_fresh`]): `redrive-id`,
@@ -462,11 +479,20 @@ impl Envelope {
                     msg: tail_utf8(&f.message, MAX_HISTORY_MESSAGE_BYTES).to_owned(),
                     fp: f.fingerprint.to_string(),
                     c: f.counted,
+                    model: f.agent.model.clone(),
+                    tool: f.agent.tool.clone(),
+                    cost: (!f.agent.cost.is_zero()).then(|| f.agent.cost.into()),
                 })
                 .collect();
             put(
                 "redrive-history",
                 serde_json::to_string(&history).unwrap_or_default(),
+            );
+        }
+        if !self.spent.is_zero() {
+            put(
+                "redrive-spent",
+                serde_json::to_string(&CostJson::from(self.spent)).unwrap_or_default(),
             );
         }
         out.extend(self.headers.iter().cloned());
@@ -574,6 +600,11 @@ impl Envelope {
                     message: w.msg,
                     fingerprint: Fingerprint::from_stored(w.fp),
                     counted: w.c,
+                    agent: AgentContext {
+                        model: w.model,
+                        tool: w.tool,
+                        cost: w.cost.map(Cost::from).unwrap_or_default(),
+                    },
                 })
                 .collect();
             // The history keeps short messages; the last failure's full message travels
@@ -581,6 +612,14 @@ impl Envelope {
             if let (Some(last), Some(full)) = (env.history.last_mut(), find("redrive-error")) {
                 full.clone_into(&mut last.message);
             }
+        }
+        if let Some(spent) = find("redrive-spent") {
+            let cost: CostJson = serde_json::from_str(spent).map_err(|_| WireError::Header {
+                header: "redrive-spent",
+                value: tail_utf8(spent, 80).to_owned(),
+                expected: "a JSON cost object",
+            })?;
+            env.spent = cost.into();
         }
         env.headers = headers
             .into_iter()
@@ -733,6 +772,48 @@ mod tests {
         env.replays = 1;
         env.not_before_ms = Some(9_000);
         env
+    }
+
+    #[test]
+    fn agent_context_travels_per_attempt_and_spend_survives_trimming() {
+        let mut env = Envelope::new(queue(), b"x".to_vec());
+        for n in 0..MAX_HISTORY + 3 {
+            let mut f = Failure::new(FailureKind::Retry, "http_503", "upstream down", 10);
+            f.agent = AgentContext {
+                model: Some("gpt-4o-mini".to_owned()),
+                tool: (n == 0).then(|| "web_search".to_owned()),
+                cost: Cost::new(1000, 200, 0.0015),
+            };
+            env.record_failure(f, "main");
+        }
+        let attempts = u64::try_from(MAX_HISTORY + 3).unwrap();
+        assert_eq!(env.history.len(), MAX_HISTORY, "the history is trimmed");
+        assert_eq!(
+            env.spent,
+            Cost {
+                input_tokens: 1000 * attempts,
+                output_tokens: 200 * attempts,
+                usd_micros: 1500 * attempts
+            },
+            "the spend is not"
+        );
+        let back = Envelope::from_wire(&queue(), None, b"x".to_vec(), env.to_wire()).unwrap();
+        assert_eq!(back.spent, env.spent);
+        assert_eq!(back.history, env.history);
+        assert_eq!(back.history[0].agent.tool.as_deref(), Some("web_search"));
+        assert_eq!(back.history[1].agent.tool, None);
+        // Nothing reported: nothing written.
+        let plain = failed_twice();
+        assert!(plain.to_wire().iter().all(|(k, _)| k != "redrive-spent"));
+        assert!(!plain.to_wire_json().contains("\"model\""));
+        // A spend that does not read names its header.
+        let mut wire = env.to_wire();
+        wire.iter_mut()
+            .find(|(k, _)| k == "redrive-spent")
+            .unwrap()
+            .1 = "lots".to_owned();
+        let err = Envelope::from_wire(&queue(), None, b"x".to_vec(), wire).unwrap_err();
+        assert!(err.to_string().contains("redrive-spent"), "{err}");
     }
 
     #[test]

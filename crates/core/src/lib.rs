@@ -6,6 +6,7 @@
 //! attempts), handler outcomes and their classification, error fingerprints, and the
 //! [`Transport`] and [`DeadLetterStore`] traits.
 
+mod agent;
 pub mod alert;
 mod brokered;
 mod duration;
@@ -23,6 +24,7 @@ pub mod testing;
 mod time;
 mod transport;
 
+pub use agent::{AgentContext, Cost, CostJson, MAX_AGENT_NAME_BYTES};
 pub use brokered::{Brokered, DlqSource};
 /// The payload type of [`Envelope`], re-exported so users need no `bytes` dependency.
 pub use bytes::Bytes;

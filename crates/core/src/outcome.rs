@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use crate::agent::{AgentContext, Cost, agent_name};
 use crate::envelope::{Failure, FailureKind};
 
 /// What a handler returns.
@@ -32,6 +33,8 @@ pub struct HandlerError {
     verdict: Verdict,
     class: String,
     message: String,
+    /// Boxed: most failures carry none, and a handler's `Result` stays small.
+    agent: Option<Box<AgentContext>>,
 }
 
 impl HandlerError {
@@ -42,6 +45,7 @@ impl HandlerError {
             verdict: Verdict::Retry,
             class: class.into(),
             message: message.into(),
+            agent: None,
         }
     }
 
@@ -57,6 +61,7 @@ impl HandlerError {
             verdict: Verdict::RetryAfter(delay),
             class: class.into(),
             message: message.into(),
+            agent: None,
         }
     }
 
@@ -67,6 +72,7 @@ impl HandlerError {
             verdict: Verdict::Poison,
             class: class.into(),
             message: message.into(),
+            agent: None,
         }
     }
 
@@ -80,6 +86,7 @@ impl HandlerError {
             verdict: Verdict::Suspect,
             class: class.into(),
             message: message.into(),
+            agent: None,
         }
     }
 
@@ -92,6 +99,7 @@ impl HandlerError {
             verdict: Verdict::Crashed,
             class: class.into(),
             message: message.into(),
+            agent: None,
         }
     }
 
@@ -99,6 +107,45 @@ impl HandlerError {
     #[must_use]
     pub fn from_error<E: std::error::Error>(error: &E) -> Self {
         Self::retry(short_type_name::<E>(), error.to_string())
+    }
+
+    /// Names the model the attempt called (kept with the failure, shown in triage).
+    #[must_use]
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.agent.get_or_insert_default().model = agent_name(model);
+        self
+    }
+
+    /// Names the tool the attempt was running when it failed.
+    #[must_use]
+    pub fn with_tool(mut self, tool: impl Into<String>) -> Self {
+        self.agent.get_or_insert_default().tool = agent_name(tool);
+        self
+    }
+
+    /// What the failed attempt cost: triage sums it per message and per error group,
+    /// and `/metrics` per queue and class.
+    #[must_use]
+    pub fn with_cost(mut self, cost: Cost) -> Self {
+        if self.agent.is_some() || !cost.is_zero() {
+            self.agent.get_or_insert_default().cost = cost;
+        }
+        self
+    }
+
+    /// The model, tool and cost attached to this failure.
+    #[must_use]
+    pub fn agent(&self) -> &AgentContext {
+        static NONE: AgentContext = AgentContext {
+            model: None,
+            tool: None,
+            cost: Cost {
+                input_tokens: 0,
+                output_tokens: 0,
+                usd_micros: 0,
+            },
+        };
+        self.agent.as_deref().unwrap_or(&NONE)
     }
 
     /// Whether this is a poison verdict.
@@ -171,7 +218,11 @@ impl Outcome {
             Err(e) => {
                 let retry_after = e.requested_delay();
                 let suspect = e.verdict == Verdict::Suspect;
-                let failure = Failure::new(e.kind(), e.class, e.message, at_ms);
+                let kind = e.kind();
+                let mut failure = Failure::new(kind, e.class, e.message, at_ms);
+                if let Some(agent) = e.agent {
+                    failure.agent = *agent;
+                }
                 if suspect {
                     Self::Suspect { failure }
                 } else {
@@ -329,6 +380,20 @@ mod tests {
             (failure.kind, failure.class.as_str()),
             (FailureKind::LeaseExpired, "worker_crashed")
         );
+    }
+
+    #[test]
+    fn agent_context_goes_with_the_failure() {
+        let err = HandlerError::retry("http_503", "down")
+            .with_model("claude-sonnet")
+            .with_tool(" ")
+            .with_cost(Cost::new(10, 5, 0.25));
+        let Outcome::Failed { failure, .. } = Outcome::from_result(Err(err), 1) else {
+            panic!("expected a failure")
+        };
+        assert_eq!(failure.agent.model.as_deref(), Some("claude-sonnet"));
+        assert_eq!(failure.agent.tool, None, "a blank tool is none");
+        assert_eq!(failure.agent.cost.usd_micros, 250_000);
     }
 
     #[test]

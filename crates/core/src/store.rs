@@ -3,6 +3,7 @@
 
 use std::future::Future;
 
+use crate::agent::Cost;
 use crate::envelope::{Envelope, MessageId};
 use crate::queue::QueueName;
 
@@ -100,6 +101,11 @@ pub struct DeadGroup {
     pub sample_error: String,
     /// Queues the group spans.
     pub queues: Vec<String>,
+    /// Failed attempts of its messages, summed.
+    pub attempts: u64,
+    /// What the failed attempts of its messages cost, summed, as their handlers
+    /// reported.
+    pub spent: Cost,
 }
 
 /// Dead-letter counts of one queue and error class.

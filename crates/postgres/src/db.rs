@@ -126,6 +126,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER messages_notify AFTER INSERT ON messages
         REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION messages_notify();
     ",
+    // 5: what a dead letter's failed attempts cost, as its handlers reported (the
+    // envelope's spend): summed per error group in triage.
+    r"
+    ALTER TABLE dead_letters
+        ADD COLUMN input_tokens  BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN cost_micros   BIGINT NOT NULL DEFAULT 0;  -- millionths of a US dollar
+    ",
 ];
 
 /// The newest schema version this build knows.

@@ -2,7 +2,7 @@
 //! shared by every process that opens the schema.
 
 use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    AuditEntry, Cost, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
     DeadStats, Envelope, MessageId, QueueName, StoreError, describe_replayed, now_ms,
 };
 use tokio_postgres::GenericClient;
@@ -134,6 +134,9 @@ pub(crate) struct DeadRow<'a> {
     key: Option<&'a [u8]>,
     payload: &'a [u8],
     headers: String,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost_micros: i64,
 }
 
 impl<'a> DeadRow<'a> {
@@ -153,12 +156,19 @@ impl<'a> DeadRow<'a> {
             key: env.key.as_ref().map(String::as_bytes),
             payload: &env.payload[..],
             headers: env.to_wire_json(),
+            input_tokens: signed(env.spent.input_tokens),
+            output_tokens: signed(env.spent.output_tokens),
+            cost_micros: signed(env.spent.usd_micros),
         }
     }
 }
 
-/// The twelve arguments of a dead-letter insert, in column order.
-pub(crate) fn insert_dead_params<'a>(row: &'a DeadRow<'_>) -> [&'a (dyn ToSql + Sync); 12] {
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The fifteen arguments of a dead-letter insert, in column order.
+pub(crate) fn insert_dead_params<'a>(row: &'a DeadRow<'_>) -> [&'a (dyn ToSql + Sync); 15] {
     [
         &row.id,
         &row.queue,
@@ -172,6 +182,9 @@ pub(crate) fn insert_dead_params<'a>(row: &'a DeadRow<'_>) -> [&'a (dyn ToSql + 
         &row.key,
         &row.payload,
         &row.headers,
+        &row.input_tokens,
+        &row.output_tokens,
+        &row.cost_micros,
     ]
 }
 
@@ -192,14 +205,16 @@ async fn insert_dead(
 
 const INSERT_DEAD: &str = "
     INSERT INTO dead_letters (id, queue, replayed, dead_at_ms, attempts, error_class, error, fingerprint,
-                              first_failed_ms, last_failed_ms, key, payload, headers)
-    VALUES ($1, $2, false, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                              first_failed_ms, last_failed_ms, key, payload, headers,
+                              input_tokens, output_tokens, cost_micros)
+    VALUES ($1, $2, false, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
     ON CONFLICT (id) DO UPDATE SET
         queue = excluded.queue, replayed = false, compressed = false, dead_at_ms = excluded.dead_at_ms,
         attempts = excluded.attempts, error_class = excluded.error_class, error = excluded.error,
         fingerprint = excluded.fingerprint, first_failed_ms = excluded.first_failed_ms,
         last_failed_ms = excluded.last_failed_ms, key = excluded.key, payload = excluded.payload,
-        headers = excluded.headers
+        headers = excluded.headers, input_tokens = excluded.input_tokens,
+        output_tokens = excluded.output_tokens, cost_micros = excluded.cost_micros
     WHERE dead_letters.replayed";
 
 async fn audit(
@@ -295,7 +310,8 @@ impl DeadLetterStore for Postgres {
         let mut sql = Sql::new(
             "SELECT fingerprint, max(error_class), count(*), min(coalesce(first_failed_ms, dead_at_ms)),
                     max(coalesce(last_failed_ms, dead_at_ms)), (array_agg(error ORDER BY dead_at_ms DESC))[1],
-                    string_agg(DISTINCT queue, ',')
+                    string_agg(DISTINCT queue, ','), sum(attempts)::bigint, sum(input_tokens)::bigint,
+                    sum(output_tokens)::bigint, sum(cost_micros)::bigint
              FROM dead_letters WHERE NOT replayed",
         );
         sql.filter(filter);
@@ -323,6 +339,12 @@ impl DeadLetterStore for Postgres {
                     .split(',')
                     .map(str::to_owned)
                     .collect(),
+                attempts: count(r.get(7)),
+                spent: Cost {
+                    input_tokens: count(r.get(8)),
+                    output_tokens: count(r.get(9)),
+                    usd_micros: count(r.get(10)),
+                },
             })
             .collect())
     }

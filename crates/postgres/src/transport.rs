@@ -97,16 +97,19 @@ const DEAD_LETTER: &str = "
     WITH gone AS (DELETE FROM messages WHERE seq = $1 AND lease_id = $2 RETURNING seq),
     stored AS (
         INSERT INTO dead_letters (id, queue, replayed, dead_at_ms, attempts, error_class, error,
-                                  fingerprint, first_failed_ms, last_failed_ms, key, payload, headers)
+                                  fingerprint, first_failed_ms, last_failed_ms, key, payload, headers,
+                                  input_tokens, output_tokens, cost_micros)
         SELECT $3::text, $4::text, false, $5::bigint, $6::bigint, $7::text, $8::text, $9::text,
-               $10::bigint, $11::bigint, $12::bytea, $13::bytea, $14::text
+               $10::bigint, $11::bigint, $12::bytea, $13::bytea, $14::text,
+               $15::bigint, $16::bigint, $17::bigint
         FROM gone
         ON CONFLICT (id) DO UPDATE SET
             queue = excluded.queue, replayed = false, compressed = false, dead_at_ms = excluded.dead_at_ms,
             attempts = excluded.attempts, error_class = excluded.error_class, error = excluded.error,
             fingerprint = excluded.fingerprint, first_failed_ms = excluded.first_failed_ms,
             last_failed_ms = excluded.last_failed_ms, key = excluded.key, payload = excluded.payload,
-            headers = excluded.headers
+            headers = excluded.headers, input_tokens = excluded.input_tokens,
+            output_tokens = excluded.output_tokens, cost_micros = excluded.cost_micros
         WHERE dead_letters.replayed
         RETURNING 1)
     SELECT count(*) FROM gone";

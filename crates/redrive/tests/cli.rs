@@ -192,6 +192,8 @@ fn publish_consume_triage_and_replay_from_the_command_line() {
         "first_seen",
         "last_seen",
         "sample_error",
+        "attempts",
+        "cost",
     ] {
         assert!(!groups[0][field].is_null(), "{field} missing");
     }

@@ -1,7 +1,8 @@
 //! `consume --worker` with the helpers (clients/python, clients/typescript): a scripted
 //! session of a good message, a poison one, a transient one that asks to wait 1.5 s, one
 //! that always fails, and one that kills its worker process, consumed by one worker
-//! taking two at a time. Needs `python3` (3.9 or newer) and `node` (18 or newer).
+//! taking two at a time. The failing ones report the model, tool and cost of each
+//! attempt, which triage sums per group. Needs `python3` (3.9 or newer) and `node` (18 or newer).
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
@@ -23,13 +24,16 @@ def handle(msg):
     note("start")
     print(f"working on {msg.text}")  # a log line: must not break the protocol
     if msg.text == "bad":
-        raise rw.Poison("no prompt in the task", error_class="SchemaError")
+        raise rw.Poison("no prompt in the task", error_class="SchemaError", model="m-small",
+                        cost=rw.Cost(input_tokens=10, usd=0.001))
     if msg.text == "later" and msg.attempt == 0:
         note("fail")
         raise rw.Retry("the model is busy", after=1.5, error_class="RateLimited")
     if msg.text == "crash":
         os._exit(9)
     if msg.text == "always":
+        msg.record(model="m-large", cost=rw.Cost(input_tokens=100, output_tokens=20, usd=0.01))
+        msg.record(tool="search")
         time.sleep(0.05)
         raise RuntimeError("always fails")
     time.sleep(0.05)
@@ -48,12 +52,20 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 await run(async (msg) => {
   note(msg, 'start');
   console.log(`working on ${msg.text}`); // a log line: must not break the protocol
-  if (msg.text === 'bad') throw new Poison('no prompt in the task', { errorClass: 'SchemaError' });
+  if (msg.text === 'bad') {
+    throw new Poison('no prompt in the task', {
+      errorClass: 'SchemaError', model: 'm-small', cost: { inputTokens: 10, usd: 0.001 },
+    });
+  }
   if (msg.text === 'later' && msg.attempt === 0) {
     note(msg, 'fail');
     throw new Retry('the model is busy', { after: 1.5, errorClass: 'RateLimited' });
   }
   if (msg.text === 'crash') process.exit(9);
+  if (msg.text === 'always') {
+    msg.record({ model: 'm-large', cost: { inputTokens: 100, outputTokens: 20, usd: 0.01 } });
+    msg.record({ tool: 'search' });
+  }
   await sleep(50);
   if (msg.text === 'always') throw new Error('always fails');
 }, { concurrency: 2 });
@@ -173,6 +185,48 @@ fn session(dir: &tempfile::TempDir, command: &str, error_class: &str) {
             }
         }
     }
+
+    // What the failures cost: per attempt in the timeline, summed per group.
+    let always = &dead["always"]["history"];
+    let counted: Vec<_> = always
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["counted"] == true)
+        .collect();
+    assert_eq!(counted.len(), 3, "{always}");
+    for attempt in counted {
+        assert_eq!(
+            (
+                &attempt["model"],
+                &attempt["tool"],
+                &attempt["cost"]["input_tokens"]
+            ),
+            (
+                &Value::from("m-large"),
+                &Value::from("search"),
+                &Value::from(100)
+            ),
+            "{always}"
+        );
+    }
+    let groups: HashMap<String, Value> = redrive(&store, &["dlq", "list", "--group", "--json"], "")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|g| (g["error_class"].as_str().unwrap().to_owned(), g))
+        .collect();
+    let spent = |class: &str| {
+        let g = &groups[class];
+        (
+            g["attempts"].as_u64().unwrap(),
+            g["cost"]["input_tokens"].as_u64().unwrap(),
+            g["cost"]["output_tokens"].as_u64().unwrap(),
+            g["cost"]["usd"].as_f64().unwrap(),
+        )
+    };
+    assert_eq!(spent(error_class), (3, 300, 60, 0.03), "{groups:?}");
+    assert_eq!(spent("SchemaError"), (1, 10, 0, 0.001));
+    assert_eq!(spent("worker_crashed").1, 0, "a crash reports nothing");
 
     // The transient one waited at least the 1.5 s it asked for (its tier is 100 ms).
     let log = std::fs::read_to_string(&log).unwrap();

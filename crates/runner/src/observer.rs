@@ -1,7 +1,7 @@
 //! Hooks for what a runner does, so metrics exporters and progress displays can follow
 //! along without the runner knowing about them.
 
-use redrive_core::{FailureKind, Lane, QueueName};
+use redrive_core::{Cost, FailureKind, Lane, QueueName};
 
 /// How a delivery was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,8 @@ pub enum Settled<'a> {
         class: &'a str,
         /// How it failed.
         kind: FailureKind,
+        /// What the failed attempt cost, as its handler reported.
+        cost: Cost,
     },
     /// Moved to the DLQ.
     Dead {
@@ -21,6 +23,8 @@ pub enum Settled<'a> {
         class: &'a str,
         /// How it failed.
         kind: FailureKind,
+        /// What the failed attempt cost, as its handler reported.
+        cost: Cost,
     },
     /// Moved, uncounted, to the isolation lane to be run alone: a crash suspect (its
     /// consumer stopped while it was in flight beside others) or a message that

@@ -1184,11 +1184,12 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                     return;
                 }
                 Ok(Some((failure, dead, env))) => {
-                    let (class, kind) = (failure.class.as_str(), failure.kind);
+                    let (class, kind, cost) =
+                        (failure.class.as_str(), failure.kind, failure.agent.cost);
                     let settled = if dead {
-                        Settled::Dead { class, kind }
+                        Settled::Dead { class, kind, cost }
                     } else {
-                        Settled::Retried { class, kind }
+                        Settled::Retried { class, kind, cost }
                     };
                     self.report(&delivery.lane, settled, handler_secs);
                     // A retry was scheduled (or a DLQ written): the fetch loop may need

@@ -66,8 +66,8 @@ impl crate::Observer for Stats {
     ) {
         match settled {
             crate::Settled::Ok => self.succeeded(),
-            crate::Settled::Retried { class, kind } => self.failed(class, false, kind),
-            crate::Settled::Dead { class, kind } => self.failed(class, true, kind),
+            crate::Settled::Retried { class, kind, .. } => self.failed(class, false, kind),
+            crate::Settled::Dead { class, kind, .. } => self.failed(class, true, kind),
             crate::Settled::Isolated => {
                 self.isolated.fetch_add(1, Ordering::Relaxed);
             }

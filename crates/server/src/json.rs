@@ -3,7 +3,7 @@
 //! not a public format by accident; one definition serves both the API and the CLI.
 
 use base64::Engine as _;
-use redrive_core::{DeadGroup, DeadLetter, Failure, QueueDepths};
+use redrive_core::{CostJson, DeadGroup, DeadLetter, Failure, QueueDepths};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -41,6 +41,15 @@ pub struct FailureJson {
     /// Whether it counts towards max attempts (a crash that may have been another
     /// message's does not).
     pub counted: bool,
+    /// The model the attempt called, when its handler said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The tool it was running, when its handler said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// What the attempt cost, when its handler said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostJson>,
 }
 
 impl From<&Failure> for FailureJson {
@@ -54,6 +63,9 @@ impl From<&Failure> for FailureJson {
             error: f.message.clone(),
             fingerprint: f.fingerprint.to_string(),
             counted: f.counted,
+            model: f.agent.model.clone(),
+            tool: f.agent.tool.clone(),
+            cost: (!f.agent.cost.is_zero()).then(|| f.agent.cost.into()),
         }
     }
 }
@@ -75,6 +87,8 @@ pub struct DeadJson {
     pub first_failed_at: Option<String>,
     pub last_failed_at: Option<String>,
     pub dead_at: String,
+    /// What its failed attempts cost, summed (history trimmed or not).
+    pub cost: CostJson,
     pub history: Vec<FailureJson>,
 }
 
@@ -102,6 +116,7 @@ impl From<&DeadLetter> for DeadJson {
             first_failed_at: env.first_failed_ms.map(rfc3339),
             last_failed_at: last.map(|f| rfc3339(f.at_ms)),
             dead_at: rfc3339(d.dead_at_ms),
+            cost: env.spent.into(),
             history: env.history.iter().map(FailureJson::from).collect(),
         }
     }
@@ -117,6 +132,10 @@ pub struct GroupJson {
     pub last_seen: String,
     pub sample_error: String,
     pub queues: Vec<String>,
+    /// Failed attempts of its messages, summed.
+    pub attempts: u64,
+    /// What those failed attempts cost, summed.
+    pub cost: CostJson,
 }
 
 impl From<&DeadGroup> for GroupJson {
@@ -129,6 +148,8 @@ impl From<&DeadGroup> for GroupJson {
             last_seen: rfc3339(g.last_seen_ms),
             sample_error: g.sample_error.clone(),
             queues: g.queues.clone(),
+            attempts: g.attempts,
+            cost: g.spent.into(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Names follow `redrive_<thing>_<unit>`, counters end in `_total`; labels are queue,
 //! lane and error class, never a message id.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
@@ -13,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use redrive_core::{DeadStats, Lane, QueueDepths, QueueName, now_ms};
+use redrive_core::{Cost, DeadStats, Lane, QueueDepths, QueueName, now_ms};
 use redrive_runner::{Observer, Settled};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +27,14 @@ struct QueueLane {
 struct QueueClass {
     queue: String,
     error_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueClassDirection {
+    queue: String,
+    error_class: String,
+    /// `input` or `output`.
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,6 +172,8 @@ pub struct Metrics {
     handler_seconds: Family<QueueOnly, Histogram, fn() -> Histogram>,
     lateness_seconds: Family<QueueLane, Histogram, fn() -> Histogram>,
     replays: Family<QueueOnly, Counter>,
+    failed_usd: Family<QueueClass, Counter<f64, AtomicU64>>,
+    failed_tokens: Family<QueueClassDirection, Counter>,
     notifications: Family<NotificationLabels, Counter>,
 }
 
@@ -203,6 +214,8 @@ impl Metrics {
             handler_seconds: Family::new_with_constructor(duration_histogram),
             lateness_seconds: Family::new_with_constructor(lateness_histogram),
             replays: Family::default(),
+            failed_usd: Family::default(),
+            failed_tokens: Family::default(),
             notifications: Family::default(),
         };
         let mut m = m;
@@ -248,6 +261,16 @@ impl Metrics {
             m.replays.clone(),
         );
         r.register(
+            "redrive_failed_attempt_cost_usd",
+            "US dollars spent on failed attempts, as their handlers reported, by error class",
+            m.failed_usd.clone(),
+        );
+        r.register(
+            "redrive_failed_attempt_tokens",
+            "Model tokens spent on failed attempts, as their handlers reported, by error class and direction (input, output)",
+            m.failed_tokens.clone(),
+        );
+        r.register(
             "redrive_alert_notifications",
             "Alert notification attempts by notifier, kind and result (sent, failed, gave_up)",
             m.notifications.clone(),
@@ -285,6 +308,24 @@ impl Metrics {
             result: result.to_owned(),
         };
         self.notifications.get_or_create(&labels).inc();
+    }
+
+    /// Counts what a failed attempt cost; an attempt that reported nothing adds no
+    /// series.
+    fn count_cost(&self, labels: &QueueClass, cost: Cost) {
+        if cost.usd_micros > 0 {
+            self.failed_usd.get_or_create(labels).inc_by(cost.usd());
+        }
+        for (direction, tokens) in [("input", cost.input_tokens), ("output", cost.output_tokens)] {
+            if tokens > 0 {
+                let labels = QueueClassDirection {
+                    queue: labels.queue.clone(),
+                    error_class: labels.error_class.clone(),
+                    direction,
+                };
+                self.failed_tokens.get_or_create(&labels).inc_by(tokens);
+            }
+        }
     }
 
     /// The exposition text (OpenMetrics).
@@ -334,28 +375,67 @@ impl Observer for Metrics {
                 self.processed.get_or_create(&ql).inc();
                 self.succeeded.get_or_create(&ql).inc();
             }
-            Settled::Retried { class, .. } => {
+            Settled::Retried { class, cost, .. } => {
                 self.processed.get_or_create(&ql).inc();
-                self.retried
-                    .get_or_create(&QueueClass {
-                        queue: q,
-                        error_class: class.to_owned(),
-                    })
-                    .inc();
+                let qc = QueueClass {
+                    queue: q,
+                    error_class: class.to_owned(),
+                };
+                self.count_cost(&qc, cost);
+                self.retried.get_or_create(&qc).inc();
             }
-            Settled::Dead { class, .. } => {
+            Settled::Dead { class, cost, .. } => {
                 self.processed.get_or_create(&ql).inc();
-                self.dead_lettered
-                    .get_or_create(&QueueClass {
-                        queue: q,
-                        error_class: class.to_owned(),
-                    })
-                    .inc();
+                let qc = QueueClass {
+                    queue: q,
+                    error_class: class.to_owned(),
+                };
+                self.count_cost(&qc, cost);
+                self.dead_lettered.get_or_create(&qc).inc();
             }
             Settled::Isolated => {
                 self.isolated.get_or_create(&ql).inc();
             }
             Settled::Unsettled => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_attempt_cost_is_counted_per_queue_and_class() {
+        let m = Metrics::new();
+        let q = QueueName::new("agent.tasks").unwrap();
+        let failed = |cost| Settled::Retried {
+            class: "http_503",
+            kind: redrive_core::FailureKind::Retry,
+            cost,
+        };
+        m.settled(&q, &Lane::Main, failed(Cost::new(1000, 200, 0.25)), None);
+        m.settled(&q, &Lane::Main, failed(Cost::new(500, 0, 0.5)), None);
+        m.settled(&q, &Lane::Main, failed(Cost::default()), None);
+        let text = m.encode().unwrap();
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                .to_owned()
+        };
+        assert!(
+            line("redrive_failed_attempt_cost_usd_total{").ends_with(" 0.75"),
+            "{text}"
+        );
+        let input = line(
+            "redrive_failed_attempt_tokens_total{queue=\"agent.tasks\",error_class=\"http_503\",direction=\"input\"}",
+        );
+        assert!(input.ends_with(" 1500"), "{input}");
+        let output = line(
+            "redrive_failed_attempt_tokens_total{queue=\"agent.tasks\",error_class=\"http_503\",direction=\"output\"}",
+        );
+        assert!(output.ends_with(" 200"), "{output}");
+        assert!(line("redrive_messages_retried_total{").ends_with(" 3"));
     }
 }

@@ -356,7 +356,7 @@ fn groups_table(groups: &[redrive_core::DeadGroup]) -> Markup {
             p.muted { "The DLQ is empty." }
         } @else {
             table {
-                thead { tr { th.num { "Count" } th { "Error" } th { "Queues" } th { "First seen" } th { "Last seen" } } }
+                thead { tr { th.num { "Count" } th { "Error" } th { "Queues" } th.num { "Attempts" } th { "Spent on failures" } th { "First seen" } th { "Last seen" } } }
                 tbody {
                     @for g in groups {
                         tr {
@@ -367,6 +367,8 @@ fn groups_table(groups: &[redrive_core::DeadGroup]) -> Markup {
                                 div.muted.mono { (g.fingerprint) }
                             }
                             td { (g.queues.join(", ")) }
+                            td.num { (g.attempts) }
+                            td.spent { (g.spent) }
                             td { (ago(g.first_seen_ms)) }
                             td { (ago(g.last_seen_ms)) }
                         }
@@ -472,6 +474,8 @@ pub(crate) async fn group(
             dt { "Queues" } dd { (g.queues.join(", ")) }
             dt { "First seen" } dd { (rfc3339(g.first_seen_ms)) " (" (ago(g.first_seen_ms)) ")" }
             dt { "Last seen" } dd { (rfc3339(g.last_seen_ms)) " (" (ago(g.last_seen_ms)) ")" }
+            dt { "Failed attempts" } dd { (g.attempts) }
+            dt { "Spent on them" } dd #group-spent { (g.spent) }
         }
         h2 { "Sample error" }
         pre { (g.sample_error) }
@@ -760,6 +764,7 @@ pub(crate) async fn message(
             dt { "Queue" } dd { (env.queue) }
             dt { "Attempts" } dd { (env.attempt) }
             dt { "Replays" } dd { (env.replays) }
+            @if !env.spent.is_zero() { dt { "Spent on failed attempts" } dd #message-spent { (env.spent) } }
             @if let Some(k) = &env.key { dt { "Key" } dd.mono { (k) } }
             @if let Some(f) = last {
                 dt { "Error class" } dd { strong { (f.class) } }
@@ -782,6 +787,13 @@ pub(crate) async fn message(
                         strong { "#" (f.attempt) " " (f.class) }
                         span.muted { " · " (f.kind.as_str()) " · from " (f.lane) " · " (rfc3339(f.at_ms)) }
                         @if !f.counted { span.muted { " · not counted" } }
+                    }
+                    @if !f.agent.is_empty() {
+                        div.agent {
+                            @if let Some(m) = &f.agent.model { span { "model " span.mono { (m) } } " " }
+                            @if let Some(t) = &f.agent.tool { span { "tool " span.mono { (t) } } " " }
+                            @if !f.agent.cost.is_zero() { span.spent { (f.agent.cost) } }
+                        }
                     }
                     pre { (f.message) }
                 }

@@ -8,7 +8,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use redrive_core::{
-    DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, LaneStats, QueueName, Transport,
+    AgentContext, Cost, DeadLetter, DeadLetterStore, Envelope, Failure, FailureKind, LaneStats,
+    QueueName, Transport,
 };
 use redrive_server::{App, Auth, LanesAndStore, Metrics, Tokens, Triage};
 use redrive_sqlite::{Sqlite, SqliteConfig};
@@ -33,12 +34,18 @@ impl Fixture {
 }
 
 fn dead(queue: &str, payload: &str, class: &str, message: &str, at: i64) -> DeadLetter {
+    dead_with(
+        queue,
+        payload,
+        Failure::new(FailureKind::Poison, class, message, at),
+    )
+}
+
+fn dead_with(queue: &str, payload: &str, failure: Failure) -> DeadLetter {
+    let at = failure.at_ms;
     let mut env = Envelope::new(QueueName::new(queue).unwrap(), payload.to_owned())
         .with_header("x-note", XSS_SCRIPT);
-    env.record_failure(
-        Failure::new(FailureKind::Poison, class, message, at),
-        "main",
-    );
+    env.record_failure(failure, "main");
     DeadLetter {
         envelope: env,
         dead_at_ms: at,
@@ -65,16 +72,26 @@ async fn fixture(tokens: Tokens, dead_count: usize) -> Fixture {
             .await
             .unwrap();
     }
+    // A failure whose handler reported hostile model and tool names, and a cost.
+    let mut failure = Failure::new(
+        FailureKind::Poison,
+        "PromptInjection",
+        format!("markup: {XSS_SCRIPT}"),
+        5_000,
+    );
+    failure.agent = AgentContext {
+        model: Some(XSS_IMG.to_owned()),
+        tool: Some(XSS_SCRIPT.to_owned()),
+        cost: Cost::new(1_200, 300, 0.0042),
+    };
     store
-        .insert(&dead(
+        .insert(&dead_with(
             "other",
             &format!(
                 "{{\"agent\":\"{XSS_SCRIPT}\",\"action\":\"{}\"}}",
                 XSS_IMG.replace('"', "\\\"")
             ),
-            "PromptInjection",
-            &format!("markup: {XSS_SCRIPT}"),
-            5_000,
+            failure,
         ))
         .await
         .unwrap();
@@ -536,11 +553,62 @@ async fn pages_escape_payloads_headers_and_errors() {
                 "the payload is shown as text"
             );
             assert!(
+                html.contains("tool <span class=\"mono\">&lt;script&gt;"),
+                "the attempt's tool is shown, as text"
+            );
+            assert!(
+                html.contains("$0.0042 · 1200 in / 300 out tokens"),
+                "and its cost"
+            );
+            assert!(
                 html.contains("&lt;img src=x onerror=alert(1)&gt;"),
                 "the payload is shown as text"
             );
         }
     }
+}
+
+#[tokio::test]
+async fn groups_and_messages_show_attempts_and_what_failures_cost() {
+    let f = fixture(tokens(), 3).await;
+    let (status, _, body) = send(f.router(), get("/api/v1/groups", Some(VIEWER))).await;
+    assert_eq!(status, StatusCode::OK);
+    let groups = json(&body);
+    let injection = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["error_class"] == "PromptInjection")
+        .unwrap_or_else(|| panic!("{groups}"))
+        .clone();
+    assert_eq!(injection["attempts"], 1);
+    assert_eq!(
+        injection["cost"],
+        serde_json::json!({"input_tokens": 1200, "output_tokens": 300, "usd": 0.0042})
+    );
+    let (_, _, body) = send(f.router(), get("/api/v1/dead?queue=other", Some(VIEWER))).await;
+    let message = &json(&body)["items"][0];
+    assert_eq!(message["cost"]["usd"], 0.0042);
+    assert_eq!(message["history"][0]["tool"], XSS_SCRIPT);
+    assert_eq!(message["history"][0]["cost"]["input_tokens"], 1200);
+    // A failure that reported nothing has no agent fields.
+    let (_, _, body) = send(
+        f.router(),
+        get("/api/v1/dead?queue=agent.tasks", Some(VIEWER)),
+    )
+    .await;
+    let plain = &json(&body)["items"][0];
+    assert!(plain["history"][0].get("model").is_none(), "{plain}");
+    assert_eq!(plain["cost"]["usd"], 0.0);
+
+    let fp = injection["fingerprint"].as_str().unwrap();
+    let (status, _, body) = send(f.router(), get(&format!("/groups/{fp}"), Some(VIEWER))).await;
+    assert_eq!(status, StatusCode::OK);
+    let html = String::from_utf8(body).unwrap();
+    assert!(
+        html.contains("$0.0042 · 1200 in / 300 out tokens"),
+        "{html}"
+    );
 }
 
 #[tokio::test]

@@ -56,15 +56,19 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     key             TEXT,
     payload         BLOB    NOT NULL,   -- zstd-compressed when `compressed` (warm)
     headers         TEXT    NOT NULL,
-    compressed      INTEGER NOT NULL DEFAULT 0
+    compressed      INTEGER NOT NULL DEFAULT 0,
+    -- What its failed attempts cost, as its handlers reported (the envelope's spend).
+    input_tokens    INTEGER NOT NULL DEFAULT 0,
+    output_tokens   INTEGER NOT NULL DEFAULT 0,
+    cost_micros     INTEGER NOT NULL DEFAULT 0   -- millionths of a US dollar
 );
 CREATE INDEX IF NOT EXISTS dead_by_time  ON dead_letters (replayed, dead_at_ms, id);
 CREATE INDEX IF NOT EXISTS dead_by_queue ON dead_letters (replayed, queue, dead_at_ms, id);
 CREATE INDEX IF NOT EXISTS dead_by_fp    ON dead_letters (replayed, fingerprint, last_failed_ms);
 
--- Error groups kept current by triggers, so grouping a large DLQ reads a few hundred
--- rows instead of every dead message. Counts are exact; first/last seen only grow, as
--- in an error tracker.
+-- Error groups kept current by triggers (`GROUP_TRIGGERS`), so grouping a large DLQ
+-- reads a few hundred rows instead of every dead message. Counts and sums are exact;
+-- first/last seen only grow, as in an error tracker.
 CREATE TABLE IF NOT EXISTS dead_groups (
     fingerprint   TEXT    NOT NULL,
     queue         TEXT    NOT NULL,
@@ -73,34 +77,12 @@ CREATE TABLE IF NOT EXISTS dead_groups (
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms  INTEGER NOT NULL,
     sample_error  TEXT    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    input_tokens  INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_micros   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (fingerprint, queue)
 ) WITHOUT ROWID;
-
-CREATE TRIGGER IF NOT EXISTS dead_groups_on_insert AFTER INSERT ON dead_letters WHEN NEW.replayed = 0
-BEGIN
-    INSERT INTO dead_groups VALUES (NEW.fingerprint, NEW.queue, NEW.error_class, 1,
-        coalesce(NEW.first_failed_ms, NEW.dead_at_ms), coalesce(NEW.last_failed_ms, NEW.dead_at_ms), NEW.error)
-    ON CONFLICT (fingerprint, queue) DO UPDATE SET
-        dead = dead + 1, error_class = excluded.error_class, sample_error = excluded.sample_error,
-        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), last_seen_ms = max(last_seen_ms, excluded.last_seen_ms);
-END;
-
-CREATE TRIGGER IF NOT EXISTS dead_groups_on_delete AFTER DELETE ON dead_letters WHEN OLD.replayed = 0
-BEGIN
-    UPDATE dead_groups SET dead = dead - 1 WHERE fingerprint = OLD.fingerprint AND queue = OLD.queue;
-END;
-
-CREATE TRIGGER IF NOT EXISTS dead_groups_on_update AFTER UPDATE ON dead_letters
-BEGIN
-    UPDATE dead_groups SET dead = dead - 1
-        WHERE OLD.replayed = 0 AND fingerprint = OLD.fingerprint AND queue = OLD.queue;
-    INSERT INTO dead_groups SELECT NEW.fingerprint, NEW.queue, NEW.error_class, 1,
-        coalesce(NEW.first_failed_ms, NEW.dead_at_ms), coalesce(NEW.last_failed_ms, NEW.dead_at_ms), NEW.error
-        WHERE NEW.replayed = 0
-    ON CONFLICT (fingerprint, queue) DO UPDATE SET
-        dead = dead + 1, error_class = excluded.error_class, sample_error = excluded.sample_error,
-        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), last_seen_ms = max(last_seen_ms, excluded.last_seen_ms);
-END;
 
 CREATE INDEX IF NOT EXISTS dead_groups_by_count ON dead_groups (dead);
 
@@ -146,6 +128,101 @@ CREATE TABLE IF NOT EXISTS audit (
     reason TEXT    NOT NULL
 );
 ";
+
+/// The triggers that keep `dead_groups` current. Their names are part of the schema: a
+/// migration drops and recreates them by name.
+const GROUP_TRIGGERS: &str = r"
+CREATE TRIGGER IF NOT EXISTS dead_groups_on_insert AFTER INSERT ON dead_letters WHEN NEW.replayed = 0
+BEGIN
+    INSERT INTO dead_groups (fingerprint, queue, error_class, dead, first_seen_ms, last_seen_ms, sample_error,
+                             attempts, input_tokens, output_tokens, cost_micros)
+    VALUES (NEW.fingerprint, NEW.queue, NEW.error_class, 1,
+        coalesce(NEW.first_failed_ms, NEW.dead_at_ms), coalesce(NEW.last_failed_ms, NEW.dead_at_ms), NEW.error,
+        NEW.attempts, NEW.input_tokens, NEW.output_tokens, NEW.cost_micros)
+    ON CONFLICT (fingerprint, queue) DO UPDATE SET
+        dead = dead + 1, error_class = excluded.error_class, sample_error = excluded.sample_error,
+        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+        attempts = attempts + excluded.attempts, input_tokens = input_tokens + excluded.input_tokens,
+        output_tokens = output_tokens + excluded.output_tokens, cost_micros = cost_micros + excluded.cost_micros;
+END;
+
+CREATE TRIGGER IF NOT EXISTS dead_groups_on_delete AFTER DELETE ON dead_letters WHEN OLD.replayed = 0
+BEGIN
+    UPDATE dead_groups SET dead = dead - 1, attempts = attempts - OLD.attempts,
+        input_tokens = input_tokens - OLD.input_tokens, output_tokens = output_tokens - OLD.output_tokens,
+        cost_micros = cost_micros - OLD.cost_micros
+    WHERE fingerprint = OLD.fingerprint AND queue = OLD.queue;
+END;
+
+CREATE TRIGGER IF NOT EXISTS dead_groups_on_update AFTER UPDATE ON dead_letters
+BEGIN
+    UPDATE dead_groups SET dead = dead - 1, attempts = attempts - OLD.attempts,
+        input_tokens = input_tokens - OLD.input_tokens, output_tokens = output_tokens - OLD.output_tokens,
+        cost_micros = cost_micros - OLD.cost_micros
+    WHERE OLD.replayed = 0 AND fingerprint = OLD.fingerprint AND queue = OLD.queue;
+    INSERT INTO dead_groups (fingerprint, queue, error_class, dead, first_seen_ms, last_seen_ms, sample_error,
+                             attempts, input_tokens, output_tokens, cost_micros)
+    SELECT NEW.fingerprint, NEW.queue, NEW.error_class, 1,
+        coalesce(NEW.first_failed_ms, NEW.dead_at_ms), coalesce(NEW.last_failed_ms, NEW.dead_at_ms), NEW.error,
+        NEW.attempts, NEW.input_tokens, NEW.output_tokens, NEW.cost_micros
+    WHERE NEW.replayed = 0
+    ON CONFLICT (fingerprint, queue) DO UPDATE SET
+        dead = dead + 1, error_class = excluded.error_class, sample_error = excluded.sample_error,
+        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+        attempts = attempts + excluded.attempts, input_tokens = input_tokens + excluded.input_tokens,
+        output_tokens = output_tokens + excluded.output_tokens, cost_micros = cost_micros + excluded.cost_micros;
+END;
+";
+
+/// The schema version this build writes (`PRAGMA user_version`). Version 0 is a file
+/// from before versions were kept; [`migrate`] brings any older file up to this.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Creates what is missing and brings an older file up to [`SCHEMA_VERSION`], in one
+/// transaction, so two processes opening the same old file migrate it once.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "the file has schema version {version}, written by a newer redrive; this one knows up to {SCHEMA_VERSION}"
+            )));
+        }
+        conn.execute_batch(SCHEMA)?;
+        let has_cost: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('dead_letters') WHERE name = 'cost_micros'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_cost {
+            // Version 0 to 1: what failed attempts cost, per dead letter and per group.
+            conn.execute_batch(
+                "ALTER TABLE dead_letters ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE dead_letters ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE dead_letters ADD COLUMN cost_micros INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE dead_groups ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE dead_groups ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE dead_groups ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE dead_groups ADD COLUMN cost_micros INTEGER NOT NULL DEFAULT 0;
+                 DROP TRIGGER IF EXISTS dead_groups_on_insert;
+                 DROP TRIGGER IF EXISTS dead_groups_on_delete;
+                 DROP TRIGGER IF EXISTS dead_groups_on_update;
+                 UPDATE dead_groups SET attempts = coalesce((SELECT sum(d.attempts) FROM dead_letters d
+                     WHERE d.replayed = 0 AND d.fingerprint = dead_groups.fingerprint AND d.queue = dead_groups.queue), 0);",
+            )?;
+        }
+        conn.execute_batch(GROUP_TRIGGERS)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
 
 /// A job for the writer: runs its statements, and returns what to do once the
 /// commit's fate is known.
@@ -219,11 +296,10 @@ impl Sqlite {
     pub(crate) fn open(config: &SqliteConfig) -> Result<Self, SqliteError> {
         let path = config.path.clone();
         let conn = connect(&path, config.durability)?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|source| SqliteError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        migrate(&conn).map_err(|source| SqliteError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let reader = connect(&path, config.durability)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -445,5 +521,77 @@ impl SqliteConfig {
     /// switched to WAL mode or given its schema.
     pub fn open(&self) -> Result<Sqlite, SqliteError> {
         Sqlite::open(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The dead-letter tables and insert trigger as files without a schema version
+    /// have them.
+    const VERSION_0: &str = r"
+        CREATE TABLE dead_letters (
+            id TEXT PRIMARY KEY, queue TEXT NOT NULL, replayed INTEGER NOT NULL DEFAULT 0,
+            dead_at_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, error_class TEXT NOT NULL,
+            error TEXT NOT NULL, fingerprint TEXT NOT NULL, first_failed_ms INTEGER,
+            last_failed_ms INTEGER, key TEXT, payload BLOB NOT NULL, headers TEXT NOT NULL,
+            compressed INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE dead_groups (
+            fingerprint TEXT NOT NULL, queue TEXT NOT NULL, error_class TEXT NOT NULL,
+            dead INTEGER NOT NULL, first_seen_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+            sample_error TEXT NOT NULL, PRIMARY KEY (fingerprint, queue)) WITHOUT ROWID;
+        CREATE TRIGGER dead_groups_on_insert AFTER INSERT ON dead_letters WHEN NEW.replayed = 0
+        BEGIN
+            INSERT INTO dead_groups VALUES (NEW.fingerprint, NEW.queue, NEW.error_class, 1,
+                NEW.dead_at_ms, NEW.dead_at_ms, NEW.error)
+            ON CONFLICT (fingerprint, queue) DO UPDATE SET dead = dead + 1;
+        END;
+        INSERT INTO dead_letters (id, queue, dead_at_ms, attempts, error_class, error, fingerprint, payload, headers)
+            VALUES ('a', 'q', 1, 3, 'C', 'e', 'fp', x'00', '[]');
+    ";
+
+    fn group(conn: &Connection) -> (i64, i64, i64) {
+        conn.query_row(
+            "SELECT dead, attempts, cost_micros FROM dead_groups WHERE fingerprint = 'fp'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_file_from_before_schema_versions_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("old.db")).unwrap();
+        conn.execute_batch(VERSION_0).unwrap();
+        migrate(&conn).unwrap();
+        assert_eq!(
+            group(&conn),
+            (1, 3, 0),
+            "the group's attempts are summed from its messages"
+        );
+        conn.execute(
+            "INSERT INTO dead_letters (id, queue, dead_at_ms, attempts, error_class, error, fingerprint,
+                                       payload, headers, cost_micros)
+             VALUES ('b', 'q', 2, 2, 'C', 'e', 'fp', x'00', '[]', 500)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(group(&conn), (2, 5, 500), "the new triggers keep the sums");
+        conn.execute("DELETE FROM dead_letters WHERE id = 'a'", [])
+            .unwrap();
+        assert_eq!(group(&conn), (1, 2, 500));
+        migrate(&conn).unwrap();
+        assert_eq!(group(&conn), (1, 2, 500), "a second open changes nothing");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+
+        conn.execute_batch("PRAGMA user_version = 99").unwrap();
+        let err = migrate(&conn).unwrap_err().to_string();
+        assert!(err.contains("newer redrive"), "{err}");
     }
 }

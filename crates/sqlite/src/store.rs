@@ -2,7 +2,7 @@
 //! when a message dies and by ingesters, read by the CLI and the triage UI.
 
 use redrive_core::{
-    AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
+    AuditEntry, Cost, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
     DeadStats, MessageId, QueueName, StoreError, describe_replayed, now_ms,
 };
 use rusqlite::types::Value;
@@ -157,14 +157,16 @@ impl DeadLetterStore for Sqlite {
             let mut args = Vec::new();
             let mut sql = if summary {
                 let mut sql = "SELECT fingerprint, max(error_class), sum(dead), min(first_seen_ms), max(last_seen_ms),
-                                      max(sample_error), group_concat(queue)
+                                      max(sample_error), group_concat(queue),
+                                      sum(attempts), sum(input_tokens), sum(output_tokens), sum(cost_micros)
                                FROM dead_groups WHERE dead > 0"
                     .to_owned();
                 push_filter(&DeadFilter { since_ms: None, until_ms: None, text: None, ..filter.clone() }, &mut sql, &mut args);
                 sql
             } else {
                 let mut sql = "SELECT fingerprint, error_class, count(*), min(coalesce(first_failed_ms, dead_at_ms)),
-                                      max(coalesce(last_failed_ms, dead_at_ms)), error, group_concat(DISTINCT queue)
+                                      max(coalesce(last_failed_ms, dead_at_ms)), error, group_concat(DISTINCT queue),
+                                      sum(attempts), sum(input_tokens), sum(output_tokens), sum(cost_micros)
                                FROM dead_letters WHERE replayed = 0"
                     .to_owned();
                 push_filter(&filter, &mut sql, &mut args);
@@ -176,6 +178,7 @@ impl DeadLetterStore for Sqlite {
                 .and_then(|mut s| {
                     s.query_map(params_from_iter(args), |r| {
                         let queues: String = r.get(6)?;
+                        let sum = |i| r.get::<_, i64>(i).map(|n| u64::try_from(n).unwrap_or(0));
                         Ok(DeadGroup {
                             fingerprint: r.get(0)?,
                             error_class: r.get(1)?,
@@ -184,6 +187,12 @@ impl DeadLetterStore for Sqlite {
                             last_seen_ms: r.get(4)?,
                             sample_error: r.get(5)?,
                             queues: queues.split(',').map(str::to_owned).collect(),
+                            attempts: sum(7)?,
+                            spent: Cost {
+                                input_tokens: sum(8)?,
+                                output_tokens: sum(9)?,
+                                usd_micros: sum(10)?,
+                            },
                         })
                     })?
                     .collect()

@@ -58,14 +58,16 @@ pub(crate) fn insert_dead(
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO dead_letters (id, queue, replayed, dead_at_ms, attempts, error_class, error, fingerprint,
-                                       first_failed_ms, last_failed_ms, key, payload, headers)
-             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                                       first_failed_ms, last_failed_ms, key, payload, headers,
+                                       input_tokens, output_tokens, cost_micros)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT (id) DO UPDATE SET
                  queue = excluded.queue, replayed = 0, compressed = 0, dead_at_ms = excluded.dead_at_ms,
                  attempts = excluded.attempts, error_class = excluded.error_class, error = excluded.error,
                  fingerprint = excluded.fingerprint, first_failed_ms = excluded.first_failed_ms,
                  last_failed_ms = excluded.last_failed_ms, key = excluded.key, payload = excluded.payload,
-                 headers = excluded.headers
+                 headers = excluded.headers, input_tokens = excluded.input_tokens,
+                 output_tokens = excluded.output_tokens, cost_micros = excluded.cost_micros
              WHERE dead_letters.replayed = 1",
         )
         .map_err(SqliteError::query("prepare dead-letter insert"))?;
@@ -83,9 +85,17 @@ pub(crate) fn insert_dead(
             env.key,
             &env.payload[..],
             env.to_wire_json(),
+            sql_int(env.spent.input_tokens),
+            sql_int(env.spent.output_tokens),
+            sql_int(env.spent.usd_micros),
         ])
         .map_err(SqliteError::query("insert dead letter"))?;
     Ok(changed == 1)
+}
+
+/// A count as SQLite's signed integer (saturating: no real count comes near).
+pub(crate) fn sql_int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// A due row as read, its columns taken whatever their type: a row written by hand is

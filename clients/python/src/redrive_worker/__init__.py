@@ -21,6 +21,18 @@ function (run in a thread pool of `concurrency` threads) or an `async def` (run 
 event loop, `concurrency` at a time). Returning means done; raising `Poison` sends the
 message straight to the dead-letter queue; raising `Retry` (optionally with `after`
 seconds) or any other exception sends it to its next retry tier.
+
+What an attempt used can go with its failure, so triage can show which model or tool
+failed and what failed attempts cost: call `msg.record(model=..., tool=..., cost=...)`
+as the handler goes (costs add up; the last model and tool named win), or pass the same
+keywords to `Poison` and `Retry`:
+
+        reply = client.messages.create(...)
+        msg.record(model="claude-sonnet-4", cost=rw.Cost(
+            input_tokens=reply.usage.input_tokens, output_tokens=reply.usage.output_tokens,
+            usd=price(reply.usage)))
+        msg.record(tool="web_search")
+        results = search(...)          # raises: the failure carries all of the above
 """
 
 from __future__ import annotations
@@ -36,9 +48,47 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Awaitable, Callable, Dict, Optional, Union
 
-__all__ = ["Message", "Poison", "Retry", "run", "PROTOCOL_VERSION"]
+__all__ = ["Cost", "Message", "Poison", "Retry", "run", "PROTOCOL_VERSION"]
 
 PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What an attempt cost: model tokens and US dollars."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.usd + other.usd,
+        )
+
+    def _wire(self) -> Dict[str, Any]:
+        return {"input_tokens": int(self.input_tokens), "output_tokens": int(self.output_tokens), "usd": float(self.usd)}
+
+
+class _Agent:
+    """The model, tool and cost recorded so far by one attempt."""
+
+    __slots__ = ("model", "tool", "cost")
+
+    def __init__(self) -> None:
+        self.model: Optional[str] = None
+        self.tool: Optional[str] = None
+        self.cost: Optional[Cost] = None
+
+    def record(self, model: Optional[str], tool: Optional[str], cost: Optional[Cost]) -> None:
+        if model is not None:
+            self.model = model
+        if tool is not None:
+            self.tool = tool
+        if cost is not None:
+            self.cost = cost if self.cost is None else self.cost + cost
 
 
 @dataclass(frozen=True)
@@ -54,6 +104,19 @@ class Message:
     key: Optional[str] = None
     headers: Dict[str, str] = field(default_factory=dict)
     replays: int = 0
+    _agent: _Agent = field(default_factory=_Agent, repr=False, compare=False)
+
+    def record(
+        self,
+        *,
+        model: Optional[str] = None,
+        tool: Optional[str] = None,
+        cost: Optional[Cost] = None,
+    ) -> None:
+        """Notes what this attempt used: if it fails, redrive keeps it with the failure
+        (shown per attempt in triage and summed per error group). Costs add up; the last
+        model and tool named win."""
+        self._agent.record(model, tool, cost)
 
     @property
     def text(self) -> str:
@@ -66,11 +129,21 @@ class Message:
 
 
 class Poison(Exception):
-    """The message can never succeed: it goes straight to the dead-letter queue."""
+    """The message can never succeed: it goes straight to the dead-letter queue.
+    `model`, `tool` and `cost` as for `Message.record`."""
 
-    def __init__(self, message: str = "", *, error_class: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        error_class: Optional[str] = None,
+        model: Optional[str] = None,
+        tool: Optional[str] = None,
+        cost: Optional[Cost] = None,
+    ) -> None:
         super().__init__(message)
         self.error_class = error_class
+        self.model, self.tool, self.cost = model, tool, cost
 
 
 class Retry(Exception):
@@ -83,10 +156,14 @@ class Retry(Exception):
         *,
         after: Optional[float] = None,
         error_class: Optional[str] = None,
+        model: Optional[str] = None,
+        tool: Optional[str] = None,
+        cost: Optional[Cost] = None,
     ) -> None:
         super().__init__(message)
         self.after = after
         self.error_class = error_class
+        self.model, self.tool, self.cost = model, tool, cost
 
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
@@ -108,7 +185,7 @@ def _message(line: Dict[str, Any]) -> Message:
     )
 
 
-def _result(message_id: str, error: Optional[BaseException]) -> Dict[str, Any]:
+def _result(message_id: str, error: Optional[BaseException], agent: Optional[_Agent] = None) -> Dict[str, Any]:
     if error is None:
         return {"type": "result", "id": message_id, "outcome": "ok"}
     if isinstance(error, Poison):
@@ -126,6 +203,14 @@ def _result(message_id: str, error: Optional[BaseException]) -> Dict[str, Any]:
     }
     if after is not None:
         result["retry_after"] = float(after)
+    agent = agent or _Agent()
+    agent.record(getattr(error, "model", None), getattr(error, "tool", None), getattr(error, "cost", None))
+    if agent.model is not None:
+        result["model"] = str(agent.model)
+    if agent.tool is not None:
+        result["tool"] = str(agent.tool)
+    if agent.cost is not None:
+        result["cost"] = agent.cost._wire()
     return result
 
 
@@ -188,11 +273,12 @@ def _deliveries(source: IO[str]):
 def _serve_threads(handler: Handler, concurrency: int, source: IO[str], protocol: _Protocol) -> None:
     def one(line: Dict[str, Any]) -> None:
         error: Optional[BaseException] = None
+        msg = _message(line)
         try:
-            handler(_message(line))
+            handler(msg)
         except Exception as e:  # noqa: BLE001 - every failure is reported to redrive
             error = e
-        protocol.send(_result(line["id"], error))
+        protocol.send(_result(line["id"], error, msg._agent))
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for line in _deliveries(source):
@@ -205,11 +291,12 @@ async def _serve_async(handler: Handler, concurrency: int, source: IO[str], prot
 
     async def one(line: Dict[str, Any]) -> None:
         error: Optional[BaseException] = None
+        msg = _message(line)
         try:
-            await handler(_message(line))  # type: ignore[misc]
+            await handler(msg)  # type: ignore[misc]
         except Exception as e:  # noqa: BLE001 - every failure is reported to redrive
             error = e
-        protocol.send(_result(line["id"], error))
+        protocol.send(_result(line["id"], error, msg._agent))
 
     lines = _deliveries(source)
     while True:

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use redrive_core::{
-    DeadFilter, DeadLetterStore, Envelope, HandlerError, LaneSet, LaneStats, QueueName,
+    Cost, DeadFilter, DeadLetterStore, Envelope, HandlerError, LaneSet, LaneStats, QueueName,
     RetryPolicy, Transport,
 };
 use redrive_runner::{Runner, RunnerConfig, json_handler};
@@ -70,11 +70,36 @@ fn tasks(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The model each simulated agent calls, with its price in US dollars per million
+/// input and output tokens.
+fn model_of(agent: &str) -> (&'static str, f64, f64) {
+    match agent {
+        "research-bot" => ("claude-sonnet-4", 3.0, 15.0),
+        "code-review" => ("gpt-4.1", 2.0, 8.0),
+        _ => ("gpt-4o-mini", 0.15, 0.6),
+    }
+}
+
+/// Attaches what the simulated attempt used, as a real agent would from its model
+/// client's usage report: the model, the tool it was running, and the tokens and
+/// dollars the attempt cost.
+fn with_usage(task: &Task, err: HandlerError) -> HandlerError {
+    let (model, input_price, output_price) = model_of(&task.agent);
+    let input = 800 + task.task_id % 7 * 300;
+    let output = 120 + task.task_id % 5 * 60;
+    #[allow(clippy::cast_precision_loss)] // small counts
+    let usd = (input as f64 * input_price + output as f64 * output_price) / 1e6;
+    err.with_model(model)
+        .with_tool(&task.action)
+        .with_cost(Cost::new(input, output, usd))
+}
+
 /// The simulated agent: does a little "work", then fails the way real agents fail.
 async fn agent(task: Task, msg: Envelope) -> Result<(), HandlerError> {
     tokio::time::sleep(Duration::from_millis(20 + task.task_id % 80)).await;
     let attempt = msg.attempt;
-    match task.simulate.as_deref() {
+    let usage = |err| with_usage(&task, err);
+    let result = match task.simulate.as_deref() {
         Some("rate_limit") if attempt < task.fail_times => Err(HandlerError::retry(
             "RateLimited",
             format!(
@@ -114,7 +139,8 @@ async fn agent(task: Task, msg: Envelope) -> Result<(), HandlerError> {
             task.task_id
         ),
         _ => Ok(()),
-    }
+    };
+    result.map_err(usage)
 }
 
 pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
@@ -261,11 +287,26 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode> {
                 g.fingerprint.clone(),
                 g.count.to_string(),
                 g.error_class.clone(),
-                one_line(&g.sample_error, 72),
+                g.attempts.to_string(),
+                g.spent.to_string(),
+                one_line(&g.sample_error, 60),
             ]
         })
         .collect();
-    table(&["FINGERPRINT", "COUNT", "CLASS", "SAMPLE ERROR"], &rows);
+    table(
+        &[
+            "FINGERPRINT",
+            "COUNT",
+            "CLASS",
+            "ATTEMPTS",
+            "SPENT ON FAILURES",
+            "SAMPLE ERROR",
+        ],
+        &rows,
+    );
+    let mut spent = Cost::default();
+    groups.iter().for_each(|g| spent.add(g.spent));
+    outln!("\nthe dead messages' failed attempts cost {spent}, as the agent reported them.");
 
     let sample = store.list(&DeadFilter::default(), None, 1).await?;
     let id = sample

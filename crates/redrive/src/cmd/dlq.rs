@@ -89,6 +89,8 @@ pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
                         g.fingerprint.clone(),
                         g.count.to_string(),
                         g.error_class.clone(),
+                        g.attempts.to_string(),
+                        g.spent.to_string(),
                         ago(g.last_seen_ms),
                         g.queues.join(","),
                         one_line(&g.sample_error, 70),
@@ -100,6 +102,8 @@ pub async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode> {
                     "FINGERPRINT",
                     "COUNT",
                     "CLASS",
+                    "ATTEMPTS",
+                    "SPENT ON FAILURES",
                     "LAST SEEN",
                     "QUEUES",
                     "SAMPLE ERROR",
@@ -179,6 +183,9 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
     outln!("queue        {}", env.queue);
     outln!("attempts     {}", env.attempt);
     outln!("replays      {}", env.replays);
+    if !env.spent.is_zero() {
+        outln!("spent        {} on failed attempts", env.spent);
+    }
     if let Some(key) = &env.key {
         outln!("key          {key}");
     }
@@ -218,6 +225,20 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
             f.kind.as_str(),
             if f.counted { "" } else { " (not counted)" }
         );
+        let agent = &f.agent;
+        if !agent.is_empty() {
+            let mut parts = Vec::new();
+            if let Some(m) = &agent.model {
+                parts.push(format!("model {m}"));
+            }
+            if let Some(t) = &agent.tool {
+                parts.push(format!("tool {t}"));
+            }
+            if !agent.cost.is_zero() {
+                parts.push(agent.cost.to_string());
+            }
+            outln!("      ({})", parts.join(", "));
+        }
         for line in f.message.lines().take(20) {
             outln!("      {line}");
         }
