@@ -19,6 +19,13 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// Nothing spent.
+    pub const ZERO: Self = Self {
+        input_tokens: 0,
+        output_tokens: 0,
+        usd_micros: 0,
+    };
+
     /// A cost from tokens and an amount in US dollars (rounded to a millionth; a
     /// negative or non-finite amount counts as zero).
     #[must_use]
@@ -40,7 +47,7 @@ impl Cost {
     /// Whether nothing was spent.
     #[must_use]
     pub fn is_zero(&self) -> bool {
-        *self == Self::default()
+        *self == Self::ZERO
     }
 
     /// Adds `other` (saturating).

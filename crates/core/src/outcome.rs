@@ -139,11 +139,7 @@ impl HandlerError {
         static NONE: AgentContext = AgentContext {
             model: None,
             tool: None,
-            cost: Cost {
-                input_tokens: 0,
-                output_tokens: 0,
-                usd_micros: 0,
-            },
+            cost: Cost::ZERO,
         };
         self.agent.as_deref().unwrap_or(&NONE)
     }
@@ -218,8 +214,7 @@ impl Outcome {
             Err(e) => {
                 let retry_after = e.requested_delay();
                 let suspect = e.verdict == Verdict::Suspect;
-                let kind = e.kind();
-                let mut failure = Failure::new(kind, e.class, e.message, at_ms);
+                let mut failure = Failure::new(e.kind(), e.class, e.message, at_ms);
                 if let Some(agent) = e.agent {
                     failure.agent = *agent;
                 }

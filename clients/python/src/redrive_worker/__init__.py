@@ -128,9 +128,9 @@ class Message:
         return json.loads(self.payload)
 
 
-class Poison(Exception):
-    """The message can never succeed: it goes straight to the dead-letter queue.
-    `model`, `tool` and `cost` as for `Message.record`."""
+class _Failure(Exception):
+    """What `Poison` and `Retry` share: an error class, and the model, tool and cost
+    as for `Message.record`."""
 
     def __init__(
         self,
@@ -146,7 +146,12 @@ class Poison(Exception):
         self.model, self.tool, self.cost = model, tool, cost
 
 
-class Retry(Exception):
+class Poison(_Failure):
+    """The message can never succeed: it goes straight to the dead-letter queue.
+    `model`, `tool` and `cost` as for `Message.record`."""
+
+
+class Retry(_Failure):
     """A transient failure: the message goes to its next retry tier, and waits at
     least `after` seconds when given (a rate limiter's reset, an HTTP Retry-After)."""
 
@@ -160,10 +165,8 @@ class Retry(Exception):
         tool: Optional[str] = None,
         cost: Optional[Cost] = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, error_class=error_class, model=model, tool=tool, cost=cost)
         self.after = after
-        self.error_class = error_class
-        self.model, self.tool, self.cost = model, tool, cost
 
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
