@@ -25,6 +25,19 @@ use redrive_core::{DeadLetterStore, LaneStats, QueueName, Transport};
 /// earlier than its due time and no later than this after it.
 pub const LATENESS_BOUND_MS: i64 = 100;
 
+/// A name no other scenario, test process or earlier run uses: the process id, the
+/// clock and a counter (the clock alone can repeat between two threads started together,
+/// and two scenarios sharing a broker namespace would create and delete each other's
+/// streams). Lowercase hex, so it fits stream, bucket, key and queue names.
+pub fn unique_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() % (1 << 48));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:x}{nanos:x}{n:x}", std::process::id())
+}
+
 /// How to run the `redrive` binary against this backend, for scenarios that need a
 /// real process to kill.
 #[derive(Debug, Clone)]

@@ -26,11 +26,7 @@ impl Harness for NatsHarness {
     async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let namespace = format!("t{:x}{:x}", std::process::id(), nanos);
+        let namespace = format!("t{}", redrive_conformance::unique_name());
         let url = format!("{}?namespace={namespace}&ids={}", nats_url(), self.ids);
         let url_for_cli = url.clone();
         let transport = NatsConfig::new(&url)

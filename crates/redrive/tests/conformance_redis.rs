@@ -22,7 +22,7 @@ impl Harness for RedisHarness {
     async fn open(&self) -> Fixture<Self::T, Self::S> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.db");
-        let namespace = format!("test-{}", uuid_like());
+        let namespace = format!("test-{}", redrive_conformance::unique_name());
         let url = format!("{}?namespace={namespace}", redis_url());
         let url_for_cli = url.clone();
         let transport = RedisConfig::new(url.as_str())
@@ -132,17 +132,6 @@ impl Drop for Cleanup {
             let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut conn);
         }
     }
-}
-
-fn uuid_like() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
 }
 
 redrive_conformance::conformance!(RedisHarness);

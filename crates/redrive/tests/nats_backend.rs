@@ -32,11 +32,7 @@ struct Fixture {
 impl Fixture {
     async fn new(options: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let namespace = format!("nb{:x}{:x}", std::process::id(), nanos);
+        let namespace = format!("nb{}", redrive_conformance::unique_name());
         let url = format!("{}?namespace={namespace}{options}", nats_url());
         let transport: NatsTransport = NatsConfig::new(&url)
             .unwrap()

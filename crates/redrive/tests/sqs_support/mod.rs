@@ -18,11 +18,7 @@ pub struct Scope {
 impl Scope {
     #[allow(clippy::new_without_default)] // A fresh, unique scope each call: not a default.
     pub fn new() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let prefix = format!("t{:x}{:x}-", std::process::id(), nanos % 0xffff_ffff_ffff);
+        let prefix = format!("t{}-", redrive_conformance::unique_name());
         let url = format!("sqs://us-east-1?prefix={prefix}&endpoint={}", endpoint());
         Self { prefix, url }
     }
