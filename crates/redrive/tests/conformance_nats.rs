@@ -29,13 +29,19 @@ impl Harness for NatsHarness {
         let namespace = format!("t{}", redrive_conformance::unique_name());
         let url = format!("{}?namespace={namespace}&ids={}", nats_url(), self.ids);
         let url_for_cli = url.clone();
-        let transport = NatsConfig::new(&url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!("{e} (start nats-server -js, or set REDRIVE_TEST_NATS_URL)")
-            });
+        let config = NatsConfig::new(&url).unwrap();
+        // One more try after a server-side refusal: nats-server 2.9 has once answered a
+        // bucket creation with a 500 under the suite's parallel load.
+        let transport = match config.connect().await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("connecting failed once ({e}); trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                config.connect().await.unwrap_or_else(|e| {
+                    panic!("{e} (start nats-server -js, or set REDRIVE_TEST_NATS_URL)")
+                })
+            }
+        };
         let store = SqliteConfig::new(&path).open().unwrap();
         let backend = NatsBackend::new(transport, store);
         Fixture {
