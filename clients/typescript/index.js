@@ -103,8 +103,18 @@ export async function run(handler, options = {}) {
     throw new RangeError('concurrency must be an integer of at least 1');
   }
   const output = options.output ?? protocolOutput();
-  const send = (line) => output.write(`${JSON.stringify(line)}\n`);
-  send({ redrive_worker: PROTOCOL_VERSION, concurrency });
+  output.write(`${JSON.stringify({ redrive_worker: PROTOCOL_VERSION, concurrency })}\n`);
+  // Results finished in one turn of the event loop leave in one write, at its end.
+  let waiting = [];
+  const flush = () => {
+    if (waiting.length === 0) return;
+    output.write(`${waiting.join('\n')}\n`);
+    waiting = [];
+  };
+  const send = (line) => {
+    waiting.push(JSON.stringify(line));
+    if (waiting.length === 1) setImmediate(flush);
+  };
   const running = new Set();
   const lines = createInterface({ input: options.input ?? process.stdin, crlfDelay: Infinity });
   for await (const raw of lines) {
@@ -131,4 +141,5 @@ export async function run(handler, options = {}) {
     task.finally(() => running.delete(task));
   }
   await Promise.all(running);
+  flush();
 }

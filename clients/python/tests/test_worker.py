@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -19,7 +21,7 @@ import redrive_worker as rw  # noqa: E402
 def delivery(id_, payload, attempt=0, **extra):
     line = {"type": "delivery", "id": id_, "queue": "q", "attempt": attempt, "payload": payload}
     line.update(extra)
-    return json.dumps(line) + "\n"
+    return json.dumps(line, ensure_ascii=False) + "\n"  # as redrive writes it: UTF-8
 
 
 def serve(handler, lines, concurrency=1):
@@ -117,6 +119,47 @@ class ResultsTest(unittest.TestCase):
         out = [json.loads(l) for l in done.stdout.splitlines()]
         self.assertEqual(out, [{"redrive_worker": 1, "concurrency": 1}, {"type": "result", "id": "a", "outcome": "ok"}])
         self.assertIn("a log line from the handler", done.stderr)
+
+
+class PipeTest(unittest.TestCase):
+    """Reading a real pipe: a read can end inside a line or inside a character."""
+
+    def test_lines_split_across_reads_arrive_whole(self):
+        r, w = os.pipe()
+        line = delivery("a", "é" * 3).encode("utf-8")
+        cut = line.index("é".encode("utf-8")) + 1  # inside the first é
+        def write():
+            for piece in (line[:cut], line[cut:] + delivery("b", "x" * 200_000).encode()):
+                os.write(w, piece)
+                time.sleep(0.05)
+            os.close(w)
+        writer = threading.Thread(target=write)
+        writer.start()
+        with os.fdopen(r, "r") as source:
+            got = [line for batch in rw._deliveries(source) for line in batch]
+        writer.join()
+        self.assertEqual([(l["id"], len(l["payload"])) for l in got], [("a", 3), ("b", 200_000)])
+        self.assertEqual(got[0]["payload"], "ééé")
+
+    def test_many_deliveries_through_a_worker_process(self):
+        for kind in ("def", "async def"):
+            with self.subTest(kind=kind):
+                script = textwrap.dedent(f"""
+                    import sys
+                    sys.path.insert(0, {os.path.join(os.path.dirname(__file__), "..", "src")!r})
+                    import redrive_worker as rw
+                    {kind} handle(msg):
+                        if msg.text != "ü" * int(msg.headers["n"]):
+                            raise rw.Poison("payload changed in transit")
+                    rw.run(handle, concurrency=8)
+                """)
+                lines = [delivery(str(i), "ü" * (i * 331), headers={"n": str(i * 331)}) for i in range(300)]
+                done = subprocess.run([sys.executable, "-c", script], input="".join(lines),
+                                      capture_output=True, encoding="utf-8", timeout=60, check=True)
+                out = [json.loads(l) for l in done.stdout.splitlines()]
+                self.assertEqual(out[0], {"redrive_worker": 1, "concurrency": 8})
+                self.assertEqual(sorted(o["id"] for o in out[1:]), sorted(str(i) for i in range(300)))
+                self.assertEqual({o["outcome"] for o in out[1:]}, {"ok"}, done.stderr)
 
 
 if __name__ == "__main__":

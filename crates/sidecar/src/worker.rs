@@ -23,7 +23,7 @@ use redrive_runner::Handler;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, Command};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::Structured;
 
@@ -70,7 +70,8 @@ struct Slot {
 
 /// A running worker process.
 struct Worker {
-    stdin: tokio::sync::Mutex<ChildStdin>,
+    /// Delivery lines, written to the worker's stdin by its writer task.
+    deliveries: mpsc::UnboundedSender<String>,
     pending: Mutex<HashMap<String, oneshot::Sender<HandlerResult>>>,
     permits: Arc<Semaphore>,
     dead: AtomicBool,
@@ -197,8 +198,10 @@ async fn start(
     }
     let capacity = handshake.concurrency.clamp(1, 10_000);
     tracing::info!(worker = index, capacity, pid = child.id(), "worker started");
+    let (deliveries, queued) = mpsc::unbounded_channel();
+    tokio::spawn(write_deliveries(stdin, queued));
     let worker = Arc::new(Worker {
-        stdin: tokio::sync::Mutex::new(stdin),
+        deliveries,
         pending: Mutex::new(HashMap::new()),
         permits: Arc::new(Semaphore::new(capacity)),
         dead: AtomicBool::new(false),
@@ -240,6 +243,28 @@ async fn start(
         }
     });
     Ok(worker)
+}
+
+/// Writes delivery lines to a worker, as many per write as are waiting (one system call,
+/// and one wake-up of the worker, for a burst of deliveries). Ends when the worker is
+/// dropped, which closes its stdin, or when a write fails because it is stopping.
+async fn write_deliveries(mut stdin: ChildStdin, mut queued: mpsc::UnboundedReceiver<String>) {
+    let mut batch = String::new();
+    while let Some(line) = queued.recv().await {
+        batch.clear();
+        batch.push_str(&line);
+        while batch.len() < 1 << 20 {
+            match queued.try_recv() {
+                Ok(line) => batch.push_str(&line),
+                Err(_) => break,
+            }
+        }
+        // A write that fails means the worker is stopping; its reader answers for
+        // everything it held.
+        if stdin.write_all(batch.as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -368,13 +393,9 @@ impl Handler for WorkerHandler {
                 "the worker stopped before it received this message",
             ));
         }
-        {
-            let mut stdin = worker.stdin.lock().await;
-            // A write that fails means the worker is stopping; its reader answers for
-            // everything it held, this delivery included.
-            let _ = stdin.write_all(line.as_bytes()).await;
-            let _ = stdin.flush().await;
-        }
+        // A send that fails means the worker is stopping; its reader answers for
+        // everything it held, this delivery included.
+        let _ = worker.deliveries.send(line);
         let result = rx.await.unwrap_or_else(|_| {
             Err(HandlerError::crashed_beside_others(
                 "worker_crashed",

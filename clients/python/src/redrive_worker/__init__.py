@@ -17,7 +17,7 @@ and run it with `redrive consume agent.tasks --worker 'python3 agent.py'`.
 `run` speaks redrive's worker protocol (docs/worker-protocol.md) on stdin and stdout.
 While it runs, `print()` and anything else written to standard output goes to standard
 error (redrive's log), so only the protocol reaches redrive. A handler may be a plain
-function (run in a thread pool of `concurrency` threads) or an `async def` (run on one
+function (run on `concurrency` threads) or an `async def` (run on one
 event loop, `concurrency` at a time). Returning means done; raising `Poison` sends the
 message straight to the dead-letter queue; raising `Retry` (optionally with `after`
 seconds) or any other exception sends it to its next retry tier.
@@ -42,11 +42,13 @@ import base64
 import inspect
 import json
 import os
+import queue
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from dataclasses import dataclass, field
-from typing import IO, Any, Awaitable, Callable, Dict, Optional, Union
+from typing import IO, Any, Awaitable, Callable, Dict, Iterator, List, Optional, Set, Union
 
 __all__ = ["Cost", "Message", "Poison", "Retry", "run", "PROTOCOL_VERSION"]
 
@@ -188,9 +190,15 @@ def _message(line: Dict[str, Any]) -> Message:
     )
 
 
-def _result(message_id: str, error: Optional[BaseException], agent: Optional[_Agent] = None) -> Dict[str, Any]:
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _result(
+    message_id: str, error: Optional[BaseException], agent: Optional[_Agent] = None
+) -> Union[str, Dict[str, Any]]:
     if error is None:
-        return {"type": "result", "id": message_id, "outcome": "ok"}
+        # The common answer, written without building a dict to encode.
+        return '{"type":"result","id":%s,"outcome":"ok"}\n' % encode_basestring_ascii(message_id)
     if isinstance(error, Poison):
         outcome, after = "poison", None
     elif isinstance(error, Retry):
@@ -218,7 +226,12 @@ def _result(message_id: str, error: Optional[BaseException], agent: Optional[_Ag
 
 
 class _Protocol:
-    """Owns the real standard output; everything else written there goes to stderr."""
+    """Owns the real standard output; everything else written there goes to stderr.
+
+    Results leave in batches: what finishes while one write is going out leaves in the
+    next, so a busy worker makes one system call for many results and an idle one
+    answers at once.
+    """
 
     def __init__(self, out: Optional[IO[str]] = None) -> None:
         if out is None:
@@ -228,12 +241,31 @@ class _Protocol:
             sys.stdout = sys.stderr
         self._out = out
         self._lock = threading.Lock()
+        self._waiting: List[str] = []
+        self._writing = False
 
-    def send(self, line: Dict[str, Any]) -> None:
-        text = json.dumps(line, separators=(",", ":")) + "\n"
+    def send(self, *lines: Union[str, Dict[str, Any]]) -> None:
+        """Sends result lines: dicts, or text already encoded (a success)."""
+        text = "".join(line if isinstance(line, str) else _encode(line) + "\n" for line in lines)
         with self._lock:
-            self._out.write(text)
-            self._out.flush()
+            self._waiting.append(text)
+            if self._writing:
+                return  # The thread writing now takes this line with its next batch.
+            self._writing = True
+        try:
+            while True:
+                with self._lock:
+                    batch, self._waiting = self._waiting, []
+                    if not batch:
+                        # Under the lock that senders check: none is left waiting.
+                        self._writing = False
+                        return
+                self._out.write("".join(batch))
+                self._out.flush()
+        except BaseException:
+            with self._lock:
+                self._writing = False
+            raise
 
 
 def run(
@@ -259,38 +291,99 @@ def run(
         _serve_threads(handler, concurrency, source, protocol)
 
 
-def _deliveries(source: IO[str]):
-    for raw in source:
-        raw = raw.strip()
-        if not raw:
+def _deliveries(source: IO[str]) -> Iterator[List[Dict[str, Any]]]:
+    """The deliveries read from `source`, a batch per read: as many as have arrived."""
+    fd = _fileno(source)
+    if fd is None:
+        chunks: Iterator[bytes] = iter([source.read().encode("utf-8")])
+    else:
+        chunks = iter(lambda: os.read(fd, 1 << 16), b"")
+    rest = bytearray()
+    for chunk in chunks:
+        # Cut at the last newline only: a read can end inside a line, or inside a
+        # character's UTF-8 bytes.
+        cut = chunk.rfind(b"\n") + 1
+        rest += chunk[:cut] if cut else chunk
+        if not cut:
             continue
-        try:
-            line = json.loads(raw)
-        except ValueError as e:
-            print(f"redrive_worker: ignoring a line that is not JSON: {e}", file=sys.stderr)
-            continue
-        if line.get("type", "delivery") == "delivery":
-            yield line
+        complete = rest.decode("utf-8", "replace").split("\n")
+        rest = bytearray(chunk[cut:])
+        batch = [line for line in map(_parse, complete) if line is not None]
+        if batch:
+            yield batch
+    last = _parse(rest.decode("utf-8", "replace"))
+    if last is not None:
+        yield [last]
+
+
+def _fileno(source: IO[str]) -> Optional[int]:
+    try:
+        return source.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None  # An in-memory stream (tests).
+
+
+def _parse(raw: str) -> Optional[Dict[str, Any]]:
+    if not raw or raw.isspace():
+        return None
+    try:
+        line = json.loads(raw)
+    except ValueError as e:
+        print(f"redrive_worker: ignoring a line that is not JSON: {e}", file=sys.stderr)
+        return None
+    if not isinstance(line, dict) or line.get("type", "delivery") != "delivery":
+        return None
+    return line
+
+
+def _answer(line: Dict[str, Any], handler: Handler, protocol: _Protocol) -> None:
+    error: Optional[BaseException] = None
+    msg = _message(line)
+    try:
+        handler(msg)
+    except Exception as e:  # noqa: BLE001 - every failure is reported to redrive
+        error = e
+    protocol.send(_result(line["id"], error, msg._agent))
 
 
 def _serve_threads(handler: Handler, concurrency: int, source: IO[str], protocol: _Protocol) -> None:
-    def one(line: Dict[str, Any]) -> None:
-        error: Optional[BaseException] = None
-        msg = _message(line)
-        try:
-            handler(msg)
-        except Exception as e:  # noqa: BLE001 - every failure is reported to redrive
-            error = e
-        protocol.send(_result(line["id"], error, msg._agent))
+    if concurrency == 1:
+        # redrive sends one delivery at a time: answer it on this thread.
+        for batch in _deliveries(source):
+            for line in batch:
+                _answer(line, handler, protocol)
+        return
+    work: "queue.SimpleQueue[Optional[Dict[str, Any]]]" = queue.SimpleQueue()
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for line in _deliveries(source):
-            pool.submit(one, line)
+    def serve() -> None:
+        while (line := work.get()) is not None:
+            try:
+                _answer(line, handler, protocol)
+            except Exception:  # noqa: BLE001 - a bad line must not stop this thread
+                traceback.print_exc()
+
+    threads = [threading.Thread(target=serve, name=f"redrive-worker-{i}", daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for batch in _deliveries(source):
+        for line in batch:
+            work.put(line)
+    for _ in threads:
+        work.put(None)
+    for t in threads:
+        t.join()
 
 
 async def _serve_async(handler: Handler, concurrency: int, source: IO[str], protocol: _Protocol) -> None:
     loop = asyncio.get_running_loop()
-    tasks = set()
+    tasks: Set["asyncio.Task[None]"] = set()
+    # Results finished in one turn of the loop leave in one write, at the end of it.
+    results: List[Dict[str, Any]] = []
+
+    def flush() -> None:
+        if results:
+            protocol.send(*results)
+            results.clear()
 
     async def one(line: Dict[str, Any]) -> None:
         error: Optional[BaseException] = None
@@ -299,16 +392,21 @@ async def _serve_async(handler: Handler, concurrency: int, source: IO[str], prot
             await handler(msg)  # type: ignore[misc]
         except Exception as e:  # noqa: BLE001 - every failure is reported to redrive
             error = e
-        protocol.send(_result(line["id"], error, msg._agent))
+        results.append(_result(line["id"], error, msg._agent))
+        if len(results) == 1:
+            loop.call_soon(flush)
 
-    lines = _deliveries(source)
+    batches = _deliveries(source)
     while True:
-        # Reading blocks, so it runs off the loop; handlers keep running meanwhile.
-        line = await loop.run_in_executor(None, next, lines, None)
-        if line is None:
+        # Reading blocks, so it runs off the loop (a hop per read, not per line);
+        # handlers keep running meanwhile.
+        batch = await loop.run_in_executor(None, next, batches, None)
+        if batch is None:
             break
-        task = asyncio.create_task(one(line))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        for line in batch:
+            task = asyncio.create_task(one(line))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
+    flush()
