@@ -17,6 +17,9 @@ pub use worker::{PROTOCOL_VERSION, WorkerHandler};
 /// tool, cost) of a failed attempt.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct Structured {
+    /// The delivery a worker's result answers (worker results only).
+    #[serde(default)]
+    id: Option<String>,
     outcome: String,
     #[serde(default)]
     class: Option<String>,

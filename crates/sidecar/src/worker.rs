@@ -20,7 +20,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use redrive_core::{Envelope, HandlerError, HandlerResult};
 use redrive_runner::Handler;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -88,14 +88,6 @@ struct Handshake {
 
 fn one() -> usize {
     1
-}
-
-/// A result line.
-#[derive(Deserialize)]
-struct Reply {
-    id: String,
-    #[serde(flatten)]
-    result: Structured,
 }
 
 impl WorkerHandler {
@@ -276,7 +268,9 @@ fn answer(worker: &Worker, line: &str, index: usize, crashes: &AtomicU32) {
     if line.trim().is_empty() {
         return;
     }
-    let reply: Reply = match serde_json::from_str(line) {
+    // A result line: the structured result every handler kind shares, with the id of
+    // the delivery it answers.
+    let mut reply: Structured = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(worker = index, error = %e, line = %line.chars().take(200).collect::<String>(),
@@ -284,12 +278,16 @@ fn answer(worker: &Worker, line: &str, index: usize, crashes: &AtomicU32) {
             return;
         }
     };
-    let Some(waiting) = lock(&worker.pending).remove(&reply.id) else {
-        tracing::warn!(worker = index, id = %reply.id, "the worker answered a delivery it does not hold");
+    let Some(id) = reply.id.take() else {
+        tracing::warn!(worker = index, line = %line.chars().take(200).collect::<String>(), "the worker wrote a result without an id");
+        return;
+    };
+    let Some(waiting) = lock(&worker.pending).remove(&id) else {
+        tracing::warn!(worker = index, %id, "the worker answered a delivery it does not hold");
         return;
     };
     crashes.store(0, Ordering::Relaxed);
-    let _ = waiting.send(reply.result.into_result());
+    let _ = waiting.send(reply.into_result());
 }
 
 async fn log_stderr(
@@ -320,33 +318,61 @@ fn stderr_suffix(tail: &Mutex<VecDeque<String>>) -> String {
     }
 }
 
-/// One delivery's line.
-fn delivery_line(msg: &Envelope) -> String {
-    let headers: serde_json::Map<String, serde_json::Value> = msg
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
-    let mut line = serde_json::json!({
-        "type": "delivery",
-        "id": msg.id.to_string(),
-        "queue": msg.queue.as_str(),
-        "attempt": msg.attempt,
-        "replays": msg.replays,
-        "key": msg.key,
-        "headers": headers,
-    });
-    match std::str::from_utf8(&msg.payload) {
-        Ok(text) => line["payload"] = serde_json::Value::String(text.to_owned()),
-        Err(_) => {
-            line["payload_base64"] = serde_json::Value::String(
-                base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-            );
+/// One delivery's line, serialized straight from the envelope's fields.
+#[derive(Serialize)]
+struct DeliveryLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: String,
+    queue: &'a str,
+    attempt: u32,
+    replays: u32,
+    key: Option<&'a str>,
+    headers: Headers<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+}
+
+/// Headers as one JSON object (a repeated name: the last value).
+struct Headers<'a>(&'a [(String, String)]);
+
+impl Serialize for Headers<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut last: Vec<&(String, String)> = Vec::with_capacity(self.0.len());
+        for pair in self.0 {
+            match last.iter_mut().find(|(name, _)| *name == pair.0) {
+                Some(seen) => *seen = pair,
+                None => last.push(pair),
+            }
         }
+        s.collect_map(last.into_iter().map(|(k, v)| (k, v)))
     }
-    let mut text = line.to_string();
-    text.push('\n');
-    text
+}
+
+fn delivery_line(msg: &Envelope) -> String {
+    let text = std::str::from_utf8(&msg.payload).ok();
+    let line = DeliveryLine {
+        kind: "delivery",
+        id: msg.id.to_string(),
+        queue: msg.queue.as_str(),
+        attempt: msg.attempt,
+        replays: msg.replays,
+        key: msg.key.as_deref(),
+        headers: Headers(&msg.headers),
+        payload: text,
+        payload_base64: text
+            .is_none()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&msg.payload)),
+    };
+    let mut out = serde_json::to_string(&line).unwrap_or_else(|e| {
+        // Strings and numbers always serialize; kept total rather than panicking.
+        tracing::error!(error = %e, "could not write a delivery line");
+        String::new()
+    });
+    out.push('\n');
+    out
 }
 
 /// Removes an unanswered delivery when its handler is dropped (the runner's timeout),
@@ -405,5 +431,40 @@ impl Handler for WorkerHandler {
         // Answered: nothing for the guard to undo.
         drop(in_flight);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redrive_core::{Envelope, QueueName};
+    use serde_json::json;
+
+    use super::delivery_line;
+
+    #[test]
+    fn a_delivery_line_carries_every_field_on_one_line() {
+        let q = QueueName::new("agent.tasks").unwrap();
+        let mut msg = Envelope::new(q.clone(), "héllo \"x\"\n")
+            .with_key("k-1")
+            .with_header("x-tenant", "a")
+            .with_header("x-tenant", "b");
+        msg.attempt = 2;
+        let line = delivery_line(&msg);
+        assert!(
+            line.ends_with('\n') && line.matches('\n').count() == 1,
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "delivery", "id": msg.id.to_string(), "queue": "agent.tasks",
+                   "attempt": 2, "replays": 0, "key": "k-1", "headers": {"x-tenant": "b"},
+                   "payload": "héllo \"x\"\n"})
+        );
+
+        let binary = Envelope::new(q, vec![0xff, 0x00, 0xfe]);
+        let v: serde_json::Value = serde_json::from_str(&delivery_line(&binary)).unwrap();
+        assert_eq!(v["payload_base64"], "/wD+");
+        assert!(v.get("payload").is_none() && v["key"].is_null(), "{v}");
     }
 }
