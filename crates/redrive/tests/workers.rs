@@ -2,7 +2,8 @@
 //! session of a good message, a poison one, a transient one that asks to wait 1.5 s, one
 //! that always fails, and one that kills its worker process, consumed by one worker
 //! taking two at a time. The failing ones report the model, tool and cost of each
-//! attempt, which triage sums per group. Needs `python3` (3.9 or newer) and `node` (18 or newer).
+//! attempt, which triage sums per group. When consume stops, its worker reads end of
+//! input and exits. Needs `python3` (3.9 or newer) and `node` (18 or newer).
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
@@ -39,6 +40,8 @@ def handle(msg):
     time.sleep(0.05)
 
 rw.run(handle, concurrency=2)
+time.sleep(0.3)  # a worker finishing its work: consume waits for it
+log.write("worker exited on end of input\n")
 "#;
 
 const AGENT_JS: &str = r#"
@@ -69,6 +72,8 @@ await run(async (msg) => {
   await sleep(50);
   if (msg.text === 'always') throw new Error('always fails');
 }, { concurrency: 2 });
+await sleep(300); // a worker finishing its work: consume waits for it
+appendFileSync(process.env.LOG, 'worker exited on end of input\n');
 "#;
 
 fn redrive(store: &str, args: &[&str], stdin: &str) -> String {
@@ -148,6 +153,14 @@ fn session(dir: &tempfile::TempDir, command: &str, error_class: &str) {
         ],
         "",
     );
+    // By the time consume returned, its live worker had read end of input and exited
+    // on its own (the one that crashed did not get there).
+    let exits = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| *l == "worker exited on end of input")
+        .count();
+    assert_eq!(exits, 1, "{}", std::fs::read_to_string(&log).unwrap());
 
     // Where everything ended.
     let queues = redrive(&store, &["queues", "--json"], "");

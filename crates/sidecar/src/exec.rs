@@ -20,6 +20,7 @@ use redrive_runner::Handler;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use crate::group::{self, GroupGuard};
 use crate::{Structured, Tail};
 
 /// Exit status meaning "the input is invalid": poison.
@@ -61,6 +62,7 @@ impl ExecHandler {
         for (name, value) in &msg.headers {
             cmd.env(header_env_name(name), value);
         }
+        group::own_group(&mut cmd);
         cmd
     }
 }
@@ -125,6 +127,7 @@ impl Handler for ExecHandler {
             .map_err(|e| {
                 HandlerError::retry("spawn", format!("cannot start `{}`: {e}", self.command))
             })?;
+        let group = GroupGuard::new(child.id());
         let mut stdin = child.stdin.take();
         let mut stderr = child.stderr.take();
         let payload = msg.payload;
@@ -151,6 +154,7 @@ impl Handler for ExecHandler {
             tail
         };
         let ((), tail, status) = tokio::join!(feed, drain, child.wait());
+        group.exited();
         let status = status.map_err(|e| {
             HandlerError::retry(
                 "spawn",
@@ -215,6 +219,29 @@ mod tests {
                 failure.message.clone(),
             )),
         }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_handler_stops_everything_its_command_started() {
+        let dir = std::env::temp_dir().join(format!("redrive-exec-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("pid");
+        // `sh -c` runs this as its child; the sleep is a grandchild of redrive.
+        let handler = ExecHandler::new(format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
+        let run = handler.handle(msg("x"));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(500), run)
+                .await
+                .is_err(),
+            "the command should still be running"
+        );
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(group::gone(pid).await, "process {pid} outlived its handler");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

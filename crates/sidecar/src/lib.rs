@@ -4,6 +4,7 @@
 //! outcomes as docs/design.md tabulates ("Outcomes").
 
 mod exec;
+mod group;
 mod webhook;
 mod worker;
 

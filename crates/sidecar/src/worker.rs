@@ -9,7 +9,8 @@
 //! deliveries it held beside others are crash suspects, run alone to find the culprit
 //! ([`HandlerError::crashed_beside_others`]). A delivery whose handler timed out stops
 //! its worker (the only way to stop its work). A stopped worker is started again on the
-//! next delivery, after a backoff that grows with the crashes in a row.
+//! next delivery, after a backoff that grows with the crashes in a row. When the handler
+//! is closed (or dropped) its workers' stdin is closed, which asks them to exit.
 
 use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
@@ -23,9 +24,10 @@ use redrive_runner::Handler;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, Command};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::Structured;
+use crate::group::{self, GroupGuard};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -38,6 +40,9 @@ const STDERR_LINES: usize = 20;
 
 /// The longest wait before starting a worker again after crashes in a row.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long [`WorkerHandler::close`] waits for a worker to exit after its stdin closed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs deliveries on long-lived worker processes.
 #[derive(Clone)]
@@ -54,6 +59,36 @@ impl std::fmt::Debug for WorkerHandler {
     }
 }
 
+impl WorkerHandler {
+    /// Asks every worker to exit (their stdin closes) and waits for them, stopping any
+    /// still running after a grace period. Deliveries in flight keep their worker until
+    /// they are answered; call this once the runner has returned. A delivery handled
+    /// after `close` starts a worker again.
+    pub async fn close(&self) {
+        for slot in &self.pool.slots {
+            let Some(Live {
+                worker,
+                mut exited,
+                kill,
+            }) = slot.live.lock().await.take()
+            else {
+                continue;
+            };
+            drop(worker);
+            let exit = exited.wait_for(|done| *done);
+            if tokio::time::timeout(EXIT_GRACE, exit).await.is_err() {
+                tracing::warn!(
+                    worker = slot.index,
+                    "the worker did not exit within {} s of its stdin closing: stopping it",
+                    EXIT_GRACE.as_secs()
+                );
+                kill.notify_one();
+                let _ = exited.wait_for(|done| *done).await;
+            }
+        }
+    }
+}
+
 struct Pool {
     command: String,
     slots: Vec<Slot>,
@@ -63,19 +98,30 @@ struct Pool {
 /// One place for a worker process, started when first needed and again after it stops.
 struct Slot {
     index: usize,
-    live: tokio::sync::Mutex<Option<Arc<Worker>>>,
+    live: tokio::sync::Mutex<Option<Live>>,
     /// Crashes since the last answer: the restart backoff.
     crashes: Arc<AtomicU32>,
 }
 
-/// A running worker process.
+/// The slot's current worker, and word of its exit.
+struct Live {
+    worker: Arc<Worker>,
+    /// Becomes true once the process has exited and been reaped.
+    exited: watch::Receiver<bool>,
+    /// Stops the process (the reader task owns it).
+    kill: Arc<Notify>,
+}
+
+/// A running worker process. Its stdin stays open while this exists: the last handle
+/// gone (the slot's and every in-flight delivery's), the writer task ends and the
+/// worker reads end of file.
 struct Worker {
     /// Delivery lines, written to the worker's stdin by its writer task.
     deliveries: mpsc::UnboundedSender<String>,
     pending: Mutex<HashMap<String, oneshot::Sender<HandlerResult>>>,
     permits: Arc<Semaphore>,
     dead: AtomicBool,
-    kill: Notify,
+    kill: Arc<Notify>,
 }
 
 /// The worker's first line.
@@ -116,39 +162,44 @@ impl Slot {
     /// none.
     async fn worker(&self, command: &str) -> Result<Arc<Worker>, HandlerError> {
         let mut live = self.live.lock().await;
-        if let Some(w) = live.as_ref().filter(|w| !w.dead.load(Ordering::Acquire)) {
-            return Ok(Arc::clone(w));
+        if let Some(l) = live
+            .as_ref()
+            .filter(|l| !l.worker.dead.load(Ordering::Acquire))
+        {
+            return Ok(Arc::clone(&l.worker));
         }
         let crashes = self.crashes.load(Ordering::Relaxed);
         if crashes > 0 {
             let backoff = Duration::from_millis(100u64 << crashes.min(7)).min(MAX_BACKOFF);
             tokio::time::sleep(backoff).await;
         }
-        let worker = start(command, self.index, Arc::clone(&self.crashes)).await?;
-        *live = Some(Arc::clone(&worker));
+        let started = start(command, self.index, Arc::clone(&self.crashes)).await?;
+        let worker = Arc::clone(&started.worker);
+        *live = Some(started);
         Ok(worker)
     }
 }
 
-async fn start(
-    command: &str,
-    index: usize,
-    crashes: Arc<AtomicU32>,
-) -> Result<Arc<Worker>, HandlerError> {
+async fn start(command: &str, index: usize, crashes: Arc<AtomicU32>) -> Result<Live, HandlerError> {
     let unavailable = |why: String| {
         crashes.fetch_add(1, Ordering::Relaxed);
         HandlerError::retry("worker_unavailable", format!("worker `{command}`: {why}"))
     };
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .env("REDRIVE_WORKER_INDEX", index.to_string())
+        .env("REDRIVE_WORKER_INDEX", index.to_string());
+    group::own_group(&mut cmd);
+    let mut child = cmd
         .spawn()
         .map_err(|e| unavailable(format!("cannot start it: {e}")))?;
+    let pid = child.id();
+    // Until the handshake is in, a failure to start stops everything the command began.
+    let starting = GroupGuard::new(pid);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -190,33 +241,50 @@ async fn start(
     }
     let capacity = handshake.concurrency.clamp(1, 10_000);
     tracing::info!(worker = index, capacity, pid = child.id(), "worker started");
+    starting.exited();
     let (deliveries, queued) = mpsc::unbounded_channel();
     tokio::spawn(write_deliveries(stdin, queued));
+    let kill = Arc::new(Notify::new());
     let worker = Arc::new(Worker {
         deliveries,
         pending: Mutex::new(HashMap::new()),
         permits: Arc::new(Semaphore::new(capacity)),
         dead: AtomicBool::new(false),
-        kill: Notify::new(),
+        kill: Arc::clone(&kill),
     });
+    let (exit_tx, exited) = watch::channel(false);
     let command = command.to_owned();
-    let w = Arc::clone(&worker);
+    // The reader holds the worker weakly, so that dropping the last handle closes its
+    // stdin; with no handle left nothing is in flight.
+    let weak = Arc::downgrade(&worker);
+    let stop = Arc::clone(&kill);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 line = lines.next_line() => match line {
-                    Ok(Some(line)) => answer(&w, &line, index, &crashes),
+                    Ok(Some(line)) => {
+                        if let Some(w) = weak.upgrade() {
+                            answer(&w, &line, index, &crashes);
+                        }
+                    }
                     Ok(None) | Err(_) => break,
                 },
-                () = w.kill.notified() => {
-                    let _ = child.start_kill();
-                }
+                () = stop.notified() => match pid {
+                    // The shell and whatever it started.
+                    Some(pid) => group::kill(pid),
+                    None => { let _ = child.start_kill(); }
+                },
             }
         }
         let status = child
             .wait()
             .await
             .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let _ = exit_tx.send(true);
+        let Some(w) = weak.upgrade() else {
+            tracing::info!(worker = index, %status, "worker exited after its stdin closed");
+            return;
+        };
         w.dead.store(true, Ordering::Release);
         crashes.fetch_add(1, Ordering::Relaxed);
         let held: Vec<_> = lock(&w.pending).drain().collect();
@@ -234,7 +302,11 @@ async fn start(
             }));
         }
     });
-    Ok(worker)
+    Ok(Live {
+        worker,
+        exited,
+        kill,
+    })
 }
 
 /// Writes delivery lines to a worker, as many per write as are waiting (one system call,
@@ -439,7 +511,9 @@ mod tests {
     use redrive_core::{Envelope, QueueName};
     use serde_json::json;
 
-    use super::delivery_line;
+    use super::{WorkerHandler, delivery_line};
+    use crate::group;
+    use redrive_runner::Handler;
 
     #[test]
     fn a_delivery_line_carries_every_field_on_one_line() {
@@ -466,5 +540,39 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&delivery_line(&binary)).unwrap();
         assert_eq!(v["payload_base64"], "/wD+");
         assert!(v.get("payload").is_none() && v["key"].is_null(), "{v}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_delivery_stops_its_worker_and_what_it_started() {
+        let dir = std::env::temp_dir().join(format!("redrive-worker-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("pid");
+        // A worker that takes deliveries and never answers, through a grandchild.
+        let handler = WorkerHandler::new(
+            format!(
+                "sleep 30 & echo $! > {}; echo '{{\"redrive_worker\": 1}}'; wait",
+                pidfile.display()
+            ),
+            1,
+        );
+        let msg = Envelope::new(QueueName::new("agent.tasks").unwrap(), "x");
+        let run = handler.handle(msg);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(500), run)
+                .await
+                .is_err(),
+            "the worker should not have answered"
+        );
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            group::gone(pid).await,
+            "process {pid} outlived its stopped worker"
+        );
+        handler.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

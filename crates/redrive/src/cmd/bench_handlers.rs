@@ -4,7 +4,9 @@
 //! TypeScript helpers, `--webhook` to a local Python HTTP server, and `--exec` starting
 //! `python3` per message. Each side gets a fresh store and the same messages; `--exec`
 //! gets fewer (it is two orders of magnitude slower), its rate is per message all the
-//! same.
+//! same. Each side also reports the CPU time it took per message, in redrive and in the
+//! handler's processes: on a machine with few cores that, not the pipe, is what bounds
+//! the rate of a handler in another process.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -37,6 +39,56 @@ struct Side {
     msgs_per_sec: f64,
     /// This side's rate over the in-process one.
     of_in_process: f64,
+    /// CPU time per message in redrive's process (runner, store, handler plumbing).
+    redrive_cpu_us: f64,
+    /// CPU time per message in the handler's processes (workers, server, `python3`s).
+    handler_cpu_us: f64,
+}
+
+/// One side's measurement.
+struct Measured {
+    side: &'static str,
+    messages: usize,
+    secs: f64,
+    cpu: Cpu,
+}
+
+/// CPU seconds used so far by this process and by its children that have exited and
+/// been waited for, from `/proc/self/stat` (in the kernel's fixed 100 ticks a second).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    own: f64,
+    children: f64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return Self::default();
+        };
+        // The fields after the command name, which is in parentheses and may hold
+        // spaces: state is field 3, so utime (14) is the 11th from here.
+        let fields: Vec<f64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .map(|f| f.parse().unwrap_or(0.0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tick = |i: usize| fields.get(i).copied().unwrap_or(0.0) / 100.0;
+        Self {
+            own: tick(11) + tick(12),
+            children: tick(13) + tick(14),
+        }
+    }
+
+    fn since(self, start: Self) -> Self {
+        Self {
+            own: self.own - start.own,
+            children: self.children - start.children,
+        }
+    }
 }
 
 pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
@@ -95,18 +147,41 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
         }
     };
     say("in process (a Rust closure)");
-    sides.push((
-        "in-process",
-        n,
-        side(d, "a", n, args, handler_fn(|_m: Envelope| async { Ok(()) })).await?,
-    ));
-    say("--worker, the Python helper");
-    let python = WorkerHandler::new(format!("python3 {}", d.join("worker.py").display()), 1);
-    sides.push(("worker-python", n, side(d, "b", n, args, python).await?));
-    say("--worker, the TypeScript helper");
-    let node = WorkerHandler::new(format!("node {}", d.join("worker.mjs").display()), 1);
-    sides.push(("worker-typescript", n, side(d, "c", n, args, node).await?));
+    let cpu = Cpu::now();
+    let secs = side(d, "a", n, args, handler_fn(|_m: Envelope| async { Ok(()) })).await?;
+    sides.push(Measured {
+        side: "in-process",
+        messages: n,
+        secs,
+        cpu: Cpu::now().since(cpu),
+    });
+    for (name, label, command) in [
+        (
+            "worker-python",
+            "--worker, the Python helper",
+            format!("python3 {}", d.join("worker.py").display()),
+        ),
+        (
+            "worker-typescript",
+            "--worker, the TypeScript helper",
+            format!("node {}", d.join("worker.mjs").display()),
+        ),
+    ] {
+        say(label);
+        let cpu = Cpu::now();
+        let workers = WorkerHandler::new(command, 1);
+        let secs = side(d, name, n, args, workers.clone()).await?;
+        // Waited for, so that the worker's CPU time is counted.
+        workers.close().await;
+        sides.push(Measured {
+            side: name,
+            messages: n,
+            secs,
+            cpu: Cpu::now().since(cpu),
+        });
+    }
     say("--webhook, a Python HTTP server");
+    let cpu = Cpu::now();
     let mut server = tokio::process::Command::new("python3")
         .arg(d.join("server.py"))
         .stdout(std::process::Stdio::piped())
@@ -128,22 +203,40 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
         &format!("http://127.0.0.1:{port}/"),
         Duration::from_secs(30),
     )?;
-    sides.push(("webhook-python", n, side(d, "d", n, args, webhook).await?));
-    drop(server);
+    let secs = side(d, "webhook", n, args, webhook).await?;
+    let _ = server.kill().await;
+    sides.push(Measured {
+        side: "webhook-python",
+        messages: n,
+        secs,
+        cpu: Cpu::now().since(cpu),
+    });
     let few = n.min(EXEC_MESSAGES);
     say("--exec python3 per message");
+    let cpu = Cpu::now();
     let exec = ExecHandler::new(format!("python3 {}", d.join("handler.py").display()));
-    sides.push(("exec-python", few, side(d, "e", few, args, exec).await?));
+    let secs = side(d, "exec", few, args, exec).await?;
+    sides.push(Measured {
+        side: "exec-python",
+        messages: few,
+        secs,
+        cpu: Cpu::now().since(cpu),
+    });
 
-    let base = sides[0].1 as f64 / sides[0].2;
+    let base = sides[0].messages as f64 / sides[0].secs;
     let rows: Vec<Side> = sides
         .iter()
-        .map(|&(side, messages, secs)| Side {
-            side,
-            messages,
-            secs,
-            msgs_per_sec: messages as f64 / secs,
-            of_in_process: messages as f64 / secs / base,
+        .map(|m| {
+            let per = |secs: f64| secs * 1e6 / m.messages as f64;
+            Side {
+                side: m.side,
+                messages: m.messages,
+                secs: m.secs,
+                msgs_per_sec: m.messages as f64 / m.secs,
+                of_in_process: m.messages as f64 / m.secs / base,
+                redrive_cpu_us: per(m.cpu.own),
+                handler_cpu_us: per(m.cpu.children),
+            }
         })
         .collect();
     if args.json {
@@ -163,14 +256,30 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode> {
                     r.messages.to_string(),
                     format!("{:.0}", r.msgs_per_sec),
                     format!("{:.3}", r.of_in_process),
+                    format!("{:.0}", r.redrive_cpu_us),
+                    format!("{:.0}", r.handler_cpu_us),
                 ]
             })
             .collect();
-        table(&["SIDE", "MESSAGES", "MSGS/S", "OF IN-PROCESS"], &cells);
+        table(
+            &[
+                "SIDE",
+                "MESSAGES",
+                "MSGS/S",
+                "OF IN-PROCESS",
+                "REDRIVE CPU µS/MSG",
+                "HANDLER CPU µS/MSG",
+            ],
+            &cells,
+        );
         let exec = rows[4].msgs_per_sec;
         outln!(
             "worker-python / exec-python: {:.0}x",
             rows[1].msgs_per_sec / exec
+        );
+        outln!(
+            "CPU: this machine has {} cores; a side's rate is at most cores / (redrive + handler CPU per message)",
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -121,10 +121,11 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
             runner.run(handler, shutdown_signal()).await?
         }
         (None, None, Some(cmd)) => {
-            let workers = usize::from(args.workers.unwrap_or(1));
-            runner
-                .run(WorkerHandler::new(cmd.clone(), workers), shutdown_signal())
-                .await?
+            let workers = WorkerHandler::new(cmd.clone(), usize::from(args.workers.unwrap_or(1)));
+            let summary = runner.run(workers.clone(), shutdown_signal()).await;
+            // Whatever stopped the runner, the workers get end of file and time to exit.
+            workers.close().await;
+            summary?
         }
         (None, None, None) => anyhow::bail!("give --exec CMD, --webhook URL or --worker CMD"),
     };
