@@ -370,6 +370,15 @@ impl Envelope {
         self.push_history(failure);
     }
 
+    /// Records a failed attempt without counting it: the failure was an outage's (the
+    /// queue's breaker was open), not the message's. The history keeps it, marked.
+    pub fn record_uncounted_failure(&mut self, mut failure: Failure, lane: &str) {
+        failure.counted = false;
+        failure.attempt = self.attempt;
+        failure.lane = lane.to_owned();
+        self.push_history(failure);
+    }
+
     /// Whether a crash was counted against this message before: it stopped its consumer
     /// while it ran alone, so it is run alone again.
     #[must_use]

@@ -224,6 +224,16 @@ pub struct ConsumeArgs {
     /// How often an idle consumer looks for new messages.
     #[arg(long, default_value = "100ms", value_name = "DUR")]
     pub poll: String,
+    /// The outage breaker: once at least N distinct messages failed with retryable
+    /// errors (retry, timeout) and PERCENT of attempts failed within WINDOW, stop taking
+    /// messages, count no failure against its message, and probe with one message after
+    /// 5 s, 10 s, 20 s … (at most 2 m) until one succeeds. `off` turns it off.
+    #[arg(
+        long,
+        default_value = "20,80%,30s",
+        value_name = "N,PERCENT,WINDOW|off"
+    )]
+    pub breaker: String,
     /// Expose this worker's Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_bind: Option<std::net::SocketAddr>,

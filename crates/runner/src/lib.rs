@@ -25,12 +25,14 @@
 //! # }
 //! ```
 
+mod breaker;
 mod handler;
 mod isolation;
 mod observer;
 mod runner;
 mod stats;
 
+pub use breaker::{BreakerConfig, BreakerState};
 pub use handler::{Handler, handler_fn, json_handler};
 pub use observer::{Observer, Settled};
 pub use runner::{MAX_CONCURRENCY, RunError, Runner, RunnerConfig, Summary};

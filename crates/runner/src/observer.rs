@@ -3,6 +3,8 @@
 
 use redrive_core::{Cost, FailureKind, Lane, QueueName};
 
+use crate::BreakerState;
+
 /// How a delivery was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled<'a> {
@@ -30,6 +32,12 @@ pub enum Settled<'a> {
     /// consumer stopped while it was in flight beside others) or a message that
     /// crashed its consumer before.
     Isolated,
+    /// Failed while the queue's breaker was open: moved back to a retry lane without
+    /// counting the attempt.
+    Spared {
+        /// Error class.
+        class: &'a str,
+    },
     /// Could not be settled (lease lost or the backend failed); it will come back.
     Unsettled,
 }
@@ -51,5 +59,10 @@ pub trait Observer: Send + Sync + 'static {
         handler_secs: Option<f64>,
     ) {
         let _ = (queue, lane, settled, handler_secs);
+    }
+
+    /// The queue's outage breaker opened or closed.
+    fn breaker(&self, queue: &QueueName, state: BreakerState) {
+        let _ = (queue, state);
     }
 }

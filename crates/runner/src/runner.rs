@@ -21,6 +21,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use crate::breaker::{Breaker, BreakerConfig, BreakerState, Change, Charge, Gate};
 use crate::handler::Handler;
 use crate::isolation::{GATE, Quiet};
 use crate::observer::{Observer, Settled};
@@ -49,6 +50,8 @@ pub struct RunnerConfig {
     /// Largest payload handed to a handler; a larger one is dead-lettered as
     /// `MalformedEnvelope` without running the handler.
     pub max_payload: usize,
+    /// The outage breaker; `None` turns it off.
+    pub breaker: Option<BreakerConfig>,
 }
 
 /// Most handlers a runner runs at once. Each slot is a task waiting for work: a million
@@ -78,6 +81,7 @@ impl Default for RunnerConfig {
             // the NATS bench's median ratio was 0.64x, at 1024 0.71-0.75x (BENCHMARKS.md, NATS).
             fetch_batch: 1024,
             max_payload: 16 * 1024 * 1024,
+            breaker: Some(BreakerConfig::default()),
         }
     }
 }
@@ -248,6 +252,10 @@ impl<T: Transport> Runner<T> {
             stopping: watch::channel(false).0,
             suspect_at_ms: AtomicI64::new(i64::MIN / 2),
             alone_runs: AtomicU64::new(0),
+            breaker: Breaker::new(
+                self.config.breaker.clone(),
+                self.config.timeout + self.config.lease,
+            ),
         });
         // The process-wide gate asks this run's line whether it is busy.
         let quiet: Arc<dyn Quiet> = Arc::clone(&ctx) as Arc<dyn Quiet>;
@@ -353,8 +361,8 @@ impl<T: Transport> Runner<T> {
                 pace.ahead(concurrency, fetch_batch, self.config.lease)
             };
             let FetchPlan {
-                room,
-                worth,
+                mut room,
+                mut worth,
                 every_settle,
                 wake_on,
             } = FetchPlan::new(Window {
@@ -368,13 +376,30 @@ impl<T: Transport> Runner<T> {
                 came_back_empty,
             });
             let may_fetch = fetching.len() < overlap;
-            if may_fetch
+            // The outage breaker: while it is open nothing is fetched but, now and then,
+            // one message to probe with.
+            let gate = ctx.breaker.gate(Instant::now());
+            let shut = match gate {
+                Gate::Flow => None,
+                Gate::Probe => {
+                    room = room.min(1);
+                    worth = 1;
+                    None
+                }
+                Gate::Shut(until) => Some(until),
+            };
+            if shut.is_none()
+                && may_fetch
                 && (room < worth || every_settle)
                 && wake_on.is_some_and(|on| line.wake_on(on))
             {
                 continue;
             }
-            if may_fetch && room >= worth && Instant::now() >= fetch_at {
+            if shut.is_none() && may_fetch && room >= worth && Instant::now() >= fetch_at {
+                if gate == Gate::Probe {
+                    ctx.breaker.probe_sent(Instant::now());
+                    tracing::info!(queue = %self.lanes.queue, "breaker half-open: probing with one message");
+                }
                 let transport = Arc::clone(&self.transport);
                 let lanes = self.lanes.clone();
                 let lease = self.config.lease;
@@ -398,6 +423,7 @@ impl<T: Transport> Runner<T> {
                     let result = joined.map_or_else(|e| Err(TransportError::Backend { context: "fetch task".into(), source: Box::new(e) }), |(_, r)| r);
                     match result {
                         Ok(fetched) if fetched.deliveries.is_empty() => {
+                            ctx.breaker.probe_missed(Instant::now());
                             fetch_errors = 0;
                             came_back_empty = true;
                             let idle = line.counts().is_empty() && fetching.is_empty();
@@ -432,6 +458,7 @@ impl<T: Transport> Runner<T> {
                             return Err(RunError::Misconfigured(e));
                         }
                         Err(e) => {
+                            ctx.breaker.probe_missed(Instant::now());
                             fetch_errors = fetch_errors.saturating_add(1);
                             let backoff = Duration::from_millis(100 * 2u64.pow(fetch_errors.min(6)));
                             tracing::warn!(queue = %self.lanes.queue, error = %e, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
@@ -491,7 +518,8 @@ impl<T: Transport> Runner<T> {
                 // (With a fetch in flight its return comes first: an isolation round
                 // asked for meanwhile starts then.)
                 () = wake.notified(), if may_fetch => fetch_at = Instant::now(),
-                () = sleep_until(fetch_at), if may_fetch && Instant::now() < fetch_at => {}
+                () = sleep_until(fetch_at), if shut.is_none() && may_fetch && Instant::now() < fetch_at => {}
+                () = sleep_until(shut.unwrap_or(fetch_at)), if shut.is_some() => {}
                 () = sleep_until(round_at.unwrap_or(look_at).min(look_at)), if isolates && round.is_none() => {}
             }
         };
@@ -631,6 +659,8 @@ struct WorkerContext<T: Transport, H> {
     suspect_at_ms: AtomicI64,
     /// Deliveries run alone by isolation rounds.
     alone_runs: AtomicU64,
+    /// The outage breaker, fed by every worker's outcomes, obeyed by the fetch loop.
+    breaker: Breaker,
 }
 
 impl<T: Transport, H: Send + Sync + 'static> Quiet for WorkerContext<T, H> {
@@ -992,6 +1022,14 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             Box::pin(self.isolate(delivery)).await;
             return;
         }
+        if !self.breaker.admit(delivery.envelope.id) {
+            // The breaker opened while it waited in the line: give it back unstarted.
+            if let Err(e) = Box::pin(self.transport.release(delivery)).await {
+                tracing::debug!(id = %delivery.envelope.id, error = %e, "a delivery held back by the open breaker could not be released");
+            }
+            self.released.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.run_handler(delivery).await;
     }
 
@@ -1078,6 +1116,26 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             }
             other => other,
         };
+        let outcome = if self.breaker.enabled() {
+            let (charge, change) =
+                self.breaker
+                    .record(delivery.envelope.id, &outcome, Instant::now());
+            if let Some(change) = change {
+                self.breaker_changed(&change);
+            }
+            match outcome {
+                Outcome::Failed {
+                    failure,
+                    retry_after,
+                } if charge == Charge::Spare => {
+                    Box::pin(self.spare(delivery, failure, retry_after, handler_secs)).await;
+                    return;
+                }
+                other => other,
+            }
+        } else {
+            outcome
+        };
         redrive_core::failpoint("handled");
         self.settle(delivery, outcome, handler_secs).await;
         redrive_core::failpoint("settled");
@@ -1128,6 +1186,77 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                 }
             }
         }
+    }
+
+    fn breaker_changed(&self, change: &Change) {
+        let state = match change {
+            Change::Opened { failures, ratio } => {
+                tracing::warn!(queue = %self.queue, failures, failing = format!("{:.0}%", ratio * 100.0),
+                    "breaker open: most attempts fail with retryable errors across many messages (an outage?); \
+                     no new messages are taken, failures are not counted, one message probes now and then");
+                BreakerState::Open
+            }
+            Change::Closed => {
+                tracing::info!(queue = %self.queue, "breaker closed: the probe succeeded; taking messages again");
+                BreakerState::Closed
+            }
+        };
+        for o in self.observers.iter() {
+            o.breaker(&self.queue, state);
+        }
+        // The fetch loop may be waiting for this.
+        self.wake.notify_one();
+    }
+
+    /// Schedules a message whose attempt failed while the breaker was open again, in
+    /// its retry lane (the first tier from main), without counting the attempt.
+    async fn spare(
+        &self,
+        delivery: &Delivery<T::Token>,
+        mut failure: Failure,
+        retry_after: Option<Duration>,
+        handler_secs: Option<f64>,
+    ) {
+        let id = delivery.envelope.id;
+        let tiers = self.policy.tiers();
+        let tier = match &delivery.lane {
+            Lane::Retry(name) => tiers.iter().find(|t| t.name() == name),
+            _ => None,
+        }
+        .or_else(|| tiers.first());
+        let Some(tier) = tier else {
+            // No retry lane to wait in: give it back as it came.
+            if let Err(e) = self.transport.release(delivery).await {
+                tracing::warn!(%id, error = %e, "release failed; the lease will expire instead");
+            }
+            self.released.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let delay = retry_after.unwrap_or_default().max(tier.delay());
+        let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+        failure.message = format!(
+            "{} (not counted: the queue's breaker was open)",
+            failure.message
+        );
+        let class = failure.class.clone();
+        let mut env = delivery.envelope.clone();
+        env.record_uncounted_failure(failure, &delivery.lane.label());
+        env.not_before_ms = Some(due);
+        match self.transport.retry(delivery, tier, due, &env).await {
+            Ok(()) => {
+                self.report(
+                    &delivery.lane,
+                    Settled::Spared { class: &class },
+                    handler_secs,
+                );
+                tracing::debug!(%id, class = %class, "failed while the breaker was open: scheduled again, uncounted");
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "could not reschedule a message that failed while the breaker was open; its lease will expire and it comes back");
+                self.report(&delivery.lane, Settled::Unsettled, handler_secs);
+            }
+        }
+        self.wake.notify_one();
     }
 
     fn report(&self, lane: &redrive_core::Lane, settled: Settled<'_>, handler_secs: Option<f64>) {

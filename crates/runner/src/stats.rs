@@ -14,6 +14,8 @@ pub struct Stats {
     panics: AtomicU64,
     lease_expired: AtomicU64,
     isolated: AtomicU64,
+    spared: AtomicU64,
+    breaker_opened: AtomicU64,
     settle_errors: AtomicU64,
     by_class: Mutex<Vec<(String, u64, u64)>>,
     lateness_ms: Mutex<Vec<u32>>,
@@ -38,6 +40,10 @@ pub struct StatsSnapshot {
     pub lease_expired: u64,
     /// Crash suspects moved to the isolation lane, uncounted, to be run alone.
     pub isolated: u64,
+    /// Failures not counted because the queue's breaker was open.
+    pub spared: u64,
+    /// Times the queue's breaker opened.
+    pub breaker_opened: u64,
     /// Settle calls that failed (the lease then expires and the message returns).
     pub settle_errors: u64,
     /// Per error class: (class, retried, dead).
@@ -71,7 +77,16 @@ impl crate::Observer for Stats {
             crate::Settled::Isolated => {
                 self.isolated.fetch_add(1, Ordering::Relaxed);
             }
+            crate::Settled::Spared { .. } => {
+                self.spared.fetch_add(1, Ordering::Relaxed);
+            }
             crate::Settled::Unsettled => self.settle_error(),
+        }
+    }
+
+    fn breaker(&self, _queue: &redrive_core::QueueName, state: crate::BreakerState) {
+        if state == crate::BreakerState::Open {
+            self.breaker_opened.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -126,6 +141,8 @@ impl Stats {
             panics: self.panics.load(Ordering::Relaxed),
             lease_expired: self.lease_expired.load(Ordering::Relaxed),
             isolated: self.isolated.load(Ordering::Relaxed),
+            spared: self.spared.load(Ordering::Relaxed),
+            breaker_opened: self.breaker_opened.load(Ordering::Relaxed),
             settle_errors: self.settle_errors.load(Ordering::Relaxed),
             by_class: self.by_class.lock().map(|c| c.clone()).unwrap_or_default(),
         }

@@ -11,11 +11,11 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use redrive_core::{Cost, DeadStats, Lane, QueueDepths, QueueName, now_ms};
-use redrive_runner::{Observer, Settled};
+use redrive_runner::{BreakerState, Observer, Settled};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLane {
@@ -169,6 +169,9 @@ pub struct Metrics {
     retried: Family<QueueClass, Counter>,
     dead_lettered: Family<QueueClass, Counter>,
     isolated: Family<QueueLane, Counter>,
+    spared: Family<QueueClass, Counter>,
+    breaker_open: Family<QueueOnly, Gauge>,
+    breaker_opened: Family<QueueOnly, Counter>,
     handler_seconds: Family<QueueOnly, Histogram, fn() -> Histogram>,
     lateness_seconds: Family<QueueLane, Histogram, fn() -> Histogram>,
     replays: Family<QueueOnly, Counter>,
@@ -211,6 +214,9 @@ impl Metrics {
             retried: Family::default(),
             dead_lettered: Family::default(),
             isolated: Family::default(),
+            spared: Family::default(),
+            breaker_open: Family::default(),
+            breaker_opened: Family::default(),
             handler_seconds: Family::new_with_constructor(duration_histogram),
             lateness_seconds: Family::new_with_constructor(lateness_histogram),
             replays: Family::default(),
@@ -244,6 +250,21 @@ impl Metrics {
             "redrive_messages_isolated",
             "Crash suspects moved, uncounted, to the isolation lane to be run alone, by the lane they came from",
             m.isolated.clone(),
+        );
+        r.register(
+            "redrive_breaker_open",
+            "1 while the queue's outage breaker is open (no new messages taken), 0 once it closed",
+            m.breaker_open.clone(),
+        );
+        r.register(
+            "redrive_breaker_opened",
+            "Times the queue's outage breaker opened",
+            m.breaker_opened.clone(),
+        );
+        r.register(
+            "redrive_breaker_spared",
+            "Failed attempts not counted against their messages because the queue's breaker was open, by error class",
+            m.spared.clone(),
         );
         r.register(
             "redrive_handler_duration_seconds",
@@ -396,7 +417,25 @@ impl Observer for Metrics {
             Settled::Isolated => {
                 self.isolated.get_or_create(&ql).inc();
             }
+            Settled::Spared { class } => {
+                let qc = QueueClass {
+                    queue: q,
+                    error_class: class.to_owned(),
+                };
+                self.spared.get_or_create(&qc).inc();
+            }
             Settled::Unsettled => {}
+        }
+    }
+
+    fn breaker(&self, queue: &QueueName, state: BreakerState) {
+        let q = QueueOnly {
+            queue: queue.to_string(),
+        };
+        let open = state == BreakerState::Open;
+        self.breaker_open.get_or_create(&q).set(i64::from(open));
+        if open {
+            self.breaker_opened.get_or_create(&q).inc();
         }
     }
 }
@@ -437,5 +476,26 @@ mod tests {
         );
         assert!(output.ends_with(" 200"), "{output}");
         assert!(line("redrive_messages_retried_total{").ends_with(" 3"));
+    }
+
+    #[test]
+    fn the_breaker_state_and_what_it_spared_are_exported() {
+        let m = Metrics::new();
+        let q = QueueName::new("agent.tasks").unwrap();
+        m.breaker(&q, BreakerState::Open);
+        m.settled(&q, &Lane::Main, Settled::Spared { class: "http_503" }, None);
+        m.settled(&q, &Lane::Main, Settled::Spared { class: "http_503" }, None);
+        let text = m.encode().unwrap();
+        let has = |l: &str| assert!(text.lines().any(|t| t == l), "no {l} in\n{text}");
+        has("redrive_breaker_open{queue=\"agent.tasks\"} 1");
+        has("redrive_breaker_opened_total{queue=\"agent.tasks\"} 1");
+        has("redrive_breaker_spared_total{queue=\"agent.tasks\",error_class=\"http_503\"} 2");
+        m.breaker(&q, BreakerState::Closed);
+        let text = m.encode().unwrap();
+        assert!(
+            text.lines()
+                .any(|t| t == "redrive_breaker_open{queue=\"agent.tasks\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use redrive_core::{LaneSet, QueueName, RetryPolicy, Transport};
-use redrive_runner::{Runner, RunnerConfig, Summary};
+use redrive_runner::{BreakerConfig, Runner, RunnerConfig, Summary};
 use redrive_server::{LanesAndStore, Metrics, Triage};
 use redrive_sidecar::{ExecHandler, WebhookHandler, WorkerHandler};
 use serde::Serialize;
@@ -28,6 +28,9 @@ struct SummaryJson<'a> {
     panics: u64,
     lease_expired: u64,
     isolated: u64,
+    /// Failures not counted because the breaker was open.
+    spared: u64,
+    breaker_opened: u64,
 }
 
 pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
@@ -58,6 +61,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         idle_poll: duration_flag("--poll", &args.poll)?,
         max_payload: super::publish::parse_size(&args.max_payload)
             .context("invalid --max-payload")?,
+        breaker: parse_breaker(&args.breaker)?,
         ..RunnerConfig::default()
     };
     anyhow::ensure!(
@@ -143,13 +147,81 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
             panics: s.panics,
             lease_expired: s.lease_expired,
             isolated: s.isolated,
+            spared: s.spared,
+            breaker_opened: s.breaker_opened,
         });
     } else {
         eprintln!(
-            "{queue}: stopped ({}) after {} deliveries: {} ok, {} retried, {} dead-lettered, {} released",
-            summary.reason, summary.delivered, s.succeeded, s.retried, s.dead, summary.released
+            "{queue}: stopped ({}) after {} deliveries: {} ok, {} retried, {} dead-lettered, {} released{}",
+            summary.reason,
+            summary.delivered,
+            s.succeeded,
+            s.retried,
+            s.dead,
+            summary.released,
+            if s.breaker_opened > 0 {
+                format!(
+                    "; the breaker opened {} time(s) and spared {} failed attempt(s)",
+                    s.breaker_opened, s.spared
+                )
+            } else {
+                String::new()
+            }
         );
     }
     store.store().close();
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--breaker`: `off`, or `N,PERCENT,WINDOW` (`20,80%,30s`).
+fn parse_breaker(spec: &str) -> Result<Option<BreakerConfig>> {
+    if spec.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = |why: &str| {
+        anyhow::anyhow!(
+            "invalid --breaker {spec:?}: {why} (expected N,PERCENT,WINDOW such as 20,80%,30s, or off)"
+        )
+    };
+    let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let [n, percent, window] = parts[..] else {
+        return Err(bad("three parts are needed"));
+    };
+    let min_failures: usize = n
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| bad("N must be a whole number of at least 1"))?;
+    let percent: f64 = percent
+        .trim_end_matches('%')
+        .parse()
+        .ok()
+        .filter(|p: &f64| (1.0..=100.0).contains(p))
+        .ok_or_else(|| bad("PERCENT must be from 1 to 100"))?;
+    let window = duration_flag("--breaker's WINDOW", window)?;
+    Ok(Some(BreakerConfig {
+        min_failures,
+        failure_ratio: percent / 100.0,
+        window,
+        ..BreakerConfig::default()
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_breaker;
+
+    #[test]
+    fn breaker_specs_read_or_say_what_is_wrong() {
+        let b = parse_breaker("5, 50%, 10s").unwrap().unwrap();
+        assert_eq!(
+            (b.min_failures, b.failure_ratio, b.window.as_secs()),
+            (5, 0.5, 10)
+        );
+        assert!(parse_breaker("OFF").unwrap().is_none());
+        for bad in ["20,80%", "0,80%,30s", "20,180%,30s", "20,80%,soon", ""] {
+            let e = parse_breaker(bad).unwrap_err().to_string();
+            assert!(e.contains("--breaker"), "{bad}: {e}");
+        }
+    }
 }
