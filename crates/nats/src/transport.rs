@@ -57,11 +57,7 @@ impl NatsConfig {
                 ..Default::default()
             })
             .await
-            .map_err(|e| {
-                unreachable(format!(
-                    "JetStream is not enabled or not answering (run nats-server with -js): {e}"
-                ))
-            })?;
+            .map_err(|e| unreachable(history_bucket_failed(&self.namespace, &e)))?;
         Ok(NatsTransport {
             client,
             js,
@@ -76,6 +72,26 @@ impl NatsConfig {
             ready: Arc::default(),
             upkeep: Arc::default(),
         })
+    }
+}
+
+/// Why the history bucket could not be made: JetStream off (or silent) is the usual
+/// cause, but a server that answered with an error (its store, its limits) says so.
+fn history_bucket_failed(namespace: &str, e: &jetstream::context::CreateKeyValueError) -> String {
+    use jetstream::context::{CreateStreamError, CreateStreamErrorKind};
+    let answered = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<CreateStreamError>())
+        .and_then(|s| match s.kind() {
+            CreateStreamErrorKind::JetStream(err) => Some(err),
+            _ => None,
+        });
+    match answered {
+        Some(err) => {
+            format!("JetStream refused to create the stream of bucket {namespace}_history: {err}")
+        }
+        None => {
+            format!("JetStream is not enabled or not answering (run nats-server with -js): {e}")
+        }
     }
 }
 

@@ -392,3 +392,19 @@ fn broker_url_options_are_checked() {
     let c = NatsConfig::new("nats://h:4222?ids=subject").unwrap();
     assert_eq!(c.ids, IdPlacement::Subject);
 }
+
+#[tokio::test]
+async fn a_server_that_refuses_the_setup_says_why_not_that_jetstream_is_off() {
+    // A single server cannot keep 3 replicas: JetStream answers, with an error.
+    let namespace = format!("nb{}", redrive_conformance::unique_name());
+    let url = format!("{}?namespace={namespace}&replicas=3", nats_url());
+    let Err(e) = NatsConfig::new(&url).unwrap().connect().await else {
+        panic!("a single nats-server accepted replicas=3");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("JetStream refused") && e.contains(&format!("{namespace}_history")),
+        "{e}"
+    );
+    assert!(!e.contains("not enabled"), "{e}");
+}
