@@ -379,6 +379,16 @@ impl Envelope {
         self.push_history(failure);
     }
 
+    /// How many failures were recorded without counting them because of an outage
+    /// ([`Self::record_uncounted_failure`]; uncounted crash suspicions are not these).
+    #[must_use]
+    pub fn uncounted_failures(&self) -> usize {
+        self.history
+            .iter()
+            .filter(|f| !f.counted && f.kind != FailureKind::LeaseExpired)
+            .count()
+    }
+
     /// Whether a crash was counted against this message before: it stopped its consumer
     /// while it ran alone, so it is run alone again.
     #[must_use]

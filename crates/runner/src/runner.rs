@@ -63,6 +63,11 @@ const ISOLATION_LOOK: Duration = Duration::from_secs(2);
 /// After it met a crash suspect, a runner fetches no further ahead than one delivery per
 /// slot for this long: a crash then leaves fewer suspects to run alone.
 const CAUTIOUS_MS: i64 = 30_000;
+/// How many times a message's failures may go uncounted because of the breaker, per
+/// attempt its policy allows (and at most half the kept history, where they are
+/// counted): a bound, so that a backlog of messages that fail on their own (which looks
+/// like an outage) still reaches the DLQ.
+const MAX_SPARED_PER_ATTEMPT: usize = 2;
 /// The uncounted history entry of a crash suspect.
 const SUSPECT: &str = "its consumer stopped while this message was in flight beside others \
     (or leased ahead of its handler): any of them may have caused it, so it is not counted, \
@@ -1123,11 +1128,16 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             if let Some(change) = change {
                 self.breaker_changed(&change);
             }
+            // A message spared over and over is failing on its own (a whole backlog of
+            // such messages looks like an outage): past a bound its failures count.
+            let limit = (MAX_SPARED_PER_ATTEMPT * self.policy.max_attempts() as usize)
+                .min(redrive_core::MAX_HISTORY / 2);
+            let spared_enough = delivery.envelope.uncounted_failures() >= limit;
             match outcome {
                 Outcome::Failed {
                     failure,
                     retry_after,
-                } if charge == Charge::Spare => {
+                } if charge == Charge::Spare && !spared_enough => {
                     Box::pin(self.spare(delivery, failure, retry_after, handler_secs)).await;
                     return;
                 }
