@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +16,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use serde_json::Value;
+
+mod cli_support;
+use cli_support::redrive;
 
 const MESSAGES: usize = 1000;
 const OUTAGE_FROM: Duration = Duration::from_secs(1);
@@ -44,25 +46,6 @@ async fn call(State(up): State<Arc<Upstream>>) -> StatusCode {
         up.after.fetch_add(1, Ordering::Relaxed);
         StatusCode::NO_CONTENT
     }
-}
-
-fn redrive(store: &str, args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
-        .args(["--store", store])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "redrive {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 struct Run {
@@ -113,15 +96,9 @@ async fn outage(breaker: &str) -> Run {
     })
     .await
     .unwrap();
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary: Value = serde_json::from_str(&out).unwrap();
     let queues = redrive(&store, &["queues", "--json"], "");
-    let depths: Value = serde_json::from_str(
-        String::from_utf8_lossy(&queues.stdout)
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
+    let depths: Value = serde_json::from_str(queues.lines().next().unwrap()).unwrap();
     let calls = up.before.load(Ordering::Relaxed)
         + up.during.load(Ordering::Relaxed)
         + up.after.load(Ordering::Relaxed);

@@ -8,9 +8,11 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use serde_json::Value;
+
+mod cli_support;
+use cli_support::redrive;
 
 const AGENT: &str = r#"
 import os, sys, time
@@ -75,25 +77,6 @@ await run(async (msg) => {
 await sleep(300); // a worker finishing its work: consume waits for it
 appendFileSync(process.env.LOG, 'worker exited on end of input\n');
 "#;
-
-fn redrive(store: &str, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_redrive"))
-        .args(["--store", store])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "redrive {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[test]
 fn a_python_worker_session_ends_where_each_message_belongs() {

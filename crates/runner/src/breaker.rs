@@ -274,7 +274,6 @@ impl Breaker {
                 self.open.store(true, Ordering::Release);
                 (Charge::Spare, Some(Change::Opened { failures, ratio }))
             }
-            State::Open { .. } => (if outage { Charge::Spare } else { Charge::Count }, None),
             State::Probing {
                 interval,
                 probe: Some(probe),
@@ -308,14 +307,11 @@ impl Breaker {
                     }
                 }
             }
-            // Another delivery that was running when the breaker opened.
-            State::Probing { .. } => (if outage { Charge::Spare } else { Charge::Count }, None),
+            // Open, or another delivery that was running when the breaker opened.
+            State::Open { .. } | State::Probing { .. } => {
+                (if outage { Charge::Spare } else { Charge::Count }, None)
+            }
         }
-    }
-
-    /// Whether the breaker is on at all.
-    pub(crate) fn enabled(&self) -> bool {
-        self.config.is_some()
     }
 }
 

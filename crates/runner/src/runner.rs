@@ -1121,30 +1121,21 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             }
             other => other,
         };
-        let outcome = if self.breaker.enabled() {
-            let (charge, change) =
-                self.breaker
-                    .record(delivery.envelope.id, &outcome, Instant::now());
-            if let Some(change) = change {
-                self.breaker_changed(&change);
+        let (charge, change) = self
+            .breaker
+            .record(delivery.envelope.id, &outcome, Instant::now());
+        if let Some(change) = change {
+            self.breaker_changed(&change);
+        }
+        let outcome = match outcome {
+            Outcome::Failed {
+                failure,
+                retry_after,
+            } if charge == Charge::Spare && self.may_spare(&delivery.envelope) => {
+                Box::pin(self.spare(delivery, failure, retry_after, handler_secs)).await;
+                return;
             }
-            // A message spared over and over is failing on its own (a whole backlog of
-            // such messages looks like an outage): past a bound its failures count.
-            let limit = (MAX_SPARED_PER_ATTEMPT * self.policy.max_attempts() as usize)
-                .min(redrive_core::MAX_HISTORY / 2);
-            let spared_enough = delivery.envelope.uncounted_failures() >= limit;
-            match outcome {
-                Outcome::Failed {
-                    failure,
-                    retry_after,
-                } if charge == Charge::Spare && !spared_enough => {
-                    Box::pin(self.spare(delivery, failure, retry_after, handler_secs)).await;
-                    return;
-                }
-                other => other,
-            }
-        } else {
-            outcome
+            other => other,
         };
         redrive_core::failpoint("handled");
         self.settle(delivery, outcome, handler_secs).await;
@@ -1216,6 +1207,15 @@ impl<T: Transport, H: Handler> Worker<T, H> {
         }
         // The fetch loop may be waiting for this.
         self.wake.notify_one();
+    }
+
+    /// Whether a failure of this message may still go uncounted. A message spared over
+    /// and over is failing on its own (a whole backlog of such messages looks like an
+    /// outage): past a bound its failures count.
+    fn may_spare(&self, envelope: &Envelope) -> bool {
+        let limit = (MAX_SPARED_PER_ATTEMPT * self.policy.max_attempts() as usize)
+            .min(redrive_core::MAX_HISTORY / 2);
+        envelope.uncounted_failures() < limit
     }
 
     /// Schedules a message whose attempt failed while the breaker was open again, in

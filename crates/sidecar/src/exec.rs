@@ -223,11 +223,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_handler_stops_everything_its_command_started() {
-        let dir = std::env::temp_dir().join(format!("redrive-exec-group-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pidfile = dir.join("pid");
         // `sh -c` runs this as its child; the sleep is a grandchild of redrive.
-        let handler = ExecHandler::new(format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
+        let sleep = group::Grandchild::new("exec-group");
+        let handler = ExecHandler::new(format!("{}; wait", sleep.start()));
         let run = handler.handle(msg("x"));
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(500), run)
@@ -235,13 +233,11 @@ mod tests {
                 .is_err(),
             "the command should still be running"
         );
-        let pid: u32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(group::gone(pid).await, "process {pid} outlived its handler");
-        std::fs::remove_dir_all(dir).unwrap();
+        assert!(
+            sleep.gone().await,
+            "process {} outlived its handler",
+            sleep.pid()
+        );
     }
 
     #[tokio::test]

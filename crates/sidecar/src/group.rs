@@ -43,22 +43,52 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Test support: whether process `pid` is gone (exited, or a zombie awaiting its
-/// parent), waiting up to 5 s for it.
+/// Test support: a `sleep` a command starts in the background, a grandchild of
+/// redrive's, to see whether stopping the command stops it too.
 #[cfg(test)]
-pub(crate) async fn gone(pid: u32) -> bool {
-    for _ in 0..100 {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return true,
-            Ok(stat)
-                if stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z')) =>
-            {
-                return true;
-            }
-            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-        }
+pub(crate) struct Grandchild(std::path::PathBuf);
+
+#[cfg(test)]
+impl Grandchild {
+    pub(crate) fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("redrive-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        Self(dir)
     }
-    false
+
+    /// Shell that starts it and notes its pid.
+    pub(crate) fn start(&self) -> String {
+        format!("sleep 30 & echo $! > {}", self.0.join("pid").display())
+    }
+
+    /// Its pid, once started.
+    pub(crate) fn pid(&self) -> u32 {
+        let pid = std::fs::read_to_string(self.0.join("pid")).expect("the grandchild's pid");
+        pid.trim().parse().expect("a pid")
+    }
+
+    /// Whether it is gone (exited, or a zombie awaiting its parent), waiting up to 5 s.
+    pub(crate) async fn gone(&self) -> bool {
+        let stat = format!("/proc/{}/stat", self.pid());
+        for _ in 0..100 {
+            match std::fs::read_to_string(&stat) {
+                Err(_) => return true,
+                Ok(s)
+                    if s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z')) =>
+                {
+                    return true;
+                }
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+impl Drop for Grandchild {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

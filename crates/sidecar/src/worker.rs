@@ -544,15 +544,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_delivery_stops_its_worker_and_what_it_started() {
-        let dir = std::env::temp_dir().join(format!("redrive-worker-group-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pidfile = dir.join("pid");
         // A worker that takes deliveries and never answers, through a grandchild.
+        let sleep = group::Grandchild::new("worker-group");
         let handler = WorkerHandler::new(
-            format!(
-                "sleep 30 & echo $! > {}; echo '{{\"redrive_worker\": 1}}'; wait",
-                pidfile.display()
-            ),
+            format!("{}; echo '{{\"redrive_worker\": 1}}'; wait", sleep.start()),
             1,
         );
         let msg = Envelope::new(QueueName::new("agent.tasks").unwrap(), "x");
@@ -563,16 +558,11 @@ mod tests {
                 .is_err(),
             "the worker should not have answered"
         );
-        let pid: u32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
         assert!(
-            group::gone(pid).await,
-            "process {pid} outlived its stopped worker"
+            sleep.gone().await,
+            "process {} outlived its stopped worker",
+            sleep.pid()
         );
         handler.close().await;
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }
