@@ -199,6 +199,9 @@ fn parse_breaker(spec: &str) -> Result<Option<BreakerConfig>> {
         .filter(|p: &f64| (1.0..=100.0).contains(p))
         .ok_or_else(|| bad("PERCENT must be from 1 to 100"))?;
     let window = duration_flag("--breaker's WINDOW", window)?;
+    if window.is_zero() {
+        return Err(bad("WINDOW must be longer than 0"));
+    }
     Ok(Some(BreakerConfig {
         min_failures,
         failure_ratio: percent / 100.0,
@@ -219,7 +222,14 @@ mod tests {
             (5, 0.5, 10)
         );
         assert!(parse_breaker("OFF").unwrap().is_none());
-        for bad in ["20,80%", "0,80%,30s", "20,180%,30s", "20,80%,soon", ""] {
+        for bad in [
+            "20,80%",
+            "0,80%,30s",
+            "20,180%,30s",
+            "20,80%,soon",
+            "20,80%,0s",
+            "",
+        ] {
             let e = parse_breaker(bad).unwrap_err().to_string();
             assert!(e.contains("--breaker"), "{bad}: {e}");
         }
