@@ -14,7 +14,8 @@ use redrive_core::alert::{
 };
 use redrive_core::{
     AgentContext, Cost, Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope,
-    Failure, FailureKind, MessageId, QueueName, RetentionStore,
+    Failure, FailureKind, ItemState, JobItem, JobState, MessageId, QueueName, ReplayJob,
+    ReplayJobs, ReplayOutcome, RetentionStore,
 };
 
 /// A dead message of `queue` that failed with `class`/`message`, dead at `dead_at_ms`.
@@ -634,6 +635,146 @@ pub async fn retention_compresses_archives_and_forgets<S: DeadLetterStore + Rete
     );
 }
 
+/// A replay job keeps what it was asked, its messages in order, state changes only
+/// from the states named, and outcomes only for messages it moved at that replay count.
+pub async fn replay_jobs_keep_their_messages_states_and_outcomes<S: ReplayJobs>(s: &S) {
+    let job = ReplayJob {
+        id: ReplayJob::new_id(),
+        created_at_ms: 1_000,
+        actor: "alice".into(),
+        reason: "parser fix \u{0}\u{1f600}".into(),
+        selection: "queue agent.tasks".into(),
+        to: None,
+        max_replays: 5,
+        canary: 1,
+        max_failed_percent: 0.0,
+        ordered: true,
+        canary_passed: false,
+        forgiven: (0, 0),
+    };
+    let ids: Vec<MessageId> = (0..3).map(|_| MessageId::new()).collect();
+    let items: Vec<JobItem> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| JobItem {
+            seq: n as u64,
+            id: *id,
+            key: Some(format!("key-{}", n % 2)),
+            canary: n == 0,
+            state: ItemState::Pending,
+            replays: 0,
+            detail: String::new(),
+            was: "bad json\u{0}".into(),
+            at_ms: 1_000,
+        })
+        .collect();
+    s.create_job(&job, &items).await.unwrap();
+    let other = ReplayJob {
+        id: ReplayJob::new_id(),
+        created_at_ms: 2_000,
+        ..job.clone()
+    };
+    s.create_job(&other, &[]).await.unwrap();
+
+    let listed = s.jobs(None, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].job.id, other.id, "newest first");
+    let v = s.jobs(Some(&job.id), 1).await.unwrap().pop().unwrap();
+    assert_eq!(v.job.reason, job.reason, "kept exactly");
+    assert_eq!(v.state, JobState::Running);
+    assert_eq!((v.counts.total, v.counts.pending), (3, 3));
+    assert!(s.jobs(Some("rj-none"), 1).await.unwrap().is_empty());
+
+    let read = s.job_items(&job.id, None, 10).await.unwrap();
+    assert_eq!(read.len(), 3);
+    assert_eq!(read[0].id, ids[0]);
+    assert!(read[0].canary && !read[1].canary);
+    assert_eq!(read[1].key.as_deref(), Some("key-1"));
+    assert!(read[2].was.starts_with("bad json"));
+    let after = s.job_items(&job.id, Some(0), 1).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].seq, 1, "paged by seq");
+
+    // Moved at replay count 1; an outcome for another count or message changes nothing.
+    let mut moved = read[0].clone();
+    moved.state = ItemState::Moved;
+    moved.replays = 1;
+    let mut held = read[2].clone();
+    held.state = ItemState::Held;
+    held.detail = "held behind it".into();
+    s.update_job_items(&job.id, &[moved, held]).await.unwrap();
+    s.record_replay_outcomes(&[
+        ReplayOutcome {
+            id: ids[0],
+            replays: 2,
+            error: None,
+        },
+        ReplayOutcome {
+            id: ids[1],
+            replays: 0,
+            error: None,
+        },
+    ])
+    .await
+    .unwrap();
+    let v = s.jobs(Some(&job.id), 1).await.unwrap().pop().unwrap();
+    assert_eq!((v.counts.moved, v.counts.pending, v.counts.held), (1, 1, 1));
+    s.record_replay_outcomes(&[ReplayOutcome {
+        id: ids[0],
+        replays: 1,
+        error: Some("still bad\u{0}".into()),
+    }])
+    .await
+    .unwrap();
+    s.record_replay_outcomes(&[ReplayOutcome {
+        id: ids[0],
+        replays: 1,
+        error: None,
+    }])
+    .await
+    .unwrap();
+    let first = s.job_items(&job.id, None, 1).await.unwrap().pop().unwrap();
+    assert_eq!(first.state, ItemState::Failed, "the first outcome stands");
+    assert!(first.detail.starts_with("still bad"));
+
+    // State changes only from the states named.
+    assert!(
+        !s.set_job_state(&job.id, &[JobState::Paused], JobState::Running, "")
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.set_job_state(
+            &job.id,
+            &[JobState::Running],
+            JobState::Paused,
+            "1 of 1 canaries failed"
+        )
+        .await
+        .unwrap()
+    );
+    let v = s.jobs(Some(&job.id), 1).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (v.state, v.note.as_str()),
+        (JobState::Paused, "1 of 1 canaries failed")
+    );
+    let mut passed = job.clone();
+    passed.canary_passed = true;
+    s.update_job(&passed).await.unwrap();
+    let v = s.jobs(Some(&job.id), 1).await.unwrap().pop().unwrap();
+    assert!(v.job.canary_passed);
+    assert_eq!(
+        v.state,
+        JobState::Paused,
+        "rewriting the job leaves its state"
+    );
+
+    let lineage = s.replays_of(&ids[0]).await.unwrap();
+    assert_eq!(lineage.len(), 1);
+    assert_eq!(lineage[0].0.id, job.id);
+    assert_eq!(lineage[0].1.state, ItemState::Failed);
+}
+
 /// Expands to one `#[tokio::test]` per store scenario; `$open` is an expression (it may
 /// `.await`) that gives a fresh, empty store as `(guard, store)`: the guard (a scratch
 /// directory, say) is kept until the scenario ends.
@@ -649,7 +790,8 @@ macro_rules! store_conformance {
             purges_delete_what_they_select_and_are_audited,
             hostile_bytes_read_back_exactly,
             alerts_and_their_outbox_persist,
-            retention_compresses_archives_and_forgets
+            retention_compresses_archives_and_forgets,
+            replay_jobs_keep_their_messages_states_and_outcomes
         );
     };
     (@each $open:expr; $($name:ident),*) => {

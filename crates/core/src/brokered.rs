@@ -9,6 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::envelope::{Envelope, MessageId};
+use crate::jobs::{JobItem, JobState, JobView, ReplayJob, ReplayJobs, ReplayOutcome};
 use crate::policy::Tier;
 use crate::queue::{LaneSet, QueueName};
 use crate::store::{
@@ -176,6 +177,44 @@ impl<T: LaneStats + DlqSource, S: DeadLetterStore + Clone> LaneStats for Brokere
             .await
             .map_err(store_err)?;
         Ok(d)
+    }
+}
+
+impl<T: DlqSource, S: DeadLetterStore + ReplayJobs + Clone> ReplayJobs for Brokered<T, S> {
+    async fn create_job(&self, job: &ReplayJob, items: &[JobItem]) -> Result<(), StoreError> {
+        self.store.create_job(job, items).await
+    }
+    async fn update_job(&self, job: &ReplayJob) -> Result<(), StoreError> {
+        self.store.update_job(job).await
+    }
+    async fn set_job_state(
+        &self,
+        id: &str,
+        from: &[JobState],
+        to: JobState,
+        note: &str,
+    ) -> Result<bool, StoreError> {
+        self.store.set_job_state(id, from, to, note).await
+    }
+    async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
+        self.store.jobs(id, limit).await
+    }
+    async fn job_items(
+        &self,
+        id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JobItem>, StoreError> {
+        self.store.job_items(id, after, limit).await
+    }
+    async fn update_job_items(&self, id: &str, items: &[JobItem]) -> Result<(), StoreError> {
+        self.store.update_job_items(id, items).await
+    }
+    async fn record_replay_outcomes(&self, outcomes: &[ReplayOutcome]) -> Result<(), StoreError> {
+        self.store.record_replay_outcomes(outcomes).await
+    }
+    async fn replays_of(&self, id: &MessageId) -> Result<Vec<(ReplayJob, JobItem)>, StoreError> {
+        self.store.replays_of(id).await
     }
 }
 

@@ -13,6 +13,7 @@ mod duration;
 mod envelope;
 mod failpoint;
 mod fingerprint;
+mod jobs;
 mod outcome;
 mod policy;
 mod queue;
@@ -35,6 +36,9 @@ pub use envelope::{
 };
 pub use failpoint::{FAILPOINTS, failpoint, failpoints_built};
 pub use fingerprint::{Fingerprint, normalize_message};
+pub use jobs::{
+    ItemState, JobCounts, JobItem, JobState, JobView, ReplayJob, ReplayJobs, ReplayOutcome,
+};
 pub use outcome::{HandlerError, HandlerResult, Outcome};
 pub use policy::{DEFAULT_TIERS, PolicyError, RetryPolicy, Step, Tier};
 pub use queue::{Lane, LaneSet, QueueError, QueueName};

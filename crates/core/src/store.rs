@@ -70,7 +70,32 @@ impl DeadSelection {
     pub fn describe(&self) -> String {
         match self {
             Self::Ids(ids) => format!("{} id(s)", ids.len()),
-            Self::Filter(f) => format!("{f:?}"),
+            Self::Filter(f) => {
+                let mut parts = Vec::new();
+                if let Some(q) = &f.queue {
+                    parts.push(format!("queue {q}"));
+                }
+                if let Some(fp) = &f.fingerprint {
+                    parts.push(format!("fingerprint {fp}"));
+                }
+                if let Some(c) = &f.error_class {
+                    parts.push(format!("class {c}"));
+                }
+                if let Some(t) = &f.text {
+                    parts.push(format!("text {t:?}"));
+                }
+                if let Some(ms) = f.since_ms {
+                    parts.push(format!("dead since {ms} (unix ms)"));
+                }
+                if let Some(ms) = f.until_ms {
+                    parts.push(format!("dead before {ms} (unix ms)"));
+                }
+                if parts.is_empty() {
+                    "every dead message".to_owned()
+                } else {
+                    parts.join(", ")
+                }
+            }
         }
     }
 }

@@ -134,6 +134,32 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN cost_micros   BIGINT NOT NULL DEFAULT 0;  -- millionths of a US dollar
     ",
+    // 6: replay jobs: what each was asked to do (`spec`, JSON), where it stands, and
+    // its messages (snapshot when it started) with what became of each.
+    r"
+    CREATE TABLE replay_jobs (
+        id         TEXT   PRIMARY KEY,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        state      TEXT   NOT NULL,
+        note       TEXT   NOT NULL DEFAULT '',
+        spec       TEXT   NOT NULL
+    );
+    CREATE TABLE replay_items (
+        job     TEXT    NOT NULL,
+        seq     BIGINT  NOT NULL,
+        id      TEXT    NOT NULL,
+        key     TEXT,
+        canary  BOOLEAN NOT NULL,
+        state   TEXT    NOT NULL,
+        replays INTEGER NOT NULL DEFAULT 0,
+        detail  TEXT    NOT NULL DEFAULT '',
+        was     TEXT    NOT NULL DEFAULT '',
+        at_ms   BIGINT  NOT NULL,
+        PRIMARY KEY (job, seq)
+    );
+    CREATE INDEX replay_items_by_message ON replay_items (id, state);
+    ",
 ];
 
 /// The newest schema version this build knows.

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use redrive_core::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
-    DeadStats, Delivery, Envelope, Fetched, LaneSet, LaneStats, MessageId, QueueDepths, QueueName,
-    StoreError, Tier, Transport, TransportError,
+    DeadStats, Delivery, Envelope, Fetched, JobItem, JobState, JobView, LaneSet, LaneStats,
+    MessageId, QueueDepths, QueueName, ReplayJob, ReplayJobs, ReplayOutcome, StoreError, Tier,
+    Transport, TransportError,
 };
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_nats::{NatsBackend, NatsConfig};
@@ -492,6 +493,44 @@ impl LaneStats for AnyBackend {
     }
     async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
         each_backend!(self, |b| b.queue_depths(lanes).await)
+    }
+}
+
+impl ReplayJobs for AnyBackend {
+    async fn create_job(&self, job: &ReplayJob, items: &[JobItem]) -> Result<(), StoreError> {
+        each_backend!(self, |b| b.create_job(job, items).await)
+    }
+    async fn update_job(&self, job: &ReplayJob) -> Result<(), StoreError> {
+        each_backend!(self, |b| b.update_job(job).await)
+    }
+    async fn set_job_state(
+        &self,
+        id: &str,
+        from: &[JobState],
+        to: JobState,
+        note: &str,
+    ) -> Result<bool, StoreError> {
+        each_backend!(self, |b| b.set_job_state(id, from, to, note).await)
+    }
+    async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
+        each_backend!(self, |b| b.jobs(id, limit).await)
+    }
+    async fn job_items(
+        &self,
+        id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JobItem>, StoreError> {
+        each_backend!(self, |b| b.job_items(id, after, limit).await)
+    }
+    async fn update_job_items(&self, id: &str, items: &[JobItem]) -> Result<(), StoreError> {
+        each_backend!(self, |b| b.update_job_items(id, items).await)
+    }
+    async fn record_replay_outcomes(&self, outcomes: &[ReplayOutcome]) -> Result<(), StoreError> {
+        each_backend!(self, |b| b.record_replay_outcomes(outcomes).await)
+    }
+    async fn replays_of(&self, id: &MessageId) -> Result<Vec<(ReplayJob, JobItem)>, StoreError> {
+        each_backend!(self, |b| b.replays_of(id).await)
     }
 }
 

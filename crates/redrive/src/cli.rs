@@ -308,6 +308,11 @@ pub enum DlqCommand {
     Purge(PurgeArgs),
     /// Write dead messages as JSON lines to standard output.
     Export(ExportArgs),
+    /// List replay jobs (started with `replay --canary` or `--ordered`), newest first.
+    Jobs(JobsArgs),
+    /// Show, pause, resume or cancel one replay job.
+    #[command(subcommand)]
+    Job(JobCommand),
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -383,9 +388,69 @@ pub struct ReplayArgs {
     /// Why (written to the audit log).
     #[arg(long, default_value = "", value_name = "TEXT")]
     pub reason: String,
+    /// Replay as a job that sends N messages first (or a percentage: 10%), waits for
+    /// their outcome from the consumer, and goes on only if at most --max-failed of them
+    /// failed again; otherwise it pauses with the rest still dead. Needs a consumer
+    /// running on the target queue.
+    #[arg(long, value_name = "N|PERCENT")]
+    pub canary: Option<String>,
+    /// With --canary: the most re-failures tolerated, among the canaries and then among
+    /// all outcomes so far, before the job pauses.
+    #[arg(long, default_value = "0%", value_name = "PERCENT")]
+    pub max_failed: String,
+    /// Replay as a job that sends each key's messages one at a time in their original
+    /// order, each only after the one before it succeeded; keys go in parallel. A message
+    /// that fails again holds its key's later messages (they stay dead). Needs a consumer
+    /// running on the target queue.
+    #[arg(long)]
+    pub ordered: bool,
+    /// A job pauses when its moved messages get no outcome for this long.
+    #[arg(long, default_value = "10m", value_name = "DUR")]
+    pub outcome_wait: String,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Most jobs listed, newest first.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub limit: usize,
+    /// Print one JSON object per job.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show a job: its state, counts, and the messages that failed again or are held.
+    Show(JobIdArgs),
+    /// Stop a running job after its current step; `resume` goes on.
+    Pause(JobIdArgs),
+    /// Run a paused (or interrupted) job on from where it stopped, in the foreground.
+    Resume(ResumeArgs),
+    /// Stop a job for good; what it has not moved stays dead.
+    Cancel(JobIdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JobIdArgs {
+    /// The job's id (`rj-…`, from `dlq jobs`).
+    #[arg(value_name = "JOB")]
+    pub id: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub job: JobIdArgs,
+    /// The job pauses when its moved messages get no outcome for this long.
+    #[arg(long, default_value = "10m", value_name = "DUR")]
+    pub outcome_wait: String,
 }
 
 #[derive(Debug, Args)]

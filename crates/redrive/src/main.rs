@@ -46,6 +46,8 @@ fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Replay(args)) => cmd::dlq::replay(&cli, args).await,
             Command::Dlq(DlqCommand::Purge(args)) => cmd::dlq::purge(&cli, args).await,
             Command::Dlq(DlqCommand::Export(args)) => cmd::dlq::export(&cli, args).await,
+            Command::Dlq(DlqCommand::Jobs(args)) => cmd::jobs::list(&cli, args).await,
+            Command::Dlq(DlqCommand::Job(command)) => cmd::jobs::job(&cli, command).await,
             Command::Serve(args) => cmd::serve::run(&cli, args).await,
             Command::Demo(args) => cmd::demo::run(&cli, args).await,
             Command::Bench(args) if args.scenario == "crash-points" => {

@@ -5,7 +5,8 @@ use anyhow::{Context, Result, bail};
 use redrive_core::alert::{AlertState, AlertStore, NewNotification, Notification, Transition};
 use redrive_core::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
-    DeadStats, MessageId, QueueName, RetentionStore, StoreError,
+    DeadStats, JobItem, JobState, JobView, MessageId, QueueName, ReplayJob, ReplayJobs,
+    ReplayOutcome, RetentionStore, StoreError,
 };
 use redrive_postgres::{Postgres, PostgresConfig};
 use redrive_sqlite::Sqlite;
@@ -77,6 +78,44 @@ macro_rules! each_store {
             AnyStore::Postgres($s) => $call,
         }
     };
+}
+
+impl ReplayJobs for AnyStore {
+    async fn create_job(&self, job: &ReplayJob, items: &[JobItem]) -> Result<(), StoreError> {
+        each_store!(self, |s| s.create_job(job, items).await)
+    }
+    async fn update_job(&self, job: &ReplayJob) -> Result<(), StoreError> {
+        each_store!(self, |s| s.update_job(job).await)
+    }
+    async fn set_job_state(
+        &self,
+        id: &str,
+        from: &[JobState],
+        to: JobState,
+        note: &str,
+    ) -> Result<bool, StoreError> {
+        each_store!(self, |s| s.set_job_state(id, from, to, note).await)
+    }
+    async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
+        each_store!(self, |s| s.jobs(id, limit).await)
+    }
+    async fn job_items(
+        &self,
+        id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JobItem>, StoreError> {
+        each_store!(self, |s| s.job_items(id, after, limit).await)
+    }
+    async fn update_job_items(&self, id: &str, items: &[JobItem]) -> Result<(), StoreError> {
+        each_store!(self, |s| s.update_job_items(id, items).await)
+    }
+    async fn record_replay_outcomes(&self, outcomes: &[ReplayOutcome]) -> Result<(), StoreError> {
+        each_store!(self, |s| s.record_replay_outcomes(outcomes).await)
+    }
+    async fn replays_of(&self, id: &MessageId) -> Result<Vec<(ReplayJob, JobItem)>, StoreError> {
+        each_store!(self, |s| s.replays_of(id).await)
+    }
 }
 
 impl DeadLetterStore for AnyStore {

@@ -29,11 +29,15 @@ mod breaker;
 mod handler;
 mod isolation;
 mod observer;
+mod replay_job;
 mod runner;
 mod stats;
 
 pub use breaker::{BreakerConfig, BreakerState};
 pub use handler::{Handler, handler_fn, json_handler};
 pub use observer::{Observer, Settled};
+pub use replay_job::{
+    Canary, JobOptions, JobSpec, ReplayReporter, rest_outcomes, run_job, start_job,
+};
 pub use runner::{MAX_CONCURRENCY, RunError, Runner, RunnerConfig, Summary};
 pub use stats::{Stats, StatsSnapshot};

@@ -1,7 +1,7 @@
 //! Hooks for what a runner does, so metrics exporters and progress displays can follow
 //! along without the runner knowing about them.
 
-use redrive_core::{Cost, FailureKind, Lane, QueueName};
+use redrive_core::{Cost, Envelope, FailureKind, Lane, QueueName};
 
 use crate::BreakerState;
 
@@ -59,6 +59,13 @@ pub trait Observer: Send + Sync + 'static {
         handler_secs: Option<f64>,
     ) {
         let _ = (queue, lane, settled, handler_secs);
+    }
+
+    /// A replayed message's first attempt since its replay ended: `error` is `None` when
+    /// it succeeded, else the new error. Replay jobs wait for this (see
+    /// [`crate::ReplayReporter`]).
+    fn replay_settled(&self, envelope: &Envelope, error: Option<&str>) {
+        let _ = (envelope, error);
     }
 
     /// The queue's outage breaker opened or closed.

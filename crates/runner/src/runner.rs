@@ -1275,6 +1275,15 @@ impl<T: Transport, H: Handler> Worker<T, H> {
         }
     }
 
+    /// Tells observers how a replayed message's first attempt since its replay went.
+    fn report_replay(&self, delivered: &Envelope, error: Option<&str>) {
+        if delivered.replays > 0 && delivered.attempt == 0 {
+            for o in self.observers.iter() {
+                o.replay_settled(delivered, error);
+            }
+        }
+    }
+
     async fn settle(
         &self,
         delivery: &Delivery<T::Token>,
@@ -1319,6 +1328,7 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             match result {
                 Ok(None) => {
                     self.report(&delivery.lane, Settled::Ok, handler_secs);
+                    self.report_replay(&delivery.envelope, None);
                     tracing::debug!(%id, lane = %delivery.lane.label(), "ok");
                     return;
                 }
@@ -1331,6 +1341,7 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                         Settled::Retried { class, kind, cost }
                     };
                     self.report(&delivery.lane, settled, handler_secs);
+                    self.report_replay(&delivery.envelope, Some(&failure.message));
                     // A retry was scheduled (or a DLQ written): the fetch loop may need
                     // to look sooner than it planned.
                     self.wake.notify_one();

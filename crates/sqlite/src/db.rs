@@ -118,6 +118,32 @@ CREATE TABLE IF NOT EXISTS alert_outbox (
 );
 CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (next_ms) WHERE next_ms IS NOT NULL;
 
+-- Replay jobs: what each was asked to do (`spec`, JSON) and where it stands.
+CREATE TABLE IF NOT EXISTS replay_jobs (
+    id         TEXT    PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    state      TEXT    NOT NULL,
+    note       TEXT    NOT NULL DEFAULT '',
+    spec       TEXT    NOT NULL
+);
+
+-- The messages of each job, snapshot when it started, and what became of each.
+CREATE TABLE IF NOT EXISTS replay_items (
+    job     TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    id      TEXT    NOT NULL,
+    key     TEXT,
+    canary  INTEGER NOT NULL,
+    state   TEXT    NOT NULL,
+    replays INTEGER NOT NULL DEFAULT 0,
+    detail  TEXT    NOT NULL DEFAULT '',
+    was     TEXT    NOT NULL DEFAULT '',
+    at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (job, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS replay_items_by_message ON replay_items (id, state);
+
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY,
     at_ms  INTEGER NOT NULL,

@@ -12,6 +12,7 @@ mod alerts;
 mod config;
 mod db;
 mod error;
+mod jobs;
 mod retention;
 mod store;
 mod transport;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use redrive_core::{LaneSet, QueueName, RetryPolicy, Transport};
-use redrive_runner::{BreakerConfig, Runner, RunnerConfig, Summary};
+use redrive_runner::{BreakerConfig, ReplayReporter, Runner, RunnerConfig, Summary};
 use redrive_server::{LanesAndStore, Metrics, Triage};
 use redrive_sidecar::{ExecHandler, WebhookHandler, WorkerHandler};
 use serde::Serialize;
@@ -92,7 +92,10 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         concurrency = config.concurrency,
         "consuming"
     );
-    let mut runner = Runner::new(store.clone(), queue.clone(), policy, config);
+    // Replay jobs wait for how the messages they moved fare: reported to the store.
+    let replays = ReplayReporter::new(store.clone());
+    let mut runner = Runner::new(store.clone(), queue.clone(), policy, config)
+        .observe(Arc::clone(&replays) as Arc<dyn redrive_runner::Observer>);
     if args.until_idle {
         runner = runner.until_idle();
     }
@@ -133,6 +136,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         }
         (None, None, None) => anyhow::bail!("give --exec CMD, --webhook URL or --worker CMD"),
     };
+    replays.close().await;
     let s = stats.snapshot();
     if args.json {
         json_line(&SummaryJson {

@@ -265,6 +265,13 @@ struct ReplayJson {
 
 pub async fn replay(cli: &Cli, args: &ReplayArgs) -> Result<ExitCode> {
     let selection = selection_from(&args.select)?;
+    if args.canary.is_some() || args.ordered {
+        anyhow::ensure!(
+            !args.dry_run,
+            "--dry-run lists what a plain replay would move; it does not go with --canary or --ordered"
+        );
+        return super::jobs::replay(cli, args, selection).await;
+    }
     let to = args.to.as_deref().map(QueueName::new).transpose()?;
     let store = backend::open_any(cli, false).await?;
     let actor = actor();

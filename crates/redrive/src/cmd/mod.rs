@@ -10,6 +10,7 @@ pub mod bench_triage;
 pub mod consume;
 pub mod demo;
 pub mod dlq;
+pub mod jobs;
 pub mod publish;
 pub mod queues;
 pub mod serve;

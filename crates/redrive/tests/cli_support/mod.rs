@@ -24,3 +24,47 @@ pub fn redrive(store: &str, args: &[&str], stdin: &str) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Runs `redrive --store STORE ARGS` and returns its exit code and stdout, whatever
+/// the code.
+#[allow(dead_code)] // Not every test that shares these helpers uses each one.
+pub fn redrive_status(store: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args(["--store", store])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
+/// A `redrive` process running in the background (a consumer), killed when dropped.
+#[allow(dead_code)]
+pub struct Background(std::process::Child);
+
+#[allow(dead_code)]
+impl Background {
+    /// Starts `redrive --store STORE ARGS`, its output discarded.
+    pub fn start(store: &str, args: &[&str]) -> Self {
+        Self(
+            Command::new(env!("CARGO_BIN_EXE_redrive"))
+                .args(["--store", store])
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
