@@ -196,6 +196,9 @@ impl<T: DlqSource, S: DeadLetterStore + ReplayJobs + Clone> ReplayJobs for Broke
     ) -> Result<bool, StoreError> {
         self.store.set_job_state(id, from, to, note).await
     }
+    async fn claim_job(&self, id: &str, owner: &str, until_ms: i64) -> Result<bool, StoreError> {
+        self.store.claim_job(id, owner, until_ms).await
+    }
     async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
         self.store.jobs(id, limit).await
     }

@@ -224,6 +224,8 @@ pub struct JobView {
     pub updated_at_ms: i64,
     /// Its messages per state.
     pub counts: JobCounts,
+    /// The process running it now (its lease is current), if any.
+    pub runner: Option<String>,
 }
 
 /// How a replayed message's first attempt after its replay ended, as a consumer
@@ -270,6 +272,20 @@ pub trait ReplayJobs: Send + Sync + 'static {
         from: &[JobState],
         to: JobState,
         note: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes or renews the right to run a job until `until_ms`: granted when nobody
+    /// holds it, `owner` already does, or the holder's lease ran out. `until_ms` 0 gives
+    /// it back. Returns whether `owner` holds it now.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn claim_job(
+        &self,
+        id: &str,
+        owner: &str,
+        until_ms: i64,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// One job (`id` given) or the newest `limit` jobs, with their counts.

@@ -143,7 +143,9 @@ const MIGRATIONS: &[&str] = &[
         updated_ms BIGINT NOT NULL,
         state      TEXT   NOT NULL,
         note       TEXT   NOT NULL DEFAULT '',
-        spec       TEXT   NOT NULL
+        spec       TEXT   NOT NULL,
+        owner      TEXT   NOT NULL DEFAULT '',  -- the process running it, while its lease lasts
+        lease_ms   BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE replay_items (
         job     TEXT    NOT NULL,

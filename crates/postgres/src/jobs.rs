@@ -139,18 +139,31 @@ impl ReplayJobs for Postgres {
         Ok(n > 0)
     }
 
+    async fn claim_job(&self, id: &str, owner: &str, until_ms: i64) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE replay_jobs SET owner = $2, lease_ms = $3 \
+                 WHERE id = $1 AND (owner = $2 OR owner = '' OR lease_ms < $4)",
+                &[&id, &text(owner).as_ref(), &until_ms, &now_ms()],
+            )
+            .await
+            .map_err(PgError::query("claim a replay job"))?;
+        Ok(n > 0)
+    }
+
     async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
         let client = self.client().await?;
         let rows = match id {
             Some(id) => client
                 .query(
-                    "SELECT id, state, note, updated_ms, spec FROM replay_jobs WHERE id = $1",
+                    "SELECT id, state, note, updated_ms, spec, owner, lease_ms FROM replay_jobs WHERE id = $1",
                     &[&id],
                 )
                 .await,
             None => client
                 .query(
-                    "SELECT id, state, note, updated_ms, spec FROM replay_jobs ORDER BY created_ms DESC, id DESC LIMIT $1",
+                    "SELECT id, state, note, updated_ms, spec, owner, lease_ms FROM replay_jobs ORDER BY created_ms DESC, id DESC LIMIT $1",
                     &[&i64::try_from(limit).unwrap_or(i64::MAX)],
                 )
                 .await,
@@ -161,7 +174,10 @@ impl ReplayJobs for Postgres {
             let id: String = row.get(0);
             let state: String = row.get(1);
             let spec: String = row.get(4);
+            let owner: String = row.get(5);
+            let lease: i64 = row.get(6);
             views.push(JobView {
+                runner: (lease > now_ms() && !owner.is_empty()).then_some(owner),
                 job: serde_json::from_str(&spec).map_err(|e| corrupt(&id, e))?,
                 state: JobState::parse(&state).ok_or_else(|| corrupt(&id, "unknown state"))?,
                 note: row.get(2),

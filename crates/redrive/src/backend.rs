@@ -512,6 +512,9 @@ impl ReplayJobs for AnyBackend {
     ) -> Result<bool, StoreError> {
         each_backend!(self, |b| b.set_job_state(id, from, to, note).await)
     }
+    async fn claim_job(&self, id: &str, owner: &str, until_ms: i64) -> Result<bool, StoreError> {
+        each_backend!(self, |b| b.claim_job(id, owner, until_ms).await)
+    }
     async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
         each_backend!(self, |b| b.jobs(id, limit).await)
     }

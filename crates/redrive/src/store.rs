@@ -96,6 +96,9 @@ impl ReplayJobs for AnyStore {
     ) -> Result<bool, StoreError> {
         each_store!(self, |s| s.set_job_state(id, from, to, note).await)
     }
+    async fn claim_job(&self, id: &str, owner: &str, until_ms: i64) -> Result<bool, StoreError> {
+        each_store!(self, |s| s.claim_job(id, owner, until_ms).await)
+    }
     async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
         each_store!(self, |s| s.jobs(id, limit).await)
     }

@@ -38,6 +38,8 @@ pub struct JobOptions {
     /// back, and never runs further ahead of its consumers than this, so its failure
     /// rate can still pause it.
     pub window: usize,
+    /// Who runs it (shown while it runs): one process at a time holds a job.
+    pub owner: String,
 }
 
 impl Default for JobOptions {
@@ -46,9 +48,13 @@ impl Default for JobOptions {
             poll: Duration::from_millis(200),
             outcome_wait: Duration::from_secs(600),
             window: 500,
+            owner: format!("pid {}", std::process::id()),
         }
     }
 }
+
+/// How long a job stays held by a process that stopped renewing its hold.
+const LEASE: Duration = Duration::from_secs(30);
 
 /// What a new job covers and how it moves.
 #[derive(Debug, Clone)]
@@ -132,8 +138,9 @@ pub async fn start_job<S: DeadLetterStore + ReplayJobs>(
     let canaries = match spec.canary {
         Canary::None => 0,
         Canary::Count(n) => n.min(picked.len() as u64),
+        // At least one of a selection that has any.
         Canary::Percent(p) => ((picked.len() as f64 * p / 100.0).ceil() as u64)
-            .clamp(1, picked.len() as u64)
+            .max(1)
             .min(picked.len() as u64),
     };
     let now = now_ms();
@@ -214,14 +221,51 @@ async fn all_items<S: ReplayJobs>(store: &S, id: &str) -> Result<Vec<JobItem>, S
     }
 }
 
+fn lease_until() -> i64 {
+    now_ms() + i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+fn held_elsewhere(id: &str, v: Option<JobView>) -> ReplayError {
+    let by = v
+        .and_then(|v| v.runner)
+        .unwrap_or_else(|| "another process".to_owned());
+    ReplayError::Store(StoreError::Backend {
+        context: format!("replay job {id}"),
+        source: format!("it is being run by {by}").into(),
+    })
+}
+
 /// Runs a job until it is done, paused (by its checks or by someone) or cancelled, and
 /// returns how it stands then. `progress` is called each round with the job's view.
+/// One process at a time runs a job: it holds it with a lease it renews, and gives it
+/// back when it returns.
 ///
 /// # Errors
 ///
-/// Fails when the store or the transport fails; the job stays running and a second
-/// `run_job` resumes it.
+/// Fails when another process runs the job, or the store or the transport fails; the
+/// job stays running and a second `run_job` resumes it.
 pub async fn run_job<T, S>(
+    transport: &T,
+    store: &S,
+    id: &str,
+    options: &JobOptions,
+    progress: impl FnMut(&JobView),
+) -> Result<JobView, ReplayError>
+where
+    T: Transport,
+    S: DeadLetterStore + ReplayJobs,
+{
+    if !store.claim_job(id, &options.owner, lease_until()).await? {
+        return Err(held_elsewhere(id, store.jobs(Some(id), 1).await?.pop()));
+    }
+    let result = drive(transport, store, id, options, progress).await;
+    if let Err(e) = store.claim_job(id, &options.owner, 0).await {
+        tracing::warn!(job = id, error = %e, "could not give a replay job back; its lease runs out in 30 s");
+    }
+    result
+}
+
+async fn drive<T, S>(
     transport: &T,
     store: &S,
     id: &str,
@@ -235,7 +279,14 @@ where
     recover(store, id).await?;
     let mut last_change = Instant::now();
     let mut last_settled = u64::MAX;
+    let mut renewed = Instant::now();
     loop {
+        if renewed.elapsed() >= LEASE / 3 {
+            if !store.claim_job(id, &options.owner, lease_until()).await? {
+                return Err(held_elsewhere(id, store.jobs(Some(id), 1).await?.pop()));
+            }
+            renewed = Instant::now();
+        }
         let v = view(store, id).await?;
         progress(&v);
         if v.state != JobState::Running {
@@ -708,6 +759,7 @@ mod tests {
             note: String::new(),
             updated_at_ms: 0,
             counts,
+            runner: None,
         }
     }
 

@@ -14,13 +14,18 @@ use crate::App;
 use crate::auth::{Caller, Role, Via};
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::json::{DeadJson, GroupJson, QueueJson};
+use crate::json::{
+    DeadDetailJson, DeadJson, GroupJson, JobDetailJson, JobItemJson, JobJson, LineageJson,
+    QueueJson,
+};
 use crate::triage::ReplayRequest;
 
 /// Most items one page may hold.
 const MAX_PAGE: usize = 1000;
 /// Most ids one bulk request may name.
 const MAX_IDS: usize = 10_000;
+/// The most canaries a job may ask for.
+const MAX_CANARIES: u64 = 1_000_000_000;
 /// The fastest replay rate a request may ask for.
 const MAX_RATE: u32 = 100_000;
 
@@ -213,10 +218,19 @@ pub(crate) async fn dead_list(
 pub(crate) async fn dead_get(
     State(app): State<Arc<App>>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<DeadJson>, ApiError> {
+) -> Result<Json<DeadDetailJson>, ApiError> {
     let id = parse_id(&id)?;
     match app.triage.get(id).await? {
-        Some(d) => Ok(Json(DeadJson::from(&d))),
+        Some(d) => Ok(Json(DeadDetailJson {
+            dead: DeadJson::from(&d),
+            replay_jobs: app
+                .triage
+                .replays_of(id)
+                .await?
+                .iter()
+                .map(LineageJson::from)
+                .collect(),
+        })),
         None => Err(ApiError::NotFound(format!("no dead message with id {id}"))),
     }
 }
@@ -278,7 +292,7 @@ where
 }
 
 /// A bulk selection's filter: the fields of [`FilterQuery`], and nothing else.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BulkFilter {
     queue: Option<String>,
@@ -613,4 +627,302 @@ pub(crate) async fn export(
 
 pub(crate) async fn openapi() -> impl IntoResponse {
     Json(crate::openapi::document())
+}
+
+/// Body of `POST /api/v1/jobs`: a selection as for `/replay`, and how the job moves it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewJob {
+    #[serde(default, deserialize_with = "present")]
+    ids: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    filter: Option<BulkFilter>,
+    #[serde(default)]
+    all: bool,
+    to: Option<String>,
+    #[serde(default, deserialize_with = "whole")]
+    max_replays: Option<u32>,
+    #[serde(default)]
+    reason: String,
+    #[serde(default, deserialize_with = "whole")]
+    canary: Option<u64>,
+    canary_percent: Option<f64>,
+    max_failed_percent: Option<f64>,
+    #[serde(default)]
+    ordered: bool,
+}
+
+impl NewJob {
+    fn spec(&self, actor: &str, max_replays: u32) -> Result<redrive_runner::JobSpec, ApiError> {
+        use redrive_runner::Canary;
+        let canary = match (self.canary, self.canary_percent) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "give \"canary\" (a number of messages) or \"canary_percent\", not both".into(),
+                ));
+            }
+            (Some(0), None) => {
+                return Err(ApiError::BadRequest("\"canary\" must be at least 1".into()));
+            }
+            (Some(n), None) if n > MAX_CANARIES => {
+                return Err(ApiError::BadRequest(format!(
+                    "\"canary\" is at most {MAX_CANARIES}"
+                )));
+            }
+            (Some(n), None) => Canary::Count(n),
+            (None, Some(p)) if p > 0.0 && p <= 100.0 => Canary::Percent(p),
+            (None, Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "\"canary_percent\" must be more than 0 and at most 100".into(),
+                ));
+            }
+            (None, None) => Canary::None,
+        };
+        let max_failed_percent = self.max_failed_percent.unwrap_or(0.0);
+        if !(0.0..=100.0).contains(&max_failed_percent) {
+            return Err(ApiError::BadRequest(
+                "\"max_failed_percent\" must be from 0 to 100".into(),
+            ));
+        }
+        if canary == Canary::None && !self.ordered {
+            return Err(ApiError::BadRequest(
+                "a job needs \"canary\", \"canary_percent\" or \"ordered\": true (a plain replay is POST /api/v1/replay)".into(),
+            ));
+        }
+        Ok(redrive_runner::JobSpec {
+            actor: actor.to_owned(),
+            reason: self.reason.clone(),
+            to: target(self.to.as_ref())?,
+            max_replays: self.max_replays.unwrap_or(max_replays),
+            canary,
+            max_failed_percent,
+            ordered: self.ordered,
+        })
+    }
+
+    fn selection(&self) -> Result<DeadSelection, ApiError> {
+        Bulk {
+            ids: self.ids.clone(),
+            filter: self.filter.clone(),
+            all: self.all,
+            to: self.to.clone(),
+            dry_run: false,
+            rate_per_sec: None,
+            max_replays: self.max_replays,
+            reason: String::new(),
+        }
+        .selection()
+    }
+}
+
+/// Starts a replay job and runs it in the background; answers at once with the job.
+pub(crate) async fn job_start(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<NewJob>,
+) -> Result<(StatusCode, Json<JobJson>), ApiError> {
+    require_operator(&caller, &headers)?;
+    let selection = body.selection()?;
+    let spec = body.spec(&caller.actor, app.max_replays)?;
+    let v = app.triage.start_job(selection, spec).await?;
+    app.jobs.spawn(v.job.id.clone());
+    Ok((StatusCode::ACCEPTED, Json(JobJson::from(&v))))
+}
+
+/// Query of `GET /api/v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JobsQuery {
+    limit: Option<u64>,
+}
+
+pub(crate) async fn jobs_list(
+    State(app): State<Arc<App>>,
+    ApiQuery(q): ApiQuery<JobsQuery>,
+) -> Result<Json<Vec<JobJson>>, ApiError> {
+    let limit = match q.limit {
+        None => 50,
+        Some(n @ 1..=1000) => usize::try_from(n).unwrap_or(1000),
+        Some(_) => return Err(ApiError::BadRequest("limit must be from 1 to 1000".into())),
+    };
+    let jobs = app.triage.jobs(None, limit).await?;
+    Ok(Json(jobs.iter().map(JobJson::from).collect()))
+}
+
+/// A job id as a path segment: `rj-` and 20 hexadecimal digits.
+fn job_id(id: &str) -> Result<String, ApiError> {
+    let ok =
+        id.len() == 23 && id.starts_with("rj-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit());
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{:?} is not a job id (rj- and 20 hexadecimal digits)",
+            redrive_core::truncate_utf8(id, 40)
+        )))
+    }
+}
+
+pub(crate) async fn job_one(app: &App, id: &str) -> Result<redrive_core::JobView, ApiError> {
+    app.triage
+        .jobs(Some(id.to_owned()), 1)
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::NotFound(format!("no replay job {id}")))
+}
+
+/// The messages of a job worth a look: canaries, and those that failed again, were held
+/// or skipped; at most `limit`.
+pub(crate) async fn job_notable(
+    app: &App,
+    id: &str,
+    limit: usize,
+) -> Result<Vec<redrive_core::JobItem>, ApiError> {
+    use redrive_core::ItemState;
+    let mut out = Vec::new();
+    let mut after = None;
+    while out.len() < limit {
+        let page = app.triage.job_items(id.to_owned(), after, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        out.extend(page.into_iter().filter(|i| {
+            i.canary
+                || matches!(
+                    i.state,
+                    ItemState::Failed | ItemState::Held | ItemState::Skipped
+                )
+        }));
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
+pub(crate) async fn job_get(
+    State(app): State<Arc<App>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<JobDetailJson>, ApiError> {
+    let id = job_id(&id)?;
+    let v = job_one(&app, &id).await?;
+    let items = job_notable(&app, &id, 1000).await?;
+    Ok(Json(JobDetailJson {
+        job: JobJson::from(&v),
+        messages: items.iter().map(JobItemJson::from).collect(),
+    }))
+}
+
+/// What a person can do to a job.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum JobAction {
+    Pause,
+    Resume,
+    Cancel,
+}
+
+/// Pauses, resumes or cancels a job for `actor`; answers with it afterwards.
+pub(crate) async fn act_on_job(
+    app: &App,
+    id: &str,
+    action: JobAction,
+    actor: &str,
+) -> Result<redrive_core::JobView, ApiError> {
+    use redrive_core::JobState;
+    let v = job_one(app, id).await?;
+    let (from, to, note) = match action {
+        JobAction::Pause => (
+            vec![JobState::Running],
+            JobState::Paused,
+            format!("paused by {actor}"),
+        ),
+        JobAction::Resume => (
+            vec![JobState::Paused, JobState::Running],
+            JobState::Running,
+            format!("resumed by {actor}"),
+        ),
+        JobAction::Cancel => (
+            vec![JobState::Running, JobState::Paused],
+            JobState::Cancelled,
+            format!("cancelled by {actor}; what was not moved stays dead"),
+        ),
+    };
+    if !app
+        .triage
+        .set_job_state(id.to_owned(), from, to, note)
+        .await?
+    {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is {}: it cannot be {}",
+            v.state.as_str(),
+            match action {
+                JobAction::Pause => "paused",
+                JobAction::Resume => "resumed",
+                JobAction::Cancel => "cancelled",
+            }
+        )));
+    }
+    if let JobAction::Resume = action {
+        if v.state == JobState::Paused {
+            // A person's decision to go on: past judged canaries, and past the
+            // re-failures seen so far.
+            let mut items = Vec::new();
+            let mut after = None;
+            loop {
+                let page = app.triage.job_items(id.to_owned(), after, 10_000).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.seq);
+                items.extend(page);
+            }
+            let mut job = v.job.clone();
+            job.canary_passed |= items.iter().filter(|i| i.canary).all(|i| {
+                !matches!(
+                    i.state,
+                    redrive_core::ItemState::Pending | redrive_core::ItemState::Moved
+                )
+            });
+            job.forgiven = redrive_runner::rest_outcomes(&items);
+            app.triage.update_job(job).await?;
+        }
+        app.jobs.spawn(id.to_owned());
+    }
+    job_one(app, id).await
+}
+
+async fn job_action(
+    app: Arc<App>,
+    caller: Caller,
+    headers: HeaderMap,
+    id: String,
+    action: JobAction,
+) -> Result<Json<JobJson>, ApiError> {
+    require_operator(&caller, &headers)?;
+    let id = job_id(&id)?;
+    let v = act_on_job(&app, &id, action, &caller.actor).await?;
+    Ok(Json(JobJson::from(&v)))
+}
+
+pub(crate) async fn job_pause(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<JobJson>, ApiError> {
+    job_action(app, caller, headers, id, JobAction::Pause).await
+}
+
+pub(crate) async fn job_resume(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<JobJson>, ApiError> {
+    job_action(app, caller, headers, id, JobAction::Resume).await
+}
+
+pub(crate) async fn job_cancel(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<JobJson>, ApiError> {
+    job_action(app, caller, headers, id, JobAction::Cancel).await
 }

@@ -22,6 +22,8 @@ pub enum ApiError {
     Unprocessable(String),
     /// A body over the limit.
     TooLarge(String),
+    /// The request does not fit the thing's current state (a job already done).
+    Conflict(String),
     /// The backend failed.
     Internal(BackendError),
 }
@@ -43,6 +45,7 @@ impl ApiError {
             Self::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m.clone()),
             Self::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.clone()),
             Self::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
+            Self::Conflict(m) => (StatusCode::CONFLICT, m.clone()),
             Self::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
                 (

@@ -207,3 +207,149 @@ mod tests {
         }
     }
 }
+
+/// A replay job, as the API and `dlq jobs --json` show it.
+#[derive(Serialize)]
+pub struct JobJson {
+    /// Its id.
+    pub id: String,
+    /// `running`, `paused`, `done` or `cancelled`.
+    pub state: &'static str,
+    /// Why it is paused or how it ended.
+    pub note: String,
+    /// When it started.
+    pub created_at: String,
+    /// When its state or a message last changed.
+    pub updated_at: String,
+    /// Who started it.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// What it selected.
+    pub selection: String,
+    /// Its target queue, when not each message's own.
+    pub to: Option<String>,
+    /// How many canaries went first.
+    pub canary: u64,
+    /// Whether they passed (or a person went on past them).
+    pub canary_passed: bool,
+    /// Most re-failures tolerated, in percent.
+    pub max_failed_percent: f64,
+    /// Each key's messages in order.
+    pub ordered: bool,
+    /// Its messages per state.
+    pub counts: redrive_core::JobCounts,
+    /// The process running it now, if any.
+    pub runner: Option<String>,
+}
+
+impl From<&redrive_core::JobView> for JobJson {
+    fn from(v: &redrive_core::JobView) -> Self {
+        Self {
+            id: v.job.id.clone(),
+            state: v.state.as_str(),
+            note: v.note.clone(),
+            created_at: rfc3339(v.job.created_at_ms),
+            updated_at: rfc3339(v.updated_at_ms),
+            actor: v.job.actor.clone(),
+            reason: v.job.reason.clone(),
+            selection: v.job.selection.clone(),
+            to: v.job.to.clone(),
+            canary: v.job.canary,
+            canary_passed: v.job.canary_passed,
+            max_failed_percent: v.job.max_failed_percent,
+            ordered: v.job.ordered,
+            counts: v.counts,
+            runner: v.runner.clone(),
+        }
+    }
+}
+
+/// One message of a job.
+#[derive(Serialize)]
+pub struct JobItemJson {
+    /// The message.
+    pub id: String,
+    /// Its key.
+    pub key: Option<String>,
+    /// Whether it was a canary.
+    pub canary: bool,
+    /// `pending`, `moved`, `ok`, `failed`, `held` or `skipped`.
+    pub state: &'static str,
+    /// The new error, or why it was held or skipped.
+    pub detail: String,
+    /// The error it died of before the job.
+    pub was: String,
+    /// When its state last changed.
+    pub at: String,
+}
+
+impl From<&redrive_core::JobItem> for JobItemJson {
+    fn from(i: &redrive_core::JobItem) -> Self {
+        Self {
+            id: i.id.to_string(),
+            key: i.key.clone(),
+            canary: i.canary,
+            state: i.state.as_str(),
+            detail: i.detail.clone(),
+            was: i.was.clone(),
+            at: rfc3339(i.at_ms),
+        }
+    }
+}
+
+/// A job with the messages worth a look: canaries, and those that failed again, were
+/// held or skipped.
+#[derive(Serialize)]
+pub struct JobDetailJson {
+    /// The job.
+    #[serde(flatten)]
+    pub job: JobJson,
+    /// Its canaries and the messages that did not go through (at most 1,000).
+    pub messages: Vec<JobItemJson>,
+}
+
+/// One replay a message went through, for its timeline.
+#[derive(Serialize)]
+pub struct LineageJson {
+    /// The job.
+    pub job: String,
+    /// Who started it.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// When it started.
+    pub started_at: String,
+    /// What became of the message: `moved` (no outcome yet), `ok`, `failed`, `held`,
+    /// `skipped` or `pending`.
+    pub outcome: &'static str,
+    /// Its new error, or why it was held or skipped.
+    pub detail: String,
+    /// When that was known.
+    pub at: String,
+}
+
+impl From<&(redrive_core::ReplayJob, redrive_core::JobItem)> for LineageJson {
+    fn from((job, item): &(redrive_core::ReplayJob, redrive_core::JobItem)) -> Self {
+        Self {
+            job: job.id.clone(),
+            actor: job.actor.clone(),
+            reason: job.reason.clone(),
+            started_at: rfc3339(job.created_at_ms),
+            outcome: item.state.as_str(),
+            detail: item.detail.clone(),
+            at: rfc3339(item.at_ms),
+        }
+    }
+}
+
+/// A dead message with the replay jobs it went through (`GET /api/v1/dead/{id}`,
+/// `dlq show --json`).
+#[derive(Serialize)]
+pub struct DeadDetailJson {
+    /// The message.
+    #[serde(flatten)]
+    pub dead: DeadJson,
+    /// Every replay job that covered it, oldest first, with what became of it.
+    pub replay_jobs: Vec<LineageJson>,
+}

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod error;
 mod extract;
 pub mod history;
+pub mod jobs;
 pub mod json;
 pub mod metrics;
 pub mod notify;
@@ -52,12 +53,19 @@ pub struct App {
     pub max_replays: u32,
     /// Alert state for the UI, when alerting runs.
     pub alerts: Option<Arc<dyn alerting::AlertView>>,
+    /// Runs the replay jobs started here (and adopts orphaned ones, when supervised).
+    pub jobs: Arc<jobs::JobRunner>,
 }
 
 impl App {
     /// State for a server over `triage`.
     pub fn new(triage: Arc<dyn Triage>, auth: Auth, metrics: Arc<Metrics>) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let owner = format!("serve (pid {} on {host})", std::process::id());
         Self {
+            jobs: jobs::JobRunner::new(Arc::clone(&triage), owner),
             triage,
             auth,
             metrics,
@@ -91,6 +99,9 @@ pub fn router(app: Arc<App>) -> Router {
             get(ui::message_purge_confirm).post(ui::message_purge),
         )
         .route("/audit", get(ui::audit))
+        .route("/jobs", get(ui::jobs))
+        .route("/jobs/{id}", get(ui::job))
+        .route("/jobs/{id}/{action}", post(ui::job_action))
         .route("/alerts", get(ui::alerts))
         .route("/api/v1/queues", get(api::queues))
         .route("/api/v1/dead", get(api::dead_list))
@@ -101,6 +112,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/purge", post(api::purge))
         .route("/api/v1/export", get(api::export))
         .route("/api/v1/audit", get(api::audit))
+        .route("/api/v1/jobs", get(api::jobs_list).post(api::job_start))
+        .route("/api/v1/jobs/{id}", get(api::job_get))
+        .route("/api/v1/jobs/{id}/pause", post(api::job_pause))
+        .route("/api/v1/jobs/{id}/resume", post(api::job_resume))
+        .route("/api/v1/jobs/{id}/cancel", post(api::job_cancel))
         .route("/metrics", get(scrape))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),

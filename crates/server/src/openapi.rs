@@ -94,6 +94,81 @@ fn id_param() -> Value {
     json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}})
 }
 
+/// A job id: `rj-` and 20 hexadecimal digits.
+fn job_id_param() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^rj-[0-9a-fA-F]{20}$"}})
+}
+
+/// The answers of an action on a job: the job after it, or a 409 when its state does
+/// not allow the action (a done job cannot be paused).
+fn job_acted() -> Value {
+    let mut responses = ok_or_missing(
+        json!({"$ref": "#/components/schemas/Job"}),
+        "The job after the action",
+    );
+    responses["409"] = error();
+    responses
+}
+
+/// The answers of starting a job: 202 with the job, which runs on in the server.
+fn job_started() -> Value {
+    json!({
+        "202": {"description": "Started; it runs in the server (follow it with getJob)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}},
+            "links": {
+                "GetJob": {"operationId": "getJob", "parameters": {"id": "$response.body#/id"}},
+                "PauseJob": {"operationId": "pauseJob", "parameters": {"id": "$response.body#/id"}},
+                "ResumeJob": {"operationId": "resumeJob", "parameters": {"id": "$response.body#/id"}},
+                "CancelJob": {"operationId": "cancelJob", "parameters": {"id": "$response.body#/id"}}
+            }},
+        "400": error(), "401": error(), "403": error()
+    })
+}
+
+fn job_schema() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    json!({"type": "object", "required": ["id", "state", "counts"], "properties": {
+        "id": {"type": "string"}, "state": {"type": "string", "enum": ["running", "paused", "done", "cancelled"]},
+        "note": {"type": "string", "description": "Why it is paused, or how it ended"},
+        "created_at": {"type": "string", "format": "date-time"}, "updated_at": {"type": "string", "format": "date-time"},
+        "actor": {"type": "string"}, "reason": {"type": "string"}, "selection": {"type": "string"},
+        "to": {"type": ["string", "null"]}, "canary": {"type": "integer"}, "canary_passed": {"type": "boolean"},
+        "max_failed_percent": {"type": "number"}, "ordered": {"type": "boolean"},
+        "runner": {"type": ["string", "null"], "description": "The process running it now"},
+        "counts": {"type": "object", "properties": {
+            "total": count, "pending": count, "moved": count, "ok": count, "failed": count, "held": count, "skipped": count}}}})
+}
+
+/// A new job: a selection as for a replay (exactly one of ids, filter or "all": true),
+/// and canaries (a count or a percentage, not both) or "ordered": true, or both.
+fn new_job() -> Value {
+    let all = json!({"required": ["all"], "properties": {"all": {"const": true}}});
+    json!({"type": "object", "additionalProperties": false,
+    "properties": {
+        "ids": {"type": "array", "minItems": 1, "maxItems": 10000, "items": {"type": "string", "format": "uuid"}},
+        "filter": filter_object(),
+        "all": {"type": "boolean"}, "to": target(),
+        "max_replays": {"type": ["integer", "null"], "minimum": 0, "maximum": u32::MAX},
+        "reason": {"type": "string"},
+        "canary": {"type": ["integer", "null"], "minimum": 1, "maximum": 1_000_000_000_u64, "description": "Messages sent first, alone"},
+        "canary_percent": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 100, "description": "Or this percentage of the selection"},
+        "max_failed_percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100, "description": "Re-failures tolerated (default 0)"},
+        "ordered": {"type": "boolean", "description": "Each key's messages one at a time, in their original order"}},
+    "allOf": [
+        {"oneOf": [
+            {"required": ["ids"], "not": {"anyOf": [{"required": ["filter"]}, all.clone()]}},
+            {"required": ["filter"], "not": {"anyOf": [{"required": ["ids"]}, all.clone()]}},
+            {"allOf": [all.clone()], "not": {"anyOf": [{"required": ["ids"]}, {"required": ["filter"]}]}}
+        ]},
+        {"anyOf": [
+            {"required": ["canary"], "properties": {"canary": {"type": "integer"}}},
+            {"required": ["canary_percent"], "properties": {"canary_percent": {"type": "number"}}},
+            {"required": ["ordered"], "properties": {"ordered": {"const": true}}}
+        ]},
+        {"not": {"required": ["canary", "canary_percent"], "properties": {"canary": {"type": "integer"}, "canary_percent": {"type": "number"}}}}
+    ]})
+}
+
 /// The document.
 #[must_use]
 pub fn document() -> Value {
@@ -154,7 +229,23 @@ pub fn document() -> Value {
             "/api/v1/export": {"get": {"summary": "Stream matching dead messages as JSON lines", "parameters": filter_params(),
                 "responses": export_responses}},
             "/api/v1/audit": {"get": {"summary": "The audit log: who replayed, edited or purged what, when and why",
-                "responses": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}}), "Newest first")}}
+                "responses": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}}), "Newest first")}},
+            "/api/v1/jobs": {
+                "get": {"operationId": "listJobs", "summary": "Replay jobs, newest first",
+                    "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}],
+                    "responses": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Job"}}), "Jobs")},
+                "post": {"operationId": "startJob", "summary": "Start a replay job (canaries first, or each key in order); it runs in the server",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewJob"}}}},
+                    "responses": ok_with_body(job_started())}},
+            "/api/v1/jobs/{id}": {"get": {"operationId": "getJob", "summary": "One job, with its canaries and the messages that failed again, were held or skipped",
+                "parameters": [job_id_param()],
+                "responses": ok_or_missing(json!({"$ref": "#/components/schemas/JobDetail"}), "The job")}},
+            "/api/v1/jobs/{id}/pause": {"post": {"operationId": "pauseJob", "summary": "Pause a running job after its current step",
+                "parameters": [job_id_param()], "responses": job_acted()}},
+            "/api/v1/jobs/{id}/resume": {"post": {"operationId": "resumeJob", "summary": "Go on with a paused job (past its failed canaries and the re-failures so far)",
+                "parameters": [job_id_param()], "responses": job_acted()}},
+            "/api/v1/jobs/{id}/cancel": {"post": {"operationId": "cancelJob", "summary": "Stop a job for good; what it did not move stays dead",
+                "parameters": [job_id_param()], "responses": job_acted()}}
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "REDRIVE_TOKEN (operator) or REDRIVE_VIEWER_TOKEN (read-only)"}},
@@ -182,7 +273,8 @@ pub fn document() -> Value {
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}},
                     "first_failed_at": {"type": ["string", "null"], "format": "date-time"}, "last_failed_at": {"type": ["string", "null"], "format": "date-time"},
                     "dead_at": {"type": "string", "format": "date-time"},
-                    "cost": {"$ref": "#/components/schemas/Cost", "description": "What its failed attempts cost, summed"}, "history": {"type": "array", "items": {"$ref": "#/components/schemas/Failure"}}}},
+                    "cost": {"$ref": "#/components/schemas/Cost", "description": "What its failed attempts cost, summed"}, "history": {"type": "array", "items": {"$ref": "#/components/schemas/Failure"}},
+                    "replay_jobs": {"type": "array", "description": "(One message only) the replay jobs it went through, oldest first", "items": {"$ref": "#/components/schemas/Lineage"}}}},
                 "Group": {"type": "object", "properties": {
                     "fingerprint": {"type": "string"}, "error_class": {"type": "string"}, "count": {"type": "integer"},
                     "first_seen": {"type": "string", "format": "date-time"}, "last_seen": {"type": "string", "format": "date-time"},
@@ -207,6 +299,20 @@ pub fn document() -> Value {
                     "dry_run": {"type": "boolean"}, "matched": {"type": "integer"}, "replayed": {"type": "integer"},
                     "over_replay_limit": {"type": "array", "items": {"type": "string"}},
                     "by_queue": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "NewJob": new_job(),
+                "Job": job_schema(),
+                "JobDetail": {"allOf": [{"$ref": "#/components/schemas/Job"}, {"type": "object", "required": ["messages"], "properties": {
+                    "messages": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "string", "format": "uuid"}, "key": {"type": ["string", "null"]}, "canary": {"type": "boolean"},
+                        "state": {"type": "string", "enum": ["pending", "moved", "ok", "failed", "held", "skipped"]},
+                        "detail": {"type": "string", "description": "The new error, or why it was held or skipped"},
+                        "was": {"type": "string", "description": "The error it died of before the job"},
+                        "at": {"type": "string", "format": "date-time"}}}}}}]},
+                "Lineage": {"type": "object", "properties": {
+                    "job": {"type": "string"}, "actor": {"type": "string"}, "reason": {"type": "string"},
+                    "started_at": {"type": "string", "format": "date-time"},
+                    "outcome": {"type": "string", "enum": ["pending", "moved", "ok", "failed", "held", "skipped"]},
+                    "detail": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}},
                 "AuditEntry": {"type": "object", "properties": {
                     "at": {"type": "string", "format": "date-time"}, "actor": {"type": "string"}, "action": {"type": "string"},
                     "detail": {"type": "string"}, "count": {"type": "integer"}, "reason": {"type": "string"}}}

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use redrive_core::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
-    DeadStats, LaneStats, MessageId, Pace, QueueDepths, QueueName, ReplayOptions, ReplayReport,
-    Transport, replay, replay_edited,
+    DeadStats, JobItem, JobState, JobView, LaneStats, MessageId, Pace, QueueDepths, QueueName,
+    ReplayJob, ReplayJobs, ReplayOptions, ReplayReport, Transport, replay, replay_edited,
 };
+use redrive_runner::{JobOptions, JobSpec};
 use tokio::time::Instant;
 
 /// A boxed error from the backend; shown to operators only in the server log.
@@ -69,6 +70,31 @@ pub trait Triage: Send + Sync + 'static {
     fn purge(&self, selection: DeadSelection, actor: String, reason: String) -> BoxFuture<'_, u64>;
     /// The audit log, newest first.
     fn audit(&self, limit: usize) -> BoxFuture<'_, Vec<AuditEntry>>;
+    /// Starts a replay job (its snapshot); [`Triage::run_job`] moves it.
+    fn start_job(&self, selection: DeadSelection, spec: JobSpec) -> BoxFuture<'_, JobView>;
+    /// Runs a job until it is done, paused or cancelled.
+    fn run_job(&self, id: String, options: JobOptions) -> BoxFuture<'_, JobView>;
+    /// One job or the newest `limit`.
+    fn jobs(&self, id: Option<String>, limit: usize) -> BoxFuture<'_, Vec<JobView>>;
+    /// A job's messages, at most `limit` after `after`.
+    fn job_items(
+        &self,
+        id: String,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Vec<JobItem>>;
+    /// Changes a job's state if it is one of `from`.
+    fn set_job_state(
+        &self,
+        id: String,
+        from: Vec<JobState>,
+        to: JobState,
+        note: String,
+    ) -> BoxFuture<'_, bool>;
+    /// Rewrites a job's spec.
+    fn update_job(&self, job: ReplayJob) -> BoxFuture<'_, ()>;
+    /// The jobs that covered a message, with what became of it.
+    fn replays_of(&self, id: MessageId) -> BoxFuture<'_, Vec<(ReplayJob, JobItem)>>;
 }
 
 /// A transport and a store, as one [`Triage`].
@@ -106,7 +132,7 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BackendError {
 impl<T, S> Triage for LanesAndStore<T, S>
 where
     T: Transport + LaneStats,
-    S: DeadLetterStore,
+    S: DeadLetterStore + ReplayJobs,
 {
     fn depths(&self) -> BoxFuture<'_, Vec<QueueDepths>> {
         Box::pin(async move { self.transport.depths().await.map_err(boxed) })
@@ -196,5 +222,57 @@ where
 
     fn audit(&self, limit: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
         Box::pin(async move { self.store.audit_log(limit).await.map_err(boxed) })
+    }
+
+    fn start_job(&self, selection: DeadSelection, spec: JobSpec) -> BoxFuture<'_, JobView> {
+        Box::pin(async move {
+            redrive_runner::start_job(&self.store, &selection, &spec)
+                .await
+                .map_err(boxed)
+        })
+    }
+
+    fn run_job(&self, id: String, options: JobOptions) -> BoxFuture<'_, JobView> {
+        Box::pin(async move {
+            redrive_runner::run_job(&self.transport, &self.store, &id, &options, |_| {})
+                .await
+                .map_err(boxed)
+        })
+    }
+
+    fn jobs(&self, id: Option<String>, limit: usize) -> BoxFuture<'_, Vec<JobView>> {
+        Box::pin(async move { self.store.jobs(id.as_deref(), limit).await.map_err(boxed) })
+    }
+
+    fn job_items(
+        &self,
+        id: String,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Vec<JobItem>> {
+        Box::pin(async move { self.store.job_items(&id, after, limit).await.map_err(boxed) })
+    }
+
+    fn set_job_state(
+        &self,
+        id: String,
+        from: Vec<JobState>,
+        to: JobState,
+        note: String,
+    ) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            self.store
+                .set_job_state(&id, &from, to, &note)
+                .await
+                .map_err(boxed)
+        })
+    }
+
+    fn update_job(&self, job: ReplayJob) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.store.update_job(&job).await.map_err(boxed) })
+    }
+
+    fn replays_of(&self, id: MessageId) -> BoxFuture<'_, Vec<(ReplayJob, JobItem)>> {
+        Box::pin(async move { self.store.replays_of(&id).await.map_err(boxed) })
     }
 }

@@ -78,6 +78,7 @@ fn page(title: &str, caller: Option<&Caller>, notice: Option<&str>, body: Markup
                         a href="/" { "Overview" }
                         a href="/groups" { "Error groups" }
                         a href="/messages" { "Dead messages" }
+                        a href="/jobs" { "Replay jobs" }
                         a href="/alerts" { "Alerts" }
                         a href="/audit" { "Audit log" }
                         span.who { (c.actor) " · " (c.role.as_str()) }
@@ -549,6 +550,8 @@ async fn confirm_group(
                 @if replay {
                     div { label for="to" { "Target queue (empty: each message's own)" } input #to name="to"; }
                     div { label for="rate" { "Rate limit, messages per second (empty: no limit)" } input #rate name="rate" inputmode="numeric"; }
+                    div { label for="canary" { "Canaries first: a number or a percentage; the rest go only if none fails again (empty: all at once)" } input #canary name="canary" placeholder="5 or 10%"; }
+                    div { label { input #ordered type="checkbox" name="ordered" value="on"; " Keep each key's order: one message per key at a time, a key held behind one that fails again" } }
                 }
                 div { label for="reason" { "Reason (audit log)" } input #reason name="reason" size="60"; }
                 div.actions {
@@ -570,6 +573,39 @@ pub(crate) struct GroupAction {
     rate: Option<String>,
     #[serde(default)]
     reason: String,
+    /// Canaries first (a number or a percentage): the replay becomes a job.
+    canary: Option<String>,
+    /// `on`: each key in order, as a job.
+    ordered: Option<String>,
+}
+
+/// The canaries a form asked for: a number, a percentage, or none.
+fn canary_field(text: Option<&str>) -> Result<redrive_runner::Canary, UiError> {
+    use redrive_runner::Canary;
+    let Some(t) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(Canary::None);
+    };
+    let bad = || -> UiError {
+        ApiError::BadRequest(format!(
+            "invalid canaries {t:?}: a number of messages (5) or a percentage (10%)"
+        ))
+        .into()
+    };
+    match t.strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| *p > 0.0 && *p <= 100.0)
+            .map(Canary::Percent)
+            .ok_or_else(bad),
+        None => t
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(Canary::Count)
+            .ok_or_else(bad),
+    }
 }
 
 fn target(to: Option<&str>) -> Result<Option<QueueName>, UiError> {
@@ -605,6 +641,26 @@ pub(crate) async fn group_replay(
         })?),
         None => None,
     };
+    let canary = canary_field(form.canary.as_deref())?;
+    let ordered = form.ordered.as_deref() == Some("on");
+    if canary != redrive_runner::Canary::None || ordered {
+        let selection = DeadSelection::Filter(DeadFilter {
+            fingerprint: Some(fp.clone()),
+            ..DeadFilter::default()
+        });
+        let spec = redrive_runner::JobSpec {
+            actor: caller.actor.clone(),
+            reason: form.reason,
+            to: target(form.to.as_deref())?,
+            max_replays: app.max_replays,
+            canary,
+            max_failed_percent: 0.0,
+            ordered,
+        };
+        let v = app.triage.start_job(selection, spec).await?;
+        app.jobs.spawn(v.job.id.clone());
+        return Ok(Redirect::to(&format!("/jobs/{}", v.job.id)).into_response());
+    }
     let request = ReplayRequest {
         selection: DeadSelection::Filter(DeadFilter {
             fingerprint: Some(fp.clone()),
@@ -752,7 +808,8 @@ pub(crate) async fn message(
     Path(id): Path<String>,
     Query(n): Query<Notice>,
 ) -> UiResult {
-    let (_, d) = dead_or_404(&app, &id).await?;
+    let (message_id, d) = dead_or_404(&app, &id).await?;
+    let lineage = app.triage.replays_of(message_id).await?;
     let env = &d.envelope;
     let last = env.last_failure();
     let (payload, kind) = shown_payload(&env.payload);
@@ -796,6 +853,22 @@ pub(crate) async fn message(
                         }
                     }
                     pre { (f.message) }
+                }
+            }
+        }
+        @if !lineage.is_empty() {
+            h2 { "Replays" }
+            ol.timeline #replays {
+                @for (job, item) in &lineage {
+                    li {
+                        div {
+                            a href=(format!("/jobs/{}", job.id)) { strong { (job.id) } }
+                            span.muted { " · by " (job.actor) " · " (rfc3339(job.created_at_ms)) }
+                            @if !job.reason.is_empty() { span.muted { " · " (job.reason) } }
+                        }
+                        div { (item_outcome(item)) }
+                        @if !item.detail.is_empty() { pre { (item.detail) } }
+                    }
                 }
             }
         }
@@ -1097,4 +1170,161 @@ pub(crate) async fn alerts(
         }
     };
     Ok(page("Alerts", Some(&caller), None, body).into_response())
+}
+
+/// What became of a message in a job, in words.
+fn item_outcome(item: &redrive_core::JobItem) -> &'static str {
+    use redrive_core::ItemState;
+    match item.state {
+        ItemState::Pending => "not moved yet",
+        ItemState::Moved => "moved; no outcome yet",
+        ItemState::Ok => "succeeded",
+        ItemState::Failed => "failed again",
+        ItemState::Held => "held: an earlier message of its key failed again",
+        ItemState::Skipped => "skipped",
+    }
+}
+
+/// A job's progress bar: how many of its messages have settled one way or another.
+fn job_bar(c: &redrive_core::JobCounts) -> Markup {
+    let settled = c.ok + c.failed + c.held + c.skipped;
+    html! {
+        progress max=(c.total.max(1)) value=(settled) { (settled) " / " (c.total) }
+        " " span.muted { (settled) " / " (c.total) }
+    }
+}
+
+/// `GET /jobs`: replay jobs, newest first.
+pub(crate) async fn jobs(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Query(n): Query<Notice>,
+) -> UiResult {
+    let jobs = app.triage.jobs(None, 100).await?;
+    let body = html! {
+        h1 { "Replay jobs" }
+        p.muted { "Replays started with canaries or in key order. Start one from an error group's Replay page, or with "
+            span.mono { "redrive dlq replay --canary N" } "." }
+        @if jobs.is_empty() { p.muted #no-jobs { "No replay jobs yet." } } @else {
+            table #jobs {
+                thead { tr { th { "Job" } th { "State" } th { "Progress" } th { "OK" } th { "Failed again" } th { "Held" } th { "Started" } th { "Note" } } }
+                tbody {
+                    @for v in &jobs {
+                        tr {
+                            td.mono { a href=(format!("/jobs/{}", v.job.id)) { (v.job.id) } }
+                            td { (v.state.as_str()) }
+                            td { (job_bar(&v.counts)) }
+                            td { (v.counts.ok) } td { (v.counts.failed) } td { (v.counts.held) }
+                            td { (ago(v.job.created_at_ms)) " by " (v.job.actor) }
+                            td { (first_line(&v.note, 120)) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Ok(page("Replay jobs", Some(&caller), n.notice.as_deref(), body).into_response())
+}
+
+/// `GET /jobs/{id}`: one job, its canaries and the messages that did not go through.
+pub(crate) async fn job(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(n): Query<Notice>,
+) -> UiResult {
+    let v = match app.triage.jobs(Some(id.clone()), 1).await?.pop() {
+        Some(v) => v,
+        None => {
+            return Err(
+                ApiError::NotFound(format!("no replay job {}", first_line(&id, 40))).into(),
+            );
+        }
+    };
+    let items = crate::api::job_notable(&app, &v.job.id, 500).await?;
+    let c = &v.counts;
+    let body = html! {
+        h1 { "Replay job " span.mono { (v.job.id) } }
+        @if v.state == redrive_core::JobState::Paused {
+            div.warning role="alert" #job-paused { "Paused: " (v.note) }
+        }
+        dl.meta {
+            dt { "State" } dd #job-state { (v.state.as_str()) }
+            dt { "Progress" } dd { (job_bar(c)) }
+            dt { "Messages" } dd { (c.total) " in all: " (c.ok) " ok, " (c.failed) " failed again, " (c.held) " held, " (c.skipped) " skipped, " (c.moved) " moved awaiting outcome, " (c.pending) " not moved" }
+            dt { "Started" } dd { (rfc3339(v.job.created_at_ms)) " by " (v.job.actor) }
+            @if !v.job.reason.is_empty() { dt { "Reason" } dd { (v.job.reason) } }
+            dt { "Selection" } dd { (v.job.selection) @if let Some(t) = &v.job.to { " → " (t) } }
+            dt { "Mode" } dd {
+                @if v.job.ordered { "each key in its original order" } @else { "unordered" }
+                @if v.job.canary > 0 { ", " (v.job.canary) " canaries (" @if v.job.canary_passed { "passed" } @else { "not passed" } ")" }
+            }
+            @if v.state != redrive_core::JobState::Paused && !v.note.is_empty() { dt { "Note" } dd { (v.note) } }
+            @if let Some(r) = &v.runner { dt { "Run by" } dd { (r) } }
+        }
+        @if caller.role >= Role::Operator && !v.state.is_final() {
+            div.actions {
+                @for (action, label) in [("pause", "Pause"), ("resume", "Resume"), ("cancel", "Cancel")] {
+                    @let shown = match action {
+                        "pause" => v.state == redrive_core::JobState::Running,
+                        "resume" => v.state == redrive_core::JobState::Paused,
+                        _ => true,
+                    };
+                    @if shown {
+                        form method="post" action=(format!("/jobs/{}/{action}", v.job.id)) {
+                            input type="hidden" name="csrf" value=(caller.csrf);
+                            button.secondary #(format!("job-{action}")) type="submit" { (label) }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Canaries, and messages that did not go through" }
+        @if items.is_empty() { p.muted { "None." } } @else {
+            table #job-messages {
+                thead { tr { th { "Message" } th { "Key" } th { "Outcome" } th { "New error" } th { "Error before" } } }
+                tbody {
+                    @for i in &items {
+                        tr {
+                            td.mono { a href=(format!("/messages/{}", i.id)) { (i.id) } @if i.canary { " " span.muted { "(canary)" } } }
+                            td.mono { (i.key.as_deref().unwrap_or("")) }
+                            td { (item_outcome(i)) }
+                            td { pre { (i.detail) } }
+                            td { pre { (i.was) } }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Ok(page("Replay job", Some(&caller), n.notice.as_deref(), body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct JobForm {
+    csrf: String,
+}
+
+/// `POST /jobs/{id}/{action}`: pause, resume or cancel.
+pub(crate) async fn job_action(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, action)): Path<(String, String)>,
+    Form(form): Form<JobForm>,
+) -> UiResult {
+    forbid(&caller, &form.csrf)?;
+    let action = match action.as_str() {
+        "pause" => crate::api::JobAction::Pause,
+        "resume" => crate::api::JobAction::Resume,
+        "cancel" => crate::api::JobAction::Cancel,
+        _ => return Err(ApiError::NotFound("no such action".into()).into()),
+    };
+    let v = crate::api::act_on_job(&app, &id, action, &caller.actor).await?;
+    let notice = format!("The job is {} now.", v.state.as_str());
+    Ok(Redirect::to(&format!(
+        "/jobs/{}?notice={}",
+        v.job.id,
+        url_encode(&notice)
+    ))
+    .into_response())
 }

@@ -888,3 +888,307 @@ async fn sign_in_is_rate_limited_and_the_cookie_can_be_secure() {
     let plain = Auth::new(tokens()).session_cookie("x", false);
     assert!(!plain.contains("Secure"), "{plain}");
 }
+
+/// A replay job through the API: started (202) and run by the server, paused by its
+/// failing canaries (no consumer here reports, so the canary outcomes are written as a
+/// consumer's reporter would), resumed, cancelled; every refusal says why, and the
+/// message's timeline lists the job.
+#[tokio::test]
+async fn replay_jobs_start_run_and_obey_pause_resume_and_cancel() {
+    use redrive_core::{ReplayJobs, ReplayOutcome};
+    let f = fixture(tokens(), 12).await;
+    let viewer = post_json(
+        "/api/v1/jobs",
+        Some(VIEWER),
+        &serde_json::json!({"all": true, "canary": 2}),
+    );
+    assert_eq!(send(f.router(), viewer).await.0, StatusCode::FORBIDDEN);
+    for (body, why) in [
+        (serde_json::json!({"all": true}), "a job needs"),
+        (
+            serde_json::json!({"all": true, "canary": 2, "canary_percent": 5}),
+            "not both",
+        ),
+        (serde_json::json!({"all": true, "canary": 0}), "at least 1"),
+        (
+            serde_json::json!({"all": true, "canary_percent": 101}),
+            "at most 100",
+        ),
+        (
+            serde_json::json!({"all": true, "ordered": true, "max_failed_percent": -1}),
+            "from 0 to 100",
+        ),
+    ] {
+        let (status, _, out) =
+            send(f.router(), post_json("/api/v1/jobs", Some(OPERATOR), &body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            json(&out)["error"].as_str().unwrap().contains(why),
+            "{body}: {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    let start = serde_json::json!({"filter": {"queue": "agent.tasks", "class": "SchemaError"}, "canary": 2, "reason": "schema fix"});
+    let (status, _, out) = send(
+        f.router(),
+        post_json("/api/v1/jobs", Some(OPERATOR), &start),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let job = json(&out);
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(job["canary"], 2);
+    assert_eq!(job["counts"]["total"], 8, "the 8 SchemaError messages");
+    assert_eq!(job["actor"], "api:operator");
+
+    // The server moves the two canaries; they fail again.
+    let canaries = wait_for(&f, &id, |j| j["counts"]["moved"] == 2).await;
+    assert_eq!(canaries["counts"]["pending"], 6);
+    let moved: Vec<_> = f
+        .store
+        .job_items(&id, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.canary)
+        .map(|i| ReplayOutcome {
+            id: i.id,
+            replays: i.replays,
+            error: Some("missing field, still".into()),
+        })
+        .collect();
+    f.store.record_replay_outcomes(&moved).await.unwrap();
+    let paused = wait_for(&f, &id, |j| j["state"] == "paused").await;
+    assert!(
+        paused["note"]
+            .as_str()
+            .unwrap()
+            .contains("2 of 2 canaries failed again"),
+        "{paused}"
+    );
+
+    let (status, _, out) = send(f.router(), get(&format!("/api/v1/jobs/{id}"), Some(VIEWER))).await;
+    assert_eq!(status, StatusCode::OK);
+    let detail = json(&out);
+    let messages = detail["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert!(messages.iter().all(|m| {
+        m["state"] == "failed"
+            && m["was"]
+                .as_str()
+                .unwrap()
+                .starts_with("missing field in task")
+    }));
+    // A message still dead shows the job in its timeline.
+    let waiting = f
+        .store
+        .job_items(&id, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| !i.canary)
+        .unwrap();
+    let (_, _, out) = send(
+        f.router(),
+        get(&format!("/api/v1/dead/{}", waiting.id), Some(VIEWER)),
+    )
+    .await;
+    let lineage = &json(&out)["replay_jobs"];
+    assert_eq!(lineage[0]["job"], id.as_str(), "{lineage}");
+    assert_eq!(lineage[0]["outcome"], "pending");
+    assert_eq!(lineage[0]["reason"], "schema fix");
+
+    let act = |what: &str, token: &str| {
+        post_json(
+            &format!("/api/v1/jobs/{id}/{what}"),
+            Some(token),
+            &serde_json::json!({}),
+        )
+    };
+    assert_eq!(
+        send(f.router(), act("pause", OPERATOR)).await.0,
+        StatusCode::CONFLICT,
+        "already paused"
+    );
+    assert_eq!(
+        send(f.router(), act("resume", VIEWER)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (status, _, out) = send(f.router(), act("resume", OPERATOR)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(
+        json(&out)["canary_passed"],
+        true,
+        "going on past the failed canaries"
+    );
+    let (status, _, out) = send(f.router(), act("cancel", OPERATOR)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&out)["state"], "cancelled");
+    assert_eq!(
+        send(f.router(), act("resume", OPERATOR)).await.0,
+        StatusCode::CONFLICT
+    );
+
+    let (status, _, out) = send(f.router(), get("/api/v1/jobs", Some(VIEWER))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&out).as_array().unwrap().len(), 1);
+    let missing = "/api/v1/jobs/rj-00000000000000000000";
+    assert_eq!(
+        send(f.router(), get(missing, Some(VIEWER))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(f.router(), get("/api/v1/jobs/rj-nope", Some(VIEWER)))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+/// Polls a job through the API until `done` holds (at most 10 s).
+async fn wait_for(f: &Fixture, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, _, out) = send(
+            f.router(),
+            get(&format!("/api/v1/jobs/{id}"), Some(OPERATOR)),
+        )
+        .await;
+        let job = json(&out);
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job never got there: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The UI starts a replay job from a group's confirmation form (canaries), shows it
+/// with its progress and the reason escaped, pauses it with the session's CSRF token,
+/// and lists it among the jobs.
+#[tokio::test]
+async fn the_ui_starts_shows_and_pauses_a_canary_replay() {
+    let f = fixture(tokens(), 6).await;
+    let req = Request::post("/login")
+        .header(header::HOST, "127.0.0.1:8080")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("token={OPERATOR}&next=%2Fgroups")))
+        .unwrap();
+    let (_, headers, _) = send(f.router(), req).await;
+    let session = headers
+        .get(header::SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page_of = |path: String| {
+        Request::get(path)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::COOKIE, &session)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let form = |path: String, body: String| {
+        Request::post(path)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::COOKIE, &session)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let groups = f
+        .store
+        .groups(&redrive_core::DeadFilter::default(), 100)
+        .await
+        .unwrap();
+    let g = groups
+        .iter()
+        .find(|g| g.error_class == "SchemaError")
+        .unwrap();
+    let (_, _, page) = send(
+        f.router(),
+        page_of(format!("/groups/{}/replay", g.fingerprint)),
+    )
+    .await;
+    let page = String::from_utf8(page).unwrap();
+    assert!(page.contains("name=\"canary\"") && page.contains("name=\"ordered\""));
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let reason: String = form_urlencoded::byte_serialize(XSS_SCRIPT.as_bytes()).collect();
+    let (status, headers, _) = send(
+        f.router(),
+        form(
+            format!("/groups/{}/replay", g.fingerprint),
+            format!("csrf={csrf}&expected={}&canary=1&reason={reason}", g.count),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let job_path = headers
+        .get(header::LOCATION)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(job_path.starts_with("/jobs/rj-"), "{job_path}");
+
+    let (status, _, page) = send(f.router(), page_of(job_path.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    let page = String::from_utf8(page).unwrap();
+    assert!(!page.contains(XSS_SCRIPT), "the reason is escaped");
+    assert!(page.contains("&lt;script&gt;"));
+    assert!(page.contains("<progress"), "a progress bar");
+    assert!(
+        page.contains("id=\"job-pause\""),
+        "a running job can be paused"
+    );
+
+    let (status, headers, _) = send(
+        f.router(),
+        form(format!("{job_path}/pause"), "csrf=forged".into()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}");
+    let (status, headers, _) = send(
+        f.router(),
+        form(format!("{job_path}/pause"), format!("csrf={csrf}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        headers
+            .get(header::LOCATION)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("paused")
+    );
+    let (_, _, page) = send(f.router(), page_of(job_path.clone())).await;
+    let page = String::from_utf8(page).unwrap();
+    assert!(
+        page.contains("id=\"job-paused\"") && page.contains("id=\"job-resume\""),
+        "{page}"
+    );
+
+    let (_, _, page) = send(f.router(), page_of("/jobs".into())).await;
+    let page = String::from_utf8(page).unwrap();
+    assert!(page.contains(&job_path[6..]), "listed");
+}

@@ -125,7 +125,9 @@ CREATE TABLE IF NOT EXISTS replay_jobs (
     updated_ms INTEGER NOT NULL,
     state      TEXT    NOT NULL,
     note       TEXT    NOT NULL DEFAULT '',
-    spec       TEXT    NOT NULL
+    spec       TEXT    NOT NULL,
+    owner      TEXT    NOT NULL DEFAULT '',  -- the process running it, while its lease lasts
+    lease_ms   INTEGER NOT NULL DEFAULT 0
 );
 
 -- The messages of each job, snapshot when it started, and what became of each.

@@ -36,11 +36,11 @@ fn counts(conn: &Connection, job: &str) -> Result<JobCounts, SqliteError> {
     Ok(counts)
 }
 
-type JobRow = (String, String, String, i64, String);
+type JobRow = (String, String, String, i64, String, String, i64);
 
 fn view(
     conn: &Connection,
-    (id, state, note, updated, spec): JobRow,
+    (id, state, note, updated, spec, owner, lease): JobRow,
 ) -> Result<JobView, SqliteError> {
     let job: ReplayJob = serde_json::from_str(&spec).map_err(|e| corrupt(&id, e))?;
     let state = JobState::parse(&state).ok_or_else(|| corrupt(&id, "unknown state"))?;
@@ -50,6 +50,7 @@ fn view(
         state,
         note,
         updated_at_ms: updated,
+        runner: (lease > now_ms() && !owner.is_empty()).then_some(owner),
     })
 }
 
@@ -179,22 +180,38 @@ impl ReplayJobs for Sqlite {
         .map_err(Into::into)
     }
 
+    async fn claim_job(&self, id: &str, owner: &str, until_ms: i64) -> Result<bool, StoreError> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE replay_jobs SET owner = ?2, lease_ms = ?3 \
+                     WHERE id = ?1 AND (owner = ?2 OR owner = '' OR lease_ms < ?4)",
+                )
+                .and_then(|mut s| s.execute(params![id, owner, until_ms, now_ms()]))
+                .map_err(SqliteError::query("claim a replay job"))?;
+            Ok(n > 0)
+        })
+        .await
+        .map_err(Into::into)
+    }
+
     async fn jobs(&self, id: Option<&str>, limit: usize) -> Result<Vec<JobView>, StoreError> {
         let id = id.map(str::to_owned);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
             let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<JobRow> {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
             };
             let rows: Vec<JobRow> = match &id {
                 Some(id) => conn
                     .prepare_cached(
-                        "SELECT id, state, note, updated_ms, spec FROM replay_jobs WHERE id = ?1",
+                        "SELECT id, state, note, updated_ms, spec, owner, lease_ms FROM replay_jobs WHERE id = ?1",
                     )
                     .and_then(|mut s| s.query_map([id], row)?.collect()),
                 None => conn
                     .prepare_cached(
-                        "SELECT id, state, note, updated_ms, spec FROM replay_jobs ORDER BY created_ms DESC, id DESC LIMIT ?1",
+                        "SELECT id, state, note, updated_ms, spec, owner, lease_ms FROM replay_jobs ORDER BY created_ms DESC, id DESC LIMIT ?1",
                     )
                     .and_then(|mut s| s.query_map([limit], row)?.collect()),
             }

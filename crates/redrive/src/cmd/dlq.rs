@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use redrive_core::{
-    Cursor, DeadFilter, DeadLetterStore, DeadSelection, MessageId, QueueName, ReplayOptions,
-    Unpaced, format_duration, now_ms, replay as replay_messages,
+    Cursor, DeadFilter, DeadLetterStore, DeadSelection, MessageId, QueueName, ReplayJobs,
+    ReplayOptions, Unpaced, format_duration, now_ms, replay as replay_messages,
 };
 use serde::Serialize;
 
@@ -173,8 +173,18 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
             "no dead message with id {id}: it may have been replayed or purged (see `redrive dlq list`)"
         );
     };
+    let lineage = store
+        .replays_of(&id)
+        .await
+        .context("reading the replay jobs of the message")?;
     if args.json {
-        json_line(&DeadJson::from(&dead));
+        json_line(&redrive_server::json::DeadDetailJson {
+            dead: DeadJson::from(&dead),
+            replay_jobs: lineage
+                .iter()
+                .map(redrive_server::json::LineageJson::from)
+                .collect(),
+        });
         return Ok(ExitCode::SUCCESS);
     }
     let env = &dead.envelope;
@@ -241,6 +251,32 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
         }
         for line in f.message.lines().take(20) {
             outln!("      {line}");
+        }
+    }
+    if !lineage.is_empty() {
+        outln!("\nreplay jobs");
+        for (job, item) in &lineage {
+            let outcome = match item.state {
+                redrive_core::ItemState::Ok => "succeeded".to_owned(),
+                redrive_core::ItemState::Failed => {
+                    format!("failed again: {}", one_line(&item.detail, 120))
+                }
+                redrive_core::ItemState::Moved => "moved, no outcome yet".to_owned(),
+                redrive_core::ItemState::Held => "held (stayed dead)".to_owned(),
+                redrive_core::ItemState::Skipped => format!("skipped: {}", item.detail),
+                redrive_core::ItemState::Pending => "not moved yet".to_owned(),
+            };
+            outln!(
+                "  {}  {} by {}{}: {outcome}",
+                rfc3339(job.created_at_ms),
+                job.id,
+                job.actor,
+                if job.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", job.reason)
+                },
+            );
         }
     }
     if let Some(f) = last {

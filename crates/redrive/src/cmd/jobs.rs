@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use redrive_core::{DeadSelection, ItemState, JobState, JobView, QueueName, ReplayJobs};
 use redrive_runner::{Canary, JobOptions, JobSpec, run_job, start_job};
-use serde::Serialize;
+use redrive_server::json::{JobDetailJson, JobItemJson, JobJson};
 
 use super::{actor, duration_flag};
 use crate::backend::{self, AnyBackend};
@@ -18,43 +18,12 @@ use crate::output::{json_line, outln, rfc3339};
 /// missing consumer or a person): scripts can tell it from done (0) and from errors (1).
 const PAUSED: u8 = 3;
 
-#[derive(Serialize)]
-struct JobJson<'a> {
-    id: &'a str,
-    state: &'a str,
-    note: &'a str,
-    created_at: String,
-    updated_at: String,
-    actor: &'a str,
-    reason: &'a str,
-    selection: &'a str,
-    to: Option<&'a str>,
-    canary: u64,
-    canary_passed: bool,
-    max_failed_percent: f64,
-    ordered: bool,
-    counts: redrive_core::JobCounts,
-}
-
-impl<'a> From<&'a JobView> for JobJson<'a> {
-    fn from(v: &'a JobView) -> Self {
-        Self {
-            id: &v.job.id,
-            state: v.state.as_str(),
-            note: &v.note,
-            created_at: rfc3339(v.job.created_at_ms),
-            updated_at: rfc3339(v.updated_at_ms),
-            actor: &v.job.actor,
-            reason: &v.job.reason,
-            selection: &v.job.selection,
-            to: v.job.to.as_deref(),
-            canary: v.job.canary,
-            canary_passed: v.job.canary_passed,
-            max_failed_percent: v.job.max_failed_percent,
-            ordered: v.job.ordered,
-            counts: v.counts,
-        }
-    }
+/// Who runs a job from here, as `dlq jobs` shows it.
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("{} (pid {} on {host})", actor(), std::process::id())
 }
 
 /// `--canary`: a count (`5`) or a percentage (`10%`).
@@ -100,6 +69,7 @@ pub async fn replay(cli: &Cli, args: &ReplayArgs, selection: DeadSelection) -> R
     };
     let options = JobOptions {
         outcome_wait: duration_flag("--outcome-wait", &args.outcome_wait)?,
+        owner: owner(),
         ..JobOptions::default()
     };
     let store = backend::open_any(cli, false).await?;
@@ -154,7 +124,11 @@ async fn follow(
         r = run => r.context("running the replay job")?,
         () = super::shutdown_signal() => {
             shown.finish();
-            eprintln!("interrupted: job {id} is still running (nothing is lost); go on with: redrive dlq job resume {id}");
+            // Paused, so no `serve` takes it up behind the person who stopped it.
+            let note = format!("interrupted in the terminal by {}", actor());
+            store.set_job_state(id, &[JobState::Running], JobState::Paused, &note).await?;
+            store.claim_job(id, &options.owner, 0).await?;
+            eprintln!("interrupted: job {id} is paused (nothing is lost); go on with: redrive dlq job resume {id}");
             return Ok(ExitCode::from(130));
         }
     };
@@ -381,6 +355,7 @@ pub async fn job(cli: &Cli, command: &JobCommand) -> Result<ExitCode> {
             }
             let options = JobOptions {
                 outcome_wait: duration_flag("--outcome-wait", &args.outcome_wait)?,
+                owner: owner(),
                 ..JobOptions::default()
             };
             follow(&store, id, &options, args.job.json).await
@@ -412,34 +387,9 @@ async fn show(store: &AnyBackend, args: &JobIdArgs) -> Result<ExitCode> {
         }));
     }
     if args.json {
-        #[derive(Serialize)]
-        struct ItemJson<'a> {
-            id: String,
-            key: Option<&'a str>,
-            canary: bool,
-            state: &'a str,
-            detail: &'a str,
-            was: &'a str,
-        }
-        #[derive(Serialize)]
-        struct ShowJson<'a> {
-            #[serde(flatten)]
-            job: JobJson<'a>,
-            messages: Vec<ItemJson<'a>>,
-        }
-        json_line(&ShowJson {
+        json_line(&JobDetailJson {
             job: JobJson::from(&v),
-            messages: items
-                .iter()
-                .map(|i| ItemJson {
-                    id: i.id.to_string(),
-                    key: i.key.as_deref(),
-                    canary: i.canary,
-                    state: i.state.as_str(),
-                    detail: &i.detail,
-                    was: &i.was,
-                })
-                .collect(),
+            messages: items.iter().map(JobItemJson::from).collect(),
         });
         return Ok(ExitCode::SUCCESS);
     }
@@ -498,6 +448,9 @@ async fn show(store: &AnyBackend, args: &JobIdArgs) -> Result<ExitCode> {
     );
     if !v.note.is_empty() {
         outln!("  note      {}", v.note);
+    }
+    if let Some(runner) = &v.runner {
+        outln!("  run by    {runner}");
     }
     for i in &items {
         outln!(

@@ -140,6 +140,10 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
         })
     };
 
+    // Replay jobs started here run here; a running job no process holds (its `dlq
+    // replay` crashed, a `serve` restarted) is taken up within seconds.
+    let job_supervisor = tokio::spawn(Arc::clone(&app.jobs).supervise(Duration::from_secs(5)));
+
     // With a broker, dead messages wait in its DLQ lane until drained into the store.
     let drainer = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -169,6 +173,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     let result =
         redrive_server::serve(Arc::new(app), listener, sample_every, shutdown_signal()).await;
     alert_task.abort();
+    job_supervisor.abort();
     sweeper.abort();
     drainer.abort();
     store.close();
