@@ -424,7 +424,13 @@ fn messages_table(items: &[DeadLetter]) -> Markup {
                     @for d in items {
                         @let last = d.envelope.last_failure();
                         tr {
-                            td.mono { a href=(format!("/messages/{}", d.envelope.id)) { (d.envelope.id) } }
+                            td.mono {
+                                a href=(format!("/messages/{}", d.envelope.id)) { (d.envelope.id) }
+                                // A message that keeps coming back after replays says so.
+                                @if d.envelope.replays > 0 {
+                                    " " span.badge.back title="replayed and dead again" { "back " (d.envelope.replays) "×" }
+                                }
+                            }
                             td { (d.envelope.queue) }
                             td.num { (d.envelope.attempt) }
                             td {
