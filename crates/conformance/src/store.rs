@@ -13,9 +13,9 @@ use redrive_core::alert::{
     AlertPhase, AlertState, AlertStore, NewNotification, NotificationKind, Transition,
 };
 use redrive_core::{
-    AgentContext, Cost, Cursor, DeadFilter, DeadLetter, DeadLetterStore, DeadSelection, Envelope,
-    Failure, FailureKind, ItemState, JobItem, JobState, MessageId, QueueName, ReplayJob,
-    ReplayJobs, ReplayOutcome, RetentionStore,
+    AgentContext, BreakerBoard, Cost, Cursor, DeadFilter, DeadLetter, DeadLetterStore,
+    DeadSelection, Envelope, Failure, FailureKind, ItemState, JobItem, JobState, MessageId,
+    QueueName, ReplayJob, ReplayJobs, ReplayOutcome, RetentionStore,
 };
 
 /// A dead message of `queue` that failed with `class`/`message`, dead at `dead_at_ms`.
@@ -775,6 +775,57 @@ pub async fn replay_jobs_keep_their_messages_states_and_outcomes<S: ReplayJobs>(
     assert_eq!(lineage[0].1.state, ItemState::Failed);
 }
 
+/// An open breaker's report holds while renewed, is withdrawn when it closes, and goes
+/// stale when its consumer stops renewing it.
+pub async fn breaker_reports_hold_while_renewed<S: BreakerBoard>(s: &S) {
+    let now = 1_800_000_000_000;
+    s.report_breaker("agent.tasks", "consume (pid 1)", Some((now - 5_000, now)))
+        .await
+        .unwrap();
+    s.report_breaker(
+        "agent.tasks",
+        "consume (pid 2)",
+        Some((now - 500_000, now - 100_000)),
+    )
+    .await
+    .unwrap();
+    s.report_breaker("other", "consume (pid 3) \u{0}<b>", Some((now, now)))
+        .await
+        .unwrap();
+    let open = s.open_breakers(now).await.unwrap();
+    let seen: Vec<(&str, &str)> = open
+        .iter()
+        .map(|b| (b.queue.as_str(), b.consumer.as_str()))
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0],
+        ("agent.tasks", "consume (pid 1)"),
+        "the stale one is gone"
+    );
+    assert_eq!(open[0].since_ms, now - 5_000);
+    assert_eq!(seen[1].0, "other");
+    // Renewed: the same row, a later sighting.
+    s.report_breaker(
+        "agent.tasks",
+        "consume (pid 1)",
+        Some((now - 5_000, now + 60_000)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.open_breakers(now + 120_000).await.unwrap().len(), 1);
+    s.report_breaker("agent.tasks", "consume (pid 1)", None)
+        .await
+        .unwrap();
+    assert!(
+        s.open_breakers(now + 1)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.queue != "agent.tasks")
+    );
+}
+
 /// Expands to one `#[tokio::test]` per store scenario; `$open` is an expression (it may
 /// `.await`) that gives a fresh, empty store as `(guard, store)`: the guard (a scratch
 /// directory, say) is kept until the scenario ends.
@@ -791,7 +842,8 @@ macro_rules! store_conformance {
             hostile_bytes_read_back_exactly,
             alerts_and_their_outbox_persist,
             retention_compresses_archives_and_forgets,
-            replay_jobs_keep_their_messages_states_and_outcomes
+            replay_jobs_keep_their_messages_states_and_outcomes,
+            breaker_reports_hold_while_renewed
         );
     };
     (@each $open:expr; $($name:ident),*) => {

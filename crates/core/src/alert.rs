@@ -32,6 +32,9 @@ pub enum Condition {
         /// DUR in ms.
         per_ms: i64,
     },
+    /// `breaker_open`: a consumer's outage breaker on the queue is open (its upstream
+    /// seems down). Fires as `breaker.opened`, resolves as `breaker.closed`.
+    BreakerOpen,
 }
 
 /// Why a rule expression was refused.
@@ -67,6 +70,7 @@ impl Condition {
                 .map_err(|_| bad(&format!("{w:?} is not a whole number")))
         };
         match words.as_slice() {
+            ["breaker_open"] => Ok(Self::BreakerOpen),
             ["dlq_depth", ">", count] => Ok(Self::DlqDepth {
                 above: n(count)?,
                 for_ms: 0,
@@ -87,7 +91,13 @@ impl Condition {
                 })
             }
             [first, ..]
-                if !["dlq_depth", "oldest_dead_age", "dead_letter_rate"].contains(first) =>
+                if ![
+                    "dlq_depth",
+                    "oldest_dead_age",
+                    "dead_letter_rate",
+                    "breaker_open",
+                ]
+                .contains(first) =>
             {
                 Err(bad(&format!("unknown measure {first:?}")))
             }
@@ -117,6 +127,7 @@ impl Condition {
                 )
             }
             Self::DeadLetterRate { above, .. } => (o.dead_in_window > *above, o.dead_in_window),
+            Self::BreakerOpen => (o.breakers_open > 0, o.breakers_open),
         }
     }
 
@@ -140,6 +151,7 @@ impl fmt::Display for Condition {
             Self::DeadLetterRate { above, per_ms } => {
                 write!(f, "dead_letter_rate > {above} per {}", d(*per_ms))
             }
+            Self::BreakerOpen => f.write_str("breaker_open"),
         }
     }
 }
@@ -158,6 +170,18 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The breaker rule, on beside the default rule: pages when a consumer's outage
+    /// breaker opens, and again when it closes.
+    #[must_use]
+    pub fn breaker_rule(notify: Vec<String>) -> Self {
+        Self {
+            name: "breaker".to_owned(),
+            condition: Condition::BreakerOpen,
+            queue: None,
+            notify,
+        }
+    }
+
     /// The default rule: any DLQ depth above 0 for 5 minutes, every queue
     /// (docs/design.md, "Triage, paging, retention, security").
     #[must_use]
@@ -185,6 +209,8 @@ pub struct Observation {
     pub oldest_dead_age_ms: Option<i64>,
     /// Messages that died within the rate window of the rule being evaluated.
     pub dead_in_window: u64,
+    /// Consumers whose outage breaker on the queue is open.
+    pub breakers_open: u64,
 }
 
 /// Where one (rule, queue) alert stands.
@@ -375,6 +401,7 @@ mod tests {
             dlq_depth: depth,
             oldest_dead_age_ms: (depth > 0).then_some(1000),
             dead_in_window: 0,
+            breakers_open: 0,
         }
     }
 
@@ -528,12 +555,14 @@ mod tests {
                 dlq_depth: 1,
                 oldest_dead_age_ms: Some(2 * 3_600_000),
                 dead_in_window: 9,
+                breakers_open: 0,
             },
             Observation {
                 queue: "b".into(),
                 dlq_depth: 1,
                 oldest_dead_age_ms: Some(60_000),
                 dead_in_window: 9,
+                breakers_open: 0,
             },
         ];
         let t = evaluate(&rules, &o, &[], 0);

@@ -9,7 +9,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::envelope::{Envelope, MessageId};
-use crate::jobs::{JobItem, JobState, JobView, ReplayJob, ReplayJobs, ReplayOutcome};
+use crate::jobs::{
+    BreakerBoard, JobItem, JobState, JobView, OpenBreaker, ReplayJob, ReplayJobs, ReplayOutcome,
+};
 use crate::policy::Tier;
 use crate::queue::{LaneSet, QueueName};
 use crate::store::{
@@ -177,6 +179,20 @@ impl<T: LaneStats + DlqSource, S: DeadLetterStore + Clone> LaneStats for Brokere
             .await
             .map_err(store_err)?;
         Ok(d)
+    }
+}
+
+impl<T: DlqSource, S: DeadLetterStore + BreakerBoard + Clone> BreakerBoard for Brokered<T, S> {
+    async fn report_breaker(
+        &self,
+        queue: &str,
+        consumer: &str,
+        open: Option<(i64, i64)>,
+    ) -> Result<(), StoreError> {
+        self.store.report_breaker(queue, consumer, open).await
+    }
+    async fn open_breakers(&self, now_ms: i64) -> Result<Vec<OpenBreaker>, StoreError> {
+        self.store.open_breakers(now_ms).await
     }
 }
 

@@ -60,7 +60,7 @@ impl JobState {
 /// canaries pass; its state lives beside it (see [`ReplayJobs::set_job_state`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplayJob {
-    /// Its id (`rj-` and a time-ordered suffix).
+    /// Its id (`rj-` and 32 hexadecimal digits, time-ordered).
     pub id: String,
     /// When it was started (unix ms).
     pub created_at_ms: i64,
@@ -90,13 +90,11 @@ pub struct ReplayJob {
 }
 
 impl ReplayJob {
-    /// A fresh job id: time-ordered, so listings sort by age.
+    /// A fresh job id: `rj-` and a UUIDv7's 32 hexadecimal digits, time-ordered, so
+    /// listings sort by age.
     #[must_use]
     pub fn new_id() -> String {
-        format!(
-            "rj-{}",
-            MessageId::new().to_string().replace('-', "")[..20].to_owned()
-        )
+        format!("rj-{}", MessageId::new().to_string().replace('-', ""))
     }
 
     /// Whether `failed` of `known` outcomes is more than this job tolerates.
@@ -344,4 +342,49 @@ pub trait ReplayJobs: Send + Sync + 'static {
         &self,
         id: &MessageId,
     ) -> impl Future<Output = Result<Vec<(ReplayJob, JobItem)>, StoreError>> + Send;
+}
+
+/// A consumer's outage breaker that is open, as the consumer reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBreaker {
+    /// The queue.
+    pub queue: String,
+    /// The consumer (process and host).
+    pub consumer: String,
+    /// When it opened (unix ms).
+    pub since_ms: i64,
+    /// When the consumer last said it is still open (unix ms); a consumer that stopped
+    /// saying so is gone, and its report stale.
+    pub seen_ms: i64,
+}
+
+/// How long an open breaker's report holds without being renewed.
+pub const BREAKER_REPORT_TTL_MS: i64 = 90_000;
+
+/// Where consumers report their open breakers, so `serve` can show them and page on
+/// them: kept with the dead letters, which every process of a deployment shares.
+pub trait BreakerBoard: Send + Sync + 'static {
+    /// Records that `consumer`'s breaker on `queue` is open (since `since_ms`, still at
+    /// `seen_ms`), or with `None` that it closed.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn report_breaker(
+        &self,
+        queue: &str,
+        consumer: &str,
+        open: Option<(i64, i64)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The breakers open now (reports renewed within [`BREAKER_REPORT_TTL_MS`] of
+    /// `now_ms`).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the store is unavailable.
+    fn open_breakers(
+        &self,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<OpenBreaker>, StoreError>> + Send;
 }

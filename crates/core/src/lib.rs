@@ -37,7 +37,8 @@ pub use envelope::{
 pub use failpoint::{FAILPOINTS, failpoint, failpoints_built};
 pub use fingerprint::{Fingerprint, normalize_message};
 pub use jobs::{
-    ItemState, JobCounts, JobItem, JobState, JobView, ReplayJob, ReplayJobs, ReplayOutcome,
+    BREAKER_REPORT_TTL_MS, BreakerBoard, ItemState, JobCounts, JobItem, JobState, JobView,
+    OpenBreaker, ReplayJob, ReplayJobs, ReplayOutcome,
 };
 pub use outcome::{HandlerError, HandlerResult, Outcome};
 pub use policy::{DEFAULT_TIERS, PolicyError, RetryPolicy, Step, Tier};

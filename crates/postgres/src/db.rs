@@ -135,7 +135,8 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN cost_micros   BIGINT NOT NULL DEFAULT 0;  -- millionths of a US dollar
     ",
     // 6: replay jobs: what each was asked to do (`spec`, JSON), where it stands, and
-    // its messages (snapshot when it started) with what became of each.
+    // its messages (snapshot when it started) with what became of each; and consumers'
+    // open breakers.
     r"
     CREATE TABLE replay_jobs (
         id         TEXT   PRIMARY KEY,
@@ -161,6 +162,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job, seq)
     );
     CREATE INDEX replay_items_by_message ON replay_items (id, state);
+    -- Consumers' open outage breakers, renewed while open, deleted when closed.
+    CREATE TABLE breakers (
+        queue    TEXT   NOT NULL,
+        consumer TEXT   NOT NULL,
+        since_ms BIGINT NOT NULL,
+        seen_ms  BIGINT NOT NULL,
+        PRIMARY KEY (queue, consumer)
+    );
     ",
 ];
 

@@ -2,8 +2,8 @@
 //! on the schema (a job started by one `serve` is seen, paused or resumed by another).
 
 use redrive_core::{
-    ItemState, JobCounts, JobItem, JobState, JobView, MessageId, ReplayJob, ReplayJobs,
-    ReplayOutcome, StoreError, now_ms,
+    BREAKER_REPORT_TTL_MS, BreakerBoard, ItemState, JobCounts, JobItem, JobState, JobView,
+    MessageId, OpenBreaker, ReplayJob, ReplayJobs, ReplayOutcome, StoreError, now_ms,
 };
 use tokio_postgres::{GenericClient, Row};
 
@@ -297,5 +297,54 @@ impl ReplayJobs for Postgres {
             out.push((spec, item(&job, row, 2)?));
         }
         Ok(out)
+    }
+}
+
+impl BreakerBoard for Postgres {
+    async fn report_breaker(
+        &self,
+        queue: &str,
+        consumer: &str,
+        open: Option<(i64, i64)>,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let (queue, consumer) = (text(queue), text(consumer));
+        match open {
+            Some((since, seen)) => client
+                .execute(
+                    "INSERT INTO breakers (queue, consumer, since_ms, seen_ms) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (queue, consumer) DO UPDATE SET since_ms = excluded.since_ms, seen_ms = excluded.seen_ms",
+                    &[&queue.as_ref(), &consumer.as_ref(), &since, &seen],
+                )
+                .await,
+            None => client
+                .execute(
+                    "DELETE FROM breakers WHERE queue = $1 AND consumer = $2",
+                    &[&queue.as_ref(), &consumer.as_ref()],
+                )
+                .await,
+        }
+        .map_err(PgError::query("report a breaker"))?;
+        Ok(())
+    }
+
+    async fn open_breakers(&self, now_ms: i64) -> Result<Vec<OpenBreaker>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT queue, consumer, since_ms, seen_ms FROM breakers WHERE seen_ms > $1 ORDER BY queue, since_ms",
+                &[&(now_ms - BREAKER_REPORT_TTL_MS)],
+            )
+            .await
+            .map_err(PgError::query("list open breakers"))?;
+        Ok(rows
+            .iter()
+            .map(|r| OpenBreaker {
+                queue: r.get(0),
+                consumer: r.get(1),
+                since_ms: r.get(2),
+                seen_ms: r.get(3),
+            })
+            .collect())
     }
 }

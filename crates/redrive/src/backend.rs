@@ -11,6 +11,7 @@ use redrive_core::{
     MessageId, QueueDepths, QueueName, ReplayJob, ReplayJobs, ReplayOutcome, StoreError, Tier,
     Transport, TransportError,
 };
+use redrive_core::{BreakerBoard, OpenBreaker};
 use redrive_kafka::{KafkaBackend, KafkaConfig};
 use redrive_nats::{NatsBackend, NatsConfig};
 use redrive_postgres::{Postgres, PostgresConfig};
@@ -493,6 +494,20 @@ impl LaneStats for AnyBackend {
     }
     async fn queue_depths(&self, lanes: &LaneSet) -> Result<QueueDepths, TransportError> {
         each_backend!(self, |b| b.queue_depths(lanes).await)
+    }
+}
+
+impl BreakerBoard for AnyBackend {
+    async fn report_breaker(
+        &self,
+        queue: &str,
+        consumer: &str,
+        open: Option<(i64, i64)>,
+    ) -> Result<(), StoreError> {
+        each_backend!(self, |b| b.report_breaker(queue, consumer, open).await)
+    }
+    async fn open_breakers(&self, now_ms: i64) -> Result<Vec<OpenBreaker>, StoreError> {
+        each_backend!(self, |b| b.open_breakers(now_ms).await)
     }
 }
 

@@ -153,7 +153,10 @@ impl Default for Config {
             public_url: None,
             token_file: None,
             queues: BTreeMap::new(),
-            rules: vec![Rule::default_rule(Vec::new())],
+            rules: vec![
+                Rule::default_rule(Vec::new()),
+                Rule::breaker_rule(Vec::new()),
+            ],
             evaluate_every: Duration::from_secs(15),
             notifiers: BTreeMap::new(),
             retention: redrive_retention::Retention::default(),
@@ -431,6 +434,7 @@ fn check_alerts(c: &mut Checker<'_>, raw: &Raw, config: &mut Config) {
         .unwrap_or(raw.alerts.rules.is_empty())
     {
         rules.push(Rule::default_rule(all_notifiers.clone()));
+        rules.push(Rule::breaker_rule(all_notifiers.clone()));
     }
     for r in &raw.alerts.rules {
         let condition = match Condition::parse(r.when.get_ref()) {
@@ -588,7 +592,11 @@ mod tests {
     fn the_example_file_is_valid() {
         let text = include_str!("../../../redrive.example.toml");
         let config = parse(text, None).unwrap_or_else(|p| panic!("{p:?}"));
-        assert_eq!(config.rules.len(), 3);
+        assert_eq!(
+            config.rules.len(),
+            4,
+            "the two built-in rules and two listed"
+        );
         assert_eq!(config.notifiers.len(), 3);
         assert_eq!(config.retention.hot, Duration::from_secs(7 * 86_400));
         assert_eq!(config.queues["agent.tasks"].concurrency, Some(8));
@@ -713,18 +721,20 @@ warm = "7d"
     }
 
     #[test]
-    fn no_rules_means_the_default_rule_to_every_notifier() {
+    fn no_rules_means_the_built_in_rules_to_every_notifier() {
         let config = parse(
             "[notifiers.pd]\nkind = \"pagerduty\"\nrouting_key = \"k\"\n",
             None,
         )
         .unwrap();
-        assert_eq!(config.rules.len(), 1);
+        assert_eq!(config.rules.len(), 2);
         assert_eq!(
             config.rules[0].condition.to_string(),
             "dlq_depth > 0 for 5m"
         );
         assert_eq!(config.rules[0].notify, ["pd"]);
+        assert_eq!(config.rules[1].condition.to_string(), "breaker_open");
+        assert_eq!(config.rules[1].notify, ["pd"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use redrive_core::{
     DeadStats, JobItem, JobState, JobView, MessageId, QueueName, ReplayJob, ReplayJobs,
     ReplayOutcome, RetentionStore, StoreError,
 };
+use redrive_core::{BreakerBoard, OpenBreaker};
 use redrive_postgres::{Postgres, PostgresConfig};
 use redrive_sqlite::Sqlite;
 
@@ -78,6 +79,20 @@ macro_rules! each_store {
             AnyStore::Postgres($s) => $call,
         }
     };
+}
+
+impl BreakerBoard for AnyStore {
+    async fn report_breaker(
+        &self,
+        queue: &str,
+        consumer: &str,
+        open: Option<(i64, i64)>,
+    ) -> Result<(), StoreError> {
+        each_store!(self, |s| s.report_breaker(queue, consumer, open).await)
+    }
+    async fn open_breakers(&self, now_ms: i64) -> Result<Vec<OpenBreaker>, StoreError> {
+        each_store!(self, |s| s.open_breakers(now_ms).await)
+    }
 }
 
 impl ReplayJobs for AnyStore {

@@ -49,6 +49,8 @@ async fn call(State(up): State<Arc<Upstream>>) -> StatusCode {
 }
 
 struct Run {
+    /// The most consumers `queues` showed with their breaker open.
+    shown_open: u64,
     summary: Value,
     dead: u64,
     calls_during_outage: u64,
@@ -90,19 +92,42 @@ async fn outage(breaker: &str) -> Run {
     .map(str::to_owned)
     .to_vec();
     let store2 = store.clone();
-    let out = tokio::task::spawn_blocking(move || {
+    let consume = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         redrive(&store2, &args, "")
-    })
-    .await
-    .unwrap();
+    });
+    // Meanwhile `queues` shows the breaker while it is open (from the store, as `serve`
+    // does).
+    let store3 = store.clone();
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watch = Arc::clone(&watching);
+    let shown_open = tokio::task::spawn_blocking(move || {
+        let mut most = 0;
+        while watch.load(Ordering::Relaxed) {
+            let queues = redrive(&store3, &["queues", "--json"], "");
+            if let Some(line) = queues.lines().next() {
+                let q: Value = serde_json::from_str(line).unwrap();
+                most = most.max(q["breakers_open"].as_u64().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        most
+    });
+    let out = consume.await.unwrap();
+    watching.store(false, Ordering::Relaxed);
+    let shown_open = shown_open.await.unwrap();
     let summary: Value = serde_json::from_str(&out).unwrap();
     let queues = redrive(&store, &["queues", "--json"], "");
     let depths: Value = serde_json::from_str(queues.lines().next().unwrap()).unwrap();
     let calls = up.before.load(Ordering::Relaxed)
         + up.during.load(Ordering::Relaxed)
         + up.after.load(Ordering::Relaxed);
+    assert_eq!(
+        depths["breakers_open"], 0,
+        "a consumer that stopped holds nothing back"
+    );
     let run = Run {
+        shown_open,
         dead: depths["dlq"].as_u64().unwrap(),
         calls_during_outage: up.during.load(Ordering::Relaxed),
         calls,
@@ -126,6 +151,7 @@ async fn with_the_breaker_an_outage_kills_nothing_and_everything_is_done_after_i
         "{}",
         run.summary
     );
+    assert_eq!(run.shown_open, 1, "queues showed the open breaker");
     // To open it took 20 failing messages; what was in flight then failed too (20 at
     // most); then a probe after 5, 10, 20 and 40 s. Without the breaker every message
     // that meets the outage is called 4 times.
@@ -140,6 +166,7 @@ async fn with_the_breaker_an_outage_kills_nothing_and_everything_is_done_after_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_breaker_the_outage_walks_messages_into_the_dlq() {
     let run = outage("off").await;
+    assert_eq!(run.shown_open, 0);
     // Those done before the outage are fine; every other one met it on all 4 attempts.
     let done_before = MESSAGES as u64 - run.dead;
     assert!(run.dead >= 300, "only {} died: {}", run.dead, run.summary);

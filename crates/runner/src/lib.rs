@@ -26,6 +26,7 @@
 //! ```
 
 mod breaker;
+mod breaker_report;
 mod handler;
 mod isolation;
 mod observer;
@@ -34,6 +35,7 @@ mod runner;
 mod stats;
 
 pub use breaker::{BreakerConfig, BreakerState};
+pub use breaker_report::BreakerReporter;
 pub use handler::{Handler, handler_fn, json_handler};
 pub use observer::{Observer, Settled};
 pub use replay_job::{

@@ -71,6 +71,7 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
     async fn observe(&self, now: i64) -> Result<Vec<Observation>, BackendError> {
         let depths = self.triage.depths().await?;
         let stats = self.triage.stats().await?;
+        let breakers = self.triage.open_breakers().await?;
         let window = self
             .rules
             .iter()
@@ -94,11 +95,13 @@ impl<S: AlertStore + Clone + 'static> Alerting<S> {
                 }
                 None => 0,
             };
+            let breakers_open = breakers.iter().filter(|b| b.queue == d.queue).count() as u64;
             out.push(Observation {
                 queue: d.queue,
                 dlq_depth: d.dlq,
                 oldest_dead_age_ms: oldest.map(|o| (now - o).max(0)),
                 dead_in_window,
+                breakers_open,
             });
         }
         Ok(out)

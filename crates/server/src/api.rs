@@ -159,12 +159,14 @@ fn require_operator(caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError
 pub(crate) async fn queues(State(app): State<Arc<App>>) -> Result<Json<Vec<QueueJson>>, ApiError> {
     let depths = app.triage.depths().await?;
     let stats = app.triage.stats().await?;
+    let breakers = app.triage.open_breakers().await?;
     let now = redrive_core::now_ms();
     Ok(Json(
         depths
             .iter()
             .map(|d| {
                 let mut q = QueueJson::from(d);
+                q.breakers_open = breakers.iter().filter(|b| b.queue == d.queue).count() as u64;
                 q.oldest_dead_age_ms = stats
                     .iter()
                     .filter(|s| s.queue == d.queue)
@@ -750,15 +752,15 @@ pub(crate) async fn jobs_list(
     Ok(Json(jobs.iter().map(JobJson::from).collect()))
 }
 
-/// A job id as a path segment: `rj-` and 20 hexadecimal digits.
+/// A job id as a path segment: `rj-` and 32 hexadecimal digits.
 fn job_id(id: &str) -> Result<String, ApiError> {
     let ok =
-        id.len() == 23 && id.starts_with("rj-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit());
+        id.len() == 35 && id.starts_with("rj-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit());
     if ok {
         Ok(id.to_owned())
     } else {
         Err(ApiError::BadRequest(format!(
-            "{:?} is not a job id (rj- and 20 hexadecimal digits)",
+            "{:?} is not a job id (rj- and 32 hexadecimal digits)",
             redrive_core::truncate_utf8(id, 40)
         )))
     }

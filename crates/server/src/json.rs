@@ -166,6 +166,8 @@ pub struct QueueJson {
     pub oldest_main_age_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_dead_age_ms: Option<i64>,
+    /// Consumers whose outage breaker on the queue is open now.
+    pub breakers_open: u64,
 }
 
 impl From<&QueueDepths> for QueueJson {
@@ -183,6 +185,7 @@ impl From<&QueueDepths> for QueueJson {
             inflight: d.inflight,
             oldest_main_age_ms: d.oldest_main_age_ms,
             oldest_dead_age_ms: None,
+            breakers_open: 0,
         }
     }
 }

@@ -90,7 +90,35 @@ fn first_line(text: &str, max: usize) -> String {
     }
 }
 
+/// Whether a notification is a breaker event (`breaker.opened` / `breaker.closed`)
+/// rather than a DLQ alert.
+fn is_breaker(n: &Notification) -> bool {
+    n.expr == redrive_core::alert::Condition::BreakerOpen.to_string()
+}
+
+/// The event a notification announces, as webhooks name it.
+fn event(n: &Notification) -> &'static str {
+    match (is_breaker(n), n.kind) {
+        (true, NotificationKind::Trigger) => "breaker.opened",
+        (true, NotificationKind::Resolve) => "breaker.closed",
+        (false, NotificationKind::Trigger) => "alert.triggered",
+        (false, NotificationKind::Resolve) => "alert.resolved",
+    }
+}
+
 fn summary(n: &Notification) -> String {
+    if is_breaker(n) {
+        return match n.kind {
+            NotificationKind::Trigger => format!(
+                "{}: breaker.opened: the consumer's upstream seems down ({} consumer(s)); no new messages are taken and nothing is dead-lettered for the outage",
+                n.queue, n.value
+            ),
+            NotificationKind::Resolve => format!(
+                "{}: breaker.closed: a probe succeeded; the queue flows again",
+                n.queue
+            ),
+        };
+    }
     match n.kind {
         NotificationKind::Trigger => format!(
             "{}: DLQ alert {} ({}), value {}",
@@ -113,7 +141,17 @@ pub fn body(notifier: &Notifier, n: &Notification, ctx: &Context) -> Value {
     match notifier {
         Notifier::Slack { .. } => {
             let firing = n.kind == NotificationKind::Trigger;
-            let head = if firing {
+            let head = if is_breaker(n) {
+                format!(
+                    "{} *{}*",
+                    if firing {
+                        ":warning:"
+                    } else {
+                        ":large_green_circle:"
+                    },
+                    slack_escape(&summary(n))
+                )
+            } else if firing {
                 format!(
                     ":red_circle: *DLQ alert firing: {}*",
                     slack_escape(&n.queue)
@@ -178,7 +216,7 @@ pub fn body(notifier: &Notifier, n: &Notification, ctx: &Context) -> Value {
         },
         Notifier::Webhook { .. } => json!({
             "version": 1,
-            "event": match n.kind { NotificationKind::Trigger => "alert.triggered", NotificationKind::Resolve => "alert.resolved" },
+            "event": event(n),
             "rule": n.rule,
             "expr": n.expr,
             "queue": n.queue,

@@ -94,9 +94,9 @@ fn id_param() -> Value {
     json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}})
 }
 
-/// A job id: `rj-` and 20 hexadecimal digits.
+/// A job id: `rj-` and 32 hexadecimal digits.
 fn job_id_param() -> Value {
-    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^rj-[0-9a-fA-F]{20}$"}})
+    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^rj-[0-9a-fA-F]{32}$"}})
 }
 
 /// The answers of an action on a job: the job after it, or a 409 when its state does
@@ -255,7 +255,8 @@ pub fn document() -> Value {
                     "queue": {"type": "string"}, "main": {"type": "integer"}, "retry": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "isolated": {"type": "integer", "description": "Crash suspects waiting to be run alone"},
                     "dlq": {"type": "integer"}, "inflight": {"type": "integer"}, "oldest_main_age_ms": {"type": ["integer", "null"]},
-                    "oldest_dead_age_ms": {"type": ["integer", "null"]}}},
+                    "oldest_dead_age_ms": {"type": ["integer", "null"]},
+                    "breakers_open": {"type": "integer", "description": "Consumers whose outage breaker on the queue is open now"}}},
                 "Failure": {"type": "object", "properties": {
                     "attempt": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "lane": {"type": "string"},
                     "kind": {"type": "string", "enum": ["retry", "poison", "timeout", "panic", "lease_expired"]},

@@ -11,6 +11,7 @@ use redrive_core::{
     DeadStats, JobItem, JobState, JobView, LaneStats, MessageId, Pace, QueueDepths, QueueName,
     ReplayJob, ReplayJobs, ReplayOptions, ReplayReport, Transport, replay, replay_edited,
 };
+use redrive_core::{BreakerBoard, OpenBreaker};
 use redrive_runner::{JobOptions, JobSpec};
 use tokio::time::Instant;
 
@@ -95,6 +96,8 @@ pub trait Triage: Send + Sync + 'static {
     fn update_job(&self, job: ReplayJob) -> BoxFuture<'_, ()>;
     /// The jobs that covered a message, with what became of it.
     fn replays_of(&self, id: MessageId) -> BoxFuture<'_, Vec<(ReplayJob, JobItem)>>;
+    /// Consumers' outage breakers open now.
+    fn open_breakers(&self) -> BoxFuture<'_, Vec<OpenBreaker>>;
 }
 
 /// A transport and a store, as one [`Triage`].
@@ -132,7 +135,7 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BackendError {
 impl<T, S> Triage for LanesAndStore<T, S>
 where
     T: Transport + LaneStats,
-    S: DeadLetterStore + ReplayJobs,
+    S: DeadLetterStore + ReplayJobs + BreakerBoard,
 {
     fn depths(&self) -> BoxFuture<'_, Vec<QueueDepths>> {
         Box::pin(async move { self.transport.depths().await.map_err(boxed) })
@@ -274,5 +277,14 @@ where
 
     fn replays_of(&self, id: MessageId) -> BoxFuture<'_, Vec<(ReplayJob, JobItem)>> {
         Box::pin(async move { self.store.replays_of(&id).await.map_err(boxed) })
+    }
+
+    fn open_breakers(&self) -> BoxFuture<'_, Vec<OpenBreaker>> {
+        Box::pin(async move {
+            self.store
+                .open_breakers(redrive_core::now_ms())
+                .await
+                .map_err(boxed)
+        })
     }
 }

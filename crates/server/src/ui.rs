@@ -313,9 +313,17 @@ pub(crate) async fn overview(
 ) -> UiResult {
     let depths = app.triage.depths().await?;
     let groups = app.triage.groups(DeadFilter::default(), 5).await?;
+    let breakers = app.triage.open_breakers().await?;
     let samples = app.history.samples();
     let body = html! {
         h1 { "Overview" }
+        @for b in &breakers {
+            div.warning role="alert" .breaker-banner {
+                strong { "Breaker open on " (b.queue) }
+                " since " (rfc3339(b.since_ms)) " (" (ago(b.since_ms)) ", " (b.consumer) "): its upstream seems down. "
+                "No new messages are taken and nothing is dead-lettered for the outage; one message probes now and then, and the first that succeeds closes it."
+            }
+        }
         @if depths.is_empty() {
             p.muted { "No queues yet. Publish with " code { "redrive publish QUEUE" } "." }
         } @else {

@@ -337,3 +337,97 @@ async fn age_and_rate_rules_fire_at_the_right_moment() {
         "the burst left the window"
     );
 }
+
+/// A consumer's open breaker pages through the configured notifiers as
+/// `breaker.opened`, and as `breaker.closed` once it closes; a report its consumer
+/// stopped renewing (the consumer died) does not keep it open.
+#[tokio::test]
+async fn an_open_breaker_pages_as_breaker_opened_then_breaker_closed() {
+    use redrive_core::{BreakerBoard, LaneSet, Transport, now_ms};
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = sinks().await;
+    let store = open(dir.path());
+    store
+        .create_lanes(&LaneSet {
+            queue: QueueName::new("agent.tasks").unwrap(),
+            tiers: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let rules = vec![Rule::breaker_rule(vec!["hook".into(), "slack".into()])];
+    let a = alerting(&store, &sinks, rules, Arc::new(Metrics::new()));
+    let now = now_ms();
+    store
+        .report_breaker("agent.tasks", "consume (pid 7)", Some((now, now)))
+        .await
+        .unwrap();
+    a.evaluate(T0).await.unwrap();
+    a.deliver(T0).await.unwrap();
+    let hook = sinks.webhook.json_bodies();
+    assert_eq!(hook.len(), 1);
+    assert_eq!(
+        (
+            hook[0]["event"].as_str(),
+            hook[0]["rule"].as_str(),
+            hook[0]["queue"].as_str(),
+            hook[0]["value"].as_u64()
+        ),
+        (
+            Some("breaker.opened"),
+            Some("breaker"),
+            Some("agent.tasks"),
+            Some(1)
+        )
+    );
+    let slack = sinks.slack.json_bodies();
+    assert!(
+        slack[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("breaker.opened"),
+        "{}",
+        slack[0]
+    );
+
+    a.evaluate(T0 + MIN).await.unwrap();
+    a.deliver(T0 + MIN).await.unwrap();
+    assert_eq!(
+        sinks.webhook.json_bodies().len(),
+        1,
+        "paged once while it stays open"
+    );
+
+    store
+        .report_breaker("agent.tasks", "consume (pid 7)", None)
+        .await
+        .unwrap();
+    a.evaluate(T0 + 2 * MIN).await.unwrap();
+    a.deliver(T0 + 2 * MIN).await.unwrap();
+    let last = sinks.webhook.json_bodies().pop().unwrap();
+    assert_eq!(last["event"], "breaker.closed");
+
+    // A consumer killed while its breaker was open stops renewing the report.
+    store
+        .report_breaker(
+            "agent.tasks",
+            "consume (pid 8)",
+            Some((now - 300_000, now - 100_000)),
+        )
+        .await
+        .unwrap();
+    assert!(store.open_breakers(now).await.unwrap().is_empty());
+    store
+        .report_breaker(
+            "agent.tasks",
+            "consume (pid 9)",
+            Some((now - 300_000, now - 10_000)),
+        )
+        .await
+        .unwrap();
+    let open = store.open_breakers(now).await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(
+        (open[0].consumer.as_str(), open[0].since_ms),
+        ("consume (pid 9)", now - 300_000)
+    );
+}

@@ -1038,7 +1038,7 @@ async fn replay_jobs_start_run_and_obey_pause_resume_and_cancel() {
     let (status, _, out) = send(f.router(), get("/api/v1/jobs", Some(VIEWER))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(&out).as_array().unwrap().len(), 1);
-    let missing = "/api/v1/jobs/rj-00000000000000000000";
+    let missing = "/api/v1/jobs/rj-00000000000000000000000000000000";
     assert_eq!(
         send(f.router(), get(missing, Some(VIEWER))).await.0,
         StatusCode::NOT_FOUND
@@ -1191,4 +1191,41 @@ async fn the_ui_starts_shows_and_pauses_a_canary_replay() {
     let (_, _, page) = send(f.router(), page_of("/jobs".into())).await;
     let page = String::from_utf8(page).unwrap();
     assert!(page.contains(&job_path[6..]), "listed");
+}
+
+/// The overview shows each open breaker as a banner, its consumer's name escaped, and
+/// `/api/v1/queues` counts it.
+#[tokio::test]
+async fn an_open_breaker_is_a_banner_on_the_overview_and_counted_in_queues() {
+    use redrive_core::{BreakerBoard, now_ms};
+    let f = fixture(tokens(), 3).await;
+    let now = now_ms();
+    f.store
+        .report_breaker(
+            "agent.tasks",
+            &format!("consume {XSS_IMG}"),
+            Some((now - 60_000, now)),
+        )
+        .await
+        .unwrap();
+    let (status, _, page) = send(f.router(), get("/", Some(VIEWER))).await;
+    assert_eq!(status, StatusCode::OK);
+    let page = String::from_utf8(page).unwrap();
+    assert!(page.contains("Breaker open on agent.tasks"), "{page}");
+    assert!(!page.contains(XSS_IMG), "the consumer's name is escaped");
+    let (_, _, out) = send(f.router(), get("/api/v1/queues", Some(VIEWER))).await;
+    let queues = json(&out);
+    let q = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "agent.tasks")
+        .unwrap();
+    assert_eq!(q["breakers_open"], 1);
+    f.store
+        .report_breaker("agent.tasks", &format!("consume {XSS_IMG}"), None)
+        .await
+        .unwrap();
+    let (_, _, page) = send(f.router(), get("/", Some(VIEWER))).await;
+    assert!(!String::from_utf8(page).unwrap().contains("Breaker open"));
 }

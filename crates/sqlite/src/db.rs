@@ -146,6 +146,15 @@ CREATE TABLE IF NOT EXISTS replay_items (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS replay_items_by_message ON replay_items (id, state);
 
+-- Consumers' open outage breakers, renewed while open, deleted when closed.
+CREATE TABLE IF NOT EXISTS breakers (
+    queue    TEXT    NOT NULL,
+    consumer TEXT    NOT NULL,
+    since_ms INTEGER NOT NULL,
+    seen_ms  INTEGER NOT NULL,
+    PRIMARY KEY (queue, consumer)
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY,
     at_ms  INTEGER NOT NULL,

@@ -1,8 +1,8 @@
 //! Replay jobs in the embedded store: `replay_jobs` and `replay_items`.
 
 use redrive_core::{
-    ItemState, JobCounts, JobItem, JobState, JobView, MessageId, ReplayJob, ReplayJobs,
-    ReplayOutcome, StoreError, now_ms,
+    BREAKER_REPORT_TTL_MS, BreakerBoard, ItemState, JobCounts, JobItem, JobState, JobView,
+    MessageId, OpenBreaker, ReplayJob, ReplayJobs, ReplayOutcome, StoreError, now_ms,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -328,6 +328,56 @@ impl ReplayJobs for Sqlite {
                     Ok((spec, item(&job, row)?))
                 })
                 .collect()
+        })
+        .await
+        .map_err(Into::into)
+    }
+}
+
+impl BreakerBoard for Sqlite {
+    async fn report_breaker(
+        &self,
+        queue: &str,
+        consumer: &str,
+        open: Option<(i64, i64)>,
+    ) -> Result<(), StoreError> {
+        let (queue, consumer) = (queue.to_owned(), consumer.to_owned());
+        self.write(move |conn| {
+            match open {
+                Some((since, seen)) => conn
+                    .prepare_cached(
+                        "INSERT INTO breakers (queue, consumer, since_ms, seen_ms) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (queue, consumer) DO UPDATE SET since_ms = excluded.since_ms, seen_ms = excluded.seen_ms",
+                    )
+                    .and_then(|mut s| s.execute(params![queue, consumer, since, seen])),
+                None => conn
+                    .prepare_cached("DELETE FROM breakers WHERE queue = ?1 AND consumer = ?2")
+                    .and_then(|mut s| s.execute(params![queue, consumer])),
+            }
+            .map_err(SqliteError::query("report a breaker"))?;
+            Ok(())
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn open_breakers(&self, now_ms: i64) -> Result<Vec<OpenBreaker>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT queue, consumer, since_ms, seen_ms FROM breakers WHERE seen_ms > ?1 ORDER BY queue, since_ms",
+            )
+            .and_then(|mut s| {
+                s.query_map([now_ms - BREAKER_REPORT_TTL_MS], |r| {
+                    Ok(OpenBreaker {
+                        queue: r.get(0)?,
+                        consumer: r.get(1)?,
+                        since_ms: r.get(2)?,
+                        seen_ms: r.get(3)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(SqliteError::query("list open breakers"))
         })
         .await
         .map_err(Into::into)

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use redrive_core::{LaneSet, QueueName, RetryPolicy, Transport};
-use redrive_runner::{BreakerConfig, ReplayReporter, Runner, RunnerConfig, Summary};
+use redrive_runner::{
+    BreakerConfig, BreakerReporter, ReplayReporter, Runner, RunnerConfig, Summary,
+};
 use redrive_server::{LanesAndStore, Metrics, Triage};
 use redrive_sidecar::{ExecHandler, WebhookHandler, WorkerHandler};
 use serde::Serialize;
@@ -94,8 +96,17 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     );
     // Replay jobs wait for how the messages they moved fare: reported to the store.
     let replays = ReplayReporter::new(store.clone());
+    // And `serve` shows an open breaker, and pages on it, from the store.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let breakers = BreakerReporter::new(
+        store.clone(),
+        format!("consume (pid {} on {host})", std::process::id()),
+    );
     let mut runner = Runner::new(store.clone(), queue.clone(), policy, config)
-        .observe(Arc::clone(&replays) as Arc<dyn redrive_runner::Observer>);
+        .observe(Arc::clone(&replays) as Arc<dyn redrive_runner::Observer>)
+        .observe(Arc::clone(&breakers) as Arc<dyn redrive_runner::Observer>);
     if args.until_idle {
         runner = runner.until_idle();
     }
@@ -137,6 +148,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
         (None, None, None) => anyhow::bail!("give --exec CMD, --webhook URL or --worker CMD"),
     };
     replays.close().await;
+    breakers.close().await;
     let s = stats.snapshot();
     if args.json {
         json_line(&SummaryJson {

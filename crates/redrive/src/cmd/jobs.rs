@@ -242,7 +242,7 @@ pub async fn list(cli: &Cli, args: &JobsArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "{:<24} {:<9} {:>7} {:>6} {:>6} {:>6} {:>6}  {:<20}  NOTE",
+        "{:<35} {:<9} {:>7} {:>6} {:>6} {:>6} {:>6}  {:<24}  NOTE",
         "JOB",
         "STATE",
         "TOTAL",
@@ -255,7 +255,7 @@ pub async fn list(cli: &Cli, args: &JobsArgs) -> Result<ExitCode> {
     for v in &jobs {
         let c = &v.counts;
         outln!(
-            "{:<24} {:<9} {:>7} {:>6} {:>6} {:>6} {:>6}  {:<20}  {}",
+            "{:<35} {:<9} {:>7} {:>6} {:>6} {:>6} {:>6}  {:<24}  {}",
             v.job.id,
             v.state.as_str(),
             c.total,

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use redrive_core::{LaneSet, LaneStats, QueueName, RetryPolicy, Transport};
+use redrive_core::{BreakerBoard, LaneSet, LaneStats, QueueName, RetryPolicy, Transport};
 use serde::Serialize;
 
 use crate::backend;
@@ -18,9 +18,16 @@ pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
     }
     let store = backend::open_any(cli, false).await?;
     let depths = store.depths().await.context("reading lane depths")?;
+    let breakers = store
+        .open_breakers(redrive_core::now_ms())
+        .await
+        .context("reading the consumers' breakers")?;
+    let open = |queue: &str| breakers.iter().filter(|b| b.queue == queue).count() as u64;
     if args.json {
         for d in &depths {
-            json_line(&QueueJson::from(d));
+            let mut q = QueueJson::from(d);
+            q.breakers_open = open(&d.queue);
+            json_line(&q);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -44,13 +51,33 @@ pub async fn run(cli: &Cli, args: &QueuesArgs) -> Result<ExitCode> {
                 d.isolated.to_string(),
                 d.dlq.to_string(),
                 d.inflight.to_string(),
+                match open(&d.queue) {
+                    0 => "-".to_owned(),
+                    n => format!("OPEN ({n})"),
+                },
             ]
         })
         .collect();
     table(
-        &["QUEUE", "MAIN", "RETRY", "ISOLATED", "DLQ", "IN-FLIGHT"],
+        &[
+            "QUEUE",
+            "MAIN",
+            "RETRY",
+            "ISOLATED",
+            "DLQ",
+            "IN-FLIGHT",
+            "BREAKER",
+        ],
         &rows,
     );
+    for b in &breakers {
+        outln!(
+            "breaker open on {} since {} ({}): its upstream seems down; no new messages are taken, nothing is dead-lettered for the outage",
+            b.queue,
+            crate::output::rfc3339(b.since_ms),
+            b.consumer
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
