@@ -45,9 +45,9 @@ pub struct JobOptions {
 impl Default for JobOptions {
     fn default() -> Self {
         Self {
-            poll: Duration::from_millis(200),
+            poll: Duration::from_millis(100),
             outcome_wait: Duration::from_secs(600),
-            window: 500,
+            window: 2_000,
             owner: format!("pid {}", std::process::id()),
         }
     }
@@ -262,7 +262,8 @@ where
     if let Err(e) = store.claim_job(id, &options.owner, 0).await {
         tracing::warn!(job = id, error = %e, "could not give a replay job back; its lease runs out in 30 s");
     }
-    result
+    // Given back: nobody runs it now.
+    result.map(|v| JobView { runner: None, ..v })
 }
 
 async fn drive<T, S>(
@@ -280,6 +281,7 @@ where
     let mut last_change = Instant::now();
     let mut last_settled = u64::MAX;
     let mut renewed = Instant::now();
+    let mut waiting_on: Option<(redrive_core::JobCounts, ReplayJob)> = None;
     loop {
         if renewed.elapsed() >= LEASE / 3 {
             if !store.claim_job(id, &options.owner, lease_until()).await? {
@@ -297,8 +299,17 @@ where
             last_settled = settled;
             last_change = Instant::now();
         }
-        let items = all_items(store, id).await?;
-        match next_step(&v, &items, options.window) {
+        // Waiting, with nothing changed since (no outcome, no edit of the job), the
+        // step is the same: the messages are not read again.
+        let unchanged = waiting_on.as_ref() == Some(&(v.counts, v.job.clone()));
+        let step = if unchanged {
+            Step::Wait
+        } else {
+            let items = all_items(store, id).await?;
+            next_step(&v, &items, options.window)
+        };
+        waiting_on = (step == Step::Wait).then(|| (v.counts, v.job.clone()));
+        match step {
             Step::Move(batch) => {
                 move_items(transport, store, &v.job, batch).await?;
                 last_change = Instant::now();
