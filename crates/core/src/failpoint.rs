@@ -17,6 +17,7 @@
 //! | `settled` | a settle returned |
 //! | `drain-stored` | drained dead letters are in the store; the broker's DLQ still has them |
 //! | `replay-published` | replayed messages are back in their queue; the store still has them as dead |
+//! | `job-step-marked` | a replay job marked a step's messages moved; none is published yet |
 //! | `archive-renamed` | an archive file is complete; its messages are still in the store |
 
 /// Every point, for the crash-point bench and its report.
@@ -27,6 +28,7 @@ pub const FAILPOINTS: &[&str] = &[
     "settled",
     "drain-stored",
     "replay-published",
+    "job-step-marked",
     "archive-renamed",
 ];
 

@@ -248,3 +248,112 @@ fn an_ordered_replay_keeps_each_keys_order_and_holds_a_key_behind_a_message_that
         .count();
     assert_eq!(held, 12);
 }
+
+/// A replay job killed between its steps (its messages marked moved, none published; or
+/// published, not yet marked replayed in the store) resumes with every message handled
+/// and none left dead: what was published is marked replayed, what may not have been
+/// is moved again.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_job_killed_between_its_steps_resumes_with_nothing_lost_or_left_dead() {
+    let runs: Vec<_> = ["job-step-marked", "replay-published"]
+        .into_iter()
+        .map(|point| std::thread::spawn(move || killed_at(point)))
+        .collect();
+    for run in runs {
+        run.join().unwrap();
+    }
+}
+
+#[cfg(feature = "failpoints")]
+fn killed_at(point: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("r.db").display());
+    let input: String = (0..200).map(|i| format!("task-{i:03}\n")).collect();
+    redrive(&store, &["publish", "agent.tasks"], &input);
+    let agent = handler(dir.path(), "");
+    redrive(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            &agent,
+            "--until-idle",
+            "--concurrency",
+            "8",
+        ],
+        "",
+    );
+    std::fs::write(dir.path().join("fixed"), "").unwrap();
+    let _consumer = Background::start(
+        &store,
+        &[
+            "consume",
+            "agent.tasks",
+            "--exec",
+            &agent,
+            "--concurrency",
+            "8",
+            "--poll",
+            "20ms",
+        ],
+    );
+    // The canaries are the first step; the second is killed.
+    let killed = std::process::Command::new(env!("CARGO_BIN_EXE_redrive"))
+        .args([
+            "--store",
+            &store,
+            "dlq",
+            "replay",
+            "--queue",
+            "agent.tasks",
+            "--canary",
+            "5",
+            "--outcome-wait",
+            "60s",
+        ])
+        .env("REDRIVE_FAILPOINT", format!("{point}:2"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        killed.status.code(),
+        None,
+        "{point}: killed by the failpoint: {killed:?}"
+    );
+    let jobs = redrive(&store, &["dlq", "jobs", "--json"], "");
+    let id = json(jobs.lines().next().unwrap())["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Its hold runs out 10 s after the kill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let job = loop {
+        let (code, out) = redrive_status(&store, &["dlq", "job", "resume", &id, "--json"]);
+        if code == 0 {
+            break json(&out);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{point}: resume never took the job"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    assert_eq!(job["state"], "done", "{point}: {job}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut seen = handled(dir.path());
+        seen.sort();
+        seen.dedup();
+        if seen.len() == 200 && depth(&store) == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{point}: {} of 200 handled, {} still dead",
+            seen.len(),
+            depth(&store)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

@@ -53,8 +53,9 @@ impl Default for JobOptions {
     }
 }
 
-/// How long a job stays held by a process that stopped renewing its hold.
-const LEASE: Duration = Duration::from_secs(30);
+/// How long a job stays held by a process that stopped renewing its hold (it renews
+/// every third of that).
+const LEASE: Duration = Duration::from_secs(10);
 
 /// What a new job covers and how it moves.
 #[derive(Debug, Clone)]
@@ -231,7 +232,11 @@ fn held_elsewhere(id: &str, v: Option<JobView>) -> ReplayError {
         .unwrap_or_else(|| "another process".to_owned());
     ReplayError::Store(StoreError::Backend {
         context: format!("replay job {id}"),
-        source: format!("it is being run by {by}").into(),
+        source: format!(
+            "it is being run by {by} (if that process is gone, its hold runs out within {} s)",
+            LEASE.as_secs()
+        )
+        .into(),
     })
 }
 
@@ -260,7 +265,7 @@ where
     }
     let result = drive(transport, store, id, options, progress).await;
     if let Err(e) = store.claim_job(id, &options.owner, 0).await {
-        tracing::warn!(job = id, error = %e, "could not give a replay job back; its lease runs out in 30 s");
+        tracing::warn!(job = id, error = %e, "could not give a replay job back; its hold runs out in 10 s");
     }
     // Given back: nobody runs it now.
     result.map(|v| JobView { runner: None, ..v })
@@ -277,7 +282,7 @@ where
     T: Transport,
     S: DeadLetterStore + ReplayJobs,
 {
-    recover(store, id).await?;
+    recover(store, &view(store, id).await?.job).await?;
     let mut last_change = Instant::now();
     let mut last_settled = u64::MAX;
     let mut renewed = Instant::now();
@@ -344,27 +349,62 @@ where
     }
 }
 
-/// A job stopped between marking messages moved and publishing them left them moved
-/// but still dead, at their old replay count: they go back to pending.
-async fn recover<S: DeadLetterStore + ReplayJobs>(store: &S, id: &str) -> Result<(), StoreError> {
+/// Sorts out what a job stopped mid-step (a crash, a kill) left behind. A message is
+/// marked moved, then published, then marked replayed in the store; stopped between
+/// those, it is still dead at its old replay count:
+///
+/// - with an outcome already (a consumer handled it), it was published: its stale dead
+///   copy is marked replayed now, as the step would have;
+/// - moved, with no outcome yet, it may or may not have been published: it goes back to
+///   pending and is moved again (at least once, as every replay).
+async fn recover<S: DeadLetterStore + ReplayJobs>(
+    store: &S,
+    job: &ReplayJob,
+) -> Result<(), StoreError> {
+    let id = job.id.as_str();
     let mut back = Vec::new();
+    let mut published = Vec::new();
     for mut item in all_items(store, id).await? {
-        if item.state != ItemState::Moved {
+        if !matches!(
+            item.state,
+            ItemState::Moved | ItemState::Ok | ItemState::Failed
+        ) || item.replays == 0
+        {
             continue;
         }
-        if let Some(dead) = store.get(&item.id).await?
-            && dead.envelope.replays < item.replays
-        {
+        let Some(dead) = store.get(&item.id).await? else {
+            continue;
+        };
+        if dead.envelope.replays >= item.replays {
+            continue;
+        }
+        if item.state == ItemState::Moved {
             item.state = ItemState::Pending;
             item.at_ms = now_ms();
             back.push(item);
+        } else {
+            published.push(item.id);
         }
+    }
+    if !published.is_empty() {
+        tracing::info!(
+            job = id,
+            messages = published.len(),
+            "marking replayed what a stopped job had published"
+        );
+        store
+            .mark_replayed(
+                &published,
+                &job.actor,
+                &format!("replay job {id}: published before it was interrupted"),
+            )
+            .await?;
     }
     if !back.is_empty() {
         tracing::info!(
             job = id,
             messages = back.len(),
-            "moving again what a stopped job had not published"
+            "moving again what a stopped job may not have published"
         );
         store.update_job_items(id, &back).await?;
     }
@@ -614,6 +654,7 @@ where
     if ids.is_empty() {
         return Ok(());
     }
+    redrive_core::failpoint("job-step-marked");
     let to = job
         .to
         .as_deref()
