@@ -651,6 +651,7 @@ pub async fn replay_jobs_keep_their_messages_states_and_outcomes<S: ReplayJobs>(
         ordered: true,
         canary_passed: false,
         forgiven: (0, 0),
+        edited: false,
     };
     let ids: Vec<MessageId> = (0..3).map(|_| MessageId::new()).collect();
     let items: Vec<JobItem> = ids

@@ -87,6 +87,9 @@ pub struct ReplayJob {
     /// failure rate paused): the rate counts only what came after.
     #[serde(default)]
     pub forgiven: (u64, u64),
+    /// A single message replayed with its payload edited during triage.
+    #[serde(default)]
+    pub edited: bool,
 }
 
 impl ReplayJob {

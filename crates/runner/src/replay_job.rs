@@ -185,6 +185,7 @@ pub async fn start_job<S: DeadLetterStore + ReplayJobs>(
         ordered: spec.ordered,
         canary_passed: chosen == 0,
         forgiven: (0, 0),
+        edited: false,
     };
     store.create_job(&job, &items).await?;
     view(store, &job.id).await
@@ -780,6 +781,7 @@ mod tests {
             ordered,
             canary_passed: canary == 0,
             forgiven: (0, 0),
+            edited: false,
         }
     }
 

@@ -240,6 +240,8 @@ pub struct JobJson {
     pub max_failed_percent: f64,
     /// Each key's messages in order.
     pub ordered: bool,
+    /// One message, replayed with its payload edited.
+    pub edited: bool,
     /// Its messages per state.
     pub counts: redrive_core::JobCounts,
     /// The process running it now, if any.
@@ -262,6 +264,7 @@ impl From<&redrive_core::JobView> for JobJson {
             canary_passed: v.job.canary_passed,
             max_failed_percent: v.job.max_failed_percent,
             ordered: v.job.ordered,
+            edited: v.job.edited,
             counts: v.counts,
             runner: v.runner.clone(),
         }
@@ -330,6 +333,8 @@ pub struct LineageJson {
     pub detail: String,
     /// When that was known.
     pub at: String,
+    /// Whether its payload was edited for this replay.
+    pub edited: bool,
 }
 
 impl From<&(redrive_core::ReplayJob, redrive_core::JobItem)> for LineageJson {
@@ -342,6 +347,7 @@ impl From<&(redrive_core::ReplayJob, redrive_core::JobItem)> for LineageJson {
             outcome: item.state.as_str(),
             detail: item.detail.clone(),
             at: rfc3339(item.at_ms),
+            edited: job.edited,
         }
     }
 }

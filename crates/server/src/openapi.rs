@@ -134,6 +134,7 @@ fn job_schema() -> Value {
         "actor": {"type": "string"}, "reason": {"type": "string"}, "selection": {"type": "string"},
         "to": {"type": ["string", "null"]}, "canary": {"type": "integer"}, "canary_passed": {"type": "boolean"},
         "max_failed_percent": {"type": "number"}, "ordered": {"type": "boolean"},
+        "edited": {"type": "boolean", "description": "One message, replayed with its payload edited"},
         "runner": {"type": ["string", "null"], "description": "The process running it now"},
         "counts": {"type": "object", "properties": {
             "total": count, "pending": count, "moved": count, "ok": count, "failed": count, "held": count, "skipped": count}}}})
@@ -313,7 +314,8 @@ pub fn document() -> Value {
                     "job": {"type": "string"}, "actor": {"type": "string"}, "reason": {"type": "string"},
                     "started_at": {"type": "string", "format": "date-time"},
                     "outcome": {"type": "string", "enum": ["pending", "moved", "ok", "failed", "held", "skipped"]},
-                    "detail": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}},
+                    "detail": {"type": "string"}, "at": {"type": "string", "format": "date-time"},
+                    "edited": {"type": "boolean", "description": "Its payload was edited for this replay"}}},
                 "AuditEntry": {"type": "object", "properties": {
                     "at": {"type": "string", "format": "date-time"}, "actor": {"type": "string"}, "action": {"type": "string"},
                     "detail": {"type": "string"}, "count": {"type": "integer"}, "reason": {"type": "string"}}}

@@ -208,9 +208,29 @@ where
                 reason: &r.reason,
                 ..ReplayOptions::default()
             };
-            replay_edited(&self.transport, &self.store, &id, payload, &options)
-                .await
-                .map_err(boxed)
+            // Kept as a job of one, so the message's timeline shows the edit and what
+            // became of it; written before the publish, so an outcome reported at once
+            // finds it.
+            let job = match self.store.get(&id).await.map_err(boxed)? {
+                Some(dead) if !r.dry_run && dead.envelope.replays < r.max_replays => {
+                    Some(record_edit(&self.store, &dead, &r).await.map_err(boxed)?)
+                }
+                _ => None,
+            };
+            let result = replay_edited(&self.transport, &self.store, &id, payload, &options).await;
+            if let Some(job) = job {
+                let (state, note) = match &result {
+                    Ok(Some(report)) if report.replayed > 0 => {
+                        (JobState::Done, "edited and replayed")
+                    }
+                    _ => (JobState::Cancelled, "the edited replay did not go out"),
+                };
+                self.store
+                    .set_job_state(&job, &[JobState::Running], state, note)
+                    .await
+                    .map_err(boxed)?;
+            }
+            result.map_err(boxed)
         })
     }
 
@@ -287,4 +307,46 @@ where
                 .map_err(boxed)
         })
     }
+}
+
+/// Stores a job of one for an edited replay of `dead`: its message moved (at the replay
+/// count the replay will give it). Returns the job's id.
+async fn record_edit<S: ReplayJobs>(
+    store: &S,
+    dead: &DeadLetter,
+    r: &ReplayRequest,
+) -> Result<String, redrive_core::StoreError> {
+    let env = &dead.envelope;
+    let now = redrive_core::now_ms();
+    let job = ReplayJob {
+        id: ReplayJob::new_id(),
+        created_at_ms: now,
+        actor: r.actor.clone(),
+        reason: r.reason.clone(),
+        selection: format!("message {}", env.id),
+        to: r.to.as_ref().map(ToString::to_string),
+        max_replays: r.max_replays,
+        canary: 0,
+        max_failed_percent: 0.0,
+        ordered: false,
+        canary_passed: true,
+        forgiven: (0, 0),
+        edited: true,
+    };
+    let item = JobItem {
+        seq: 0,
+        id: env.id,
+        key: env.key.clone(),
+        canary: false,
+        state: redrive_core::ItemState::Moved,
+        replays: env.replays + 1,
+        detail: String::new(),
+        was: env
+            .last_failure()
+            .map(|f| redrive_core::truncate_utf8(&f.message, 512).to_owned())
+            .unwrap_or_default(),
+        at_ms: now,
+    };
+    store.create_job(&job, &[item]).await?;
+    Ok(job.id)
 }

@@ -878,6 +878,7 @@ pub(crate) async fn message(
                         div {
                             a href=(format!("/jobs/{}", job.id)) { strong { (job.id) } }
                             span.muted { " · by " (job.actor) " · " (rfc3339(job.created_at_ms)) }
+                            @if job.edited { " " span.badge { "edited" } }
                             @if !job.reason.is_empty() { span.muted { " · " (job.reason) } }
                         }
                         div { (item_outcome(item)) }

@@ -1229,3 +1229,51 @@ async fn an_open_breaker_is_a_banner_on_the_overview_and_counted_in_queues() {
     let (_, _, page) = send(f.router(), get("/", Some(VIEWER))).await;
     assert!(!String::from_utf8(page).unwrap().contains("Breaker open"));
 }
+
+/// An edited replay is kept as a job of one, so the message's timeline says it was
+/// edited and, once a consumer reports, how it fared.
+#[tokio::test]
+async fn an_edited_replay_is_in_the_messages_timeline() {
+    use redrive_core::{ReplayJobs, ReplayOutcome};
+    let f = fixture(tokens(), 3).await;
+    let (_, _, out) = send(f.router(), get("/api/v1/dead?limit=1", Some(VIEWER))).await;
+    let id = json(&out)["items"][0]["id"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"payload": "{\"task\": \"fixed\"}", "reason": "fixed the field"});
+    let (status, _, out) = send(
+        f.router(),
+        post_json(&format!("/api/v1/dead/{id}/replay"), Some(OPERATOR), &body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
+    let message = redrive_core::MessageId::parse(&id).unwrap();
+    let lineage = f.store.replays_of(&message).await.unwrap();
+    assert_eq!(lineage.len(), 1);
+    let (job, item) = &lineage[0];
+    assert!(job.edited);
+    assert_eq!(
+        (job.reason.as_str(), job.actor.as_str()),
+        ("fixed the field", "api:operator")
+    );
+    assert_eq!(
+        (item.state, item.replays),
+        (redrive_core::ItemState::Moved, 1)
+    );
+    let (_, _, out) = send(f.router(), get("/api/v1/jobs", Some(VIEWER))).await;
+    let jobs = json(&out);
+    assert_eq!(
+        (jobs[0]["state"].as_str(), jobs[0]["edited"].as_bool()),
+        (Some("done"), Some(true))
+    );
+    f.store
+        .record_replay_outcomes(&[ReplayOutcome {
+            id: message,
+            replays: 1,
+            error: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.replays_of(&message).await.unwrap()[0].1.state,
+        redrive_core::ItemState::Ok
+    );
+}

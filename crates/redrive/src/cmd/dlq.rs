@@ -267,9 +267,10 @@ pub async fn show(cli: &Cli, args: &ShowArgs) -> Result<ExitCode> {
                 redrive_core::ItemState::Pending => "not moved yet".to_owned(),
             };
             outln!(
-                "  {}  {} by {}{}: {outcome}",
+                "  {}  {}{} by {}{}: {outcome}",
                 rfc3339(job.created_at_ms),
                 job.id,
+                if job.edited { " (edited)" } else { "" },
                 job.actor,
                 if job.reason.is_empty() {
                     String::new()
