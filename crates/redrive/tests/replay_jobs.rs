@@ -42,10 +42,11 @@ fn json(out: &str) -> Value {
     serde_json::from_str(out.trim()).unwrap()
 }
 
-/// 40 messages that died of a bug. The first "fix" does not work: `--canary 5` sends
-/// five, all fail again, the job pauses (exit 3) with the other 35 never moved, so the
-/// DLQ never empties (a depth alert stays as it was: no resolve, no second page) and
-/// only five die a second time. After the real fix, the same command replays all 40.
+/// 40 messages that died of a bug, paged once by `serve`. The first "fix" does not
+/// work: `--canary 5` sends five, all fail again, the job pauses (exit 3) with the other
+/// 35 never moved, so the DLQ never empties, the alert neither resolves nor pages again,
+/// and only five die a second time. After the real fix, the same command replays all
+/// 40.
 #[test]
 fn a_canary_replay_stops_at_a_fix_that_did_not_work_and_completes_after_a_real_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,6 +61,47 @@ fn a_canary_replay_stops_at_a_fix_that_did_not_work_and_completes_after_a_real_o
     );
     assert_eq!(depth(&store), 40);
 
+    // `serve` pages a webhook as soon as the DLQ is not empty, evaluating every 100 ms.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let hook = runtime.block_on(redrive_conformance::http_sink::HttpSink::start());
+    let config = dir.path().join("redrive.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[alerts]\nevaluate_every = \"100ms\"\ndefault_rule = false\n\n[[alerts.rules]]\nname = \"dlq-not-empty\"\nwhen = \"dlq_depth > 0\"\nnotify = [\"hook\"]\n\n[notifiers.hook]\nkind = \"webhook\"\nurl = \"{}/hook\"\n",
+            hook.url
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _serve = Background::start(
+        &store,
+        &[
+            "--config",
+            &config.display().to_string(),
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let events = || -> Vec<String> {
+        hook.json_bodies()
+            .iter()
+            .map(|b| b["event"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while events().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first page never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let _consumer = Background::start(
         &store,
         &[
@@ -108,6 +150,14 @@ fn a_canary_replay_stops_at_a_fix_that_did_not_work_and_completes_after_a_real_o
     let replayed: Vec<&Value> = dead.iter().filter(|d| d["replays"] == 1).collect();
     assert_eq!(replayed.len(), 5, "only the canaries died again");
     assert!(dead.iter().all(|d| d["replays"].as_u64().unwrap() <= 1));
+    // No second round of pages: the DLQ was never empty, so the alert never resolved
+    // and fired again (the evaluator looked every 100 ms throughout).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        events(),
+        ["alert.triggered"],
+        "one page, for the first deaths only"
+    );
     // The job shows each canary's new error beside the old one.
     let id = job["id"].as_str().unwrap();
     let shown = json(&redrive(&store, &["dlq", "job", "show", id, "--json"], ""));
