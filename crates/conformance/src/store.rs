@@ -652,6 +652,8 @@ pub async fn replay_jobs_keep_their_messages_states_and_outcomes<S: ReplayJobs>(
         canary_passed: false,
         forgiven: (0, 0),
         edited: false,
+        rate_per_sec: None,
+        moved_by_queue: Default::default(),
     };
     let ids: Vec<MessageId> = (0..3).map(|_| MessageId::new()).collect();
     let items: Vec<JobItem> = ids

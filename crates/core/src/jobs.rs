@@ -90,6 +90,12 @@ pub struct ReplayJob {
     /// A single message replayed with its payload edited during triage.
     #[serde(default)]
     pub edited: bool,
+    /// Most messages moved per second (none: as fast as the backend takes them).
+    #[serde(default)]
+    pub rate_per_sec: Option<u32>,
+    /// Messages published so far, per target queue.
+    #[serde(default)]
+    pub moved_by_queue: std::collections::BTreeMap<String, u64>,
 }
 
 impl ReplayJob {
@@ -227,6 +233,8 @@ pub struct JobView {
     pub counts: JobCounts,
     /// The process running it now (its lease is current), if any.
     pub runner: Option<String>,
+    /// The last process that ran it, whether it still does or not (empty: none yet).
+    pub last_runner: String,
 }
 
 /// How a replayed message's first attempt after its replay ended, as a consumer

@@ -177,7 +177,8 @@ impl ReplayJobs for Postgres {
             let owner: String = row.get(5);
             let lease: i64 = row.get(6);
             views.push(JobView {
-                runner: (lease > now_ms() && !owner.is_empty()).then_some(owner),
+                runner: (lease > now_ms() && !owner.is_empty()).then(|| owner.clone()),
+                last_runner: owner,
                 job: serde_json::from_str(&spec).map_err(|e| corrupt(&id, e))?,
                 state: JobState::parse(&state).ok_or_else(|| corrupt(&id, "unknown state"))?,
                 note: row.get(2),

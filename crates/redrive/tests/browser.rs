@@ -315,8 +315,14 @@ async fn sign_in_open_a_group_replay_it_and_never_run_a_payload() {
         .await;
     d.wait_url("the group page", |u| u.contains("/groups/"))
         .await;
-    d.click(&d.find("xpath", "//a[starts-with(text(), 'Replay ')]").await)
-        .await;
+    d.click(
+        &d.find(
+            "xpath",
+            "//a[contains(@class, 'button') and starts-with(text(), 'Replay ')]",
+        )
+        .await,
+    )
+    .await;
     d.wait_url("the confirmation", |u| u.ends_with("/replay"))
         .await;
     let count = d.text(&d.css("#confirm-count").await).await;

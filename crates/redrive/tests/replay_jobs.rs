@@ -407,3 +407,66 @@ fn killed_at(point: &str) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// A plain replay is a job too: listed, and in the timeline of a message that came back
+/// dead, with what became of it.
+#[test]
+fn a_plain_replay_is_a_job_in_each_messages_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("r.db").display());
+    let input: String = (0..5).map(|i| format!("task-{i}\n")).collect();
+    redrive(&store, &["publish", "agent.tasks"], &input);
+    let agent = handler(dir.path(), "");
+    redrive(
+        &store,
+        &["consume", "agent.tasks", "--exec", &agent, "--until-idle"],
+        "",
+    );
+    let out = redrive(
+        &store,
+        &[
+            "dlq",
+            "replay",
+            "--queue",
+            "agent.tasks",
+            "--reason",
+            "retry after deploy",
+            "--json",
+        ],
+        "",
+    );
+    let report = json(&out);
+    assert_eq!(
+        (report["matched"].as_u64(), report["replayed"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!(report["by_queue"]["agent.tasks"], 5);
+    // Still broken: they die again, and say which replay brought them back.
+    redrive(
+        &store,
+        &["consume", "agent.tasks", "--exec", &agent, "--until-idle"],
+        "",
+    );
+    let jobs = redrive(&store, &["dlq", "jobs", "--json"], "");
+    let job = json(jobs.lines().next().unwrap());
+    assert_eq!(
+        (job["state"].as_str(), job["counts"]["failed"].as_u64()),
+        (Some("done"), Some(5))
+    );
+    let dead = redrive(&store, &["dlq", "list", "--json"], "");
+    let id = json(dead.lines().next().unwrap())["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shown = json(&redrive(&store, &["dlq", "show", &id, "--json"], ""));
+    let timeline = &shown["replay_jobs"][0];
+    assert_eq!(timeline["job"], job["id"]);
+    assert_eq!(timeline["outcome"], "failed");
+    assert_eq!(timeline["reason"], "retry after deploy");
+    assert!(
+        timeline["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot parse")
+    );
+}

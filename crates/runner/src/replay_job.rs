@@ -74,7 +74,13 @@ pub struct JobSpec {
     pub max_failed_percent: f64,
     /// Each key's messages one at a time, in their original order.
     pub ordered: bool,
+    /// Most messages moved per second (none: as fast as the backend takes them).
+    pub rate_per_sec: Option<u32>,
 }
+
+/// Most messages one step of a job moves: a plain job shows progress, and can be
+/// paused, every this many.
+const STEP_MAX: usize = 5_000;
 
 /// How many canaries a job sends first.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -186,6 +192,8 @@ pub async fn start_job<S: DeadLetterStore + ReplayJobs>(
         canary_passed: chosen == 0,
         forgiven: (0, 0),
         edited: false,
+        rate_per_sec: spec.rate_per_sec,
+        moved_by_queue: Default::default(),
     };
     store.create_job(&job, &items).await?;
     view(store, &job.id).await
@@ -288,6 +296,8 @@ where
     let mut last_settled = u64::MAX;
     let mut renewed = Instant::now();
     let mut waiting_on: Option<(redrive_core::JobCounts, ReplayJob)> = None;
+    let began = Instant::now();
+    let mut moved_here = 0u64;
     loop {
         if renewed.elapsed() >= LEASE / 3 {
             if !store.claim_job(id, &options.owner, lease_until()).await? {
@@ -317,7 +327,21 @@ where
         waiting_on = (step == Step::Wait).then(|| (v.counts, v.job.clone()));
         match step {
             Step::Move(batch) => {
-                move_items(transport, store, &v.job, batch).await?;
+                let report = move_items(transport, store, &v.job, batch).await?;
+                if report.replayed > 0 {
+                    let mut job = v.job.clone();
+                    for (queue, n) in &report.by_queue {
+                        *job.moved_by_queue.entry(queue.clone()).or_default() += n;
+                    }
+                    store.update_job(&job).await?;
+                    // Paced: no faster than the rate since this run began.
+                    if let Some(rate) = job.rate_per_sec {
+                        moved_here += report.replayed;
+                        let due =
+                            Duration::from_secs_f64(moved_here as f64 / f64::from(rate.max(1)));
+                        tokio::time::sleep(due.saturating_sub(began.elapsed())).await;
+                    }
+                }
                 last_change = Instant::now();
                 continue;
             }
@@ -489,7 +513,10 @@ fn next_step(v: &JobView, items: &[JobItem], window: usize) -> Step {
     } else {
         usize::MAX
     };
-    let room = limit.saturating_sub(outstanding);
+    let per_step = job
+        .rate_per_sec
+        .map_or(STEP_MAX, |r| (r as usize).clamp(1, STEP_MAX));
+    let room = limit.saturating_sub(outstanding).min(per_step);
     let batch: Vec<JobItem> = items
         .iter()
         .filter(|i| i.state == ItemState::Pending)
@@ -616,7 +643,7 @@ async fn move_items<T, S>(
     store: &S,
     job: &ReplayJob,
     batch: Vec<JobItem>,
-) -> Result<(), ReplayError>
+) -> Result<redrive_core::ReplayReport, ReplayError>
 where
     T: Transport,
     S: DeadLetterStore + ReplayJobs,
@@ -638,7 +665,7 @@ where
             Some(dead) if dead.envelope.replays >= job.max_replays => {
                 item.state = ItemState::Failed;
                 item.detail = format!(
-                    "stayed dead: already replayed {} times, the job's limit",
+                    "{OVER_LIMIT} {} times, the job's limit",
                     dead.envelope.replays
                 );
             }
@@ -653,7 +680,7 @@ where
     }
     store.update_job_items(&job.id, &write).await?;
     if ids.is_empty() {
-        return Ok(());
+        return Ok(redrive_core::ReplayReport::default());
     }
     redrive_core::failpoint("job-step-marked");
     let to = job
@@ -667,10 +694,11 @@ where
                 source: Box::new(e),
             })
         })?;
+    // The audit log keeps the person's reason as they gave it; the job has the rest.
     let reason = if job.reason.is_empty() {
         format!("replay job {}", job.id)
     } else {
-        format!("replay job {}: {}", job.id, job.reason)
+        job.reason.clone()
     };
     let options = ReplayOptions {
         to: to.as_ref(),
@@ -687,14 +715,68 @@ where
         &Unpaced,
     )
     .await;
-    if let Err(e) = result {
+    result.inspect_err(|e| {
         // Nothing of this step is known to be out: it goes again on resume, where
         // `recover` sorts out what was published.
         tracing::warn!(job = %job.id, error = %e, "a replay job's step failed");
-        return Err(e);
-    }
-    Ok(())
+    })
 }
+
+/// A plain replay as a job: takes the snapshot, moves everything (in steps, paced if
+/// the spec has a rate) and returns the job with what a plain replay reports: matched,
+/// published per target queue, and the messages left dead at their replay limit. Kept
+/// as a job, the replay is in each message's timeline and its outcomes are recorded.
+///
+/// # Errors
+///
+/// As [`start_job`] and [`run_job`].
+pub async fn replay_as_job<T, S>(
+    transport: &T,
+    store: &S,
+    selection: &DeadSelection,
+    spec: &JobSpec,
+    options: &JobOptions,
+    progress: impl FnMut(&JobView),
+) -> Result<(JobView, redrive_core::ReplayReport), ReplayError>
+where
+    T: Transport,
+    S: DeadLetterStore + ReplayJobs,
+{
+    let spec = JobSpec {
+        canary: Canary::None,
+        ordered: false,
+        ..spec.clone()
+    };
+    let started = start_job(store, selection, &spec).await?;
+    let v = run_job(transport, store, &started.job.id, options, progress).await?;
+    let mut over_limit = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.job_items(&v.job.id, after, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        over_limit.extend(
+            page.iter()
+                .filter(|i| i.state == ItemState::Failed && i.detail.starts_with(OVER_LIMIT))
+                .map(|i| i.id),
+        );
+    }
+    let report = redrive_core::ReplayReport {
+        matched: v.counts.total,
+        replayed: v.job.moved_by_queue.values().sum(),
+        over_limit,
+        by_queue: v
+            .job
+            .moved_by_queue
+            .iter()
+            .map(|(q, n)| (q.clone(), *n))
+            .collect(),
+    };
+    Ok((v, report))
+}
+
+/// How the detail of a message left dead at its replay limit begins.
+const OVER_LIMIT: &str = "stayed dead: already replayed";
 
 /// Reports how replayed messages fare to the store, for the replay jobs waiting on
 /// them. Add it to a runner with [`crate::Runner::observe`]; call [`Self::close`] when
@@ -782,6 +864,8 @@ mod tests {
             canary_passed: canary == 0,
             forgiven: (0, 0),
             edited: false,
+            rate_per_sec: None,
+            moved_by_queue: Default::default(),
         }
     }
 
@@ -814,6 +898,7 @@ mod tests {
             updated_at_ms: 0,
             counts,
             runner: None,
+            last_runner: String::new(),
         }
     }
 

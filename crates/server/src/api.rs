@@ -699,6 +699,7 @@ impl NewJob {
             canary,
             max_failed_percent,
             ordered: self.ordered,
+            rate_per_sec: None,
         })
     }
 

@@ -11,6 +11,18 @@ use redrive_runner::JobOptions;
 
 use crate::triage::Triage;
 
+/// How a server names itself as a job's runner (`serve (pid N on HOST)`).
+pub const SERVE: &str = "serve (";
+
+/// This process's name as a server running jobs.
+#[must_use]
+pub fn server_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("{SERVE}pid {} on {host})", std::process::id())
+}
+
 /// Runs replay jobs in this process, each at most once at a time.
 pub struct JobRunner {
     triage: Arc<dyn Triage>,
@@ -65,7 +77,11 @@ impl JobRunner {
             match self.triage.jobs(None, 200).await {
                 Ok(jobs) => {
                     for v in jobs {
-                        if v.state == JobState::Running && v.runner.is_none() {
+                        // A server's own jobs (and those it never got to claim) are taken
+                        // up; one a `dlq replay` left behind when it was killed waits for
+                        // a person to resume or cancel it, as they ran it by hand.
+                        let servers = v.last_runner.is_empty() || v.last_runner.starts_with(SERVE);
+                        if v.state == JobState::Running && v.runner.is_none() && servers {
                             self.spawn(v.job.id);
                         }
                     }

@@ -60,12 +60,8 @@ pub struct App {
 impl App {
     /// State for a server over `triage`.
     pub fn new(triage: Arc<dyn Triage>, auth: Auth, metrics: Arc<Metrics>) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default();
-        let owner = format!("serve (pid {} on {host})", std::process::id());
         Self {
-            jobs: jobs::JobRunner::new(Arc::clone(&triage), owner),
+            jobs: jobs::JobRunner::new(Arc::clone(&triage), jobs::server_owner()),
             triage,
             auth,
             metrics,

@@ -173,6 +173,33 @@ where
 
     fn replay(&self, r: ReplayRequest) -> BoxFuture<'_, ReplayReport> {
         Box::pin(async move {
+            if !r.dry_run {
+                // A job (so every replay is in its messages' timelines), run here.
+                let spec = JobSpec {
+                    actor: r.actor.clone(),
+                    reason: r.reason.clone(),
+                    to: r.to.clone(),
+                    max_replays: r.max_replays,
+                    canary: redrive_runner::Canary::None,
+                    max_failed_percent: 0.0,
+                    ordered: false,
+                    rate_per_sec: r.rate_per_sec,
+                };
+                let (_, report) = redrive_runner::replay_as_job(
+                    &self.transport,
+                    &self.store,
+                    &r.selection,
+                    &spec,
+                    &JobOptions {
+                        owner: crate::jobs::server_owner(),
+                        ..JobOptions::default()
+                    },
+                    |_| {},
+                )
+                .await
+                .map_err(boxed)?;
+                return Ok(report);
+            }
             let options = ReplayOptions {
                 to: r.to.as_ref(),
                 max_replays: r.max_replays,
@@ -332,6 +359,8 @@ async fn record_edit<S: ReplayJobs>(
         canary_passed: true,
         forgiven: (0, 0),
         edited: true,
+        rate_per_sec: None,
+        moved_by_queue: Default::default(),
     };
     let item = JobItem {
         seq: 0,

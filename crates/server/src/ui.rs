@@ -670,6 +670,7 @@ pub(crate) async fn group_replay(
             canary,
             max_failed_percent: 0.0,
             ordered,
+            rate_per_sec: None,
         };
         let v = app.triage.start_job(selection, spec).await?;
         app.jobs.spawn(v.job.id.clone());

@@ -50,7 +50,8 @@ fn view(
         state,
         note,
         updated_at_ms: updated,
-        runner: (lease > now_ms() && !owner.is_empty()).then_some(owner),
+        runner: (lease > now_ms() && !owner.is_empty()).then(|| owner.clone()),
+        last_runner: owner,
     })
 }
 

@@ -320,9 +320,34 @@ pub async fn replay(cli: &Cli, args: &ReplayArgs) -> Result<ExitCode> {
         reason: &args.reason,
         ..ReplayOptions::default()
     };
-    let report = replay_messages(&store, &store, &selection, &options, &Unpaced)
+    let report = if args.dry_run {
+        replay_messages(&store, &store, &selection, &options, &Unpaced)
+            .await
+            .context("replaying")?
+    } else {
+        // A job, so the replay is in each message's timeline (`dlq show`, `dlq jobs`).
+        let spec = redrive_runner::JobSpec {
+            actor: actor.clone(),
+            reason: args.reason.clone(),
+            to: to.clone(),
+            max_replays: args.max_replays,
+            canary: redrive_runner::Canary::None,
+            max_failed_percent: 0.0,
+            ordered: false,
+            rate_per_sec: None,
+        };
+        let (_, report) = redrive_runner::replay_as_job(
+            &store,
+            &store,
+            &selection,
+            &spec,
+            &redrive_runner::JobOptions::default(),
+            |_| {},
+        )
         .await
         .context("replaying")?;
+        report
+    };
     if args.json {
         json_line(&ReplayJson {
             dry_run: args.dry_run,

@@ -66,6 +66,7 @@ pub async fn replay(cli: &Cli, args: &ReplayArgs, selection: DeadSelection) -> R
         canary: parse_canary(args.canary.as_deref())?,
         max_failed_percent: parse_percent("--max-failed", &args.max_failed)?,
         ordered: args.ordered,
+        rate_per_sec: None,
     };
     let options = JobOptions {
         outcome_wait: duration_flag("--outcome-wait", &args.outcome_wait)?,
@@ -264,7 +265,11 @@ pub async fn list(cli: &Cli, args: &JobsArgs) -> Result<ExitCode> {
             c.held,
             c.moved,
             rfc3339(v.job.created_at_ms),
-            crate::output::one_line(&v.note, 80)
+            if v.state == JobState::Running && v.runner.is_none() {
+                "nobody runs it (its process stopped): resume or cancel it".to_owned()
+            } else {
+                crate::output::one_line(&v.note, 80)
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
