@@ -43,7 +43,9 @@ pub use jobs::{
 pub use outcome::{HandlerError, HandlerResult, Outcome};
 pub use policy::{DEFAULT_TIERS, PolicyError, RetryPolicy, Step, Tier};
 pub use queue::{Lane, LaneSet, QueueError, QueueName};
-pub use replay::{Pace, ReplayError, ReplayOptions, ReplayReport, Unpaced, replay, replay_edited};
+pub use replay::{
+    Pace, ReplayError, ReplayOptions, ReplayReport, Unpaced, replay, replay_dead, replay_edited,
+};
 pub use retention::{DAY_MS, RetentionStore, WARM_ZSTD_LEVEL};
 pub use store::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,

@@ -168,6 +168,29 @@ pub async fn replay_edited<T: Transport, S: DeadLetterStore>(
     Ok(Some(report))
 }
 
+/// Replays dead messages already read from the store (a caller that read them to decide,
+/// as a replay job does, need not read them again), in batches of at most
+/// `options.batch`.
+///
+/// # Errors
+///
+/// As [`replay`].
+pub async fn replay_dead<T: Transport, S: DeadLetterStore>(
+    transport: &T,
+    store: &S,
+    dead: Vec<DeadLetter>,
+    options: &ReplayOptions<'_>,
+) -> Result<ReplayReport, ReplayError> {
+    let mut report = ReplayReport::default();
+    let batch = options.batch.clamp(1, REPLAY_BATCH);
+    let mut dead = dead.into_iter().peekable();
+    while dead.peek().is_some() {
+        let page: Vec<DeadLetter> = dead.by_ref().take(batch).collect();
+        replay_batch(transport, store, page, options, &mut report).await?;
+    }
+    Ok(report)
+}
+
 async fn replay_batch<T: Transport, S: DeadLetterStore>(
     transport: &T,
     store: &S,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use redrive_core::{
     DeadLetterStore, DeadSelection, Envelope, ItemState, JobItem, JobState, JobView, QueueName,
     ReplayError, ReplayJob, ReplayJobs, ReplayOptions, ReplayOutcome, StoreError, Transport,
-    Unpaced, now_ms,
+    now_ms,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -650,7 +650,7 @@ where
 {
     let now = now_ms();
     let mut write = Vec::with_capacity(batch.len());
-    let mut ids = Vec::new();
+    let mut letters = Vec::new();
     for mut item in batch {
         item.at_ms = now;
         if item.state == ItemState::Held {
@@ -673,13 +673,13 @@ where
                 item.state = ItemState::Moved;
                 item.replays = dead.envelope.replays + 1;
                 item.detail.clear();
-                ids.push(item.id);
+                letters.push(dead);
             }
         }
         write.push(item);
     }
     store.update_job_items(&job.id, &write).await?;
-    if ids.is_empty() {
+    if letters.is_empty() {
         return Ok(redrive_core::ReplayReport::default());
     }
     redrive_core::failpoint("job-step-marked");
@@ -707,14 +707,8 @@ where
         reason: &reason,
         ..ReplayOptions::default()
     };
-    let result = redrive_core::replay(
-        transport,
-        store,
-        &DeadSelection::Ids(ids.clone()),
-        &options,
-        &Unpaced,
-    )
-    .await;
+    // Read once, above: published as read.
+    let result = redrive_core::replay_dead(transport, store, letters, &options).await;
     result.inspect_err(|e| {
         // Nothing of this step is known to be out: it goes again on resume, where
         // `recover` sorts out what was published.
