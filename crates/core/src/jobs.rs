@@ -184,6 +184,19 @@ pub struct JobItem {
     pub at_ms: i64,
 }
 
+impl JobItem {
+    /// Whether a job's listing shows it: a canary, or one that did not go through
+    /// (failed again, held, skipped).
+    #[must_use]
+    pub fn is_notable(&self) -> bool {
+        self.canary
+            || matches!(
+                self.state,
+                ItemState::Failed | ItemState::Held | ItemState::Skipped
+            )
+    }
+}
+
 /// How many of a job's messages are in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct JobCounts {

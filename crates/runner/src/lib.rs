@@ -39,7 +39,8 @@ pub use breaker_report::BreakerReporter;
 pub use handler::{Handler, handler_fn, json_handler};
 pub use observer::{Observer, Settled};
 pub use replay_job::{
-    Canary, JobOptions, JobSpec, ReplayReporter, replay_as_job, rest_outcomes, run_job, start_job,
+    Canary, JobOptions, JobSpec, ReplayReporter, replay_as_job, resume_job, run_job, start_job,
+    this_process,
 };
 pub use runner::{MAX_CONCURRENCY, RunError, Runner, RunnerConfig, Summary};
 pub use stats::{Stats, StatsSnapshot};

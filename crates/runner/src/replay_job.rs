@@ -48,7 +48,7 @@ impl Default for JobOptions {
             poll: Duration::from_millis(100),
             outcome_wait: Duration::from_secs(600),
             window: 2_000,
-            owner: format!("pid {}", std::process::id()),
+            owner: this_process("redrive"),
         }
     }
 }
@@ -533,9 +533,58 @@ fn next_step(v: &JobView, items: &[JobItem], window: usize) -> Step {
     Step::Finish(JobState::Done, done_note(items))
 }
 
-/// Re-failures and known outcomes among the messages that are not canaries.
+/// Sets a paused job (or a running one nobody runs) running again for `actor`; returns
+/// whether its state allowed it. Resuming a job its checks paused is a person's
+/// decision to go on: past canaries already judged (ones still on their way, after a
+/// pause for want of a consumer, are waited for as before), and past the re-failures
+/// seen so far (the rate counts from here).
+///
+/// # Errors
+///
+/// Fails when the store is unavailable or has no such job.
+pub async fn resume_job<S: ReplayJobs>(
+    store: &S,
+    id: &str,
+    actor: &str,
+) -> Result<bool, StoreError> {
+    let v = view(store, id).await?;
+    let note = format!("resumed by {actor}");
+    if !store
+        .set_job_state(
+            id,
+            &[JobState::Paused, JobState::Running],
+            JobState::Running,
+            &note,
+        )
+        .await?
+    {
+        return Ok(false);
+    }
+    if v.state == JobState::Paused {
+        let items = all_items(store, id).await?;
+        let mut job = v.job;
+        job.canary_passed |= items
+            .iter()
+            .filter(|i| i.canary)
+            .all(|i| !matches!(i.state, ItemState::Pending | ItemState::Moved));
+        job.forgiven = rest_outcomes(&items);
+        store.update_job(&job).await?;
+    }
+    Ok(true)
+}
+
+/// How this process names itself as a job's runner or a breaker's consumer:
+/// `ROLE (pid N on HOST)`.
 #[must_use]
-pub fn rest_outcomes(items: &[JobItem]) -> (u64, u64) {
+pub fn this_process(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("{role} (pid {} on {host})", std::process::id())
+}
+
+/// Re-failures and known outcomes among the messages that are not canaries.
+fn rest_outcomes(items: &[JobItem]) -> (u64, u64) {
     let rest = items.iter().filter(|i| !i.canary);
     let failed = rest
         .clone()

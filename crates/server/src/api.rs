@@ -782,20 +782,13 @@ pub(crate) async fn job_notable(
     id: &str,
     limit: usize,
 ) -> Result<Vec<redrive_core::JobItem>, ApiError> {
-    use redrive_core::ItemState;
     let mut out = Vec::new();
     let mut after = None;
     while out.len() < limit {
         let page = app.triage.job_items(id.to_owned(), after, 10_000).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.seq);
-        out.extend(page.into_iter().filter(|i| {
-            i.canary
-                || matches!(
-                    i.state,
-                    ItemState::Failed | ItemState::Held | ItemState::Skipped
-                )
-        }));
+        out.extend(page.into_iter().filter(redrive_core::JobItem::is_notable));
     }
     out.truncate(limit);
     Ok(out)
@@ -831,28 +824,32 @@ pub(crate) async fn act_on_job(
 ) -> Result<redrive_core::JobView, ApiError> {
     use redrive_core::JobState;
     let v = job_one(app, id).await?;
-    let (from, to, note) = match action {
-        JobAction::Pause => (
-            vec![JobState::Running],
-            JobState::Paused,
-            format!("paused by {actor}"),
-        ),
-        JobAction::Resume => (
-            vec![JobState::Paused, JobState::Running],
-            JobState::Running,
-            format!("resumed by {actor}"),
-        ),
-        JobAction::Cancel => (
-            vec![JobState::Running, JobState::Paused],
-            JobState::Cancelled,
-            format!("cancelled by {actor}; what was not moved stays dead"),
-        ),
+    let changed = match action {
+        JobAction::Pause => {
+            let note = format!("paused by {actor}");
+            app.triage
+                .set_job_state(
+                    id.to_owned(),
+                    vec![JobState::Running],
+                    JobState::Paused,
+                    note,
+                )
+                .await?
+        }
+        JobAction::Resume => {
+            app.triage
+                .resume_job(id.to_owned(), actor.to_owned())
+                .await?
+        }
+        JobAction::Cancel => {
+            let note = format!("cancelled by {actor}; what was not moved stays dead");
+            let from = vec![JobState::Running, JobState::Paused];
+            app.triage
+                .set_job_state(id.to_owned(), from, JobState::Cancelled, note)
+                .await?
+        }
     };
-    if !app
-        .triage
-        .set_job_state(id.to_owned(), from, to, note)
-        .await?
-    {
+    if !changed {
         return Err(ApiError::Conflict(format!(
             "job {id} is {}: it cannot be {}",
             v.state.as_str(),
@@ -864,27 +861,6 @@ pub(crate) async fn act_on_job(
         )));
     }
     if let JobAction::Resume = action {
-        if v.state == JobState::Paused {
-            // A person's decision to go on: past judged canaries, and past the
-            // re-failures seen so far.
-            let mut items = Vec::new();
-            let mut after = None;
-            loop {
-                let page = app.triage.job_items(id.to_owned(), after, 10_000).await?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.seq);
-                items.extend(page);
-            }
-            let mut job = v.job.clone();
-            job.canary_passed |= items.iter().filter(|i| i.canary).all(|i| {
-                !matches!(
-                    i.state,
-                    redrive_core::ItemState::Pending | redrive_core::ItemState::Moved
-                )
-            });
-            job.forgiven = redrive_runner::rest_outcomes(&items);
-            app.triage.update_job(job).await?;
-        }
         app.jobs.spawn(id.to_owned());
     }
     job_one(app, id).await

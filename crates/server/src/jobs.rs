@@ -17,10 +17,7 @@ pub const SERVE: &str = "serve (";
 /// This process's name as a server running jobs.
 #[must_use]
 pub fn server_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    format!("{SERVE}pid {} on {host})", std::process::id())
+    redrive_runner::this_process("serve")
 }
 
 /// Runs replay jobs in this process, each at most once at a time.

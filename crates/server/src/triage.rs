@@ -92,8 +92,9 @@ pub trait Triage: Send + Sync + 'static {
         to: JobState,
         note: String,
     ) -> BoxFuture<'_, bool>;
-    /// Rewrites a job's spec.
-    fn update_job(&self, job: ReplayJob) -> BoxFuture<'_, ()>;
+    /// Sets a paused job running again for `actor` (see `redrive_runner::resume_job`);
+    /// `false` when its state does not allow it.
+    fn resume_job(&self, id: String, actor: String) -> BoxFuture<'_, bool>;
     /// The jobs that covered a message, with what became of it.
     fn replays_of(&self, id: MessageId) -> BoxFuture<'_, Vec<(ReplayJob, JobItem)>>;
     /// Consumers' outage breakers open now.
@@ -318,8 +319,12 @@ where
         })
     }
 
-    fn update_job(&self, job: ReplayJob) -> BoxFuture<'_, ()> {
-        Box::pin(async move { self.store.update_job(&job).await.map_err(boxed) })
+    fn resume_job(&self, id: String, actor: String) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            redrive_runner::resume_job(&self.store, &id, &actor)
+                .await
+                .map_err(boxed)
+        })
     }
 
     fn replays_of(&self, id: MessageId) -> BoxFuture<'_, Vec<(ReplayJob, JobItem)>> {

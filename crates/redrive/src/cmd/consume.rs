@@ -97,13 +97,7 @@ pub async fn run(cli: &Cli, args: &ConsumeArgs) -> Result<ExitCode> {
     // Replay jobs wait for how the messages they moved fare: reported to the store.
     let replays = ReplayReporter::new(store.clone());
     // And `serve` shows an open breaker, and pages on it, from the store.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    let breakers = BreakerReporter::new(
-        store.clone(),
-        format!("consume (pid {} on {host})", std::process::id()),
-    );
+    let breakers = BreakerReporter::new(store.clone(), redrive_runner::this_process("consume"));
     let mut runner = Runner::new(store.clone(), queue.clone(), policy, config)
         .observe(Arc::clone(&replays) as Arc<dyn redrive_runner::Observer>)
         .observe(Arc::clone(&breakers) as Arc<dyn redrive_runner::Observer>);

@@ -20,10 +20,7 @@ const PAUSED: u8 = 3;
 
 /// Who runs a job from here, as `dlq jobs` shows it.
 fn owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    format!("{} (pid {} on {host})", actor(), std::process::id())
+    redrive_runner::this_process(&actor())
 }
 
 /// `--canary`: a count (`5`) or a percentage (`10%`).
@@ -322,41 +319,8 @@ pub async fn job(cli: &Cli, command: &JobCommand) -> Result<ExitCode> {
             if v.state.is_final() {
                 bail!("job {id} is {}: it cannot go on", v.state.as_str());
             }
-            let note = format!("resumed by {}", actor());
-            store
-                .set_job_state(
-                    id,
-                    &[JobState::Paused, JobState::Running],
-                    JobState::Running,
-                    &note,
-                )
-                .await?;
-            if v.state == JobState::Paused {
-                // Resuming a job its checks paused is a person's decision to go on: past
-                // failed canaries, and past the re-failures seen so far.
-                let mut items = Vec::new();
-                loop {
-                    let page = store
-                        .job_items(
-                            id,
-                            items.last().map(|i: &redrive_core::JobItem| i.seq),
-                            10_000,
-                        )
-                        .await?;
-                    if page.is_empty() {
-                        break;
-                    }
-                    items.extend(page);
-                }
-                let mut job = v.job.clone();
-                // Canaries still on their way (a pause for want of a consumer) are
-                // waited for as before; judged ones are gone past.
-                job.canary_passed |= items
-                    .iter()
-                    .filter(|i| i.canary)
-                    .all(|i| !matches!(i.state, ItemState::Pending | ItemState::Moved));
-                job.forgiven = redrive_runner::rest_outcomes(&items);
-                store.update_job(&job).await?;
+            if !redrive_runner::resume_job(&store, id, &actor()).await? {
+                bail!("job {id} is {}: it cannot go on", v.state.as_str());
             }
             let options = JobOptions {
                 outcome_wait: duration_flag("--outcome-wait", &args.outcome_wait)?,
@@ -384,12 +348,7 @@ async fn show(store: &AnyBackend, args: &JobIdArgs) -> Result<ExitCode> {
         let page = store.job_items(&args.id, after, 10_000).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.seq);
-        items.extend(page.into_iter().filter(|i| {
-            matches!(
-                i.state,
-                ItemState::Failed | ItemState::Held | ItemState::Skipped
-            ) || i.canary
-        }));
+        items.extend(page.into_iter().filter(redrive_core::JobItem::is_notable));
     }
     if args.json {
         json_line(&JobDetailJson {
