@@ -51,5 +51,5 @@ pub use store::{
     AuditEntry, Cursor, DeadFilter, DeadGroup, DeadLetter, DeadLetterStore, DeadSelection,
     DeadStats, StoreError, describe_replayed,
 };
-pub use time::{MAX_TIME_MS, is_valid_time, now_ms};
+pub use time::{MAX_TIME_MS, due_after, is_valid_time, now_ms};
 pub use transport::{Delivery, Fetched, LaneStats, QueueDepths, Transport, TransportError};

@@ -492,8 +492,10 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: `consume` (end-to-end throughput, retry lateness, memory),
-    /// `triage` (response times of the UI and API over a large DLQ) or `crash-loop`
+    /// What to measure: `consume` (end-to-end throughput beside a plain SQLite queue
+    /// lifecycle, retry lateness under load and at low load, memory), `lateness` (how
+    /// late retries start at low load: 200 messages in rounds of 20, 700 ms apart, each
+    /// failing once into a 1 s tier; on the embedded store or the backend of --broker), `triage` (response times of the UI and API over a large DLQ) or `crash-loop`
     /// (messages that kill their consumer among good ones: what reaches the DLQ, and
     /// how much longer the queue takes than without them), `handlers` (a no-op handler
     /// in process, as --worker Python and TypeScript helpers, as a --webhook and as

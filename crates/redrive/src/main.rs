@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             Command::Bench(args) if args.scenario == "crash-points" => {
                 cmd::bench_crashpoints::run(&cli, args).await
             }
-            Command::Bench(args) => cmd::bench::run(cli.broker_url(), args).await,
+            Command::Bench(args) => cmd::bench::run(&cli, args).await,
             Command::Config(ConfigCommand::Check { file, json }) => {
                 cmd::admin::config_check(&cli, file.as_ref(), *json)
             }

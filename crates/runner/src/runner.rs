@@ -1243,7 +1243,7 @@ impl<T: Transport, H: Handler> Worker<T, H> {
             return;
         };
         let delay = retry_after.unwrap_or_default().max(tier.delay());
-        let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+        let due = redrive_core::due_after(delay);
         failure.message = format!(
             "{} (not counted: the queue's breaker was open)",
             failure.message
@@ -1310,8 +1310,7 @@ impl<T: Transport, H: Handler> Worker<T, H> {
                     let poison = failure.kind == FailureKind::Poison;
                     match self.policy.decide(env.attempt, poison, retry_after) {
                         Step::Retry { tier, delay } => {
-                            let due =
-                                now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+                            let due = redrive_core::due_after(delay);
                             env.not_before_ms = Some(due);
                             // Boxed, like every rare path: inline, it would make each
                             // worker's future several kilobytes larger.

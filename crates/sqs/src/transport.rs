@@ -177,6 +177,10 @@ pub(crate) fn lane_at(attempt: u32, tiers: &[Tier]) -> Lane {
     }
 }
 
+/// How far a due time (rounded up to the millisecond) and [`now_ms`] (rounded down) may
+/// add to a delay.
+const CLOCK_ROUNDING_MS: i64 = 2;
+
 fn ceil_secs(ms: i64) -> i64 {
     (ms.max(0) + 999) / 1000
 }
@@ -942,7 +946,9 @@ impl Transport for SqsTransport {
             // Back to main, delayed: the isolation queue holds only what is due now.
             let mut env = envelope.clone();
             env.not_before_ms = Some(due_ms);
-            let delay = i32::try_from(ceil_secs(due_ms - now_ms())).unwrap_or(MAX_DELAY_SECS);
+            // Received a moment early, it is held until `not_before` where it lands.
+            let delay = i32::try_from(ceil_secs(due_ms - now_ms() - CLOCK_ROUNDING_MS))
+                .unwrap_or(MAX_DELAY_SECS);
             self.send_to(&d.token.queue.url, &env, delay, "send a retry to main")
                 .await?;
             redrive_core::failpoint("next-lane-written");
@@ -952,7 +958,10 @@ impl Transport for SqsTransport {
         }
         // Remembered before it is hidden: the next receive may come from this process.
         self.remember(&d.token, envelope, lane.clone(), due_ms);
-        let delay = due_ms - now_ms();
+        // Due times are rounded up to the millisecond and `now_ms` rounds down: forgiven
+        // here, or a 1 s tier would hide for 2 s. Hiding starts no earlier than now, so
+        // the whole delay still passes before anyone receives it.
+        let delay = due_ms - now_ms() - CLOCK_ROUNDING_MS;
         if delay >= 1000 {
             // SQS counts in whole seconds: rounded up, so that no consumer anywhere
             // receives it before it is due (late by under a second at most).

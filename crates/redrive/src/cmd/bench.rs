@@ -1,8 +1,10 @@
 //! `redrive bench`: end-to-end throughput, retry lateness and peak memory on the embedded
-//! backend, beside the raw durable commit rate of the same disk measured in the same run.
+//! backend, beside what the same disk allows measured in the same run: its raw durable
+//! commit rate, and a plain SQLite queue lifecycle written by hand.
 //!
 //! Scenario: publish N messages, then consume them with a no-op handler where 10% fail
-//! once (one trip through the first retry tier) and 0.1% are poison.
+//! once (one trip through the first retry tier) and 0.1% are poison. Then retry lateness
+//! at low load (`bench_lateness`), which `--scenario lateness` also runs on a broker.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,7 +15,9 @@ use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use redrive_sqlite::{Durability, SqliteConfig};
 use serde::Serialize;
 
-use crate::cli::BenchArgs;
+use super::bench_lateness::{self, Lateness};
+use crate::backend;
+use crate::cli::{BenchArgs, Cli};
 use crate::output::json_line;
 use crate::output::outln;
 
@@ -34,6 +38,10 @@ struct BenchJson {
     retry_lateness_p50_ms: u32,
     retry_lateness_p99_ms: u32,
     retry_lateness_max_ms: u32,
+    plain_lifecycle_msgs_per_sec: f64,
+    /// End to end msgs/s over the plain lifecycle's, measured in this run.
+    ratio_to_plain: f64,
+    low_load_lateness: Lateness,
     peak_rss_mib: f64,
 }
 
@@ -61,6 +69,75 @@ fn raw_commit_rate(
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Batch size of the plain lifecycle.
+const PLAIN_BATCH: usize = 100;
+
+/// The plain SQLite queue lifecycle a team would write by hand, on a scratch file with
+/// the same journal and `synchronous` settings: insert in batches of 100, then claim 100
+/// (one `UPDATE … RETURNING` transaction) and delete them (another), until the table is
+/// empty. No retries, no DLQ, no lease renewal, no concurrency: the bound on what SQLite
+/// on this disk allows a queue. Returns messages per second, end to end.
+fn plain_lifecycle(path: &std::path::Path, durability: Durability, messages: usize) -> Result<f64> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    let sync = if durability == Durability::Full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync};
+         CREATE TABLE q (id INTEGER PRIMARY KEY, payload BLOB NOT NULL,
+                         leased_until INTEGER NOT NULL DEFAULT 0);"
+    ))?;
+    let start = Instant::now();
+    for chunk in (0..messages).collect::<Vec<_>>().chunks(PLAIN_BATCH) {
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached("INSERT INTO q (payload) VALUES (?1)")?;
+            for i in chunk {
+                insert.execute([format!("{{\"n\":{i}}}").into_bytes()])?;
+            }
+        }
+        tx.commit()?;
+    }
+    let mut consumed = 0usize;
+    loop {
+        let now = redrive_core::now_ms();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let claimed: Vec<(i64, Vec<u8>)> = {
+            let mut claim = tx.prepare_cached(
+                "UPDATE q SET leased_until = ?1 WHERE id IN
+                   (SELECT id FROM q WHERE leased_until < ?2 ORDER BY id LIMIT ?3)
+                 RETURNING id, payload",
+            )?;
+            claim
+                .query_map(
+                    rusqlite::params![now + 30_000, now, PLAIN_BATCH as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        tx.commit()?;
+        if claimed.is_empty() {
+            break;
+        }
+        consumed += claimed.iter().filter(|(_, p)| !p.is_empty()).count();
+        let tx = conn.transaction()?;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM q WHERE id = ?1")?;
+            for (id, _) in &claimed {
+                delete.execute([id])?;
+            }
+        }
+        tx.commit()?;
+    }
+    anyhow::ensure!(
+        consumed == messages,
+        "the plain lifecycle consumed {consumed} of {messages}"
+    );
+    Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -86,7 +163,21 @@ fn number(payload: &[u8]) -> u64 {
         .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'))
 }
 
-pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
+pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<ExitCode> {
+    let broker = cli.broker_url();
+    if args.scenario == "lateness" {
+        let result = lateness(cli, args).await?;
+        if args.json {
+            json_line(&result);
+        } else {
+            outln!(
+                "redrive bench: retry lateness at low load, {}",
+                result.backend
+            );
+            print_lateness(&result);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if broker.is_some() {
         bail!(
             "--scenario {} runs on the embedded store; with --broker, `redrive bench` runs \
@@ -105,8 +196,8 @@ pub async fn run(broker: Option<&str>, args: &BenchArgs) -> Result<ExitCode> {
         "handlers" => return super::bench_handlers::run(args).await,
         other => {
             bail!(
-                "invalid --scenario {other:?}: use consume, triage, crash-loop, handlers or \
-                 crash-points"
+                "invalid --scenario {other:?}: use consume, lateness, triage, crash-loop, \
+                 handlers or crash-points"
             )
         }
     }
@@ -144,6 +235,13 @@ async fn embedded(args: &BenchArgs) -> Result<(BenchJson, usize)> {
         durability,
         Duration::from_secs(2),
     )?;
+    if !args.json {
+        eprintln!(
+            "running the plain SQLite lifecycle over {} messages …",
+            args.messages
+        );
+    }
+    let plain = plain_lifecycle(&dir.path().join("plain.db"), durability, args.messages)?;
 
     let store = SqliteConfig {
         path: dir.path().join("bench.db"),
@@ -197,6 +295,20 @@ async fn embedded(args: &BenchArgs) -> Result<(BenchJson, usize)> {
     let s = stats.snapshot();
     let mut lateness = stats.lateness_samples();
     lateness.sort_unstable();
+    if !args.json {
+        eprintln!(
+            "retry lateness at low load ({} messages in rounds of 20, 700 ms apart) …",
+            bench_lateness::MESSAGES
+        );
+    }
+    let low_load = bench_lateness::measure(
+        std::sync::Arc::new(store.clone()),
+        "sqlite",
+        QueueName::new("bench-lateness")?,
+        lateness_config(args.concurrency),
+    )
+    .await?;
+    let end_to_end = args.messages as f64 / (publish_secs + consume_secs);
 
     let result = BenchJson {
         backend: "sqlite",
@@ -206,7 +318,7 @@ async fn embedded(args: &BenchArgs) -> Result<(BenchJson, usize)> {
         raw_commits_per_sec: raw,
         publish_msgs_per_sec: args.messages as f64 / publish_secs,
         consume_msgs_per_sec: args.messages as f64 / consume_secs,
-        end_to_end_msgs_per_sec: args.messages as f64 / (publish_secs + consume_secs),
+        end_to_end_msgs_per_sec: end_to_end,
         consume_commits_per_msg: consume_commits as f64 / args.messages as f64,
         retried: s.retried,
         dead_lettered: s.dead,
@@ -214,6 +326,9 @@ async fn embedded(args: &BenchArgs) -> Result<(BenchJson, usize)> {
         retry_lateness_p50_ms: percentile(&lateness, 50.0),
         retry_lateness_p99_ms: percentile(&lateness, 99.0),
         retry_lateness_max_ms: lateness.last().copied().unwrap_or(0),
+        plain_lifecycle_msgs_per_sec: plain,
+        ratio_to_plain: end_to_end / plain,
+        low_load_lateness: low_load,
         peak_rss_mib: peak_rss_mib(),
     };
     store.close();
@@ -246,6 +361,11 @@ fn print_embedded(result: &BenchJson, samples: usize) {
         result.end_to_end_msgs_per_sec
     );
     outln!(
+        "  plain SQLite lifecycle msgs/s         {:>10.0}   (redrive end to end: {:.2}x)",
+        result.plain_lifecycle_msgs_per_sec,
+        result.ratio_to_plain
+    );
+    outln!(
         "  fsynced commits per message (consume) {:>10.3}",
         result.consume_commits_per_msg
     );
@@ -256,13 +376,72 @@ fn print_embedded(result: &BenchJson, samples: usize) {
         result.dead_lettered
     );
     outln!(
-        "  retry lateness ms: p50 {} p99 {} max {} ({} samples)",
+        "  retry lateness under load ms: p50 {} p99 {} max {} ({} samples)",
         result.retry_lateness_p50_ms,
         result.retry_lateness_p99_ms,
         result.retry_lateness_max_ms,
         samples
     );
+    print_lateness(&result.low_load_lateness);
     outln!("  peak RSS {:.1} MiB", result.peak_rss_mib);
+}
+
+fn print_lateness(l: &Lateness) {
+    outln!(
+        "  retry lateness at low load ms: p50 {:.1} p99 {:.1} max {:.1} min {:.1} \
+         ({} samples, tier {} ms; CPU {:.1}% of a core)",
+        l.p50_ms,
+        l.p99_ms,
+        l.max_ms,
+        l.min_ms,
+        l.messages,
+        l.tier_ms,
+        l.cpu_share * 100.0
+    );
+}
+
+/// The consumer of the lateness runs: `consume`'s defaults (a 100 ms poll among them),
+/// but no outage breaker: every first attempt fails by design, which is what it guards
+/// against.
+fn lateness_config(concurrency: usize) -> RunnerConfig {
+    RunnerConfig {
+        concurrency,
+        breaker: None,
+        ..RunnerConfig::default()
+    }
+}
+
+/// `--scenario lateness`: on the embedded store, or on `--broker` with a scratch
+/// dead-letter store (PostgreSQL holds both).
+async fn lateness(cli: &Cli, args: &BenchArgs) -> Result<Lateness> {
+    let dir = tempfile::Builder::new()
+        .prefix("redrive-bench-")
+        .tempdir()
+        .context("creating a scratch directory")?;
+    let broker = cli.broker_url();
+    let name = broker.map_or("sqlite", |b| b.split("://").next().unwrap_or(b));
+    let store_url = match broker {
+        Some(url) if matches!(name, "postgres" | "postgresql") => url.to_owned(),
+        _ => format!("sqlite://{}", dir.path().join("bench.db").display()),
+    };
+    let store = backend::open_urls(&store_url, broker, cli.sqs_endpoint.as_deref(), true).await?;
+    // A queue of its own on a shared broker, so an earlier run's leftovers stay out.
+    let queue = QueueName::new(format!("bench-lateness-{}", redrive_core::now_ms()))?;
+    if !args.json {
+        eprintln!(
+            "retry lateness at low load on {name}: {} messages in rounds of 20, 700 ms \
+             apart, tier 1s …",
+            bench_lateness::MESSAGES
+        );
+    }
+    let result = bench_lateness::measure(
+        std::sync::Arc::new(store),
+        name,
+        queue,
+        lateness_config(args.concurrency),
+    )
+    .await;
+    result
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_crash;
 pub mod bench_crashpoints;
 pub mod bench_handlers;
+pub mod bench_lateness;
 pub mod bench_triage;
 pub mod consume;
 pub mod demo;
