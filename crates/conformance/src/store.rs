@@ -48,6 +48,81 @@ fn ids(letters: &[DeadLetter]) -> Vec<MessageId> {
     letters.iter().map(|d| d.envelope.id).collect()
 }
 
+/// Free-text search finds a substring of the error or the payload, exactly and
+/// case-sensitively, follows purges and second deaths, and takes any characters as text.
+pub async fn text_search_follows_every_change<S: DeadLetterStore>(s: &S) {
+    let a = dead(
+        "agent.tasks",
+        "Timeout",
+        "tool web_search timed out",
+        "{\"doc\":\"needle-one\"}",
+        1_000,
+    );
+    let b = dead(
+        "agent.tasks",
+        "Invalid",
+        "bad json",
+        "{\"doc\":\"needle-two\"}",
+        2_000,
+    );
+    s.insert_batch(&[a.clone(), b.clone()]).await.unwrap();
+    let search = |text: &str| {
+        let filter = DeadFilter {
+            text: Some(text.to_owned()),
+            ..DeadFilter::default()
+        };
+        async move { ids(&s.list(&filter, None, 10).await.unwrap()) }
+    };
+    assert_eq!(search("web_search").await, ids(std::slice::from_ref(&a)));
+    assert_eq!(search("needle-two").await, ids(std::slice::from_ref(&b)));
+    assert_eq!(search("eedle").await, ids(&[a.clone(), b.clone()]));
+    assert_eq!(search("Needle").await, [], "case-sensitive");
+    assert_eq!(
+        search("ne").await,
+        ids(&[a.clone(), b.clone()]),
+        "under 3 characters"
+    );
+    for hostile in [
+        "\"needle\"",
+        "needle\" OR \"bad",
+        "NEAR(a b)",
+        "*",
+        "a\0b",
+        "'; --",
+    ] {
+        assert_eq!(search(hostile).await, [], "{hostile:?} is text, not syntax");
+    }
+
+    let mut again = dead(
+        "agent.tasks",
+        "Quota",
+        "quota exceeded",
+        "{\"doc\":\"fresh\"}",
+        9_000,
+    );
+    again.envelope.id = b.envelope.id;
+    s.mark_replayed(&[b.envelope.id], "alice", "retry")
+        .await
+        .unwrap();
+    assert_eq!(search("needle-two").await, [], "replayed: not dead");
+    assert!(s.insert(&again).await.unwrap());
+    assert_eq!(search("quota").await, ids(std::slice::from_ref(&again)));
+    assert_eq!(search("needle-two").await, [], "dead again: its new text");
+
+    let by_id = DeadSelection::Ids(vec![a.envelope.id]);
+    assert_eq!(s.purge(&by_id, "bob", "noise").await.unwrap(), 1);
+    assert_eq!(search("web_search").await, [], "purged");
+    assert_eq!(
+        s.count(&DeadFilter {
+            text: Some("fresh".into()),
+            ..DeadFilter::default()
+        })
+        .await
+        .unwrap(),
+        1
+    );
+}
+
 /// A dead message reads back as it was stored, and storing it again (a drain that
 /// repeats after a crash) changes nothing.
 pub async fn an_insert_reads_back_and_repeats_harmlessly<S: DeadLetterStore>(s: &S) {
@@ -838,6 +913,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@each $open;
             an_insert_reads_back_and_repeats_harmlessly,
             listings_are_ordered_paged_and_filtered,
+            text_search_follows_every_change,
             groups_are_by_fingerprint_largest_first,
             groups_sum_attempts_and_what_failures_cost,
             replay_marks_once_audits_and_a_second_death_revives,

@@ -211,9 +211,40 @@ BEGIN
 END;
 ";
 
+/// The text index of dead letters: a trigram full-text table over each one's error and
+/// payload, so free-text search (a case-sensitive substring of 3 characters or more)
+/// reads the rows that hold it instead of every dead letter. Contentless (it stores no
+/// copy of the text) and keyed by the dead letter's rowid; kept exact by the triggers
+/// below. A payload compressed later (warm retention) stays indexed as it was, so warm
+/// dead letters remain searchable by their payload as well as their error.
+const TEXT_INDEX: &str = r"
+CREATE VIRTUAL TABLE IF NOT EXISTS dead_text USING fts5(
+    error, payload, content = '', contentless_delete = 1, tokenize = 'trigram case_sensitive 1'
+);
+
+CREATE TRIGGER IF NOT EXISTS dead_text_on_insert AFTER INSERT ON dead_letters
+BEGIN
+    INSERT INTO dead_text (rowid, error, payload)
+    VALUES (NEW.rowid, NEW.error, CASE WHEN NEW.compressed THEN NULL ELSE CAST(NEW.payload AS TEXT) END);
+END;
+
+CREATE TRIGGER IF NOT EXISTS dead_text_on_delete AFTER DELETE ON dead_letters
+BEGIN
+    DELETE FROM dead_text WHERE rowid = OLD.rowid;
+END;
+
+-- A message that dies again replaces its row's text; compressing a payload does not.
+CREATE TRIGGER IF NOT EXISTS dead_text_on_update AFTER UPDATE OF error, payload ON dead_letters
+    WHEN NEW.compressed = 0
+BEGIN
+    DELETE FROM dead_text WHERE rowid = OLD.rowid;
+    INSERT INTO dead_text (rowid, error, payload) VALUES (NEW.rowid, NEW.error, CAST(NEW.payload AS TEXT));
+END;
+";
+
 /// The schema version this build writes (`PRAGMA user_version`). Version 0 is a file
 /// from before versions were kept; [`migrate`] brings any older file up to this.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Creates what is missing and brings an older file up to [`SCHEMA_VERSION`], in one
 /// transaction, so two processes opening the same old file migrate it once.
@@ -250,6 +281,21 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             )?;
         }
         conn.execute_batch(GROUP_TRIGGERS)?;
+        let has_text_index: bool = conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'dead_text'",
+            [],
+            |r| r.get(0),
+        )?;
+        conn.execute_batch(TEXT_INDEX)?;
+        if !has_text_index {
+            // Version 1 to 2: index the dead letters already kept (compressed payloads
+            // by their error only).
+            conn.execute_batch(
+                "INSERT INTO dead_text (rowid, error, payload)
+                 SELECT rowid, error, CASE WHEN compressed THEN NULL ELSE CAST(payload AS TEXT) END
+                 FROM dead_letters",
+            )?;
+        }
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
     })();
     match result {
@@ -630,5 +676,71 @@ mod tests {
         conn.execute_batch("PRAGMA user_version = 99").unwrap();
         let err = migrate(&conn).unwrap_err().to_string();
         assert!(err.contains("newer redrive"), "{err}");
+    }
+
+    fn found(conn: &Connection, text: &str) -> Vec<String> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT id FROM dead_letters WHERE rowid IN
+                   (SELECT rowid FROM dead_text WHERE dead_text MATCH ?1) ORDER BY id",
+            )
+            .unwrap();
+        stmt.query_map([format!("\"{text}\"")], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_text_index_covers_older_files_and_survives_compression() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("old.db")).unwrap();
+        conn.execute_batch(VERSION_0).unwrap();
+        conn.execute_batch(
+            "INSERT INTO dead_letters (id, queue, dead_at_ms, attempts, error_class, error, fingerprint, payload, headers)
+                 VALUES ('b', 'q', 1, 1, 'C', 'shard 7 answered 503', 'fp', CAST('{\"doc\":\"alpha-9\"}' AS BLOB), '[]');
+             INSERT INTO dead_letters (id, queue, dead_at_ms, attempts, error_class, error, fingerprint, payload, headers, compressed)
+                 VALUES ('c', 'q', 1, 1, 'C', 'quota exceeded', 'fp', x'28b52ffd', '[]', 1);",
+        )
+        .unwrap();
+        migrate(&conn).unwrap();
+        assert_eq!(found(&conn, "alpha-9"), ["b"], "indexed when migrated");
+        assert_eq!(
+            found(&conn, "quota"),
+            ["c"],
+            "a compressed one by its error"
+        );
+        assert!(
+            found(&conn, "Alpha").is_empty(),
+            "case-sensitive, as before"
+        );
+
+        conn.execute(
+            "UPDATE dead_letters SET payload = x'28b52ffd00', compressed = 1 WHERE id = 'b'",
+            [],
+        )
+        .unwrap();
+        assert_eq!(found(&conn, "alpha-9"), ["b"], "still found once warm");
+        conn.execute(
+            "UPDATE dead_letters SET error = 'model refused', payload = CAST('beta' AS BLOB),
+                                     compressed = 0 WHERE id = 'b'",
+            [],
+        )
+        .unwrap();
+        assert!(
+            found(&conn, "alpha-9").is_empty(),
+            "dead again: its new text only"
+        );
+        assert_eq!(found(&conn, "refused"), ["b"]);
+        conn.execute("DELETE FROM dead_letters WHERE id = 'b'", [])
+            .unwrap();
+        assert!(
+            found(&conn, "refused").is_empty(),
+            "purged: gone from the index"
+        );
+        let indexed: i64 = conn
+            .query_row("SELECT count(*) FROM dead_text", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(indexed, 2, "one row per dead letter (a and c)");
     }
 }

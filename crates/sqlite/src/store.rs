@@ -35,10 +35,28 @@ fn push_filter(filter: &DeadFilter, sql: &mut String, args: &mut Vec<Value>) {
         args.push(Value::Integer(until));
     }
     if let Some(text) = &filter.text {
-        sql.push_str(" AND (instr(error, ?) > 0 OR instr(payload, CAST(? AS BLOB)) > 0)");
+        if text.chars().count() >= 3 && !text.contains('\0') {
+            // The trigram index finds the rows holding the text; the exact check stays
+            // for the uncompressed ones (a compressed payload is matched by the index).
+            sql.push_str(
+                " AND dead_letters.rowid IN (SELECT rowid FROM dead_text WHERE dead_text MATCH ?)
+                  AND (compressed = 1 OR instr(error, ?) > 0 OR instr(payload, CAST(? AS BLOB)) > 0)",
+            );
+            args.push(Value::Text(fts_phrase(text)));
+        } else {
+            // Under 3 characters a trigram index cannot answer (nor, with a NUL, a query
+            // string): every row is read.
+            sql.push_str(" AND (instr(error, ?) > 0 OR instr(payload, CAST(? AS BLOB)) > 0)");
+        }
         args.push(Value::Text(text.clone()));
         args.push(Value::Text(text.clone()));
     }
+}
+
+/// `text` as one FTS5 phrase: quoted, its quotes doubled, so no character of it is
+/// query syntax.
+fn fts_phrase(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "\"\""))
 }
 
 /// The columns every dead-letter read selects, in this order.
@@ -348,7 +366,8 @@ impl DeadLetterStore for Sqlite {
     async fn depth(&self, queue: Option<&QueueName>) -> Result<u64, StoreError> {
         let queue = queue.map(ToString::to_string);
         self.read(move |conn| {
-            let mut sql = "SELECT count(*) FROM dead_letters WHERE replayed = 0".to_owned();
+            // The group summary holds exact counts: no walk over a large DLQ.
+            let mut sql = "SELECT coalesce(sum(dead), 0) FROM dead_groups WHERE 1".to_owned();
             let mut args = Vec::new();
             if let Some(q) = queue {
                 sql.push_str(" AND queue = ?");

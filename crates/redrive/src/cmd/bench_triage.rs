@@ -31,6 +31,8 @@ struct Timing {
 struct TriageJson {
     dead_messages: usize,
     load_secs: f64,
+    /// The store's files (database and write-ahead log) once loaded.
+    store_mib: f64,
     rounds: usize,
     timings: Vec<Timing>,
 }
@@ -121,6 +123,12 @@ pub async fn run(dead: usize, json: bool) -> Result<()> {
         r??;
     }
     let load_secs = started.elapsed().as_secs_f64();
+    let store_mib = std::fs::read_dir(dir.path())
+        .context("reading the scratch directory")?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum::<u64>() as f64
+        / (1024.0 * 1024.0);
 
     let (app, listener, addr) = super::serve::start(
         &store,
@@ -187,6 +195,7 @@ pub async fn run(dead: usize, json: bool) -> Result<()> {
     let result = TriageJson {
         dead_messages: dead,
         load_secs,
+        store_mib,
         rounds: ROUNDS,
         timings,
     };
@@ -194,9 +203,11 @@ pub async fn run(dead: usize, json: bool) -> Result<()> {
         json_line(&result);
     } else {
         outln!(
-            "redrive bench --scenario triage: {} dead messages (loaded in {:.1}s), {} requests per page",
+            "redrive bench --scenario triage: {} dead messages (loaded in {:.1}s, store {:.0} MiB), \
+             {} requests per page",
             dead,
             load_secs,
+            store_mib,
             ROUNDS
         );
         for t in &result.timings {
