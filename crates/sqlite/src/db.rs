@@ -368,7 +368,7 @@ fn connect(path: &Path, durability: Durability) -> Result<Connection, SqliteErro
         Durability::Relaxed => "NORMAL",
     };
     conn.execute_batch(&format!(
-        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF;"
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;"
     ))
     .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(64);
