@@ -29,7 +29,7 @@ pub fn due_after(delay: Duration) -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let at = since_epoch.saturating_add(delay);
-    let ms = at.as_millis() + u128::from(at.subsec_nanos() % 1_000_000 != 0);
+    let ms = at.as_millis() + u128::from(!at.subsec_nanos().is_multiple_of(1_000_000));
     i64::try_from(ms).unwrap_or(i64::MAX / 4).min(i64::MAX / 4)
 }
 

@@ -434,14 +434,13 @@ async fn lateness(cli: &Cli, args: &BenchArgs) -> Result<Lateness> {
             bench_lateness::MESSAGES
         );
     }
-    let result = bench_lateness::measure(
+    bench_lateness::measure(
         std::sync::Arc::new(store),
         name,
         queue,
         lateness_config(args.concurrency),
     )
-    .await;
-    result
+    .await
 }
 
 #[cfg(test)]
