@@ -32,6 +32,19 @@ fn handler(dir: &Path, still_broken: &str) -> String {
     format!("sh {}", script.display())
 }
 
+/// A store in `dir` where every line of `input` was published to `agent.tasks` and died
+/// (consumed by [`handler`], not yet fixed, with `consume_args` added); returns the
+/// store's URL and the handler.
+fn all_dead(dir: &Path, input: &str, consume_args: &[&str]) -> (String, String) {
+    let store = format!("sqlite://{}", dir.join("r.db").display());
+    redrive(&store, &["publish", "agent.tasks"], input);
+    let agent = handler(dir, "");
+    let mut args = vec!["consume", "agent.tasks", "--exec", &agent, "--until-idle"];
+    args.extend_from_slice(consume_args);
+    redrive(&store, &args, "");
+    (store, agent)
+}
+
 fn depth(store: &str) -> usize {
     redrive(store, &["dlq", "list", "--json", "--limit", "1000"], "")
         .lines()
@@ -50,15 +63,8 @@ fn json(out: &str) -> Value {
 #[test]
 fn a_canary_replay_stops_at_a_fix_that_did_not_work_and_completes_after_a_real_one() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite://{}", dir.path().join("r.db").display());
     let input: String = (0..40).map(|i| format!("task-{i:02}\n")).collect();
-    redrive(&store, &["publish", "agent.tasks"], &input);
-    let agent = handler(dir.path(), "");
-    redrive(
-        &store,
-        &["consume", "agent.tasks", "--exec", &agent, "--until-idle"],
-        "",
-    );
+    let (store, agent) = all_dead(dir.path(), &input, &[]);
     assert_eq!(depth(&store), 40);
 
     // `serve` pages a webhook as soon as the DLQ is not empty, evaluating every 100 ms.
@@ -318,23 +324,8 @@ fn a_job_killed_between_its_steps_resumes_with_nothing_lost_or_left_dead() {
 #[cfg(feature = "failpoints")]
 fn killed_at(point: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite://{}", dir.path().join("r.db").display());
     let input: String = (0..200).map(|i| format!("task-{i:03}\n")).collect();
-    redrive(&store, &["publish", "agent.tasks"], &input);
-    let agent = handler(dir.path(), "");
-    redrive(
-        &store,
-        &[
-            "consume",
-            "agent.tasks",
-            "--exec",
-            &agent,
-            "--until-idle",
-            "--concurrency",
-            "8",
-        ],
-        "",
-    );
+    let (store, agent) = all_dead(dir.path(), &input, &["--concurrency", "8"]);
     std::fs::write(dir.path().join("fixed"), "").unwrap();
     let _consumer = Background::start(
         &store,
@@ -413,15 +404,8 @@ fn killed_at(point: &str) {
 #[test]
 fn a_plain_replay_is_a_job_in_each_messages_timeline() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite://{}", dir.path().join("r.db").display());
     let input: String = (0..5).map(|i| format!("task-{i}\n")).collect();
-    redrive(&store, &["publish", "agent.tasks"], &input);
-    let agent = handler(dir.path(), "");
-    redrive(
-        &store,
-        &["consume", "agent.tasks", "--exec", &agent, "--until-idle"],
-        "",
-    );
+    let (store, agent) = all_dead(dir.path(), &input, &[]);
     let out = redrive(
         &store,
         &[

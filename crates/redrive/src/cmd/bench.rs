@@ -147,9 +147,11 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn percentile(sorted: &[u32], p: f64) -> u32 {
+/// The `p`th percentile (nearest rank) of sorted samples; the default (zero) when there
+/// are none. Every bench scenario reports through it.
+pub(crate) fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -458,7 +460,9 @@ mod tests {
             ),
             (50, 99, 100)
         );
-        assert_eq!(percentile(&[], 99.0), 0);
+        assert_eq!(percentile::<u32>(&[], 99.0), 0);
+        let fractions: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(percentile(&fractions, 99.0), 198.0);
         assert_eq!(number(b"{\"n\":1205}"), 1205);
     }
 }

@@ -21,6 +21,8 @@ use redrive_runner::{Runner, RunnerConfig, handler_fn};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::bench::percentile;
+
 /// Rounds of a lateness run, and messages published at once in each.
 const ROUNDS: usize = 10;
 const PER_ROUND: usize = 20;
@@ -67,14 +69,6 @@ pub fn process_cpu_secs() -> f64 {
         .sum();
     // USER_HZ is 100 on every Linux the kernel ABI allows user space to see.
     ticks as f64 / 100.0
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Runs the lateness scenario on `transport`, in `queue` (which should be new).
@@ -182,13 +176,5 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         assert!(process_cpu_secs() - before >= 0.1, "{x}");
-    }
-
-    #[test]
-    fn percentiles_of_fractions() {
-        let v: Vec<f64> = (1..=200).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 100.0);
-        assert_eq!(percentile(&v, 99.0), 198.0);
-        assert_eq!(percentile(&[], 99.0), 0.0);
     }
 }

@@ -13,6 +13,7 @@ use redrive_server::{Metrics, Tokens};
 use redrive_sqlite::SqliteConfig;
 use serde::Serialize;
 
+use super::bench::percentile;
 use crate::output::{json_line, outln};
 
 const ROUNDS: usize = 30;
@@ -91,11 +92,6 @@ fn dead_letter(i: usize, base: i64) -> DeadLetter {
         envelope: env,
         dead_at_ms: at,
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 pub async fn run(dead: usize, json: bool) -> Result<()> {
