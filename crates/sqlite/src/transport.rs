@@ -12,6 +12,7 @@
 //! stops the queue. A row without a `redrive-id` (written by SQL, not `publish`) is
 //! named by where it sits, so every delivery of it has the same id.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redrive_core::{
@@ -156,6 +157,10 @@ fn due_rows(
 
 /// Leases due rows as deliveries, quarantining in the dead letters any row that cannot
 /// be read (deleted from its lane in the same transaction).
+///
+/// The readable rows are leased by one statement: a statement per row would each open
+/// and release a statement journal, which SQLite truncates by walking the journal from
+/// its start, and that walk was most of the writer's time under load.
 fn lease_rows(
     conn: &Connection,
     queue: &QueueName,
@@ -163,12 +168,6 @@ fn lease_rows(
     now: i64,
     lease_ms: i64,
 ) -> Result<Vec<Delivery<Token>>, SqliteError> {
-    let mut lease_stmt = conn
-        .prepare_cached(
-            "UPDATE messages SET due_ms = ?2, leased = 1, lease_id = lease_id + 1 WHERE seq = ?1
-             RETURNING lease_id",
-        )
-        .map_err(SqliteError::query("prepare lease"))?;
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         let at = (row.published_ms, row.seq);
@@ -202,9 +201,6 @@ fn lease_rows(
                 continue;
             }
         };
-        let lease_id: i64 = lease_stmt
-            .query_row(params![row.seq, now.saturating_add(lease_ms)], |r| r.get(0))
-            .map_err(SqliteError::query("lease"))?;
         deliveries.push(Delivery {
             envelope,
             lane: Lane::from_label(&row.lane).unwrap_or(Lane::Main),
@@ -212,9 +208,34 @@ fn lease_rows(
             unfinished_before: row.leased,
             token: Token {
                 seq: row.seq,
-                lease_id,
+                lease_id: 0,
             },
         });
+    }
+    if deliveries.is_empty() {
+        return Ok(deliveries);
+    }
+    let seqs: Vec<String> = deliveries.iter().map(|d| d.token.seq.to_string()).collect();
+    let seqs = format!("[{}]", seqs.join(","));
+    let leased: HashMap<i64, i64> = conn
+        .prepare_cached(
+            "UPDATE messages SET due_ms = ?1, leased = 1, lease_id = lease_id + 1
+             WHERE seq IN (SELECT value FROM json_each(?2)) RETURNING seq, lease_id",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![now.saturating_add(lease_ms), seqs], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect()
+        })
+        .map_err(SqliteError::query("lease"))?;
+    for d in &mut deliveries {
+        d.token.lease_id = *leased
+            .get(&d.token.seq)
+            .ok_or_else(|| SqliteError::Corrupt {
+                id: d.envelope.id.to_string(),
+                reason: format!("row {} was due but could not be leased", d.token.seq),
+            })?;
     }
     Ok(deliveries)
 }
