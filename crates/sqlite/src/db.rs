@@ -743,4 +743,48 @@ mod tests {
             .unwrap();
         assert_eq!(indexed, 2, "one row per dead letter (a and c)");
     }
+
+    /// The text index is keyed by `dead_letters`' rowid, which has no INTEGER PRIMARY
+    /// KEY to pin it: a `VACUUM` run by hand to reclaim space must keep the rowids.
+    #[test]
+    fn a_manual_vacuum_keeps_the_text_index_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("vacuum.db")).unwrap();
+        migrate(&conn).unwrap();
+        for i in 0..300 {
+            conn.execute(
+                "INSERT INTO dead_letters (id, queue, dead_at_ms, attempts, error_class, error, fingerprint, payload, headers)
+                 VALUES (?1, 'q', 1, 1, 'C', ?2, 'fp', CAST(?3 AS BLOB), '[]')",
+                rusqlite::params![
+                    format!("id-{i:03}"),
+                    format!("error-{i:03}"),
+                    format!("payload-{i:03}")
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "DELETE FROM dead_letters WHERE CAST(substr(id, 4) AS INTEGER) % 3 = 0",
+            [],
+        )
+        .unwrap();
+        conn.execute_batch("VACUUM").unwrap();
+        for i in 0..300 {
+            let expected: Vec<String> = if i % 3 == 0 {
+                Vec::new()
+            } else {
+                vec![format!("id-{i:03}")]
+            };
+            assert_eq!(
+                found(&conn, &format!("error-{i:03}")),
+                expected,
+                "error {i}"
+            );
+            assert_eq!(
+                found(&conn, &format!("payload-{i:03}")),
+                expected,
+                "payload {i}"
+            );
+        }
+    }
 }
