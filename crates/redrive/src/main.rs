@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         match config::load(cli.config.as_deref()) {
             Ok(c) => cli.loaded = c,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_text(&e));
                 return ExitCode::FAILURE;
             }
         }
@@ -68,10 +68,28 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, as `{:#}` prints them, less the causes that the
+/// layer above already ends with: many errors embed their source in their own message
+/// and return it as their source too, which `{:#}` would print twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn init_logging(cli: &Cli) {
@@ -93,4 +111,41 @@ fn init_logging(cli: &Cli) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    /// An error that embeds its source in its message and returns it as its source.
+    #[derive(Debug)]
+    struct Open {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Open {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot open the store x.db: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Open {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_above_is_printed_once() {
+        let e = anyhow::Error::new(Open {
+            source: std::io::Error::other("file is not a database"),
+        })
+        .context("opening --store x.db");
+        assert_eq!(
+            error_text(&e),
+            "opening --store x.db: cannot open the store x.db: file is not a database"
+        );
+        let plain = anyhow::anyhow!("disk full").context("writing the archive");
+        assert_eq!(error_text(&plain), "writing the archive: disk full");
+    }
 }

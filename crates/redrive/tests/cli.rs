@@ -277,6 +277,24 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let err = failed(&redrive(&dir.path().join("typo.db"), &["dlq", "list"], b""));
     assert!(err.contains("no store at"), "{err}");
 
+    // A file that is not a database: named, and its cause said once.
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, b"not sqlite at all, just some bytes of text").unwrap();
+    let err = failed(&redrive(&garbage, &["dlq", "list"], b""));
+    assert!(
+        err.contains("garbage.db") && err.contains("file is not a database"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("file is not a database: file is not a database"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&garbage).unwrap(),
+        b"not sqlite at all, just some bytes of text",
+        "the file is left as it was"
+    );
+
     let out = redrive(
         &store,
         &["consume", "q", "--exec", "true", "--no-such-flag"],
