@@ -208,6 +208,7 @@ fn lease_rows(
             unfinished_before: row.leased,
             token: Token {
                 seq: row.seq,
+                // Read back from the lease statement below.
                 lease_id: 0,
             },
         });
