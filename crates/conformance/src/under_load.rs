@@ -5,12 +5,13 @@
 #![allow(clippy::unwrap_used)] // Test helpers panic with the failing value; that is their job.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redrive_core::{
-    Envelope, HandlerError, HandlerResult, LaneSet, LaneStats, MessageId, QueueName, RetryPolicy,
-    Transport,
+    Envelope, FailureKind, HandlerError, HandlerResult, LaneSet, LaneStats, MessageId, QueueName,
+    RetryPolicy, Transport,
 };
 use redrive_runner::{RunError, Runner, RunnerConfig, Summary, handler_fn};
 use tokio::task::JoinHandle;
@@ -21,6 +22,9 @@ pub struct UnderLoad {
     lanes: LaneSet,
     published: HashSet<MessageId>,
     handled: Arc<Mutex<HashSet<MessageId>>>,
+    /// Deliveries that came as crash suspects (their history says a consumer stopped
+    /// while they were in flight), run alone.
+    suspects: Arc<AtomicUsize>,
     run: JoinHandle<Result<Summary, RunError>>,
 }
 
@@ -45,6 +49,8 @@ where
     }
     let handled: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
     let seen = Arc::clone(&handled);
+    let suspects = Arc::new(AtomicUsize::new(0));
+    let suspected = Arc::clone(&suspects);
     let config = RunnerConfig {
         concurrency: 20,
         // A delivery whose settle was lost with the broker comes back after it.
@@ -60,6 +66,13 @@ where
     let run = tokio::spawn(runner.run(
         handler_fn(move |env: Envelope| {
             let seen = Arc::clone(&seen);
+            if env
+                .history
+                .iter()
+                .any(|f| f.kind == FailureKind::LeaseExpired)
+            {
+                suspected.fetch_add(1, Ordering::Relaxed);
+            }
             async move {
                 tokio::time::sleep(Duration::from_millis(3)).await;
                 let n: usize = std::str::from_utf8(&env.payload).unwrap().parse().unwrap();
@@ -77,6 +90,7 @@ where
         lanes,
         published,
         handled,
+        suspects,
         run,
     }
 }
@@ -93,7 +107,12 @@ impl UnderLoad {
 
     /// Waits for the run to end on its own (idle), then checks every published message
     /// was handled and the lanes of `backend` are drained with nothing dead.
-    pub async fn finishes_with_nothing_lost<B: LaneStats>(self, backend: &B, within: Duration) {
+    /// Returns how many deliveries came as crash suspects.
+    pub async fn finishes_with_nothing_lost<B: LaneStats>(
+        self,
+        backend: &B,
+        within: Duration,
+    ) -> usize {
         tokio::time::timeout(within, self.run)
             .await
             .expect("the run recovers and finishes")
@@ -104,5 +123,6 @@ impl UnderLoad {
         assert_eq!(missing, 0, "acknowledged messages never handled");
         let depths = backend.queue_depths(&self.lanes).await.unwrap();
         assert!(depths.is_drained() && depths.dlq == 0, "{depths:?}");
+        self.suspects.load(Ordering::Relaxed)
     }
 }

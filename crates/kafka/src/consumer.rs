@@ -1,10 +1,11 @@
 //! One consumer-group member per queue, polled on a thread of its own.
 //!
 //! The thread polls the queue's main and retry topics into a bounded buffer that
-//! `fetch` takes from. Per partition it keeps which offsets are out (buffered, leased,
-//! released) and which are settled; the offset it commits is the first one not settled,
-//! so a record whose next lane is not yet confirmed is never committed past. Commits are
-//! asynchronous and batched (every [`COMMIT_EVERY`]).
+//! `fetch` takes from. Per partition it keeps which offsets are out (buffered or leased)
+//! and which are settled; the offset it commits is the first one not settled, so a
+//! record whose next lane is not yet confirmed is never committed past. Commits are
+//! asynchronous and batched (every [`COMMIT_EVERY`]). A record the runner gives back
+//! unstarted goes back into the buffer as it was, not fetched again.
 //!
 //! A retry-topic record that is not due yet waits in memory with the records behind it,
 //! each handed out when due (no fetch again at the due time, so no lateness from one).
@@ -54,6 +55,8 @@ const BURST: usize = 256;
 const HELD_CAP: usize = 512;
 /// How often settled offsets are committed.
 pub(crate) const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// How often the poll thread reports, at `debug` level, what it holds unsettled.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// Longest a blocking broker call may take.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +71,8 @@ pub(crate) struct Tp {
 struct Part {
     /// Changes with every assignment: settles from an older one are refused.
     epoch: u64,
+    /// The committed offset read when the partition was assigned.
+    from: i64,
     /// Records below this were leased by a member that never settled them.
     unfinished_below: i64,
     /// The leased mark as last written.
@@ -86,6 +91,41 @@ struct Part {
     /// Set when a record arrived with [`HELD_CAP`] held: the partition was sought back
     /// to this offset, and records from it on are fetched again after it resumes.
     refetch: Option<i64>,
+}
+
+/// Where a partition stood when this member gave it back.
+///
+/// A member whose assignment is lost (its session ran out while the broker was away)
+/// cannot commit what it settled, and its leased mark, raised ahead of `fetch`, stays
+/// up. Read as they are, the offsets would tell whoever is assigned the partition next
+/// that a member died holding every record between them, and each would be run alone,
+/// one at a time: hundreds of records after an outage of a few seconds. When the
+/// partition comes back to this member, which did not die, it knows better.
+#[derive(Clone, Copy, Debug)]
+struct GivenBack {
+    /// The committed offset the assignment started from.
+    from: i64,
+    /// Every record below this was settled by this member: its outcome is durable.
+    settled_to: i64,
+    /// The leased mark as the broker has it from this member.
+    mark: i64,
+}
+
+impl GivenBack {
+    /// Where the partition starts when it comes back, from its committed offset `c` and
+    /// leased mark `m` on the broker: the offset to commit up to (nothing below it is
+    /// delivered again), with nothing counted as unfinished; `None` when the offsets
+    /// say another member leased past this one's mark meanwhile (it would have raised
+    /// the mark) or someone moved the committed offset back.
+    ///
+    /// The records between the offsets were leased by this member, which is running:
+    /// none of them stopped it. Those it settled are committed past; the others are
+    /// delivered again, uncounted. A member that held the partition meanwhile leased
+    /// records below the mark only as crash suspects, each moved to the isolation lane
+    /// before it ran, so none of its crashes is missed here.
+    fn resume(&self, c: i64, m: i64) -> Option<i64> {
+        (m == self.mark && c >= self.from).then_some(c.max(self.settled_to))
+    }
 }
 
 impl State {
@@ -177,8 +217,8 @@ pub(crate) struct State {
     pub(crate) ready: VecDeque<Polled>,
     /// Partitions assigned and not yet read from the broker.
     to_init: Vec<Tp>,
-    /// Seeks the poll thread owes to released records.
-    rewinds: Vec<(Tp, i64)>,
+    /// What this member knew of each partition it gave back, for when it comes back.
+    given_back: HashMap<Tp, GivenBack>,
     epoch: u64,
     /// Commit everything again (an asynchronous commit failed).
     recommit: bool,
@@ -299,17 +339,30 @@ impl Shared {
         taken
     }
 
-    /// Puts taken records back at the front (their leases could not be recorded).
-    pub(crate) fn untake(&self, taken: Vec<Polled>) {
+    /// Puts taken records back at the front of the buffer, to be handed out again:
+    /// their leases could not be recorded, or the runner gave them back unstarted.
+    /// Returns how many went back; a record of a partition reassigned meanwhile does
+    /// not (its new owner delivers it).
+    ///
+    /// A record given back is not fetched from the broker again: a seek back to it,
+    /// made while the broker was away, could leave the partition fetching nothing.
+    pub(crate) fn untake(&self, taken: Vec<Polled>) -> usize {
         let mut st = self.lock();
+        let mut back = 0;
         for p in taken.into_iter().rev() {
             if let Some(part) = st.parts.get_mut(&p.tp)
                 && part.epoch == p.epoch
             {
                 part.pending.set(p.offset, Slot::Buffered);
                 st.ready.push_front(p);
+                back += 1;
             }
         }
+        drop(st);
+        if back > 0 {
+            self.signal.notify_one();
+        }
+        back
     }
 
     /// What handing out `taken` needs, in one pass: whether every record of it is
@@ -392,9 +445,6 @@ impl Shared {
         };
         part.pending.set(offset, slot);
         part.pending.prune();
-        if slot == Slot::Released {
-            st.rewinds.push((tp.clone(), offset));
-        }
         drop(st);
         if self.ordered {
             // The partition's next record may go now.
@@ -529,8 +579,8 @@ impl ConsumerContext for Ctx {
 }
 
 /// Commits what is settled on partitions this member gives up, synchronously, and
-/// lowers their leased mark to just past the last record still leased (released and
-/// buffered records were never handed to a handler, so they must not count).
+/// lowers their leased mark to just past the last record still leased (buffered records,
+/// given back or not yet taken, were never handed to a handler, so they must not count).
 fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
     // A mark write in flight lands before the lowering below, and a later one skips
     // these partitions: the next member counts only what this one still leases.
@@ -540,6 +590,7 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut commit = TopicPartitionList::new();
     let mut lower = TopicPartitionList::new();
+    let mut given_back = Vec::new();
     {
         let mut st = shared.lock();
         for tp in gone {
@@ -563,6 +614,13 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
             if part.reserved > keep {
                 let _ = lower.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(keep));
             }
+            let lowered_to = (part.reserved > keep).then_some(keep);
+            let back = GivenBack {
+                from: part.from,
+                settled_to: pos,
+                mark: part.reserved,
+            };
+            given_back.push((tp.clone(), back, lowered_to));
         }
         st.ready.retain(|p| !gone.contains(&p.tp));
         st.to_init.retain(|tp| !gone.contains(tp));
@@ -572,10 +630,21 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
     {
         tracing::warn!(queue = %shared.queue, error = %e, "commit on hand-back failed; settled records will be delivered again");
     }
-    if lower.count() > 0
-        && let Err(e) = shared.marks.commit(&lower, CommitMode::Sync)
-    {
-        tracing::warn!(queue = %shared.queue, error = %e, "could not clear leased marks; the next member counts them as unfinished");
+    let lowered = lower.count() > 0
+        && match shared.marks.commit(&lower, CommitMode::Sync) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(queue = %shared.queue, error = %e, "could not clear leased marks; the next member counts them as unfinished");
+                false
+            }
+        };
+    // Remembered as the broker now has it, in case the partition comes back.
+    let mut st = shared.lock();
+    for (tp, mut back, lowered_to) in given_back {
+        if lowered && let Some(keep) = lowered_to {
+            back.mark = keep;
+        }
+        st.given_back.insert(tp, back);
     }
 }
 
@@ -629,11 +698,11 @@ impl Drop for Member {
 fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
     let shared = Arc::clone(&consumer.context().shared);
     let mut committed_at = Instant::now();
+    let mut reported_at = Instant::now();
     // Reused from burst to burst: growing a fresh one moved every record several times.
     let mut burst = Vec::with_capacity(BURST);
     while !stop.load(Ordering::Relaxed) {
         init_assigned(consumer, &shared);
-        rewind(consumer, &shared);
         resume_due(consumer, &shared);
         if committed_at.elapsed() >= COMMIT_EVERY {
             let mode = if shared.isolation {
@@ -643,6 +712,10 @@ fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
             };
             commit(consumer, &shared, mode);
             committed_at = Instant::now();
+        }
+        if reported_at.elapsed() >= REPORT_EVERY && tracing::enabled!(tracing::Level::DEBUG) {
+            report(&shared);
+            reported_at = Instant::now();
         }
         let st = shared.lock();
         if st.ready.len() >= READY_CAP {
@@ -686,6 +759,30 @@ fn poll_loop(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
     consumer.unsubscribe();
 }
 
+/// What each partition holds that is not committed past (`debug` level): where a run
+/// that does not drain is stuck.
+fn report(shared: &Shared) {
+    let st = shared.lock();
+    for (tp, part) in &st.parts {
+        let first = part.pending.first_unsettled();
+        if first.is_none() && part.held.is_empty() && part.committed >= part.position() {
+            continue;
+        }
+        tracing::debug!(
+            queue = %shared.queue,
+            topic = %tp.topic,
+            partition = tp.partition,
+            committed = part.committed,
+            position = part.position(),
+            first_unsettled = ?first,
+            unsettled = part.pending.unsettled(),
+            held = part.held.len(),
+            paused = part.paused,
+            "partition not committed to its end"
+        );
+    }
+}
+
 /// Reads the committed offset and the leased mark of newly assigned partitions.
 fn init_assigned(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
     let tps = std::mem::take(&mut shared.lock().to_init);
@@ -724,16 +821,27 @@ fn init_assigned(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
     for tp in tps {
         st.epoch += 1;
         let (c, m) = (at(&committed, &tp), at(&marks, &tp));
-        let unfinished_below = if m > c { m } else { -1 };
-        if unfinished_below >= 0 {
-            tracing::info!(queue = %shared.queue, topic = %tp.topic, partition = tp.partition, from = c, to = m, "records leased by a member that stopped without settling them: each is a crash suspect, run alone");
-        }
+        let back = st.given_back.remove(&tp).and_then(|b| b.resume(c, m));
+        let (unfinished_below, settled_to) = match back {
+            Some(settled_to) => {
+                if m > c {
+                    tracing::info!(queue = %shared.queue, topic = %tp.topic, partition = tp.partition, from = c, to = m, settled_to, "partition back after this member lost it: records it settled are committed past, the others delivered again uncounted");
+                }
+                (-1, settled_to)
+            }
+            None if m > c => {
+                tracing::info!(queue = %shared.queue, topic = %tp.topic, partition = tp.partition, from = c, to = m, "records leased by a member that stopped without settling them: each is a crash suspect, run alone");
+                (m, c)
+            }
+            None => (-1, c),
+        };
         let part = Part {
             epoch: st.epoch,
+            from: c,
             unfinished_below,
             reserved: m.max(c),
             committed: c,
-            next: c,
+            next: settled_to,
             pending: Slots::default(),
             held: VecDeque::new(),
             paused: false,
@@ -758,19 +866,6 @@ fn one(tp: &Tp) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&tp.topic, tp.partition);
     tpl
-}
-
-/// Seeks back to released records so they are delivered again.
-fn rewind(consumer: &BaseConsumer<Ctx>, shared: &Shared) {
-    let rewinds = std::mem::take(&mut shared.lock().rewinds);
-    let mut lowest: HashMap<Tp, i64> = HashMap::new();
-    for (tp, o) in rewinds {
-        let e = lowest.entry(tp).or_insert(o);
-        *e = (*e).min(o);
-    }
-    for (tp, o) in lowest {
-        seek(consumer, &tp, o);
-    }
 }
 
 /// Hands out held records that are due and resumes their partitions.
@@ -899,11 +994,9 @@ fn admit(consumer: &BaseConsumer<Ctx>, shared: &Shared, burst: &mut Vec<Incoming
                 // Not (or no longer) this member's partition.
                 continue;
             };
-            match part.pending.get(offset) {
-                Some(Slot::Released) => {}
-                Some(_) => continue,
-                None if offset < part.next => continue,
-                None => {}
+            if part.pending.get(offset).is_some() || offset < part.next {
+                // Fetched again after a seek back (see `refetch`): already here.
+                continue;
             }
             if part.held.back().is_some_and(|h| offset <= h.offset)
                 || part.refetch.is_some_and(|r| offset >= r)
@@ -967,5 +1060,32 @@ fn admit(consumer: &BaseConsumer<Ctx>, shared: &Shared, burst: &mut Vec<Incoming
     }
     for (tp, offset) in seeks {
         seek(consumer, &tp, offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GivenBack;
+
+    #[test]
+    fn a_partition_back_after_a_lost_assignment_counts_nothing_as_unfinished() {
+        // Assigned at 100, settled up to 240, mark raised ahead to 891; nothing of it
+        // reached the broker before the assignment was lost.
+        let back = GivenBack {
+            from: 100,
+            settled_to: 240,
+            mark: 891,
+        };
+        // Nobody else moved the offsets: commit past what this member settled.
+        assert_eq!(back.resume(100, 891), Some(240));
+        // Its last commit landed after all.
+        assert_eq!(back.resume(200, 891), Some(240));
+        // A member in between moved suspects to the isolation lane and committed past.
+        assert_eq!(back.resume(500, 891), Some(500));
+        // A member in between leased past the mark (and raised it): its records may
+        // have stopped it, so the offsets are read as they are.
+        assert_eq!(back.resume(240, 1200), None);
+        // Someone moved the committed offset back on purpose: records are read again.
+        assert_eq!(back.resume(50, 891), None);
     }
 }

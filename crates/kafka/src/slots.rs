@@ -20,8 +20,6 @@ pub(crate) enum Slot {
     Leased,
     /// Its outcome is durable (acked, or its next lane confirmed).
     Settled,
-    /// Given back unsettled; delivered again by this member.
-    Released,
 }
 
 /// Offsets polled and not yet committed past, in offset order.
@@ -133,9 +131,10 @@ mod tests {
         s.prune();
         assert_eq!(s.first_unsettled(), Some((7, Slot::Buffered)));
         s.set(7, Slot::Settled);
-        s.set(9, Slot::Released);
+        s.set(9, Slot::Leased);
+        s.set(9, Slot::Buffered);
         s.prune();
-        assert_eq!(s.first_unsettled(), Some((9, Slot::Released)));
+        assert_eq!(s.first_unsettled(), Some((9, Slot::Buffered)));
         assert_eq!(s.unsettled(), 4);
         assert_eq!(s.last_leased(), None);
     }

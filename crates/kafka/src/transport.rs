@@ -665,7 +665,23 @@ impl Transport for KafkaTransport {
     }
 
     async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
-        Self::settle(d, Slot::Released)
+        let t = &d.token;
+        let again = Polled {
+            tp: t.tp.clone(),
+            offset: t.offset,
+            epoch: t.epoch,
+            lane: d.lane.clone(),
+            due_ms: d.due_ms,
+            unfinished: d.unfinished_before,
+            envelope: Ok(d.envelope.clone()),
+        };
+        if t.shared.untake(vec![again]) == 1 {
+            Ok(())
+        } else {
+            Err(TransportError::LeaseLost {
+                id: d.envelope.id.to_string(),
+            })
+        }
     }
 
     async fn extend_lease(
@@ -783,42 +799,52 @@ impl KafkaTransport {
             return Err(e.into());
         }
         let mut deliveries = Vec::with_capacity(taken.len());
-        for p in taken {
-            let Polled {
-                tp,
-                offset,
-                epoch,
-                lane,
-                due_ms,
-                unfinished,
-                envelope,
-            } = p;
-            let token = Token {
-                shared: Arc::clone(shared),
-                tp,
-                offset,
-                epoch,
-            };
-            match envelope {
-                Ok(envelope) => deliveries.push(Delivery {
-                    envelope,
+        let mut taken = taken.into_iter();
+        while let Some(p) = taken.next() {
+            let p = match p {
+                Polled {
+                    tp,
+                    offset,
+                    epoch,
                     lane,
                     due_ms,
-                    unfinished_before: unfinished,
-                    token,
-                }),
-                Err(bad) => {
-                    let (why, raw) = *bad;
-                    let at = (&token.tp, offset, &lane);
-                    match self.quarantine(&shared.queue, at, &why, raw).await {
-                        Ok(()) => {
-                            shared.settle(&token.tp, token.offset, token.epoch, Slot::Settled);
-                        }
-                        Err(e) => {
-                            shared.settle(&token.tp, token.offset, token.epoch, Slot::Released);
-                            return Err(e);
-                        }
+                    unfinished,
+                    envelope: Ok(envelope),
+                } => {
+                    deliveries.push(Delivery {
+                        envelope,
+                        lane,
+                        due_ms,
+                        unfinished_before: unfinished,
+                        token: Token {
+                            shared: Arc::clone(shared),
+                            tp,
+                            offset,
+                            epoch,
+                        },
+                    });
+                    continue;
+                }
+                malformed => malformed,
+            };
+            // Only a record whose redrive headers do not parse gets here.
+            let Err(bad) = &p.envelope else {
+                continue;
+            };
+            let (why, raw) = &**bad;
+            let at = (&p.tp, p.offset, &p.lane);
+            match self.quarantine(&shared.queue, at, why, raw.clone()).await {
+                Ok(()) => {
+                    shared.settle(&p.tp, p.offset, p.epoch, Slot::Settled);
+                }
+                Err(e) => {
+                    // Everything not handed out yet goes back, this record first.
+                    shared.untake(std::iter::once(p).chain(taken).collect());
+                    if deliveries.is_empty() {
+                        return Err(e);
                     }
+                    tracing::warn!(queue = %shared.queue, error = %e, "could not quarantine a malformed record; it is tried again on the next fetch");
+                    break;
                 }
             }
         }
