@@ -344,8 +344,8 @@ impl Shared {
     /// Returns how many went back; a record of a partition reassigned meanwhile does
     /// not (its new owner delivers it).
     ///
-    /// A record given back is not fetched from the broker again: a seek back to it,
-    /// made while the broker was away, could leave the partition fetching nothing.
+    /// A record given back is not fetched from the broker again: after a seek back to
+    /// it, made around a broker outage, a partition once fetched nothing more.
     pub(crate) fn untake(&self, taken: Vec<Polled>) -> usize {
         let mut st = self.lock();
         let mut back = 0;
