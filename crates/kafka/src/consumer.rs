@@ -340,7 +340,8 @@ impl Shared {
     }
 
     /// Puts taken records back at the front of the buffer, to be handed out again:
-    /// their leases could not be recorded, or the runner gave them back unstarted.
+    /// their leases could not be recorded, the runner gave them back unstarted, or (in
+    /// ordered mode) one failed and waits in place for its due time.
     /// Returns how many went back; a record of a partition reassigned meanwhile does
     /// not (its new owner delivers it).
     ///
@@ -450,24 +451,6 @@ impl Shared {
             // The partition's next record may go now.
             self.signal.notify_one();
         }
-        true
-    }
-
-    /// Ordered mode: puts a failed record back at the front of its partition's line,
-    /// handed out again at `due_ms`; `false` when the partition was reassigned.
-    pub(crate) fn retry_in_place(&self, taken: Polled) -> bool {
-        let mut st = self.lock();
-        let Some(part) = st
-            .parts
-            .get_mut(&taken.tp)
-            .filter(|p| p.epoch == taken.epoch)
-        else {
-            return false;
-        };
-        part.pending.set(taken.offset, Slot::Buffered);
-        st.ready.push_front(taken);
-        drop(st);
-        self.signal.notify_one();
         true
     }
 
@@ -611,10 +594,10 @@ fn hand_back(consumer: &BaseConsumer<Ctx>, shared: &Shared, gone: &[Tp]) {
                 .pending
                 .last_leased()
                 .map_or(pos, |offset| (offset + 1).max(pos));
-            if part.reserved > keep {
+            let lowered_to = (part.reserved > keep).then_some(keep);
+            if let Some(keep) = lowered_to {
                 let _ = lower.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(keep));
             }
-            let lowered_to = (part.reserved > keep).then_some(keep);
             let back = GivenBack {
                 from: part.from,
                 settled_to: pos,

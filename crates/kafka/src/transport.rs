@@ -543,6 +543,34 @@ impl KafkaTransport {
         Ok(())
     }
 
+    /// Puts `d`'s record back into its member's buffer as `envelope` on `lane`, handed
+    /// out again at `due_ms` (see `Shared::untake`).
+    fn put_back(
+        d: &Delivery<Token>,
+        lane: Lane,
+        due_ms: i64,
+        unfinished: bool,
+        envelope: Envelope,
+    ) -> Result<(), TransportError> {
+        let t = &d.token;
+        let again = Polled {
+            tp: t.tp.clone(),
+            offset: t.offset,
+            epoch: t.epoch,
+            lane,
+            due_ms,
+            unfinished,
+            envelope: Ok(envelope),
+        };
+        if t.shared.untake(vec![again]) == 1 {
+            Ok(())
+        } else {
+            Err(TransportError::LeaseLost {
+                id: d.envelope.id.to_string(),
+            })
+        }
+    }
+
     fn settle(d: &Delivery<Token>, slot: Slot) -> Result<(), TransportError> {
         let t = &d.token;
         if t.shared.settle(&t.tp, t.offset, t.epoch, slot) {
@@ -623,23 +651,9 @@ impl Transport for KafkaTransport {
         let lane = Lane::Retry(tier.name().to_owned());
         let t = &d.token;
         if t.shared.ordered {
-            // In place: the partition waits for it (its offset stays uncommitted).
-            let again = Polled {
-                tp: t.tp.clone(),
-                offset: t.offset,
-                epoch: t.epoch,
-                lane,
-                due_ms,
-                unfinished: false,
-                envelope: Ok(env),
-            };
-            return if t.shared.retry_in_place(again) {
-                Ok(())
-            } else {
-                Err(TransportError::LeaseLost {
-                    id: d.envelope.id.to_string(),
-                })
-            };
+            // In place, at the front of its partition's line, handed out again at its
+            // due time: the partition waits for it (its offset stays uncommitted).
+            return Self::put_back(d, lane, due_ms, false, env);
         }
         let topic = self.topic(&d.token.shared.queue, &lane);
         self.produce(&topic, &env, &[]).await?;
@@ -665,23 +679,13 @@ impl Transport for KafkaTransport {
     }
 
     async fn release(&self, d: &Delivery<Token>) -> Result<(), TransportError> {
-        let t = &d.token;
-        let again = Polled {
-            tp: t.tp.clone(),
-            offset: t.offset,
-            epoch: t.epoch,
-            lane: d.lane.clone(),
-            due_ms: d.due_ms,
-            unfinished: d.unfinished_before,
-            envelope: Ok(d.envelope.clone()),
-        };
-        if t.shared.untake(vec![again]) == 1 {
-            Ok(())
-        } else {
-            Err(TransportError::LeaseLost {
-                id: d.envelope.id.to_string(),
-            })
-        }
+        Self::put_back(
+            d,
+            d.lane.clone(),
+            d.due_ms,
+            d.unfinished_before,
+            d.envelope.clone(),
+        )
     }
 
     async fn extend_lease(
